@@ -1,0 +1,492 @@
+/* Each API call is a small context struct plus a function that runs on the
+ * loop thread; api_call carries it across. */
+#include "rd_api.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "rd_alloc.h"
+
+typedef struct api_cmd {
+  rd_cmd cmd;
+  void (*fn)(struct api_cmd *a, void *ctx);
+  void *ctx;
+} api_cmd;
+
+static void api_run(rd_cmd *c) {
+  api_cmd *a = (api_cmd *)c;
+  a->fn(a, a->ctx);
+}
+
+/* Runs fn(ctx) on the loop thread; fn must call rd_cmd_finish(&a->cmd, ...)
+ * now or later. Copies the command's error text into err. */
+static int api_call(void (*fn)(api_cmd *, void *), void *ctx, char *err, size_t errlen) {
+  api_cmd a;
+  memset(&a, 0, sizeof a);
+  a.cmd.run = api_run;
+  a.fn = fn;
+  a.ctx = ctx;
+  int rc = rd_engine_call(&a.cmd);
+  if (err != NULL && errlen > 0)
+    snprintf(err, errlen, "%s", a.cmd.error);
+  return rc;
+}
+
+static void finish_closed(api_cmd *a) { rd_cmd_finish(&a->cmd, RD_ECLOSED, "object is closed"); }
+
+/* ---- server ---- */
+
+typedef struct {
+  const char *host;
+  int port;
+  const rd_server_config *cfg;
+  uint64_t handle;
+  int port_out;
+} server_new_ctx;
+
+static void server_new_fn(api_cmd *a, void *p) {
+  server_new_ctx *c = p;
+  rd_server *srv;
+  char err[256] = "";
+  int rc = rd_server_start(c->host, c->port, c->cfg, &srv, &c->port_out, err, sizeof err);
+  if (rc == RD_OK)
+    c->handle = rd_server_handle(srv);
+  rd_cmd_finish(&a->cmd, rc, err);
+}
+
+int rd_api_server_new(const char *host, int port, const rd_server_config *cfg,
+                      uint64_t *handle, int *port_out, char *err, size_t errlen) {
+  server_new_ctx c = {host, port, cfg, 0, 0};
+  int rc = api_call(server_new_fn, &c, err, errlen);
+  *handle = c.handle;
+  *port_out = c.port_out;
+  return rc;
+}
+
+static void close_fn(api_cmd *a, void *p) {
+  rd_object *obj = rd_object_find(*(uint64_t *)p, 0);
+  if (obj == NULL)
+    rd_cmd_finish(&a->cmd, RD_OK, NULL);
+  else
+    obj->close(obj, &a->cmd);
+}
+
+int rd_api_close(uint64_t handle) { return api_call(close_fn, &handle, NULL, 0); }
+
+typedef struct {
+  uint64_t handle;
+  const char *key, *proto, *address;
+  int fd;
+  int64_t conn_id;
+  rd_dial_status *status;
+} dial_ctx;
+
+static void dial_fn(api_cmd *a, void *p) {
+  dial_ctx *c = p;
+  rd_server *srv = (rd_server *)rd_object_find(c->handle, RD_OBJ_SERVER);
+  if (srv == NULL) {
+    finish_closed(a);
+    return;
+  }
+  char err[256] = "";
+  int rc = rd_server_dial(srv, c->key, c->proto, c->address, &c->fd, &c->conn_id, &c->status, err,
+                          sizeof err);
+  rd_cmd_finish(&a->cmd, rc, err);
+}
+
+int rd_api_server_dial(uint64_t handle, const char *client_key, const char *proto,
+                       const char *address, int *fd, int64_t *conn_id, rd_dial_status **status,
+                       char *err, size_t errlen) {
+  dial_ctx c = {handle, client_key, proto, address, -1, 0, NULL};
+  int rc = api_call(dial_fn, &c, err, errlen);
+  *fd = c.fd;
+  *conn_id = c.conn_id;
+  *status = c.status;
+  return rc;
+}
+
+typedef struct {
+  uint64_t handle;
+  const char *key, *proto, *address, *host;
+  int port;
+  uint64_t fhandle;
+  int port_out;
+} forward_ctx;
+
+static void forward_fn(api_cmd *a, void *p) {
+  forward_ctx *c = p;
+  rd_server *srv = (rd_server *)rd_object_find(c->handle, RD_OBJ_SERVER);
+  if (srv == NULL) {
+    finish_closed(a);
+    return;
+  }
+  char err[256] = "";
+  int rc = rd_server_forward(srv, c->key, c->proto, c->address, c->host, c->port, &c->fhandle,
+                             &c->port_out, err, sizeof err);
+  rd_cmd_finish(&a->cmd, rc, err);
+}
+
+int rd_api_server_forward(uint64_t handle, const char *client_key, const char *proto,
+                          const char *address, const char *host, int port, uint64_t *fhandle,
+                          int *port_out, char *err, size_t errlen) {
+  forward_ctx c = {handle, client_key, proto, address, host, port, 0, 0};
+  int rc = api_call(forward_fn, &c, err, errlen);
+  *fhandle = c.fhandle;
+  *port_out = c.port_out;
+  return rc;
+}
+
+/* ---- lists ---- */
+
+typedef struct {
+  rd_string_list *l;
+  size_t cap;
+  int failed;
+} strings_ctx;
+
+static void add_key_cb(void *ctx, const char *key) {
+  strings_ctx *c = ctx;
+  if (c->failed)
+    return;
+  if (c->l->count == c->cap) {
+    size_t cap = c->cap ? c->cap * 2 : 8;
+    char **items = rd_realloc(c->l->items, cap * sizeof *items);
+    if (items == NULL) {
+      c->failed = 1;
+      return;
+    }
+    c->l->items = items;
+    c->cap = cap;
+  }
+  char *copy = rd_strndup(key, strlen(key));
+  if (copy == NULL) {
+    c->failed = 1;
+    return;
+  }
+  c->l->items[c->l->count++] = copy;
+}
+
+typedef struct {
+  uint64_t handle;
+  rd_string_list *out;
+} clients_ctx;
+
+static void clients_fn(api_cmd *a, void *p) {
+  clients_ctx *c = p;
+  rd_server *srv = (rd_server *)rd_object_find(c->handle, RD_OBJ_SERVER);
+  if (srv == NULL) {
+    finish_closed(a);
+    return;
+  }
+  strings_ctx s = {c->out, 0, 0};
+  rd_server_foreach_client(srv, add_key_cb, &s);
+  rd_cmd_finish(&a->cmd, s.failed ? RD_ENOMEM : RD_OK, NULL);
+}
+
+static int cmp_str(const void *a, const void *b) {
+  return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+int rd_api_server_clients(uint64_t handle, rd_string_list *out) {
+  out->items = NULL;
+  out->count = 0;
+  clients_ctx c = {handle, out};
+  int rc = api_call(clients_fn, &c, NULL, 0);
+  if (rc != RD_OK) {
+    rd_string_list_free(out);
+    return rc;
+  }
+  qsort(out->items, out->count, sizeof *out->items, cmp_str);
+  return RD_OK;
+}
+
+void rd_string_list_free(rd_string_list *l) {
+  for (size_t i = 0; i < l->count; i++)
+    rd_free(l->items[i]);
+  rd_free(l->items);
+  l->items = NULL;
+  l->count = 0;
+}
+
+typedef struct {
+  uint64_t handle;
+  const char *key;
+  int result;
+} has_ctx;
+
+static void has_fn(api_cmd *a, void *p) {
+  has_ctx *c = p;
+  rd_server *srv = (rd_server *)rd_object_find(c->handle, RD_OBJ_SERVER);
+  if (srv == NULL) {
+    finish_closed(a);
+    return;
+  }
+  c->result = rd_server_has_session(srv, c->key);
+  rd_cmd_finish(&a->cmd, RD_OK, NULL);
+}
+
+int rd_api_server_has_session(uint64_t handle, const char *client_key, int *out) {
+  has_ctx c = {handle, client_key, 0};
+  int rc = api_call(has_fn, &c, NULL, 0);
+  *out = c.result;
+  return rc;
+}
+
+typedef struct {
+  uint64_t handle;
+  rd_conn_list *out;
+  size_t cap;
+  int failed;
+} conns_ctx;
+
+static void add_conn_cb(void *ctx, const rd_conn_info *info) {
+  conns_ctx *c = ctx;
+  if (c->failed)
+    return;
+  if (c->out->count == c->cap) {
+    size_t cap = c->cap ? c->cap * 2 : 16;
+    rd_conn_info *items = rd_realloc(c->out->items, cap * sizeof *items);
+    if (items == NULL) {
+      c->failed = 1;
+      return;
+    }
+    c->out->items = items;
+    c->cap = cap;
+  }
+  rd_conn_info *d = &c->out->items[c->out->count];
+  *d = *info;
+  /* The strings must outlive the loop's structures: copy them together. */
+  size_t kl = strlen(info->client_key), pl = strlen(info->proto), al = strlen(info->address);
+  char *s = rd_malloc(kl + pl + al + 3);
+  if (s == NULL) {
+    c->failed = 1;
+    return;
+  }
+  memcpy(s, info->client_key, kl + 1);
+  memcpy(s + kl + 1, info->proto, pl + 1);
+  memcpy(s + kl + pl + 2, info->address, al + 1);
+  d->client_key = s;
+  d->proto = s + kl + 1;
+  d->address = s + kl + pl + 2;
+  c->out->count++;
+}
+
+static void conns_fn(api_cmd *a, void *p) {
+  conns_ctx *c = p;
+  rd_server *srv = (rd_server *)rd_object_find(c->handle, RD_OBJ_SERVER);
+  if (srv == NULL) {
+    finish_closed(a);
+    return;
+  }
+  rd_server_foreach_conn(srv, add_conn_cb, c);
+  rd_cmd_finish(&a->cmd, c->failed ? RD_ENOMEM : RD_OK, NULL);
+}
+
+int rd_api_server_connections(uint64_t handle, rd_conn_list *out) {
+  out->items = NULL;
+  out->count = 0;
+  conns_ctx c = {handle, out, 0, 0};
+  int rc = api_call(conns_fn, &c, NULL, 0);
+  if (rc != RD_OK)
+    rd_conn_list_free(out);
+  return rc;
+}
+
+void rd_conn_list_free(rd_conn_list *l) {
+  for (size_t i = 0; i < l->count; i++)
+    rd_free((char *)l->items[i].client_key);
+  rd_free(l->items);
+  l->items = NULL;
+  l->count = 0;
+}
+
+/* ---- client ---- */
+
+typedef struct {
+  const char *url, *headers;
+  const rd_client_config *cfg;
+  uint64_t handle;
+} client_new_ctx;
+
+static void client_new_fn(api_cmd *a, void *p) {
+  client_new_ctx *c = p;
+  rd_client *cli;
+  char err[256] = "";
+  int rc = rd_client_start(c->url, c->headers, c->cfg, &cli, err, sizeof err);
+  if (rc == RD_OK)
+    c->handle = rd_client_handle(cli);
+  rd_cmd_finish(&a->cmd, rc, err);
+}
+
+int rd_api_client_new(const char *url, const char *headers, const rd_client_config *cfg,
+                      uint64_t *handle, char *err, size_t errlen) {
+  client_new_ctx c = {url, headers, cfg, 0};
+  int rc = api_call(client_new_fn, &c, err, errlen);
+  *handle = c.handle;
+  return rc;
+}
+
+typedef struct {
+  uint64_t handle;
+  uint64_t timeout_ms;
+} wait_ctx;
+
+static void wait_fn(api_cmd *a, void *p) {
+  wait_ctx *c = p;
+  rd_client *cli = (rd_client *)rd_object_find(c->handle, RD_OBJ_CLIENT);
+  if (cli == NULL) {
+    finish_closed(a);
+    return;
+  }
+  rd_client_wait_connected(cli, &a->cmd, c->timeout_ms);
+}
+
+int rd_api_client_wait_connected(uint64_t handle, uint64_t timeout_ms, int *connected) {
+  wait_ctx c = {handle, timeout_ms};
+  int rc = api_call(wait_fn, &c, NULL, 0);
+  *connected = rc == 1;
+  return rc < 0 ? rc : RD_OK;
+}
+
+typedef struct {
+  uint64_t handle;
+  int connected;
+  char error[160];
+} state_ctx;
+
+static void state_fn(api_cmd *a, void *p) {
+  state_ctx *c = p;
+  rd_client *cli = (rd_client *)rd_object_find(c->handle, RD_OBJ_CLIENT);
+  if (cli == NULL) {
+    finish_closed(a);
+    return;
+  }
+  c->connected = rd_client_is_connected(cli);
+  snprintf(c->error, sizeof c->error, "%s", rd_client_last_error(cli));
+  rd_cmd_finish(&a->cmd, RD_OK, NULL);
+}
+
+int rd_api_client_state(uint64_t handle, int *connected, char *last_error, size_t errlen) {
+  state_ctx c = {handle, 0, ""};
+  int rc = api_call(state_fn, &c, NULL, 0);
+  *connected = c.connected;
+  if (last_error != NULL)
+    snprintf(last_error, errlen, "%s", c.error);
+  return rc;
+}
+
+/* ---- metrics ---- */
+
+static rd_metrics *metrics_of(uint64_t handle) {
+  rd_object *obj = rd_object_find(handle, 0);
+  if (obj == NULL)
+    return NULL;
+  if (obj->kind == RD_OBJ_SERVER)
+    return rd_server_metrics((rd_server *)obj);
+  if (obj->kind == RD_OBJ_CLIENT)
+    return rd_client_metrics((rd_client *)obj);
+  return NULL;
+}
+
+typedef struct {
+  uint64_t handle;
+  rd_sample_list *out;
+  size_t cap;
+  int failed;
+} samples_ctx;
+
+static void add_sample_cb(void *ctx, const rd_metric_family_info *family,
+                          const char *const *values, double value) {
+  samples_ctx *c = ctx;
+  if (c->failed)
+    return;
+  if (c->out->count == c->cap) {
+    size_t cap = c->cap ? c->cap * 2 : 16;
+    rd_sample *items = rd_realloc(c->out->items, cap * sizeof *items);
+    if (items == NULL) {
+      c->failed = 1;
+      return;
+    }
+    c->out->items = items;
+    c->cap = cap;
+  }
+  rd_sample *s = &c->out->items[c->out->count];
+  memset(s, 0, sizeof *s);
+  s->family = family;
+  s->value = value;
+  for (size_t i = 0; i < family->num_labels; i++) {
+    s->values[i] = rd_strndup(values[i], strlen(values[i]));
+    if (s->values[i] == NULL)
+      c->failed = 1;
+  }
+  c->out->count++;
+}
+
+static void samples_fn(api_cmd *a, void *p) {
+  samples_ctx *c = p;
+  rd_metrics *m = metrics_of(c->handle);
+  if (m == NULL) {
+    finish_closed(a);
+    return;
+  }
+  rd_metrics_foreach(m, add_sample_cb, c);
+  rd_cmd_finish(&a->cmd, c->failed ? RD_ENOMEM : RD_OK, NULL);
+}
+
+int rd_api_metrics(uint64_t handle, rd_sample_list *out) {
+  out->items = NULL;
+  out->count = 0;
+  samples_ctx c = {handle, out, 0, 0};
+  int rc = api_call(samples_fn, &c, NULL, 0);
+  if (rc != RD_OK)
+    rd_sample_list_free(out);
+  return rc;
+}
+
+void rd_sample_list_free(rd_sample_list *l) {
+  for (size_t i = 0; i < l->count; i++)
+    for (size_t j = 0; j < 3; j++)
+      rd_free(l->items[i].values[j]);
+  rd_free(l->items);
+  l->items = NULL;
+  l->count = 0;
+}
+
+typedef struct {
+  uint64_t handle;
+  char *text;
+  size_t len;
+} prom_ctx;
+
+static void prom_fn(api_cmd *a, void *p) {
+  prom_ctx *c = p;
+  rd_metrics *m = metrics_of(c->handle);
+  if (m == NULL) {
+    finish_closed(a);
+    return;
+  }
+  c->text = rd_metrics_render(m, &c->len);
+  rd_cmd_finish(&a->cmd, c->text != NULL ? RD_OK : RD_ENOMEM, NULL);
+}
+
+int rd_api_prometheus(uint64_t handle, char **text, size_t *len) {
+  prom_ctx c = {handle, NULL, 0};
+  int rc = api_call(prom_fn, &c, NULL, 0);
+  *text = c.text;
+  *len = c.len;
+  return rc;
+}
+
+static void count_handle_cb(uv_handle_t *h, void *arg) {
+  (void)h;
+  (*(int64_t *)arg)++;
+}
+
+static void handles_fn(api_cmd *a, void *p) {
+  *(int64_t *)p = 0;
+  uv_walk(rd_loop(), count_handle_cb, p);
+  rd_cmd_finish(&a->cmd, RD_OK, NULL);
+}
+
+int rd_api_loop_handles(int64_t *out) { return api_call(handles_fn, out, NULL, 0); }

@@ -1,0 +1,67 @@
+/* The engine's thread-safe C API: each call posts a command to the loop
+ * thread and blocks until it is done. The CPython binding calls these with
+ * the GIL released; C tests call them directly. Every function returns 0 or
+ * a negative code and, where it takes err, a message there. Strings and
+ * arrays handed out are rd_malloc'ed; free them with the matching _free. */
+#ifndef RD_API_H
+#define RD_API_H
+
+#include "rd_client.h"
+#include "rd_metrics.h"
+#include "rd_server.h"
+#include "rd_session.h"
+
+int rd_api_server_new(const char *host, int port, const rd_server_config *cfg,
+                      uint64_t *handle, int *port_out, char *err, size_t errlen);
+/* Closes any object by handle and waits until it is fully closed.
+ * Unknown handles succeed (close is idempotent). */
+int rd_api_close(uint64_t handle);
+
+int rd_api_server_dial(uint64_t handle, const char *client_key, const char *proto,
+                       const char *address, int *fd, int64_t *conn_id, rd_dial_status **status,
+                       char *err, size_t errlen);
+int rd_api_server_forward(uint64_t handle, const char *client_key, const char *proto,
+                          const char *address, const char *host, int port, uint64_t *fhandle,
+                          int *port_out, char *err, size_t errlen);
+
+typedef struct rd_string_list {
+  char **items;
+  size_t count;
+} rd_string_list;
+/* Sorted, unique client keys with a live session. */
+int rd_api_server_clients(uint64_t handle, rd_string_list *out);
+void rd_string_list_free(rd_string_list *l);
+int rd_api_server_has_session(uint64_t handle, const char *client_key, int *out);
+
+typedef struct rd_conn_list {
+  rd_conn_info *items; /* strings owned by the list */
+  size_t count;
+} rd_conn_list;
+int rd_api_server_connections(uint64_t handle, rd_conn_list *out);
+void rd_conn_list_free(rd_conn_list *l);
+
+int rd_api_client_new(const char *url, const char *headers, const rd_client_config *cfg,
+                      uint64_t *handle, char *err, size_t errlen);
+/* *connected is 1 once connected, 0 at timeout (or when closed). */
+int rd_api_client_wait_connected(uint64_t handle, uint64_t timeout_ms, int *connected);
+int rd_api_client_state(uint64_t handle, int *connected, char *last_error, size_t errlen);
+
+typedef struct rd_sample {
+  const rd_metric_family_info *family;
+  char *values[3];
+  double value;
+} rd_sample;
+typedef struct rd_sample_list {
+  rd_sample *items;
+  size_t count;
+} rd_sample_list;
+/* Samples of a server's or client's registry, in exposition order. */
+int rd_api_metrics(uint64_t handle, rd_sample_list *out);
+void rd_sample_list_free(rd_sample_list *l);
+/* The exposition text (rd_free it). */
+int rd_api_prometheus(uint64_t handle, char **text, size_t *len);
+
+/* Number of libuv handles alive on the loop. */
+int rd_api_loop_handles(int64_t *out);
+
+#endif

@@ -1,0 +1,492 @@
+/* The agent. It owns its retry timer, the dial or handshake in progress, its
+ * session and the timers of wait_connected callers; it is freed when all of
+ * them are gone, and its close command finishes then. */
+#include "rd_client.h"
+
+#include <fnmatch.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "rd_alloc.h"
+#include "rd_dialer.h"
+#include "rd_http.h"
+#include "rd_ws.h"
+
+enum { CLI_WAITING, CLI_DIALING, CLI_HANDSHAKE, CLI_CONNECTED, CLI_CLOSED };
+
+typedef struct waiter {
+  struct waiter *next;
+  rd_client *cli;
+  rd_cmd *cmd;
+  uv_timer_t timer;
+} waiter;
+
+struct rd_client {
+  rd_object obj;
+  rd_client_config cfg;
+  char *host; /* for the dial: "host:port" */
+  char *request; /* the handshake request head, ending in the key line */
+  rd_metrics *metrics;
+  int state;
+  uv_timer_t timer; /* retry backoff, handshake deadline */
+  rd_dial *dial;
+  uv_tcp_t *tcp; /* during the handshake */
+  char key[25];
+  char resp[4096];
+  size_t resp_len;
+  rd_session *session;
+  unsigned attempt;
+  waiter *waiters;
+  int refs;
+  rd_cmd *close_waiter;
+  char last_error[160];
+};
+
+void rd_client_config_default(rd_client_config *cfg) {
+  memset(cfg, 0, sizeof *cfg);
+  cfg->allow_mode = RD_ALLOW_ALL;
+  cfg->handshake_timeout_ms = 10000;
+  cfg->backoff_min_ms = 500;
+  cfg->backoff_max_ms = 5000;
+  rd_session_config_default(&cfg->session);
+}
+
+uint64_t rd_client_handle(const rd_client *cli) { return cli->obj.handle; }
+rd_metrics *rd_client_metrics(rd_client *cli) { return cli->metrics; }
+int rd_client_is_connected(const rd_client *cli) { return cli->state == CLI_CONNECTED; }
+const char *rd_client_last_error(const rd_client *cli) { return cli->last_error; }
+
+static void client_unref(rd_client *cli) {
+  if (--cli->refs > 0)
+    return;
+  for (size_t i = 0; i < cli->cfg.npatterns; i++)
+    rd_free(cli->cfg.patterns[i]);
+  rd_free(cli->cfg.patterns);
+  rd_free(cli->host);
+  rd_free(cli->request);
+  rd_metrics_free(cli->metrics);
+  rd_cmd *w = cli->close_waiter;
+  rd_free(cli);
+  if (w != NULL)
+    rd_cmd_finish(w, RD_OK, NULL);
+}
+
+/* ---- wait_connected ---- */
+
+static void waiter_closed_cb(uv_handle_t *h) {
+  waiter *w = h->data;
+  rd_client *cli = w->cli;
+  rd_free(w);
+  client_unref(cli);
+}
+
+static void waiters_finish(rd_client *cli, int connected) {
+  while (cli->waiters != NULL) {
+    waiter *w = cli->waiters;
+    cli->waiters = w->next;
+    rd_cmd_finish(w->cmd, connected, NULL);
+    uv_close((uv_handle_t *)&w->timer, waiter_closed_cb);
+  }
+}
+
+static void waiter_timeout_cb(uv_timer_t *t) {
+  waiter *w = t->data;
+  rd_client *cli = w->cli;
+  for (waiter **p = &cli->waiters; *p != NULL; p = &(*p)->next) {
+    if (*p == w) {
+      *p = w->next;
+      break;
+    }
+  }
+  rd_cmd_finish(w->cmd, 0, NULL);
+  uv_close((uv_handle_t *)&w->timer, waiter_closed_cb);
+}
+
+void rd_client_wait_connected(rd_client *cli, rd_cmd *cmd, uint64_t timeout_ms) {
+  if (cli->state == CLI_CONNECTED || cli->state == CLI_CLOSED || timeout_ms == 0) {
+    rd_cmd_finish(cmd, cli->state == CLI_CONNECTED, NULL);
+    return;
+  }
+  waiter *w = rd_calloc(1, sizeof *w);
+  if (w == NULL) {
+    rd_cmd_finish(cmd, RD_ENOMEM, "out of memory");
+    return;
+  }
+  w->cli = cli;
+  w->cmd = cmd;
+  cli->refs++;
+  uv_timer_init(rd_loop(), &w->timer);
+  w->timer.data = w;
+  uv_timer_start(&w->timer, waiter_timeout_cb, timeout_ms, 0);
+  w->next = cli->waiters;
+  cli->waiters = w;
+}
+
+/* ---- connecting ---- */
+
+static void start_attempt(rd_client *cli);
+
+static void retry_cb(uv_timer_t *t) { start_attempt(t->data); }
+
+static void schedule_retry(rd_client *cli, const char *why) {
+  if (cli->state == CLI_CLOSED)
+    return;
+  if (why != NULL)
+    snprintf(cli->last_error, sizeof cli->last_error, "%s", why);
+  cli->state = CLI_WAITING;
+  uint64_t delay = cli->cfg.backoff_min_ms;
+  for (unsigned i = 0; i < cli->attempt && delay < cli->cfg.backoff_max_ms; i++)
+    delay *= 2;
+  if (delay > cli->cfg.backoff_max_ms)
+    delay = cli->cfg.backoff_max_ms;
+  /* Jitter in [0.8, 1.2) spreads a fleet reconnecting after a server restart. */
+  uint32_t r = 0;
+  uv_random(NULL, NULL, &r, sizeof r, 0, NULL);
+  delay = delay * (800 + r % 400) / 1000;
+  if (cli->attempt < 32)
+    cli->attempt++;
+  uv_timer_start(&cli->timer, retry_cb, delay, 0);
+}
+
+static void session_on_end(rd_session *s, void *owner, const char *reason) {
+  (void)s;
+  rd_client *cli = owner;
+  cli->session = NULL;
+  if (cli->state != CLI_CLOSED)
+    schedule_retry(cli, reason);
+}
+
+static void session_on_freed(void *owner) { client_unref(owner); }
+
+static int allowed_by_pattern(rd_client *cli, rd_conn *c) {
+  char target[400];
+  snprintf(target, sizeof target, "%s/%s", rd_conn_proto(c), rd_conn_address(c));
+  for (size_t i = 0; i < cli->cfg.npatterns; i++)
+    if (fnmatch(cli->cfg.patterns[i], target, 0) == 0)
+      return 1;
+  return 0;
+}
+
+static void connect_answer_cb(rd_request *req, int verdict, const char *value) {
+  (void)value;
+  rd_conn *c = req->target;
+  *rd_conn_owner_slot(c) = NULL;
+  if (verdict == 0)
+    rd_conn_dial_local(c);
+  else
+    rd_conn_refuse(c, "connect not allowed");
+}
+
+static void session_on_connect(rd_session *s, void *owner, rd_conn *c) {
+  (void)s;
+  rd_client *cli = owner;
+  if (cli->cfg.allow_mode == RD_ALLOW_ALL) {
+    rd_conn_dial_local(c);
+  } else if (cli->cfg.allow_mode == RD_ALLOW_PATTERNS) {
+    if (allowed_by_pattern(cli, c))
+      rd_conn_dial_local(c);
+    else
+      rd_conn_refuse(c, "connect not allowed");
+  } else {
+    rd_request *r = rd_calloc(1, sizeof *r);
+    if (r == NULL || (r->s1 = rd_strndup(rd_conn_proto(c), strlen(rd_conn_proto(c)))) == NULL ||
+        (r->s2 = rd_strndup(rd_conn_address(c), strlen(rd_conn_address(c)))) == NULL) {
+      if (r != NULL)
+        rd_request_free(r);
+      rd_conn_refuse(c, "out of memory");
+      return;
+    }
+    r->kind = RD_REQ_CONNECT;
+    r->owner = cli->obj.handle;
+    r->on_answer = connect_answer_cb;
+    r->target = c;
+    *rd_conn_owner_slot(c) = r;
+    rd_request_post(r);
+  }
+}
+
+static const rd_session_owner client_session_ops = {session_on_end, session_on_freed,
+                                                    session_on_connect};
+
+static void handshake_tcp_closed_cb(uv_handle_t *h) {
+  rd_client *cli = h->data;
+  rd_free(h);
+  client_unref(cli);
+}
+
+static void handshake_fail(rd_client *cli, const char *why) {
+  uv_timer_stop(&cli->timer);
+  if (cli->tcp != NULL) {
+    uv_tcp_t *tcp = cli->tcp;
+    cli->tcp = NULL;
+    tcp->data = cli;
+    uv_close((uv_handle_t *)tcp, handshake_tcp_closed_cb);
+  }
+  schedule_retry(cli, why);
+}
+
+static void handshake_done(rd_client *cli, size_t head_len) {
+  uv_timer_stop(&cli->timer);
+  uv_tcp_t *tcp = cli->tcp;
+  cli->tcp = NULL;
+  uv_read_stop((uv_stream_t *)tcp);
+  /* The handshake's reference on cli passes to the session. */
+  cli->state = CLI_CONNECTED;
+  cli->attempt = 0;
+  cli->last_error[0] = '\0';
+  cli->session = rd_session_new(tcp, RD_ROLE_CLIENT, "client", 0, cli->metrics,
+                                &cli->cfg.session, &client_session_ops, cli,
+                                (const uint8_t *)cli->resp + head_len, cli->resp_len - head_len);
+  if (cli->session == NULL) {
+    client_unref(cli);
+    schedule_retry(cli, "out of memory");
+    return;
+  }
+  if (cli->state == CLI_CONNECTED)
+    waiters_finish(cli, 1);
+}
+
+static void handshake_check(rd_client *cli) {
+  rd_http_response resp;
+  int n = rd_http_parse_response(cli->resp, cli->resp_len, sizeof cli->resp, RD_HTTP_MAX_HEADERS,
+                                 &resp);
+  if (n == RD_EPARTIAL)
+    return;
+  if (n < 0) {
+    handshake_fail(cli, "websocket: bad handshake (malformed response)");
+    return;
+  }
+  if (resp.status != 101) {
+    char why[160];
+    snprintf(why, sizeof why, "websocket: bad handshake (HTTP %d)", resp.status);
+    handshake_fail(cli, why);
+    return;
+  }
+  char expect[29];
+  const rd_http_header *h = rd_http_find_header(resp.headers, resp.num_headers, "Sec-WebSocket-Accept");
+  if (rd_ws_accept_key(cli->key, strlen(cli->key), expect) != RD_OK || h == NULL ||
+      h->value_len != 28 || memcmp(h->value, expect, 28) != 0) {
+    handshake_fail(cli, "websocket: bad handshake (Sec-WebSocket-Accept mismatch)");
+    return;
+  }
+  handshake_done(cli, (size_t)n);
+}
+
+static void hs_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  (void)suggested;
+  rd_client *cli = h->data;
+  *buf = uv_buf_init(cli->resp + cli->resp_len, (unsigned)(sizeof cli->resp - cli->resp_len));
+}
+
+static void hs_read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
+  (void)buf;
+  rd_client *cli = stream->data;
+  if (nread == 0)
+    return;
+  if (nread < 0) {
+    handshake_fail(cli, nread == UV_EOF ? "websocket: bad handshake (connection closed)"
+                                        : rd_strerror((int)nread));
+    return;
+  }
+  cli->resp_len += (size_t)nread;
+  handshake_check(cli);
+}
+
+static void hs_timeout_cb(uv_timer_t *t) {
+  rd_client *cli = t->data;
+  if (cli->state == CLI_HANDSHAKE)
+    handshake_fail(cli, "websocket: handshake timeout");
+}
+
+typedef struct {
+  uv_write_t req;
+  char data[];
+} hs_write;
+
+static void hs_write_cb(uv_write_t *req, int status) {
+  (void)status; /* a failed write shows up as a read error */
+  rd_free(req);
+}
+
+static void dial_cb(void *ctx, int status, uv_stream_t *stream, const char *error) {
+  rd_client *cli = ctx;
+  cli->dial = NULL;
+  if (cli->state == CLI_CLOSED) {
+    if (stream != NULL) {
+      stream->data = cli;
+      cli->refs++;
+      uv_close((uv_handle_t *)stream, handshake_tcp_closed_cb);
+    }
+    client_unref(cli);
+    return;
+  }
+  if (status < 0) {
+    client_unref(cli);
+    schedule_retry(cli, error);
+    return;
+  }
+  /* The dial's reference becomes the handshake's. */
+  cli->state = CLI_HANDSHAKE;
+  cli->tcp = (uv_tcp_t *)stream;
+  stream->data = cli;
+  cli->resp_len = 0;
+  size_t rlen = strlen(cli->request);
+  hs_write *w = rd_malloc(sizeof *w + rlen + 64);
+  if (w == NULL || rd_ws_make_key(cli->key) != RD_OK) {
+    rd_free(w);
+    handshake_fail(cli, "out of memory");
+    return;
+  }
+  int n = snprintf(w->data, rlen + 64, "%sSec-WebSocket-Key: %s\r\n\r\n", cli->request, cli->key);
+  uv_buf_t buf = uv_buf_init(w->data, (unsigned)n);
+  if (uv_write(&w->req, stream, &buf, 1, hs_write_cb) != 0) {
+    rd_free(w);
+    handshake_fail(cli, "websocket: handshake write failed");
+    return;
+  }
+  uv_timer_start(&cli->timer, hs_timeout_cb, cli->cfg.handshake_timeout_ms, 0);
+  uv_read_start(stream, hs_alloc_cb, hs_read_cb);
+}
+
+static void start_attempt(rd_client *cli) {
+  if (cli->state == CLI_CLOSED)
+    return;
+  cli->state = CLI_DIALING;
+  int status = 0;
+  char err[160];
+  cli->refs++;
+  cli->dial = rd_dial_start(rd_loop(), "tcp", cli->host, cli->cfg.handshake_timeout_ms, dial_cb,
+                            cli, &status, err, sizeof err);
+  if (cli->dial == NULL) {
+    client_unref(cli);
+    schedule_retry(cli, err);
+  }
+}
+
+/* ---- lifecycle ---- */
+
+static void timer_closed_cb(uv_handle_t *h) { client_unref(h->data); }
+
+static void client_close(rd_object *obj, rd_cmd *waiter) {
+  rd_client *cli = (rd_client *)obj;
+  if (cli->state == CLI_CLOSED) {
+    if (waiter != NULL)
+      rd_cmd_finish(waiter, RD_OK, NULL);
+    return;
+  }
+  cli->state = CLI_CLOSED;
+  cli->close_waiter = waiter;
+  rd_object_unregister(&cli->obj);
+  waiters_finish(cli, 0);
+  if (cli->dial != NULL)
+    rd_dial_cancel(cli->dial);
+  if (cli->tcp != NULL) {
+    uv_tcp_t *tcp = cli->tcp;
+    cli->tcp = NULL;
+    uv_close((uv_handle_t *)tcp, handshake_tcp_closed_cb);
+  }
+  if (cli->session != NULL)
+    rd_session_end(cli->session, RD_WS_CLOSE_NORMAL, "client closing");
+  uv_close((uv_handle_t *)&cli->timer, timer_closed_cb);
+}
+
+/* Splits ws://host[:port][/path] into "host:port" and path. */
+static int parse_url(const char *url, char **hostport, char **path, char **host_header,
+                     char *err, size_t errlen) {
+  const char *rest;
+  if (strncmp(url, "ws://", 5) == 0) {
+    rest = url + 5;
+  } else if (strncmp(url, "wss://", 6) == 0) {
+    snprintf(err, errlen, "wss:// is not supported yet: %s", url);
+    return RD_EMALFORMED;
+  } else {
+    snprintf(err, errlen, "unsupported URL scheme (want ws://): %s", url);
+    return RD_EMALFORMED;
+  }
+  const char *slash = strchr(rest, '/');
+  size_t alen = slash != NULL ? (size_t)(slash - rest) : strlen(rest);
+  if (alen == 0 || alen > 255) {
+    snprintf(err, errlen, "missing or bad host in URL: %s", url);
+    return RD_EMALFORMED;
+  }
+  char authority[256];
+  memcpy(authority, rest, alen);
+  authority[alen] = '\0';
+  const char *colon = strrchr(authority, ':');
+  const char *bracket = strrchr(authority, ']');
+  int has_port = colon != NULL && (bracket == NULL || colon > bracket);
+  char hp[280];
+  snprintf(hp, sizeof hp, has_port ? "%s" : "%s:80", authority);
+  *hostport = rd_strndup(hp, strlen(hp));
+  *host_header = rd_strndup(authority, alen);
+  const char *p = slash != NULL ? slash : "/";
+  *path = rd_strndup(p, strlen(p));
+  if (*hostport == NULL || *host_header == NULL || *path == NULL) {
+    rd_free(*hostport);
+    rd_free(*host_header);
+    rd_free(*path);
+    snprintf(err, errlen, "out of memory");
+    return RD_ENOMEM;
+  }
+  return RD_OK;
+}
+
+int rd_client_start(const char *url, const char *headers, const rd_client_config *cfg,
+                    rd_client **out, char *err, size_t errlen) {
+  char *hostport = NULL, *path = NULL, *host_header = NULL;
+  int rc = parse_url(url, &hostport, &path, &host_header, err, errlen);
+  if (rc != RD_OK)
+    return rc;
+  rd_client *cli = rd_calloc(1, sizeof *cli);
+  size_t reqcap = strlen(path) + strlen(host_header) + strlen(headers) + 160;
+  if (cli != NULL)
+    cli->cfg = *cfg;
+  if (cli == NULL || (cli->metrics = rd_metrics_new()) == NULL ||
+      (cli->request = rd_malloc(reqcap)) == NULL ||
+      (cli->cfg.patterns = rd_calloc(cfg->npatterns + 1, sizeof(char *))) == NULL) {
+    if (cli != NULL) {
+      rd_metrics_free(cli->metrics);
+      rd_free(cli->request);
+    }
+    rd_free(cli);
+    rd_free(hostport);
+    rd_free(path);
+    rd_free(host_header);
+    snprintf(err, errlen, "out of memory");
+    return RD_ENOMEM;
+  }
+  cli->refs = 1; /* the timer */
+  cli->host = hostport;
+  snprintf(cli->request, reqcap,
+           "GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           "Sec-WebSocket-Version: 13\r\n%s",
+           path, host_header, headers);
+  rd_free(path);
+  rd_free(host_header);
+  for (size_t i = 0; i < cfg->npatterns; i++) {
+    cli->cfg.patterns[i] = rd_strndup(cfg->patterns[i], strlen(cfg->patterns[i]));
+    if (cli->cfg.patterns[i] == NULL) {
+      cli->cfg.npatterns = i;
+      uv_timer_init(rd_loop(), &cli->timer);
+      cli->timer.data = cli;
+      cli->state = CLI_CLOSED;
+      uv_close((uv_handle_t *)&cli->timer, timer_closed_cb);
+      snprintf(err, errlen, "out of memory");
+      return RD_ENOMEM;
+    }
+  }
+  uv_timer_init(rd_loop(), &cli->timer);
+  cli->timer.data = cli;
+  rc = rd_object_register(&cli->obj, RD_OBJ_CLIENT);
+  if (rc != RD_OK) {
+    cli->state = CLI_CLOSED;
+    uv_close((uv_handle_t *)&cli->timer, timer_closed_cb);
+    snprintf(err, errlen, "out of memory");
+    return rc;
+  }
+  cli->obj.close = client_close;
+  *out = cli;
+  start_attempt(cli);
+  return RD_OK;
+}

@@ -1,0 +1,325 @@
+/* The loop thread. Commands arrive on a mutex-protected list; the async
+ * handle is signalled only when the list goes from empty to non-empty. */
+#include "rd_loop.h"
+
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "rd_alloc.h"
+#include "rd_block.h"
+
+enum { ENGINE_NEW, ENGINE_RUNNING, ENGINE_STOPPED };
+
+static struct {
+  uv_once_t once;
+  uv_mutex_t lock; /* guards state, the command list */
+  int state;
+  uv_loop_t loop;
+  uv_thread_t thread;
+  uv_async_t wake;
+  rd_cmd *head, *tail;
+  int stopping; /* loop thread: shutdown command seen */
+  rd_cmd *shutdown_waiter;
+  /* objects, loop thread only */
+  rd_map objects;
+  uint64_t next_handle;
+  /* requests */
+  uv_mutex_t req_lock;
+  uv_cond_t req_cond;
+  rd_request *req_head, *req_tail; /* posted, not yet taken */
+  rd_map req_pending;             /* loop thread: posted, not yet answered */
+  uint64_t next_req;
+  int req_closed;
+} eng = {.once = UV_ONCE_INIT};
+
+static _Atomic int64_t count_sessions, count_connections, count_buffered;
+
+uv_loop_t *rd_loop(void) { return &eng.loop; }
+uint64_t rd_now(void) { return uv_now(&eng.loop); }
+
+void rd_engine_counts_add(int sessions, int connections, int64_t buffered) {
+  if (sessions)
+    atomic_fetch_add(&count_sessions, sessions);
+  if (connections)
+    atomic_fetch_add(&count_connections, connections);
+  if (buffered)
+    atomic_fetch_add(&count_buffered, buffered);
+}
+
+rd_engine_counts rd_engine_counts_get(void) {
+  rd_engine_counts c = {atomic_load(&count_sessions), atomic_load(&count_connections),
+                        atomic_load(&count_buffered)};
+  return c;
+}
+
+void rd_cmd_finish(rd_cmd *cmd, int status, const char *error) {
+  cmd->status = status;
+  if (error != NULL)
+    snprintf(cmd->error, sizeof cmd->error, "%s", error);
+  uv_sem_post(&cmd->done);
+}
+
+void rd_cmd_finishf(rd_cmd *cmd, int status, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(cmd->error, sizeof cmd->error, fmt, ap);
+  va_end(ap);
+  cmd->status = status;
+  uv_sem_post(&cmd->done);
+}
+
+/* ---- objects ---- */
+
+int rd_object_register(rd_object *obj, int kind) {
+  obj->kind = kind;
+  obj->handle = ++eng.next_handle;
+  return rd_map_insert(&eng.objects, &obj->node, rd_hash_u64(obj->handle));
+}
+
+void rd_object_unregister(rd_object *obj) {
+  if (obj->handle != 0)
+    rd_map_remove(&eng.objects, &obj->node);
+  obj->handle = 0;
+}
+
+rd_object *rd_object_find(uint64_t handle, int kind) {
+  for (rd_map_node *n = rd_map_find(&eng.objects, rd_hash_u64(handle)); n != NULL;
+       n = rd_map_next_same(n)) {
+    rd_object *obj = (rd_object *)n;
+    if (obj->handle == handle && (kind == 0 || obj->kind == kind))
+      return obj;
+  }
+  return NULL;
+}
+
+/* ---- shutdown ---- */
+
+static void close_object_cb(rd_map_node *n, void *ctx) {
+  (void)ctx;
+  rd_object *obj = (rd_object *)n;
+  rd_object_unregister(obj);
+  obj->close(obj, NULL);
+}
+
+static void close_any_handle_cb(uv_handle_t *h, void *arg) {
+  (void)arg;
+  /* Objects close their own handles; this catches stragglers (and the wake
+   * handle), so uv_run can return. Their owners are gone with the process. */
+  if (!uv_is_closing(h))
+    uv_close(h, NULL);
+}
+
+static void drop_pending_request_cb(rd_map_node *n, void *ctx) {
+  (void)ctx;
+  rd_request *req = (rd_request *)((char *)n - offsetof(rd_request, node));
+  rd_map_remove(&eng.req_pending, n);
+  if (req->target != NULL && req->on_answer != NULL)
+    req->on_answer(req, -1, NULL);
+  rd_request_free(req);
+}
+
+static void begin_shutdown(void) {
+  eng.stopping = 1;
+  rd_map_foreach(&eng.objects, close_object_cb, NULL);
+  uv_mutex_lock(&eng.req_lock);
+  eng.req_closed = 1;
+  eng.req_head = eng.req_tail = NULL;
+  uv_cond_broadcast(&eng.req_cond);
+  uv_mutex_unlock(&eng.req_lock);
+  rd_map_foreach(&eng.req_pending, drop_pending_request_cb, NULL);
+  uv_close((uv_handle_t *)&eng.wake, NULL);
+}
+
+/* ---- the thread ---- */
+
+static void wake_cb(uv_async_t *h) {
+  (void)h;
+  uv_mutex_lock(&eng.lock);
+  rd_cmd *c = eng.head;
+  eng.head = eng.tail = NULL;
+  uv_mutex_unlock(&eng.lock);
+  while (c != NULL) {
+    rd_cmd *next = c->next;
+    if (c->run == NULL) { /* the shutdown command */
+      eng.shutdown_waiter = c;
+      if (!eng.stopping)
+        begin_shutdown();
+    } else {
+      c->run(c);
+    }
+    c = next;
+  }
+}
+
+static void loop_main(void *arg) {
+  (void)arg;
+  uv_run(&eng.loop, UV_RUN_DEFAULT);
+  /* Objects closing after the wake handle went still need their callbacks. */
+  uv_walk(&eng.loop, close_any_handle_cb, NULL);
+  uv_run(&eng.loop, UV_RUN_DEFAULT);
+  rd_map_dispose(&eng.objects);
+  rd_map_dispose(&eng.req_pending);
+  rd_block_pool_trim();
+  if (eng.shutdown_waiter != NULL)
+    rd_cmd_finish(eng.shutdown_waiter, RD_OK, NULL);
+}
+
+static void engine_init_once(void) {
+  uv_mutex_init(&eng.lock);
+  uv_mutex_init(&eng.req_lock);
+  uv_cond_init(&eng.req_cond);
+  rd_map_init(&eng.objects);
+  rd_map_init(&eng.req_pending);
+  eng.state = ENGINE_NEW;
+}
+
+/* Starts the thread on first use; returns the state after. Holds eng.lock. */
+static int ensure_started_locked(void) {
+  if (eng.state != ENGINE_NEW)
+    return eng.state;
+  if (uv_loop_init(&eng.loop) != 0 || uv_async_init(&eng.loop, &eng.wake, wake_cb) != 0)
+    return ENGINE_NEW;
+  if (uv_thread_create(&eng.thread, loop_main, NULL) != 0) {
+    uv_close((uv_handle_t *)&eng.wake, NULL);
+    uv_run(&eng.loop, UV_RUN_DEFAULT);
+    uv_loop_close(&eng.loop);
+    return ENGINE_NEW;
+  }
+  eng.state = ENGINE_RUNNING;
+  return eng.state;
+}
+
+static int post(rd_cmd *cmd) {
+  uv_once(&eng.once, engine_init_once);
+  uv_mutex_lock(&eng.lock);
+  int state = ensure_started_locked();
+  if (state != ENGINE_RUNNING) {
+    uv_mutex_unlock(&eng.lock);
+    return state == ENGINE_NEW ? RD_ENOMEM : RD_ECLOSED;
+  }
+  int was_empty = eng.head == NULL;
+  cmd->next = NULL;
+  if (eng.tail != NULL)
+    eng.tail->next = cmd;
+  else
+    eng.head = cmd;
+  eng.tail = cmd;
+  if (cmd->run == NULL)
+    eng.state = ENGINE_STOPPED; /* no command after the shutdown */
+  uv_mutex_unlock(&eng.lock);
+  if (was_empty)
+    uv_async_send(&eng.wake);
+  return RD_OK;
+}
+
+int rd_engine_call(rd_cmd *cmd) {
+  cmd->status = RD_OK;
+  cmd->error[0] = '\0';
+  if (uv_sem_init(&cmd->done, 0) != 0)
+    return RD_ENOMEM;
+  int rc = post(cmd);
+  if (rc != RD_OK) {
+    uv_sem_destroy(&cmd->done);
+    cmd->status = rc;
+    snprintf(cmd->error, sizeof cmd->error, "%s", rd_strerror(rc));
+    return rc;
+  }
+  uv_sem_wait(&cmd->done);
+  uv_sem_destroy(&cmd->done);
+  return cmd->status;
+}
+
+void rd_engine_shutdown(void) {
+  uv_once(&eng.once, engine_init_once);
+  uv_mutex_lock(&eng.lock);
+  int state = eng.state;
+  uv_mutex_unlock(&eng.lock);
+  if (state != ENGINE_RUNNING)
+    return;
+  rd_cmd cmd = {0};
+  cmd.run = NULL;
+  if (rd_engine_call(&cmd) != RD_OK)
+    return;
+  uv_thread_join(&eng.thread);
+  uv_loop_close(&eng.loop);
+}
+
+/* ---- requests ---- */
+
+void rd_request_free(rd_request *req) {
+  rd_free(req->s1);
+  rd_free(req->s2);
+  rd_free(req->s3);
+  rd_free(req->headers);
+  rd_free(req->value);
+  rd_free(req);
+}
+
+void rd_request_post(rd_request *req) {
+  req->id = ++eng.next_req;
+  req->next = NULL;
+  if (eng.stopping || rd_map_insert(&eng.req_pending, &req->node, rd_hash_u64(req->id)) != RD_OK) {
+    if (req->on_answer != NULL)
+      req->on_answer(req, -1, NULL);
+    rd_request_free(req);
+    return;
+  }
+  uv_mutex_lock(&eng.req_lock);
+  if (eng.req_tail != NULL)
+    eng.req_tail->next = req;
+  else
+    eng.req_head = req;
+  eng.req_tail = req;
+  uv_cond_signal(&eng.req_cond);
+  uv_mutex_unlock(&eng.req_lock);
+}
+
+rd_request *rd_request_next(int64_t timeout_ms) {
+  uv_once(&eng.once, engine_init_once);
+  uv_mutex_lock(&eng.req_lock);
+  uint64_t deadline = uv_hrtime() + (uint64_t)timeout_ms * 1000000u;
+  while (eng.req_head == NULL && !eng.req_closed) {
+    uint64_t now = uv_hrtime();
+    if (now >= deadline || uv_cond_timedwait(&eng.req_cond, &eng.req_lock, deadline - now) != 0)
+      break;
+  }
+  rd_request *req = eng.req_head;
+  if (req != NULL) {
+    eng.req_head = req->next;
+    if (eng.req_head == NULL)
+      eng.req_tail = NULL;
+  }
+  uv_mutex_unlock(&eng.req_lock);
+  return req;
+}
+
+typedef struct {
+  rd_cmd cmd;
+  uint64_t id;
+  int verdict;
+  const char *value;
+} answer_cmd;
+
+static void answer_run(rd_cmd *c) {
+  answer_cmd *a = (answer_cmd *)c;
+  for (rd_map_node *n = rd_map_find(&eng.req_pending, rd_hash_u64(a->id)); n != NULL;
+       n = rd_map_next_same(n)) {
+    rd_request *req = (rd_request *)((char *)n - offsetof(rd_request, node));
+    if (req->id != a->id)
+      continue;
+    rd_map_remove(&eng.req_pending, n);
+    if (req->target != NULL && req->on_answer != NULL)
+      req->on_answer(req, a->verdict, a->value != NULL ? a->value : "");
+    rd_request_free(req);
+    break;
+  }
+  rd_cmd_finish(c, RD_OK, NULL);
+}
+
+void rd_request_answer(uint64_t req_id, int verdict, const char *value) {
+  answer_cmd a = {.id = req_id, .verdict = verdict, .value = value};
+  a.cmd.run = answer_run;
+  rd_engine_call(&a.cmd);
+}

@@ -1,0 +1,105 @@
+/* The engine's one loop thread, its command queue, the registry of objects
+ * that Python holds by handle, and the queue of decisions the engine asks of
+ * Python (authorizers). Only the loop thread calls libuv. */
+#ifndef RD_LOOP_H
+#define RD_LOOP_H
+
+#include <uv.h>
+
+#include "rd_common.h"
+#include "rd_map.h"
+
+/* A command posted from any thread to run on the loop thread. The caller
+ * embeds it in a struct of its own (arguments and results), calls
+ * rd_engine_call and is woken when the loop thread calls rd_cmd_finish,
+ * which may happen inside run or later (a close that waits for handles). */
+typedef struct rd_cmd rd_cmd;
+struct rd_cmd {
+  rd_cmd *next;
+  void (*run)(rd_cmd *cmd);
+  uv_sem_t done;
+  int status;
+  char error[256];
+};
+
+/* Runs cmd on the loop thread (starting it on first use) and waits for it.
+ * Returns cmd->status; RD_ECLOSED without running it after shutdown. Must
+ * not be called from the loop thread. */
+int rd_engine_call(rd_cmd *cmd);
+/* Completes a command (loop thread). error may be NULL. */
+void rd_cmd_finish(rd_cmd *cmd, int status, const char *error);
+void rd_cmd_finishf(rd_cmd *cmd, int status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Stops the loop: closes every object and handle, runs the loop until all
+ * close callbacks ran, joins the thread. Idempotent; later calls to
+ * rd_engine_call return RD_ECLOSED. */
+void rd_engine_shutdown(void);
+
+/* The loop (loop thread only). */
+uv_loop_t *rd_loop(void);
+/* Milliseconds on the loop's clock (loop thread only). */
+uint64_t rd_now(void);
+
+/* Engine-wide figures, readable from any thread. */
+typedef struct rd_engine_counts {
+  int64_t open_sessions;
+  int64_t open_connections;
+  int64_t buffered_bytes;
+} rd_engine_counts;
+void rd_engine_counts_add(int sessions, int connections, int64_t buffered);
+rd_engine_counts rd_engine_counts_get(void);
+
+/* Objects Python holds by handle (servers, clients, forwards). */
+enum { RD_OBJ_SERVER = 1, RD_OBJ_CLIENT = 2, RD_OBJ_FORWARD = 3 };
+typedef struct rd_object rd_object;
+struct rd_object {
+  rd_map_node node;
+  uint64_t handle;
+  int kind;
+  /* Begins closing; finishes `waiter` (may be NULL) when fully closed. Called
+   * at most once; the object unregisters itself. */
+  void (*close)(rd_object *obj, rd_cmd *waiter);
+};
+/* Assigns a fresh handle and registers obj (loop thread). */
+int rd_object_register(rd_object *obj, int kind);
+void rd_object_unregister(rd_object *obj);
+/* The object with this handle and kind (kind 0 = any), or NULL. */
+rd_object *rd_object_find(uint64_t handle, int kind);
+
+/* A decision asked of Python: an authorizer call. Created and freed on the
+ * loop thread; the Python-side thread reads its immutable fields between
+ * rd_request_next and rd_request_answer. */
+enum { RD_REQ_AUTH = 1, RD_REQ_CONNECT = 2 };
+typedef struct rd_request rd_request;
+struct rd_request {
+  rd_request *next;
+  rd_map_node node;
+  uint64_t id;
+  uint64_t owner; /* handle of the server or client */
+  int kind;
+  /* AUTH: method, path, remote, headers as NUL-separated "name\0value\0".
+   * CONNECT: proto, address. */
+  char *s1, *s2, *s3;
+  char *headers;
+  size_t headers_len;
+  /* Loop thread: called with the verdict; target NULL means the asker is
+   * gone and the answer is dropped. */
+  void (*on_answer)(rd_request *req, int verdict, const char *value);
+  void *target;
+  int answered;
+  int verdict;
+  char *value;
+};
+/* Queues req for Python (loop thread); takes ownership. */
+void rd_request_post(rd_request *req);
+/* Frees a request that was never posted (loop thread). */
+void rd_request_free(rd_request *req);
+/* Python-side thread: waits up to timeout_ms for a request; NULL on timeout
+ * or shutdown. The request stays valid until answered. */
+rd_request *rd_request_next(int64_t timeout_ms);
+/* Python-side thread: answers; the engine calls on_answer on the loop thread
+ * and frees the request. */
+void rd_request_answer(uint64_t req_id, int verdict, const char *value);
+
+#endif

@@ -1,0 +1,657 @@
+/* remotedialer_py._engine: the CPython binding. Every call that waits on the
+ * loop thread releases the GIL; nothing here runs on the loop thread. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdatomic.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "rd_alloc.h"
+#include "rd_api.h"
+
+typedef struct {
+  PyObject *TunnelError;
+  PyObject *ClientNotFoundError;
+  PyObject *ClosedError;
+} module_state;
+
+static module_state *get_state(PyObject *module) { return PyModule_GetState(module); }
+
+/* Raises the exception that matches code, with message (or the code's text). */
+static PyObject *raise_rc(PyObject *module, int rc, const char *message) {
+  module_state *st = get_state(module);
+  PyObject *type = st->TunnelError;
+  if (rc == RD_ENOSESSION)
+    type = st->ClientNotFoundError;
+  else if (rc == RD_ECLOSED)
+    type = st->ClosedError;
+  PyErr_SetString(type, message != NULL && message[0] != '\0' ? message : rd_strerror(rc));
+  return NULL;
+}
+
+/* ---- option dicts ---- */
+
+static int opt_double(PyObject *opts, const char *key, double *out) {
+  PyObject *v = opts != NULL ? PyDict_GetItemString(opts, key) : NULL;
+  if (v == NULL || v == Py_None)
+    return 0;
+  double d = PyFloat_AsDouble(v);
+  if (d == -1.0 && PyErr_Occurred())
+    return -1;
+  if (d < 0) {
+    PyErr_Format(PyExc_ValueError, "%s must not be negative", key);
+    return -1;
+  }
+  *out = d;
+  return 0;
+}
+
+static int opt_ms(PyObject *opts, const char *key, uint64_t *out) {
+  double d = (double)*out / 1000.0;
+  if (opt_double(opts, key, &d) < 0)
+    return -1;
+  *out = (uint64_t)(d * 1000.0 + 0.5);
+  return 0;
+}
+
+static int opt_size(PyObject *opts, const char *key, size_t *out) {
+  PyObject *v = opts != NULL ? PyDict_GetItemString(opts, key) : NULL;
+  if (v == NULL || v == Py_None)
+    return 0;
+  long long n = PyLong_AsLongLong(v);
+  if (n == -1 && PyErr_Occurred())
+    return -1;
+  if (n <= 0) {
+    PyErr_Format(PyExc_ValueError, "%s must be positive", key);
+    return -1;
+  }
+  *out = (size_t)n;
+  return 0;
+}
+
+static int opt_bool(PyObject *opts, const char *key, int *out) {
+  PyObject *v = opts != NULL ? PyDict_GetItemString(opts, key) : NULL;
+  if (v == NULL || v == Py_None)
+    return 0;
+  int b = PyObject_IsTrue(v);
+  if (b < 0)
+    return -1;
+  *out = b;
+  return 0;
+}
+
+static int opt_str(PyObject *opts, const char *key, char *out, size_t outlen) {
+  PyObject *v = opts != NULL ? PyDict_GetItemString(opts, key) : NULL;
+  if (v == NULL || v == Py_None)
+    return 0;
+  const char *s = PyUnicode_AsUTF8(v);
+  if (s == NULL)
+    return -1;
+  if (strlen(s) >= outlen) {
+    PyErr_Format(PyExc_ValueError, "%s is too long", key);
+    return -1;
+  }
+  memcpy(out, s, strlen(s) + 1);
+  return 0;
+}
+
+static int session_options(PyObject *opts, rd_session_config *cfg) {
+  size_t max_message = (size_t)cfg->max_message;
+  if (opt_ms(opts, "read_timeout", &cfg->read_timeout_ms) < 0 ||
+      opt_ms(opts, "ping_interval", &cfg->ping_interval_ms) < 0 ||
+      opt_ms(opts, "sync_interval", &cfg->sync_interval_ms) < 0 ||
+      opt_ms(opts, "sync_grace", &cfg->sync_grace_ms) < 0 ||
+      opt_ms(opts, "dial_timeout", &cfg->dial_timeout_ms) < 0 ||
+      opt_size(opts, "max_message", &max_message) < 0 ||
+      opt_size(opts, "max_buffer", &cfg->max_buffer) < 0 ||
+      opt_size(opts, "hard_cap", &cfg->hard_cap) < 0)
+    return -1;
+  cfg->max_message = max_message;
+  if (cfg->read_timeout_ms == 0) {
+    PyErr_SetString(PyExc_ValueError, "read_timeout must be positive");
+    return -1;
+  }
+  if (cfg->hard_cap < cfg->max_buffer)
+    cfg->hard_cap = cfg->max_buffer * 2;
+  return 0;
+}
+
+/* ---- server ---- */
+
+static PyObject *py_server_new(PyObject *module, PyObject *args) {
+  const char *host;
+  int port;
+  PyObject *opts;
+  if (!PyArg_ParseTuple(args, "siO!:server_new", &host, &port, &PyDict_Type, &opts))
+    return NULL;
+  rd_server_config cfg;
+  rd_server_config_default(&cfg);
+  char auth[16] = "header";
+  if (opt_str(opts, "path", cfg.path, sizeof cfg.path) < 0 ||
+      opt_str(opts, "auth", auth, sizeof auth) < 0 ||
+      opt_str(opts, "auth_header", cfg.auth_header, sizeof cfg.auth_header) < 0 ||
+      opt_bool(opts, "proxy_route", &cfg.proxy_route) < 0 ||
+      opt_bool(opts, "metrics_route", &cfg.metrics_route) < 0 ||
+      opt_ms(opts, "handshake_timeout", &cfg.handshake_timeout_ms) < 0 ||
+      session_options(opts, &cfg.session) < 0)
+    return NULL;
+  if (strcmp(auth, "callback") == 0) {
+    cfg.auth_mode = RD_AUTH_CALLBACK;
+  } else if (strcmp(auth, "header") != 0) {
+    PyErr_Format(PyExc_ValueError, "auth must be 'header' or 'callback', not %R",
+                 PyDict_GetItemString(opts, "auth"));
+    return NULL;
+  }
+  if (cfg.path[0] != '/') {
+    PyErr_SetString(PyExc_ValueError, "path must start with '/'");
+    return NULL;
+  }
+  uint64_t handle = 0;
+  int bound = 0, rc;
+  char err[256];
+  Py_BEGIN_ALLOW_THREADS
+  rc = rd_api_server_new(host, port, &cfg, &handle, &bound, err, sizeof err);
+  Py_END_ALLOW_THREADS
+  if (rc != RD_OK)
+    return raise_rc(module, rc, err);
+  return Py_BuildValue("(Ki)", (unsigned long long)handle, bound);
+}
+
+static void status_capsule_free(PyObject *cap) {
+  rd_dial_status_unref(PyCapsule_GetPointer(cap, "remotedialer_py.dial_status"));
+}
+
+static PyObject *py_server_dial(PyObject *module, PyObject *args) {
+  unsigned long long handle;
+  const char *key, *proto, *address;
+  double timeout = 0;
+  if (!PyArg_ParseTuple(args, "Ksss|d:server_dial", &handle, &key, &proto, &address, &timeout))
+    return NULL;
+  int fd = -1, rc;
+  int64_t conn_id = 0;
+  rd_dial_status *st = NULL;
+  char err[256];
+  Py_BEGIN_ALLOW_THREADS
+  rc = rd_api_server_dial(handle, key, proto, address, &fd, &conn_id, &st, err, sizeof err);
+  Py_END_ALLOW_THREADS
+  if (rc != RD_OK)
+    return raise_rc(module, rc, err);
+  PyObject *cap = PyCapsule_New(st, "remotedialer_py.dial_status", status_capsule_free);
+  if (cap == NULL) {
+    rd_dial_status_unref(st);
+    close(fd);
+    return NULL;
+  }
+  return Py_BuildValue("(iLN)", fd, (long long)conn_id, cap);
+}
+
+static PyObject *py_dial_status(PyObject *module, PyObject *cap) {
+  (void)module;
+  rd_dial_status *st = PyCapsule_GetPointer(cap, "remotedialer_py.dial_status");
+  if (st == NULL)
+    return NULL;
+  int ended = atomic_load(&st->ended);
+  if (!ended || st->error[0] == '\0')
+    return Py_BuildValue("(OO)", ended ? Py_False : Py_True, Py_None);
+  return Py_BuildValue("(Os)", Py_False, st->error);
+}
+
+static PyObject *py_server_forward(PyObject *module, PyObject *args) {
+  unsigned long long handle;
+  const char *key, *proto, *address, *host;
+  int port;
+  if (!PyArg_ParseTuple(args, "Kssssi:server_forward", &handle, &key, &proto, &address, &host,
+                        &port))
+    return NULL;
+  uint64_t fh = 0;
+  int bound = 0, rc;
+  char err[256];
+  Py_BEGIN_ALLOW_THREADS
+  rc = rd_api_server_forward(handle, key, proto, address, host, port, &fh, &bound, err, sizeof err);
+  Py_END_ALLOW_THREADS
+  if (rc != RD_OK)
+    return raise_rc(module, rc, err);
+  return Py_BuildValue("(Ki)", (unsigned long long)fh, bound);
+}
+
+static PyObject *py_server_clients(PyObject *module, PyObject *args) {
+  unsigned long long handle;
+  if (!PyArg_ParseTuple(args, "K:server_clients", &handle))
+    return NULL;
+  rd_string_list l;
+  int rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = rd_api_server_clients(handle, &l);
+  Py_END_ALLOW_THREADS
+  if (rc != RD_OK)
+    return raise_rc(module, rc, NULL);
+  PyObject *list = PyList_New(0);
+  for (size_t i = 0; list != NULL && i < l.count; i++) {
+    if (i > 0 && strcmp(l.items[i], l.items[i - 1]) == 0)
+      continue;
+    PyObject *s = PyUnicode_FromString(l.items[i]);
+    if (s == NULL || PyList_Append(list, s) < 0)
+      Py_CLEAR(list);
+    Py_XDECREF(s);
+  }
+  rd_string_list_free(&l);
+  return list;
+}
+
+static PyObject *py_server_has_session(PyObject *module, PyObject *args) {
+  unsigned long long handle;
+  const char *key;
+  if (!PyArg_ParseTuple(args, "Ks:server_has_session", &handle, &key))
+    return NULL;
+  int has = 0, rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = rd_api_server_has_session(handle, key, &has);
+  Py_END_ALLOW_THREADS
+  if (rc != RD_OK)
+    return raise_rc(module, rc, NULL);
+  return PyBool_FromLong(has);
+}
+
+static PyObject *py_server_connections(PyObject *module, PyObject *args) {
+  unsigned long long handle;
+  if (!PyArg_ParseTuple(args, "K:server_connections", &handle))
+    return NULL;
+  rd_conn_list l;
+  int rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = rd_api_server_connections(handle, &l);
+  Py_END_ALLOW_THREADS
+  if (rc != RD_OK)
+    return raise_rc(module, rc, NULL);
+  PyObject *list = PyList_New(0);
+  for (size_t i = 0; list != NULL && i < l.count; i++) {
+    rd_conn_info *c = &l.items[i];
+    PyObject *d = Py_BuildValue(
+        "{s:L,s:s,s:s,s:s,s:d,s:s,s:K,s:K,s:O,s:n}", "id", (long long)c->id, "clientkey",
+        c->client_key, "proto", c->proto, "address", c->address, "age", c->age, "state",
+        c->state, "tx_bytes", (unsigned long long)c->tx_bytes, "rx_bytes",
+        (unsigned long long)c->rx_bytes, "paused", c->paused ? Py_True : Py_False, "buffered",
+        (Py_ssize_t)c->buffered);
+    if (d == NULL || PyList_Append(list, d) < 0)
+      Py_CLEAR(list);
+    Py_XDECREF(d);
+  }
+  rd_conn_list_free(&l);
+  return list;
+}
+
+/* ---- client ---- */
+
+static PyObject *py_client_new(PyObject *module, PyObject *args) {
+  const char *url;
+  PyObject *headers, *opts;
+  if (!PyArg_ParseTuple(args, "sOO!:client_new", &url, &headers, &PyDict_Type, &opts))
+    return NULL;
+  rd_client_config cfg;
+  rd_client_config_default(&cfg);
+  char allow[16] = "all";
+  if (opt_str(opts, "allow", allow, sizeof allow) < 0 ||
+      opt_ms(opts, "handshake_timeout", &cfg.handshake_timeout_ms) < 0 ||
+      opt_ms(opts, "backoff_min", &cfg.backoff_min_ms) < 0 ||
+      opt_ms(opts, "backoff_max", &cfg.backoff_max_ms) < 0 ||
+      session_options(opts, &cfg.session) < 0)
+    return NULL;
+  if (cfg.backoff_min_ms == 0)
+    cfg.backoff_min_ms = 1;
+  if (cfg.backoff_max_ms < cfg.backoff_min_ms)
+    cfg.backoff_max_ms = cfg.backoff_min_ms;
+  if (strcmp(allow, "all") == 0) {
+    cfg.allow_mode = RD_ALLOW_ALL;
+  } else if (strcmp(allow, "patterns") == 0) {
+    cfg.allow_mode = RD_ALLOW_PATTERNS;
+  } else if (strcmp(allow, "callback") == 0) {
+    cfg.allow_mode = RD_ALLOW_CALLBACK;
+  } else {
+    PyErr_SetString(PyExc_ValueError, "allow must be 'all', 'patterns' or 'callback'");
+    return NULL;
+  }
+  /* Headers: a list of (name, value) pairs, rendered as request lines. */
+  PyObject *seq = PySequence_Fast(headers, "headers must be a sequence of (name, value) pairs");
+  if (seq == NULL)
+    return NULL;
+  PyObject *lines = PyUnicode_FromString("");
+  for (Py_ssize_t i = 0; lines != NULL && i < PySequence_Fast_GET_SIZE(seq); i++) {
+    const char *name, *value;
+    if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "ss", &name, &value)) {
+      Py_CLEAR(lines);
+      break;
+    }
+    if (strpbrk(name, "\r\n:") != NULL || strpbrk(value, "\r\n") != NULL || name[0] == '\0') {
+      PyErr_Format(PyExc_ValueError, "invalid header %R", PySequence_Fast_GET_ITEM(seq, i));
+      Py_CLEAR(lines);
+      break;
+    }
+    PyObject *line = PyUnicode_FromFormat("%s: %s\r\n", name, value);
+    PyObject *joined = line != NULL ? PyUnicode_Concat(lines, line) : NULL;
+    Py_XDECREF(line);
+    Py_SETREF(lines, joined);
+  }
+  Py_DECREF(seq);
+  if (lines == NULL)
+    return NULL;
+  /* Patterns. */
+  PyObject *pats = PyDict_GetItemString(opts, "patterns");
+  PyObject *pseq = NULL;
+  char **patterns = NULL;
+  if (cfg.allow_mode == RD_ALLOW_PATTERNS && pats != NULL) {
+    pseq = PySequence_Fast(pats, "patterns must be a sequence of strings");
+    if (pseq == NULL) {
+      Py_DECREF(lines);
+      return NULL;
+    }
+    cfg.npatterns = (size_t)PySequence_Fast_GET_SIZE(pseq);
+    patterns = PyMem_Calloc(cfg.npatterns + 1, sizeof *patterns);
+    for (size_t i = 0; patterns != NULL && i < cfg.npatterns; i++) {
+      patterns[i] = (char *)PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(pseq, (Py_ssize_t)i));
+      if (patterns[i] == NULL) {
+        PyMem_Free(patterns);
+        Py_DECREF(pseq);
+        Py_DECREF(lines);
+        return NULL;
+      }
+    }
+    cfg.patterns = patterns;
+  }
+  const char *hdrs = PyUnicode_AsUTF8(lines);
+  uint64_t handle = 0;
+  int rc = RD_ENOMEM;
+  char err[256] = "out of memory";
+  if (hdrs != NULL && (cfg.npatterns == 0 || patterns != NULL)) {
+    Py_BEGIN_ALLOW_THREADS
+    rc = rd_api_client_new(url, hdrs, &cfg, &handle, err, sizeof err);
+    Py_END_ALLOW_THREADS
+  }
+  PyMem_Free(patterns);
+  Py_XDECREF(pseq);
+  Py_DECREF(lines);
+  if (rc != RD_OK)
+    return raise_rc(module, rc, err);
+  return PyLong_FromUnsignedLongLong(handle);
+}
+
+static PyObject *py_client_wait_connected(PyObject *module, PyObject *args) {
+  unsigned long long handle;
+  double timeout;
+  if (!PyArg_ParseTuple(args, "Kd:client_wait_connected", &handle, &timeout))
+    return NULL;
+  if (timeout < 0)
+    timeout = 0;
+  int connected = 0, rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = rd_api_client_wait_connected(handle, (uint64_t)(timeout * 1000.0), &connected);
+  Py_END_ALLOW_THREADS
+  if (rc != RD_OK)
+    return raise_rc(module, rc, NULL);
+  return PyBool_FromLong(connected);
+}
+
+static PyObject *py_client_state(PyObject *module, PyObject *args) {
+  unsigned long long handle;
+  if (!PyArg_ParseTuple(args, "K:client_state", &handle))
+    return NULL;
+  int connected = 0, rc;
+  char err[160];
+  Py_BEGIN_ALLOW_THREADS
+  rc = rd_api_client_state(handle, &connected, err, sizeof err);
+  Py_END_ALLOW_THREADS
+  if (rc != RD_OK)
+    return raise_rc(module, rc, NULL);
+  return Py_BuildValue("(Os)", connected ? Py_True : Py_False, err);
+}
+
+static PyObject *py_client_connected(PyObject *module, PyObject *args) {
+  PyObject *st = py_client_state(module, args);
+  if (st == NULL)
+    return NULL;
+  PyObject *r = PyTuple_GET_ITEM(st, 0);
+  Py_INCREF(r);
+  Py_DECREF(st);
+  return r;
+}
+
+static PyObject *py_close(PyObject *module, PyObject *args) {
+  unsigned long long handle;
+  if (!PyArg_ParseTuple(args, "K:close", &handle))
+    return NULL;
+  int rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = rd_api_close(handle);
+  Py_END_ALLOW_THREADS
+  if (rc != RD_OK && rc != RD_ECLOSED)
+    return raise_rc(module, rc, NULL);
+  Py_RETURN_NONE;
+}
+
+/* ---- metrics ---- */
+
+static PyObject *py_metrics(PyObject *module, PyObject *args) {
+  unsigned long long handle;
+  if (!PyArg_ParseTuple(args, "K:metrics", &handle))
+    return NULL;
+  rd_sample_list l;
+  int rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = rd_api_metrics(handle, &l);
+  Py_END_ALLOW_THREADS
+  if (rc != RD_OK)
+    return raise_rc(module, rc, NULL);
+  PyObject *list = PyList_New(0);
+  for (size_t i = 0; list != NULL && i < l.count; i++) {
+    const rd_metric_family_info *f = l.items[i].family;
+    /* Labels sorted by name, as the exposition prints them. */
+    size_t order[3] = {0, 1, 2};
+    for (size_t a = 0; a < f->num_labels; a++)
+      for (size_t b = a + 1; b < f->num_labels; b++)
+        if (strcmp(f->labels[order[b]], f->labels[order[a]]) < 0) {
+          size_t t = order[a];
+          order[a] = order[b];
+          order[b] = t;
+        }
+    PyObject *labels = PyTuple_New((Py_ssize_t)f->num_labels);
+    for (size_t j = 0; labels != NULL && j < f->num_labels; j++) {
+      PyObject *pair = Py_BuildValue("(ss)", f->labels[order[j]], l.items[i].values[order[j]]);
+      if (pair == NULL) {
+        Py_CLEAR(labels);
+        break;
+      }
+      PyTuple_SET_ITEM(labels, (Py_ssize_t)j, pair);
+    }
+    PyObject *t = labels != NULL ? Py_BuildValue("(sNd)", f->name, labels, l.items[i].value) : NULL;
+    if (t == NULL || PyList_Append(list, t) < 0)
+      Py_CLEAR(list);
+    Py_XDECREF(t);
+  }
+  rd_sample_list_free(&l);
+  return list;
+}
+
+static PyObject *py_prometheus(PyObject *module, PyObject *args) {
+  unsigned long long handle;
+  if (!PyArg_ParseTuple(args, "K:prometheus", &handle))
+    return NULL;
+  char *text = NULL;
+  size_t len = 0;
+  int rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = rd_api_prometheus(handle, &text, &len);
+  Py_END_ALLOW_THREADS
+  if (rc != RD_OK)
+    return raise_rc(module, rc, NULL);
+  PyObject *s = PyUnicode_DecodeUTF8(text, (Py_ssize_t)len, "replace");
+  rd_free(text);
+  return s;
+}
+
+/* ---- requests for Python decisions ---- */
+
+static PyObject *py_next_request(PyObject *module, PyObject *args) {
+  (void)module;
+  double timeout;
+  if (!PyArg_ParseTuple(args, "d:next_request", &timeout))
+    return NULL;
+  rd_request *r;
+  Py_BEGIN_ALLOW_THREADS
+  r = rd_request_next((int64_t)(timeout * 1000.0));
+  Py_END_ALLOW_THREADS
+  if (r == NULL)
+    Py_RETURN_NONE;
+  PyObject *payload;
+  const char *kind;
+  if (r->kind == RD_REQ_AUTH) {
+    kind = "auth";
+    PyObject *headers = PyList_New(0);
+    for (const char *p = r->headers; headers != NULL && p < r->headers + r->headers_len;) {
+      const char *name = p;
+      const char *value = name + strlen(name) + 1;
+      p = value + strlen(value) + 1;
+      PyObject *pair = Py_BuildValue("(ss)", name, value);
+      if (pair == NULL || PyList_Append(headers, pair) < 0)
+        Py_CLEAR(headers);
+      Py_XDECREF(pair);
+    }
+    payload = headers != NULL ? Py_BuildValue("{s:s,s:s,s:N,s:s}", "method", r->s1, "path", r->s2,
+                                              "headers", headers, "remote", r->s3)
+                              : NULL;
+  } else {
+    kind = "connect";
+    payload = Py_BuildValue("(ss)", r->s1, r->s2);
+  }
+  if (payload == NULL) {
+    /* Never leave the engine waiting: refuse what we could not present. */
+    uint64_t id = r->id;
+    Py_BEGIN_ALLOW_THREADS
+    rd_request_answer(id, 1, "");
+    Py_END_ALLOW_THREADS
+    return NULL;
+  }
+  return Py_BuildValue("(KKsN)", (unsigned long long)r->id, (unsigned long long)r->owner, kind,
+                       payload);
+}
+
+static PyObject *py_answer(PyObject *module, PyObject *args) {
+  (void)module;
+  unsigned long long id;
+  int verdict;
+  const char *value;
+  if (!PyArg_ParseTuple(args, "Kis:answer", &id, &verdict, &value))
+    return NULL;
+  /* value is copied by the loop thread before the call returns. */
+  Py_BEGIN_ALLOW_THREADS
+  rd_request_answer(id, verdict, value);
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+/* ---- engine ---- */
+
+static PyObject *py_engine_stats(PyObject *module, PyObject *noargs) {
+  (void)module;
+  (void)noargs;
+  int64_t handles = 0;
+  Py_BEGIN_ALLOW_THREADS
+  rd_api_loop_handles(&handles);
+  Py_END_ALLOW_THREADS
+  rd_engine_counts c = rd_engine_counts_get();
+  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L}", "open_sessions", (long long)c.open_sessions,
+                       "open_connections", (long long)c.open_connections, "heap_bytes",
+                       (long long)rd_alloc_bytes(), "heap_objects", (long long)rd_alloc_objects(),
+                       "loop_handles", (long long)handles, "buffered_bytes",
+                       (long long)c.buffered_bytes);
+}
+
+static PyObject *py_shutdown(PyObject *module, PyObject *noargs) {
+  (void)module;
+  (void)noargs;
+  Py_BEGIN_ALLOW_THREADS
+  rd_engine_shutdown();
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+static PyMethodDef engine_methods[] = {
+    {"server_new", py_server_new, METH_VARARGS, "server_new(host, port, options) -> (handle, port)"},
+    {"server_dial", py_server_dial, METH_VARARGS,
+     "server_dial(handle, key, proto, address[, timeout]) -> (fd, conn_id, status)"},
+    {"dial_status", py_dial_status, METH_O, "dial_status(status) -> (open, error)"},
+    {"server_forward", py_server_forward, METH_VARARGS,
+     "server_forward(handle, key, proto, address, host, port) -> (handle, port)"},
+    {"server_clients", py_server_clients, METH_VARARGS, "server_clients(handle) -> [key]"},
+    {"server_has_session", py_server_has_session, METH_VARARGS,
+     "server_has_session(handle, key) -> bool"},
+    {"server_connections", py_server_connections, METH_VARARGS,
+     "server_connections(handle) -> [dict]"},
+    {"client_new", py_client_new, METH_VARARGS, "client_new(url, headers, options) -> handle"},
+    {"client_wait_connected", py_client_wait_connected, METH_VARARGS,
+     "client_wait_connected(handle, timeout) -> bool"},
+    {"client_connected", py_client_connected, METH_VARARGS, "client_connected(handle) -> bool"},
+    {"client_state", py_client_state, METH_VARARGS,
+     "client_state(handle) -> (connected, last_error)"},
+    {"close", py_close, METH_VARARGS, "close(handle): close any object and wait for it"},
+    {"metrics", py_metrics, METH_VARARGS, "metrics(handle) -> [(name, labels, value)]"},
+    {"prometheus", py_prometheus, METH_VARARGS, "prometheus(handle) -> str"},
+    {"next_request", py_next_request, METH_VARARGS,
+     "next_request(timeout) -> None | (id, owner, kind, payload)"},
+    {"answer", py_answer, METH_VARARGS, "answer(id, verdict, value)"},
+    {"engine_stats", py_engine_stats, METH_NOARGS, "engine_stats() -> dict"},
+    {"shutdown", py_shutdown, METH_NOARGS, "shutdown(): stop the loop thread"},
+    {NULL, NULL, 0, NULL},
+};
+
+static int engine_exec(PyObject *module) {
+  module_state *st = get_state(module);
+  st->TunnelError = PyErr_NewExceptionWithDoc(
+      "remotedialer_py._engine.TunnelError", "A tunnel operation failed.", PyExc_OSError, NULL);
+  if (st->TunnelError == NULL || PyModule_AddObjectRef(module, "TunnelError", st->TunnelError) < 0)
+    return -1;
+  st->ClientNotFoundError = PyErr_NewExceptionWithDoc(
+      "remotedialer_py._engine.ClientNotFoundError", "No session for the client key.",
+      st->TunnelError, NULL);
+  if (st->ClientNotFoundError == NULL ||
+      PyModule_AddObjectRef(module, "ClientNotFoundError", st->ClientNotFoundError) < 0)
+    return -1;
+  st->ClosedError = PyErr_NewExceptionWithDoc("remotedialer_py._engine.ClosedError",
+                                              "The object is closed.", st->TunnelError, NULL);
+  if (st->ClosedError == NULL || PyModule_AddObjectRef(module, "ClosedError", st->ClosedError) < 0)
+    return -1;
+  return 0;
+}
+
+static int engine_traverse(PyObject *module, visitproc visit, void *arg) {
+  module_state *st = get_state(module);
+  Py_VISIT(st->TunnelError);
+  Py_VISIT(st->ClientNotFoundError);
+  Py_VISIT(st->ClosedError);
+  return 0;
+}
+
+static int engine_clear(PyObject *module) {
+  module_state *st = get_state(module);
+  Py_CLEAR(st->TunnelError);
+  Py_CLEAR(st->ClientNotFoundError);
+  Py_CLEAR(st->ClosedError);
+  return 0;
+}
+
+static PyModuleDef_Slot engine_slots[] = {
+    {Py_mod_exec, engine_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef engine_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "remotedialer_py._engine",
+    .m_doc = "The remotedialer-py tunnel engine (libuv loop thread).",
+    .m_size = sizeof(module_state),
+    .m_methods = engine_methods,
+    .m_slots = engine_slots,
+    .m_traverse = engine_traverse,
+    .m_clear = engine_clear,
+};
+
+PyMODINIT_FUNC PyInit__engine(void) { return PyModuleDef_Init(&engine_module); }

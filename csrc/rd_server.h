@@ -1,0 +1,58 @@
+/* The tunnel server: an HTTP listener that upgrades the connect path to
+ * WebSocket sessions, serves /metrics and the /client/... proxy route, and
+ * dials through its agents. Loop thread only; rd_api.h wraps it for other
+ * threads. */
+#ifndef RD_SERVER_H
+#define RD_SERVER_H
+
+#include "rd_loop.h"
+#include "rd_metrics.h"
+#include "rd_session.h"
+
+enum { RD_AUTH_HEADER = 0, RD_AUTH_CALLBACK = 1 };
+
+typedef struct rd_server_config {
+  char path[256];       /* the connect path, "/connect" */
+  int auth_mode;        /* RD_AUTH_HEADER or RD_AUTH_CALLBACK */
+  char auth_header[64]; /* header naming the client key in RD_AUTH_HEADER mode */
+  int proxy_route;      /* serve /client/{id}/{scheme}/{host}/{path} */
+  int metrics_route;    /* serve /metrics */
+  uint64_t handshake_timeout_ms; /* time to send a complete request head */
+  size_t max_head;
+  size_t max_headers;
+  rd_session_config session;
+} rd_server_config;
+
+void rd_server_config_default(rd_server_config *cfg);
+
+typedef struct rd_server rd_server;
+
+/* Binds host:port and starts serving. On success *out is registered as an
+ * object (its handle in (*out)->obj.handle... use rd_server_handle) and
+ * *port_out holds the bound port. On failure returns a negative code and
+ * writes a message into err. */
+int rd_server_start(const char *host, int port, const rd_server_config *cfg, rd_server **out,
+                    int *port_out, char *err, size_t errlen);
+uint64_t rd_server_handle(const rd_server *srv);
+rd_metrics *rd_server_metrics(rd_server *srv);
+
+/* Dials through the oldest live session of client_key: returns 0 and the
+ * caller's end of a socket pair in *fd_out (the engine keeps the other),
+ * with the connection id and a referenced status; or a negative code and a
+ * message (RD_ENOSESSION: "failed to find Session for client KEY"). */
+int rd_server_dial(rd_server *srv, const char *client_key, const char *proto,
+                   const char *address, int *fd_out, int64_t *conn_id,
+                   rd_dial_status **status_out, char *err, size_t errlen);
+
+/* Starts a port forward: each TCP connection accepted on host:port is dialed
+ * through client_key's session to proto/address. */
+int rd_server_forward(rd_server *srv, const char *client_key, const char *proto,
+                      const char *address, const char *host, int port, uint64_t *handle_out,
+                      int *port_out, char *err, size_t errlen);
+
+/* Calls cb for each client key with a live session (unsorted, may repeat). */
+void rd_server_foreach_client(rd_server *srv, void (*cb)(void *ctx, const char *key), void *ctx);
+int rd_server_has_session(rd_server *srv, const char *client_key);
+void rd_server_foreach_conn(rd_server *srv, rd_conn_info_cb cb, void *ctx);
+
+#endif

@@ -1,0 +1,1068 @@
+/* Sessions and the connections inside them.
+ *
+ * Ownership: a session owns its stream, its timer and its connections; it is
+ * freed when both handles have closed. A connection holds references for
+ * being alive (dropped when it ends), for its local stream (dropped in the
+ * stream's close callback) and for a local dial in flight (dropped in the
+ * dial callback); it is freed when the last goes. It ends in exactly one
+ * function, conn_end, whatever ends it. */
+#include "rd_session.h"
+
+#include <fnmatch.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "rd_alloc.h"
+#include "rd_block.h"
+#include "rd_dialer.h"
+#include "rd_loop.h"
+#include "rd_map.h"
+#include "rd_msg.h"
+#include "rd_ws.h"
+
+enum { CONN_CONNECTING, CONN_OPEN, CONN_ENDED };
+
+typedef struct backlog_item {
+  struct backlog_item *next;
+  rd_block *block;
+  uint8_t *data;
+  size_t len;
+} backlog_item;
+
+struct rd_conn {
+  rd_map_node node; /* in the session's table, while registered */
+  int64_t id;
+  rd_session *s; /* NULL once ended */
+  uv_stream_t *local;
+  rd_dial *dial;
+  rd_dial_status *status;
+  void *owner_slot;
+  char *proto; /* "proto\0address\0" in one block */
+  char *address;
+  int state;
+  int refs;
+  unsigned peer_paused : 1, we_paused : 1, http_errors : 1, got_data : 1, local_broken : 1;
+  size_t pending; /* bytes queued toward the local end */
+  backlog_item *bl_head, *bl_tail;
+  uint64_t tx_bytes, rx_bytes;
+  uint64_t created;
+  uv_timer_t *deadline;
+};
+
+struct rd_session {
+  uv_tcp_t *tcp;
+  uv_timer_t tick;
+  int role;
+  int peer;
+  char *client_key;
+  int64_t session_key;
+  rd_metrics *metrics;
+  rd_session_config cfg;
+  rd_session_owner ops;
+  void *owner;
+  rd_ws_reader reader;
+  rd_block *rblock;
+  size_t rstart, rend;
+  rd_map conns;
+  int64_t next_conn_id;
+  int64_t next_msg_id;
+  uint64_t last_rx, last_ping, last_sync;
+  int ended;
+  int handles_open;
+  int write_blocked;
+};
+
+/* Write requests come from a free list: one per frame or local write. */
+typedef struct wreq {
+  uv_write_t req;
+  struct wreq *next_free;
+  rd_block *block;
+  rd_conn *conn; /* local writes */
+  size_t len;
+} wreq;
+
+static wreq *wreq_free_list;
+static int wreq_free_count;
+
+static wreq *wreq_get(void) {
+  wreq *w = wreq_free_list;
+  if (w != NULL) {
+    wreq_free_list = w->next_free;
+    wreq_free_count--;
+    return w;
+  }
+  return rd_malloc(sizeof *w);
+}
+
+static void wreq_put(wreq *w) {
+  if (wreq_free_count >= 1024) {
+    rd_free(w);
+    return;
+  }
+  w->next_free = wreq_free_list;
+  wreq_free_list = w;
+  wreq_free_count++;
+}
+
+void rd_session_config_default(rd_session_config *cfg) {
+  cfg->read_timeout_ms = 60000;
+  cfg->ping_interval_ms = 5000;
+  cfg->sync_interval_ms = 60000;
+  cfg->sync_grace_ms = 60000;
+  cfg->max_message = 1u << 24;
+  cfg->max_buffer = 1u << 21;
+  cfg->hard_cap = 1u << 24;
+  cfg->write_high = 1u << 22;
+  cfg->dial_timeout_ms = 60000;
+}
+
+static void conn_end(rd_conn *c, const char *err, int send_error);
+static void conn_update_reading(rd_conn *c);
+static void session_send_msg(rd_session *s, int type, int64_t conn_id, const void *payload,
+                             size_t len);
+
+/* ---- dial status ---- */
+
+rd_dial_status *rd_dial_status_new(void) {
+  rd_dial_status *st = rd_calloc(1, sizeof *st);
+  if (st != NULL)
+    atomic_store(&st->refs, 1);
+  return st;
+}
+
+void rd_dial_status_unref(rd_dial_status *st) {
+  if (st != NULL && atomic_fetch_sub(&st->refs, 1) == 1)
+    rd_free(st);
+}
+
+/* ---- writing frames ---- */
+
+static void session_block_writes(rd_session *s, int blocked);
+
+static void session_write_cb(uv_write_t *req, int status) {
+  wreq *w = (wreq *)req;
+  rd_session *s = req->data;
+  rd_block_unref(w->block);
+  wreq_put(w);
+  if (status < 0 && status != UV_ECANCELED) {
+    rd_session_end(s, 0, "write failed");
+    return;
+  }
+  if (s->write_blocked && !s->ended && s->tcp->write_queue_size <= s->cfg.write_high / 4)
+    session_block_writes(s, 0);
+}
+
+/* Sends one WebSocket frame whose payload sits at p[0..len) inside block b,
+ * with at least RD_WS_HEADER_MAX bytes of b before p. Takes b's reference. */
+static void session_write_frame(rd_session *s, int opcode, rd_block *b, uint8_t *p, size_t len) {
+  if (s->ended) {
+    rd_block_unref(b);
+    return;
+  }
+  uint8_t hdr[RD_WS_HEADER_MAX];
+  uint8_t mask[4];
+  size_t hlen;
+  if (s->role == RD_ROLE_CLIENT) {
+    rd_ws_random_mask(mask);
+    rd_ws_mask(p, len, mask, 0);
+    hlen = rd_ws_build_header(hdr, 1, opcode, len, mask);
+  } else {
+    hlen = rd_ws_build_header(hdr, 1, opcode, len, NULL);
+  }
+  memcpy(p - hlen, hdr, hlen);
+  wreq *w = wreq_get();
+  if (w == NULL) {
+    rd_block_unref(b);
+    rd_session_end(s, 0, "out of memory");
+    return;
+  }
+  w->block = b;
+  w->conn = NULL;
+  w->len = hlen + len;
+  w->req.data = s;
+  uv_buf_t buf = uv_buf_init((char *)(p - hlen), (unsigned)(hlen + len));
+  int rc = uv_write(&w->req, (uv_stream_t *)s->tcp, &buf, 1, session_write_cb);
+  if (rc != 0) {
+    rd_block_unref(b);
+    wreq_put(w);
+    rd_session_end(s, 0, "write failed");
+    return;
+  }
+  if (!s->write_blocked && s->tcp->write_queue_size > s->cfg.write_high)
+    session_block_writes(s, 1);
+}
+
+/* Sends a tunnel message whose payload is at rd_block_payload(b). */
+static void session_send_block(rd_session *s, int type, int64_t conn_id, rd_block *b,
+                               size_t len) {
+  uint8_t hdr[RD_MSG_HEADER_MAX];
+  size_t hlen = rd_msg_encode_header(hdr, s->next_msg_id++, conn_id, type);
+  uint8_t *p = rd_block_payload(b) - hlen;
+  memcpy(p, hdr, hlen);
+  const char *labels[1] = {s->client_key};
+  if (type == RD_MSG_DATA)
+    rd_metrics_add(s->metrics, RD_M_TRANSMIT_BYTES, labels, (double)(hlen + len));
+  else if (type == RD_MSG_ERROR)
+    rd_metrics_add(s->metrics, RD_M_TRANSMIT_ERR_BYTES, labels, (double)(hlen + len));
+  session_write_frame(s, RD_WS_BINARY, b, p, hlen + len);
+}
+
+static rd_block *block_with(const void *payload, size_t len) {
+  rd_block *b = rd_block_get_small(len);
+  if (b != NULL && len > 0)
+    memcpy(rd_block_payload(b), payload, len);
+  return b;
+}
+
+static void session_send_msg(rd_session *s, int type, int64_t conn_id, const void *payload,
+                             size_t len) {
+  if (s->ended)
+    return;
+  rd_block *b = block_with(payload, len);
+  if (b == NULL) {
+    rd_session_end(s, 0, "out of memory");
+    return;
+  }
+  session_send_block(s, type, conn_id, b, len);
+}
+
+static void session_send_control(rd_session *s, int opcode, const void *payload, size_t len) {
+  if (s->ended)
+    return;
+  rd_block *b = block_with(payload, len);
+  if (b == NULL) {
+    rd_session_end(s, 0, "out of memory");
+    return;
+  }
+  session_write_frame(s, opcode, b, rd_block_payload(b), len);
+}
+
+/* ---- connections ---- */
+
+static void conn_unref(rd_conn *c) {
+  if (--c->refs > 0)
+    return;
+  rd_dial_status_unref(c->status);
+  rd_free(c->proto);
+  rd_free(c);
+}
+
+static void conn_deadline_closed_cb(uv_handle_t *h) {
+  rd_conn *c = h->data;
+  rd_free(h);
+  conn_unref(c);
+}
+
+static rd_conn *conn_new(rd_session *s, int64_t id, const char *proto, size_t proto_len,
+                         const char *address, size_t address_len) {
+  rd_conn *c = rd_calloc(1, sizeof *c);
+  if (c == NULL)
+    return NULL;
+  c->proto = rd_malloc(proto_len + address_len + 2);
+  if (c->proto == NULL) {
+    rd_free(c);
+    return NULL;
+  }
+  memcpy(c->proto, proto, proto_len);
+  c->proto[proto_len] = '\0';
+  c->address = c->proto + proto_len + 1;
+  memcpy(c->address, address, address_len);
+  c->address[address_len] = '\0';
+  c->id = id;
+  c->s = s;
+  c->refs = 1;
+  c->created = rd_now();
+  c->state = CONN_CONNECTING;
+  if (rd_map_insert(&s->conns, &c->node, rd_hash_u64((uint64_t)id)) != RD_OK) {
+    conn_unref(c);
+    return NULL;
+  }
+  const char *labels[3] = {s->client_key, c->proto, c->address};
+  rd_metrics_add(s->metrics, RD_M_ADD_CONNECTIONS, labels, 1);
+  rd_metrics_add(s->metrics, RD_M_OPEN_CONNECTIONS, labels, 1);
+  rd_engine_counts_add(0, 1, 0);
+  return c;
+}
+
+static rd_conn *conn_find(rd_session *s, int64_t id) {
+  for (rd_map_node *n = rd_map_find(&s->conns, rd_hash_u64((uint64_t)id)); n != NULL;
+       n = rd_map_next_same(n)) {
+    rd_conn *c = (rd_conn *)n;
+    if (c->id == id)
+      return c;
+  }
+  return NULL;
+}
+
+static void local_closed_cb(uv_handle_t *h) {
+  rd_conn *c = h->data;
+  rd_free(h);
+  conn_unref(c);
+}
+
+static void local_shutdown_cb(uv_shutdown_t *req, int status) {
+  (void)status;
+  uv_stream_t *local = req->handle;
+  rd_free(req);
+  uv_close((uv_handle_t *)local, local_closed_cb);
+}
+
+static void buffered_sub(rd_conn *c, size_t len) {
+  c->pending -= len;
+  rd_engine_counts_add(0, 0, -(int64_t)len);
+}
+
+static void local_write_cb(uv_write_t *req, int status) {
+  wreq *w = (wreq *)req;
+  rd_conn *c = w->conn;
+  buffered_sub(c, w->len);
+  rd_block_unref(w->block);
+  wreq_put(w);
+  if (c->state == CONN_ENDED)
+    return;
+  if (status < 0) {
+    char err[96];
+    snprintf(err, sizeof err, "write: %s", rd_strerror(status));
+    c->local_broken = 1;
+    conn_end(c, err, 1);
+    return;
+  }
+  if (c->we_paused && c->pending < c->s->cfg.max_buffer / 8) {
+    c->we_paused = 0;
+    session_send_msg(c->s, RD_MSG_RESUME, c->id, NULL, 0);
+  }
+}
+
+/* Queues len bytes at data (inside block b, which gains a reference) toward
+ * the local end. */
+static void conn_write_local(rd_conn *c, rd_block *b, uint8_t *data, size_t len) {
+  wreq *w = wreq_get();
+  if (w == NULL) {
+    conn_end(c, "out of memory", 1);
+    return;
+  }
+  rd_block_ref(b);
+  w->block = b;
+  w->conn = c;
+  w->len = len;
+  c->pending += len;
+  rd_engine_counts_add(0, 0, (int64_t)len);
+  uv_buf_t buf = uv_buf_init((char *)data, (unsigned)len);
+  int rc = uv_write(&w->req, c->local, &buf, 1, local_write_cb);
+  if (rc != 0) {
+    buffered_sub(c, len);
+    rd_block_unref(b);
+    wreq_put(w);
+    char err[96];
+    snprintf(err, sizeof err, "write: %s", rd_strerror(rc));
+    c->local_broken = 1;
+    conn_end(c, err, 1);
+  }
+}
+
+static void backlog_free(rd_conn *c) {
+  while (c->bl_head != NULL) {
+    backlog_item *it = c->bl_head;
+    c->bl_head = it->next;
+    buffered_sub(c, it->len);
+    rd_block_unref(it->block);
+    rd_free(it);
+  }
+  c->bl_tail = NULL;
+}
+
+/* DATA from the far side for c: the bytes at data[0..len) inside b. */
+static void conn_on_data(rd_conn *c, rd_block *b, uint8_t *data, size_t len) {
+  rd_session *s = c->s;
+  c->rx_bytes += len;
+  const char *labels[1] = {s->client_key};
+  rd_metrics_add(s->metrics, RD_M_RECEIVE_BYTES, labels, (double)len);
+  if (len == 0)
+    return;
+  c->got_data = 1;
+  if (c->state == CONN_OPEN) {
+    conn_write_local(c, b, data, len);
+  } else {
+    backlog_item *it = rd_malloc(sizeof *it);
+    if (it == NULL) {
+      conn_end(c, "out of memory", 1);
+      return;
+    }
+    rd_block_ref(b);
+    it->next = NULL;
+    it->block = b;
+    it->data = data;
+    it->len = len;
+    if (c->bl_tail != NULL)
+      c->bl_tail->next = it;
+    else
+      c->bl_head = it;
+    c->bl_tail = it;
+    c->pending += len;
+    rd_engine_counts_add(0, 0, (int64_t)len);
+  }
+  if (c->state == CONN_ENDED)
+    return;
+  if (c->pending > s->cfg.hard_cap) {
+    conn_end(c, "buffer limit exceeded", 1);
+    return;
+  }
+  if (!c->we_paused && c->pending > s->cfg.max_buffer) {
+    c->we_paused = 1;
+    session_send_msg(s, RD_MSG_PAUSE, c->id, NULL, 0);
+  }
+}
+
+static void local_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  (void)h;
+  (void)suggested;
+  rd_block *b = rd_block_get(RD_BLOCK_SIZE);
+  if (b == NULL) {
+    *buf = uv_buf_init(NULL, 0); /* libuv reports UV_ENOBUFS */
+    return;
+  }
+  *buf = uv_buf_init((char *)rd_block_payload(b), RD_BLOCK_SIZE);
+}
+
+static rd_block *block_of_payload(const char *base) {
+  return (rd_block *)(base - RD_BLOCK_HEADROOM - offsetof(rd_block, data));
+}
+
+static void local_read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
+  rd_conn *c = stream->data;
+  rd_block *b = buf->base != NULL ? block_of_payload(buf->base) : NULL;
+  if (nread > 0 && c->state == CONN_OPEN) {
+    rd_session *s = c->s;
+    c->tx_bytes += (uint64_t)nread;
+    /* A small read would pin a whole pooled block while it waits in the
+     * session's write queue: copy it out and recycle the block. */
+    if (nread <= 2048) {
+      rd_block *small = block_with(buf->base, (size_t)nread);
+      rd_block_unref(b);
+      if (small == NULL) {
+        conn_end(c, "out of memory", 1);
+        return;
+      }
+      b = small;
+    }
+    session_send_block(s, RD_MSG_DATA, c->id, b, (size_t)nread);
+    return;
+  }
+  if (b != NULL)
+    rd_block_unref(b);
+  if (nread == 0 || c->state != CONN_OPEN)
+    return;
+  if (nread == UV_EOF) {
+    conn_end(c, NULL, 1);
+  } else {
+    char err[96];
+    snprintf(err, sizeof err, "read: %s", rd_strerror((int)nread));
+    c->local_broken = 1;
+    conn_end(c, err, 1);
+  }
+}
+
+static void conn_update_reading(rd_conn *c) {
+  if (c->local == NULL || c->state != CONN_OPEN)
+    return;
+  if (c->peer_paused || c->s->write_blocked)
+    uv_read_stop(c->local);
+  else
+    uv_read_start(c->local, local_alloc_cb, local_read_cb);
+}
+
+static void conn_attach_local(rd_conn *c, uv_stream_t *local) {
+  c->local = local;
+  local->data = c;
+  c->refs++;
+  c->state = CONN_OPEN;
+  backlog_item *it = c->bl_head;
+  c->bl_head = c->bl_tail = NULL;
+  while (it != NULL) {
+    backlog_item *next = it->next;
+    buffered_sub(c, it->len);
+    if (c->state == CONN_OPEN)
+      conn_write_local(c, it->block, it->data, it->len);
+    rd_block_unref(it->block);
+    rd_free(it);
+    it = next;
+  }
+  conn_update_reading(c);
+}
+
+static void write_http_error(rd_conn *c, const char *err) {
+  char head[160];
+  size_t elen = strlen(err);
+  int hlen = snprintf(head, sizeof head,
+                      "HTTP/1.1 500 Internal Server Error\r\n"
+                      "Content-Type: text/plain; charset=utf-8\r\n"
+                      "Content-Length: %zu\r\nConnection: close\r\n\r\n",
+                      elen);
+  rd_block *b = rd_block_get_small((size_t)hlen + elen);
+  if (b == NULL)
+    return;
+  memcpy(rd_block_payload(b), head, (size_t)hlen);
+  memcpy(rd_block_payload(b) + hlen, err, elen);
+  conn_write_local(c, b, rd_block_payload(b), (size_t)hlen + elen);
+  rd_block_unref(b);
+}
+
+/* The one place a connection ends. Paths that lead here: the local end's EOF,
+ * read or write error (either side); ERROR from the far side (clean EOF or a
+ * dial failure); a refused CONNECT; a failed or cancelled local dial; the
+ * session ending (peer gone, ping deadline, protocol error, owner closed);
+ * SYNC finding it stale; the buffer hard cap; a deadline timer; a duplicate
+ * id. It unregisters the connection, counts it removed, tells the far side
+ * when send_error is set (err NULL means a clean EOF), publishes the error to
+ * a Python socket, and closes the local end (after flushing what is queued
+ * when the end is clean). Idempotent. */
+static void conn_end(rd_conn *c, const char *err, int send_error) {
+  if (c->state == CONN_ENDED)
+    return;
+  int was_open = c->state == CONN_OPEN;
+  rd_session *s = c->s;
+  c->state = CONN_ENDED;
+  rd_map_remove(&s->conns, &c->node);
+  const char *labels[3] = {s->client_key, c->proto, c->address};
+  rd_metrics_add(s->metrics, RD_M_REMOVE_CONNECTIONS, labels, 1);
+  rd_metrics_add(s->metrics, RD_M_OPEN_CONNECTIONS, labels, -1);
+  rd_engine_counts_add(0, -1, 0);
+  if (send_error && !s->ended) {
+    const char *text = err != NULL ? err : "EOF";
+    size_t len = strlen(text);
+    session_send_msg(s, RD_MSG_ERROR, c->id, text, len > RD_MSG_ERROR_LIMIT ? RD_MSG_ERROR_LIMIT : len);
+  }
+  if (c->status != NULL) {
+    if (err != NULL)
+      snprintf(c->status->error, sizeof c->status->error, "%s", err);
+    atomic_store(&c->status->ended, 1);
+  }
+  if (c->owner_slot != NULL) {
+    ((rd_request *)c->owner_slot)->target = NULL;
+    c->owner_slot = NULL;
+  }
+  if (c->dial != NULL)
+    rd_dial_cancel(c->dial);
+  if (c->deadline != NULL) {
+    uv_close((uv_handle_t *)c->deadline, conn_deadline_closed_cb);
+    c->deadline = NULL;
+  }
+  backlog_free(c);
+  if (c->local != NULL) {
+    uv_stream_t *local = c->local;
+    uv_read_stop(local);
+    int flush = !c->local_broken && was_open;
+    if (flush && err != NULL && c->http_errors && !c->got_data)
+      write_http_error(c, err);
+    else if (err != NULL)
+      flush = 0; /* an error end: the far side's bytes are as good as lost */
+    uv_shutdown_t *req = flush ? rd_malloc(sizeof *req) : NULL;
+    if (req == NULL || uv_shutdown(req, local, local_shutdown_cb) != 0) {
+      rd_free(req);
+      uv_close((uv_handle_t *)local, local_closed_cb);
+    }
+  }
+  c->s = NULL;
+  conn_unref(c);
+}
+
+/* ---- client side local dials ---- */
+
+static void stream_free_cb(uv_handle_t *h) { rd_free(h); }
+
+static void conn_dial_cb(void *ctx, int status, uv_stream_t *stream, const char *error) {
+  rd_conn *c = ctx;
+  c->dial = NULL;
+  if (c->state == CONN_ENDED) {
+    if (stream != NULL)
+      uv_close((uv_handle_t *)stream, stream_free_cb);
+  } else if (status < 0) {
+    conn_end(c, error, 1);
+  } else {
+    conn_attach_local(c, stream);
+  }
+  conn_unref(c);
+}
+
+void rd_conn_dial_local(rd_conn *c) {
+  if (c->state != CONN_CONNECTING)
+    return;
+  int status = 0;
+  char err[160];
+  c->refs++;
+  c->dial = rd_dial_start(rd_loop(), c->proto, c->address, c->s->cfg.dial_timeout_ms,
+                          conn_dial_cb, c, &status, err, sizeof err);
+  if (c->dial == NULL) {
+    c->refs--;
+    conn_end(c, err, 1);
+  }
+}
+
+void rd_conn_refuse(rd_conn *c, const char *reason) {
+  if (c->state == CONN_CONNECTING)
+    conn_end(c, reason, 1);
+}
+
+const char *rd_conn_proto(const rd_conn *c) { return c->proto; }
+const char *rd_conn_address(const rd_conn *c) { return c->address; }
+int64_t rd_conn_id(const rd_conn *c) { return c->id; }
+void **rd_conn_owner_slot(rd_conn *c) { return &c->owner_slot; }
+void rd_conn_set_http_errors(rd_conn *c) { c->http_errors = 1; }
+
+static void conn_deadline_cb(uv_timer_t *t) {
+  rd_conn *c = t->data;
+  conn_end(c, "i/o timeout", 1);
+}
+
+int rd_conn_set_deadline(rd_conn *c, uint64_t timeout_ms) {
+  if (timeout_ms == 0 || c->state == CONN_ENDED || c->deadline != NULL)
+    return RD_OK;
+  uv_timer_t *t = rd_malloc(sizeof *t);
+  if (t == NULL)
+    return RD_ENOMEM;
+  uv_timer_init(rd_loop(), t);
+  t->data = c;
+  c->refs++;
+  c->deadline = t;
+  uv_timer_start(t, conn_deadline_cb, timeout_ms, 0);
+  return RD_OK;
+}
+
+/* ---- server side dials ---- */
+
+rd_conn *rd_session_dial(rd_session *s, const char *proto, const char *address,
+                         uv_stream_t *local, const uint8_t *preface, size_t preface_len,
+                         rd_dial_status *status, int *err) {
+  if (s->ended) {
+    *err = RD_ECLOSED;
+    uv_close((uv_handle_t *)local, stream_free_cb);
+    return NULL;
+  }
+  /* The Go server starts its counter at 1 and increments before use. */
+  int64_t id = ++s->next_conn_id;
+  rd_conn *c = conn_new(s, id, proto, strlen(proto), address, strlen(address));
+  if (c == NULL) {
+    *err = RD_ENOMEM;
+    uv_close((uv_handle_t *)local, stream_free_cb);
+    return NULL;
+  }
+  if (status != NULL) {
+    atomic_fetch_add(&status->refs, 1);
+    c->status = status;
+  }
+  size_t plen = strlen(proto), alen = strlen(address);
+  rd_block *b = rd_block_get_small(plen + 1 + alen);
+  if (b == NULL) {
+    uv_close((uv_handle_t *)local, stream_free_cb);
+    conn_end(c, "out of memory", 0);
+    *err = RD_ENOMEM;
+    return NULL;
+  }
+  memcpy(rd_block_payload(b), proto, plen);
+  rd_block_payload(b)[plen] = '/';
+  memcpy(rd_block_payload(b) + plen + 1, address, alen);
+  session_send_block(s, RD_MSG_CONNECT, id, b, plen + 1 + alen);
+  if (preface_len > 0 && c->state != CONN_ENDED) {
+    c->tx_bytes += preface_len;
+    session_send_msg(s, RD_MSG_DATA, id, preface, preface_len);
+  }
+  if (c->state == CONN_ENDED) { /* the session died while writing */
+    uv_close((uv_handle_t *)local, stream_free_cb);
+    *err = RD_ECLOSED;
+    return NULL;
+  }
+  conn_attach_local(c, local);
+  return c;
+}
+
+/* ---- incoming messages ---- */
+
+static void end_stale_cb(rd_map_node *n, void *ctx) {
+  rd_conn *c = (rd_conn *)n;
+  rd_msg *m = ctx;
+  size_t count = rd_msg_sync_count(m);
+  int64_t max_listed = count ? rd_msg_sync_id(m, count - 1) : 0;
+  /* Binary search: the list is ascending. */
+  size_t lo = 0, hi = count;
+  while (lo < hi) {
+    size_t mid = (lo + hi) / 2;
+    int64_t v = rd_msg_sync_id(m, mid);
+    if (v == c->id)
+      return;
+    if (v < c->id)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  /* Absent. It is stale if the client must have seen its CONNECT: a later
+   * id is listed (CONNECTs are processed in id order), or it is older than
+   * the grace period. A newer one may still be in flight. */
+  rd_session *s = c->s;
+  if (c->id < max_listed || rd_now() - c->created >= s->cfg.sync_grace_ms)
+    conn_end(c, "connection closed by sync", 0);
+}
+
+static int handle_message(rd_session *s, uint8_t *payload, size_t len) {
+  rd_msg m;
+  if (rd_msg_decode(payload, len, &m) != RD_OK) {
+    rd_session_end(s, RD_WS_CLOSE_PROTOCOL, "malformed tunnel message");
+    return 1;
+  }
+  rd_conn *c = NULL;
+  switch (m.type) {
+  case RD_MSG_DATA:
+    c = conn_find(s, m.conn_id);
+    if (c == NULL) {
+      char text[RD_MSG_ERROR_LIMIT + 1];
+      int n = snprintf(text, sizeof text, "connection not found %s/%lld/%lld", s->client_key,
+                       (long long)s->session_key, (long long)m.conn_id);
+      session_send_msg(s, RD_MSG_ERROR, m.conn_id, text,
+                       (size_t)n < sizeof text ? (size_t)n : sizeof text - 1);
+      return 0;
+    }
+    {
+      /* Payloads inside the read block are written out by reference; a
+       * reassembled one is copied once. */
+      uint8_t *base = rd_block_payload(s->rblock);
+      if ((uint8_t *)m.payload >= base && (uint8_t *)m.payload < base + rd_block_payload_cap(s->rblock)) {
+        conn_on_data(c, s->rblock, (uint8_t *)m.payload, m.payload_len);
+      } else {
+        rd_block *b = block_with(m.payload, m.payload_len);
+        if (b == NULL) {
+          conn_end(c, "out of memory", 1);
+          return 0;
+        }
+        conn_on_data(c, b, rd_block_payload(b), m.payload_len);
+        rd_block_unref(b);
+      }
+    }
+    return 0;
+  case RD_MSG_CONNECT:
+    if (s->role != RD_ROLE_CLIENT || s->ops.on_connect == NULL) {
+      /* Go ends the whole session here; one connection's answer suffices. */
+      static const char refused[] = "connect not allowed";
+      session_send_msg(s, RD_MSG_ERROR, m.conn_id, refused, sizeof refused - 1);
+      return 0;
+    }
+    c = conn_find(s, m.conn_id);
+    if (c != NULL)
+      conn_end(c, "duplicate connection id", 0);
+    c = conn_new(s, m.conn_id, (const char *)m.proto, m.proto_len, (const char *)m.address,
+                 m.address_len);
+    if (c == NULL) {
+      static const char oom[] = "out of memory";
+      session_send_msg(s, RD_MSG_ERROR, m.conn_id, oom, sizeof oom - 1);
+      return 0;
+    }
+    s->ops.on_connect(s, s->owner, c);
+    return s->ended;
+  case RD_MSG_ERROR:
+    c = conn_find(s, m.conn_id);
+    if (c != NULL) { /* unknown ids are echoes of our own close: ignore */
+      char text[RD_MSG_ERROR_LIMIT + 1];
+      memcpy(text, m.payload, m.payload_len);
+      text[m.payload_len] = '\0';
+      conn_end(c, strcmp(text, "EOF") == 0 ? NULL : text, 0);
+    }
+    return 0;
+  case RD_MSG_PAUSE:
+  case RD_MSG_RESUME:
+    c = conn_find(s, m.conn_id);
+    if (c != NULL) {
+      c->peer_paused = m.type == RD_MSG_PAUSE;
+      conn_update_reading(c);
+    }
+    return 0;
+  case RD_MSG_SYNC:
+    if (s->role == RD_ROLE_SERVER)
+      rd_map_foreach(&s->conns, end_stale_cb, &m);
+    return 0;
+  default: /* ADD/REMOVE_CLIENT belong to peer sessions; others are ignored */
+    return 0;
+  }
+}
+
+static int on_ws_message(void *ctx, int opcode, uint8_t *payload, size_t len) {
+  rd_session *s = ctx;
+  switch (opcode) {
+  case RD_WS_BINARY:
+    return handle_message(s, payload, len);
+  case RD_WS_TEXT:
+    rd_session_end(s, RD_WS_CLOSE_UNSUPPORTED, "text message");
+    return 1;
+  case RD_WS_PING:
+    session_send_control(s, RD_WS_PONG, payload, len);
+    return 0;
+  case RD_WS_PONG:
+    return 0;
+  case RD_WS_CLOSE:
+  default:
+    rd_session_end(s, RD_WS_CLOSE_NORMAL, "closed by peer");
+    return 1;
+  }
+}
+
+/* Feeds buffered bytes to the WebSocket reader. */
+static void session_consume(rd_session *s) {
+  uint8_t *base = rd_block_payload(s->rblock);
+  int64_t n = rd_ws_reader_feed(&s->reader, base + s->rstart, s->rend - s->rstart, on_ws_message, s);
+  if (s->ended)
+    return;
+  if (n < 0) {
+    rd_session_end(s, n == RD_ETOOLARGE ? RD_WS_CLOSE_TOO_BIG : RD_WS_CLOSE_PROTOCOL,
+                   n == RD_ETOOLARGE ? "message too big" : "websocket protocol error");
+    return;
+  }
+  s->rstart += (size_t)n;
+  if (s->rstart == s->rend && s->rblock->refs == 1)
+    s->rstart = s->rend = 0; /* nothing refers into the block: reuse it whole */
+}
+
+static void session_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  (void)suggested;
+  rd_session *s = h->data;
+  size_t have = s->rend - s->rstart;
+  size_t want = s->reader.need > have ? s->reader.need : have + 4096;
+  size_t cap = rd_block_payload_cap(s->rblock);
+  if (cap - s->rend < 4096 || s->rstart + want > cap) {
+    /* Move the unconsumed tail to a block big enough for the next frame. */
+    size_t size = want > RD_BLOCK_SIZE ? want : RD_BLOCK_SIZE;
+    rd_block *nb = rd_block_get(size);
+    if (nb == NULL) {
+      *buf = uv_buf_init(NULL, 0);
+      return;
+    }
+    memcpy(rd_block_payload(nb), rd_block_payload(s->rblock) + s->rstart, have);
+    rd_block_unref(s->rblock);
+    s->rblock = nb;
+    s->rstart = 0;
+    s->rend = have;
+    cap = rd_block_payload_cap(nb);
+  }
+  *buf = uv_buf_init((char *)rd_block_payload(s->rblock) + s->rend, (unsigned)(cap - s->rend));
+}
+
+static void session_read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
+  (void)buf;
+  rd_session *s = stream->data;
+  if (nread == 0 || s->ended)
+    return;
+  if (nread < 0) {
+    rd_session_end(s, 0, nread == UV_EOF ? "EOF" : rd_strerror((int)nread));
+    return;
+  }
+  s->last_rx = rd_now();
+  s->rend += (size_t)nread;
+  session_consume(s);
+}
+
+/* ---- keepalive, sync ---- */
+
+static int cmp_i64(const void *a, const void *b) {
+  int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+typedef struct {
+  uint8_t *out;
+  size_t n;
+} sync_fill;
+
+static void collect_id_cb(rd_map_node *n, void *ctx) {
+  sync_fill *f = ctx;
+  int64_t id = ((rd_conn *)n)->id;
+  memcpy(f->out + 8 * f->n++, &id, 8);
+}
+
+static void session_send_sync(rd_session *s) {
+  size_t count = s->conns.count;
+  rd_block *b = rd_block_get(count * 8);
+  if (b == NULL) {
+    rd_session_end(s, 0, "out of memory");
+    return;
+  }
+  sync_fill f = {rd_block_payload(b), 0};
+  rd_map_foreach(&s->conns, collect_id_cb, &f);
+  /* Ids sort as integers; the wire wants them little-endian, which is the
+   * host order on every platform we build for. */
+  qsort(f.out, f.n, 8, cmp_i64);
+  session_send_block(s, RD_MSG_SYNC, 0, b, f.n * 8);
+}
+
+static void tick_cb(uv_timer_t *t) {
+  rd_session *s = t->data;
+  uint64_t now = rd_now();
+  if (now - s->last_rx >= s->cfg.read_timeout_ms) {
+    rd_session_end(s, RD_WS_CLOSE_GOING_AWAY, "read deadline exceeded");
+    return;
+  }
+  if (s->role != RD_ROLE_CLIENT)
+    return;
+  if (s->cfg.ping_interval_ms && now - s->last_ping >= s->cfg.ping_interval_ms) {
+    s->last_ping = now;
+    session_send_control(s, RD_WS_PING, NULL, 0);
+  }
+  if (s->cfg.sync_interval_ms && now - s->last_sync >= s->cfg.sync_interval_ms) {
+    s->last_sync = now;
+    session_send_sync(s);
+  }
+}
+
+static uint64_t tick_period(const rd_session *s) {
+  uint64_t p = s->cfg.read_timeout_ms / 4;
+  if (s->role == RD_ROLE_CLIENT) {
+    if (s->cfg.ping_interval_ms && s->cfg.ping_interval_ms < p)
+      p = s->cfg.ping_interval_ms;
+    if (s->cfg.sync_interval_ms && s->cfg.sync_interval_ms < p)
+      p = s->cfg.sync_interval_ms;
+  }
+  return p ? p : 1;
+}
+
+/* ---- lifecycle ---- */
+
+static void session_handle_closed_cb(uv_handle_t *h) {
+  rd_session *s = h->data;
+  if (h == (uv_handle_t *)s->tcp)
+    rd_free(s->tcp);
+  if (--s->handles_open > 0)
+    return;
+  rd_ws_reader_dispose(&s->reader);
+  rd_block_unref(s->rblock);
+  rd_map_dispose(&s->conns);
+  rd_free(s->client_key);
+  void (*on_freed)(void *) = s->ops.on_freed;
+  void *owner = s->owner;
+  rd_free(s);
+  if (on_freed != NULL)
+    on_freed(owner);
+}
+
+static void end_conn_cb(rd_map_node *n, void *ctx) {
+  (void)ctx;
+  conn_end((rd_conn *)n, "tunnel disconnect", 0);
+}
+
+static void session_block_writes(rd_session *s, int blocked);
+
+static void update_reading_cb(rd_map_node *n, void *ctx) {
+  (void)ctx;
+  conn_update_reading((rd_conn *)n);
+}
+
+static void session_block_writes(rd_session *s, int blocked) {
+  s->write_blocked = blocked;
+  rd_map_foreach(&s->conns, update_reading_cb, NULL);
+}
+
+void rd_session_end(rd_session *s, int close_code, const char *reason) {
+  if (s->ended)
+    return;
+  rd_map_foreach(&s->conns, end_conn_cb, NULL);
+  if (close_code != 0) {
+    uint8_t payload[2 + 64];
+    size_t rlen = strlen(reason);
+    if (rlen > 64)
+      rlen = 64;
+    payload[0] = (uint8_t)(close_code >> 8);
+    payload[1] = (uint8_t)close_code;
+    memcpy(payload + 2, reason, rlen);
+    session_send_control(s, RD_WS_CLOSE, payload, 2 + rlen);
+  }
+  s->ended = 1;
+  const char *labels[2] = {s->client_key, s->peer ? "true" : "false"};
+  rd_metrics_add(s->metrics, RD_M_REMOVE_WS_SESSION, labels, 1);
+  rd_metrics_add(s->metrics, RD_M_OPEN_SESSIONS, labels + 1, -1);
+  rd_engine_counts_add(-1, 0, 0);
+  uv_read_stop((uv_stream_t *)s->tcp);
+  uv_close((uv_handle_t *)s->tcp, session_handle_closed_cb);
+  uv_close((uv_handle_t *)&s->tick, session_handle_closed_cb);
+  if (s->ops.on_end != NULL)
+    s->ops.on_end(s, s->owner, reason);
+}
+
+static void tcp_free_cb(uv_handle_t *h) { rd_free(h); }
+
+rd_session *rd_session_new(uv_tcp_t *tcp, int role, const char *client_key, int peer,
+                           rd_metrics *metrics, const rd_session_config *cfg,
+                           const rd_session_owner *ops, void *owner, const uint8_t *leftover,
+                           size_t leftover_len) {
+  rd_session *s = rd_calloc(1, sizeof *s);
+  if (s == NULL || (s->client_key = rd_strndup(client_key, strlen(client_key))) == NULL ||
+      (s->rblock = rd_block_get(leftover_len > RD_BLOCK_SIZE ? leftover_len : RD_BLOCK_SIZE)) == NULL) {
+    if (s != NULL)
+      rd_free(s->client_key);
+    rd_free(s);
+    uv_close((uv_handle_t *)tcp, tcp_free_cb);
+    return NULL;
+  }
+  s->tcp = tcp;
+  s->role = role;
+  s->peer = peer;
+  s->metrics = metrics;
+  s->cfg = *cfg;
+  s->ops = *ops;
+  s->owner = owner;
+  rd_ws_reader_init(&s->reader, role == RD_ROLE_SERVER, cfg->max_message);
+  rd_map_init(&s->conns);
+  uint64_t r[2] = {0, 0};
+  uv_random(NULL, NULL, r, sizeof r, 0, NULL);
+  s->session_key = (int64_t)(r[0] >> 1);
+  s->next_msg_id = (int64_t)(r[1] >> 2);
+  s->next_conn_id = 1;
+  s->last_rx = s->last_ping = s->last_sync = rd_now();
+  tcp->data = s;
+  uv_timer_init(rd_loop(), &s->tick);
+  s->tick.data = s;
+  s->handles_open = 2;
+  const char *labels[2] = {s->client_key, peer ? "true" : "false"};
+  rd_metrics_add(metrics, RD_M_ADD_WS_SESSION, labels, 1);
+  rd_metrics_add(metrics, RD_M_OPEN_SESSIONS, labels + 1, 1);
+  rd_engine_counts_add(1, 0, 0);
+  uint64_t period = tick_period(s);
+  uv_timer_start(&s->tick, tick_cb, period, period);
+  uv_tcp_nodelay(tcp, 1);
+  uv_read_start((uv_stream_t *)tcp, session_alloc_cb, session_read_cb);
+  if (leftover_len > 0) {
+    memcpy(rd_block_payload(s->rblock), leftover, leftover_len);
+    s->rend = leftover_len;
+    session_consume(s);
+  }
+  return s;
+}
+
+const char *rd_session_client_key(const rd_session *s) { return s->client_key; }
+int64_t rd_session_key(const rd_session *s) { return s->session_key; }
+int rd_session_is_ended(const rd_session *s) { return s->ended; }
+size_t rd_session_conn_count(const rd_session *s) { return s->conns.count; }
+
+typedef struct {
+  rd_session *s;
+  rd_conn_info_cb cb;
+  void *ctx;
+} info_walk;
+
+static void info_cb(rd_map_node *n, void *ctx) {
+  info_walk *w = ctx;
+  rd_conn *c = (rd_conn *)n;
+  rd_conn_info info = {
+      .id = c->id,
+      .client_key = w->s->client_key,
+      .proto = c->proto,
+      .address = c->address,
+      .age = (double)(rd_now() - c->created) / 1000.0,
+      .state = c->state == CONN_OPEN ? "open" : "connecting",
+      .tx_bytes = c->tx_bytes,
+      .rx_bytes = c->rx_bytes,
+      .paused = c->peer_paused || c->we_paused,
+      .buffered = c->pending,
+  };
+  w->cb(w->ctx, &info);
+}
+
+void rd_session_foreach_conn(rd_session *s, rd_conn_info_cb cb, void *ctx) {
+  info_walk w = {s, cb, ctx};
+  rd_map_foreach(&s->conns, info_cb, &w);
+}
