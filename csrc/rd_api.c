@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "rd_alloc.h"
+#include "rd_block.h"
 
 typedef struct api_cmd {
   rd_cmd cmd;
@@ -490,3 +491,12 @@ static void handles_fn(api_cmd *a, void *p) {
 }
 
 int rd_api_loop_handles(int64_t *out) { return api_call(handles_fn, out, NULL, 0); }
+
+static void trim_fn(api_cmd *a, void *p) {
+  (void)p;
+  rd_block_pool_trim();
+  rd_session_trim_pools();
+  rd_cmd_finish(&a->cmd, RD_OK, NULL);
+}
+
+int rd_api_trim(void) { return api_call(trim_fn, NULL, NULL, 0); }

@@ -61,6 +61,10 @@ void rd_sample_list_free(rd_sample_list *l);
 /* The exposition text (rd_free it). */
 int rd_api_prometheus(uint64_t handle, char **text, size_t *len);
 
+/* Returns the engine's idle pools (I/O blocks, write requests) to the
+ * allocator, so heap figures show only memory in use. */
+int rd_api_trim(void);
+
 /* Number of libuv handles alive on the loop. */
 int rd_api_loop_handles(int64_t *out);
 

@@ -1,5 +1,7 @@
 #include "rd_block.h"
 
+#include <stdatomic.h>
+
 #include "rd_alloc.h"
 
 /* Idle blocks kept for reuse; beyond this, released blocks are freed so a
@@ -8,6 +10,7 @@
 
 static rd_block *pool_head;
 static int pool_count;
+static _Atomic int64_t pool_bytes;
 static int64_t in_use;
 
 rd_block *rd_block_get(size_t payload) {
@@ -16,6 +19,7 @@ rd_block *rd_block_get(size_t payload) {
     b = pool_head;
     pool_head = b->next_free;
     pool_count--;
+    atomic_fetch_sub(&pool_bytes, (int64_t)(sizeof *b + b->cap));
   } else {
     size_t cap = RD_BLOCK_HEADROOM + (payload <= RD_BLOCK_SIZE ? RD_BLOCK_SIZE : payload);
     b = rd_malloc(sizeof *b + cap);
@@ -50,6 +54,7 @@ void rd_block_unref(rd_block *b) {
     b->next_free = pool_head;
     pool_head = b;
     pool_count++;
+    atomic_fetch_add(&pool_bytes, (int64_t)(sizeof *b + b->cap));
     return;
   }
   rd_free(b);
@@ -62,6 +67,9 @@ void rd_block_pool_trim(void) {
     rd_free(b);
   }
   pool_count = 0;
+  atomic_store(&pool_bytes, 0);
 }
+
+int64_t rd_block_pool_bytes(void) { return atomic_load(&pool_bytes); }
 
 int64_t rd_block_in_use(void) { return in_use; }

@@ -38,5 +38,7 @@ static inline size_t rd_block_payload_cap(const rd_block *b) { return b->cap - R
 void rd_block_pool_trim(void);
 /* Blocks in use (handed out and not yet released). */
 int64_t rd_block_in_use(void);
+/* Bytes held idle in the pool (read from any thread; approximate). */
+int64_t rd_block_pool_bytes(void);
 
 #endif

@@ -9,6 +9,7 @@
 
 #include "rd_alloc.h"
 #include "rd_block.h"
+#include "rd_session.h"
 
 enum { ENGINE_NEW, ENGINE_RUNNING, ENGINE_STOPPED };
 
@@ -162,6 +163,7 @@ static void loop_main(void *arg) {
   rd_map_dispose(&eng.objects);
   rd_map_dispose(&eng.req_pending);
   rd_block_pool_trim();
+  rd_session_trim_pools();
   if (eng.shutdown_waiter != NULL)
     rd_cmd_finish(eng.shutdown_waiter, RD_OK, NULL);
 }

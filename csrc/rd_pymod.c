@@ -9,6 +9,7 @@
 
 #include "rd_alloc.h"
 #include "rd_api.h"
+#include "rd_block.h"
 
 typedef struct {
   PyObject *TunnelError;
@@ -558,11 +559,21 @@ static PyObject *py_engine_stats(PyObject *module, PyObject *noargs) {
   rd_api_loop_handles(&handles);
   Py_END_ALLOW_THREADS
   rd_engine_counts c = rd_engine_counts_get();
-  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L}", "open_sessions", (long long)c.open_sessions,
+  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "pool_bytes",
+                       (long long)rd_block_pool_bytes(), "open_sessions", (long long)c.open_sessions,
                        "open_connections", (long long)c.open_connections, "heap_bytes",
                        (long long)rd_alloc_bytes(), "heap_objects", (long long)rd_alloc_objects(),
                        "loop_handles", (long long)handles, "buffered_bytes",
                        (long long)c.buffered_bytes);
+}
+
+static PyObject *py_trim(PyObject *module, PyObject *noargs) {
+  (void)module;
+  (void)noargs;
+  Py_BEGIN_ALLOW_THREADS
+  rd_api_trim();
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
 }
 
 static PyObject *py_shutdown(PyObject *module, PyObject *noargs) {
@@ -599,6 +610,7 @@ static PyMethodDef engine_methods[] = {
      "next_request(timeout) -> None | (id, owner, kind, payload)"},
     {"answer", py_answer, METH_VARARGS, "answer(id, verdict, value)"},
     {"engine_stats", py_engine_stats, METH_NOARGS, "engine_stats() -> dict"},
+    {"trim", py_trim, METH_NOARGS, "trim(): return idle engine pools to the allocator"},
     {"shutdown", py_shutdown, METH_NOARGS, "shutdown(): stop the loop thread"},
     {NULL, NULL, 0, NULL},
 };

@@ -106,6 +106,15 @@ static void wreq_put(wreq *w) {
   wreq_free_count++;
 }
 
+void rd_session_trim_pools(void) {
+  while (wreq_free_list != NULL) {
+    wreq *w = wreq_free_list;
+    wreq_free_list = w->next_free;
+    rd_free(w);
+  }
+  wreq_free_count = 0;
+}
+
 void rd_session_config_default(rd_session_config *cfg) {
   cfg->read_timeout_ms = 60000;
   cfg->ping_interval_ms = 5000;

@@ -97,6 +97,9 @@ void rd_conn_set_http_errors(rd_conn *c);
 /* Ends the connection after timeout_ms (0 = never). */
 int rd_conn_set_deadline(rd_conn *c, uint64_t timeout_ms);
 
+/* Frees the idle write requests kept for reuse (loop thread). */
+void rd_session_trim_pools(void);
+
 /* One open connection, as connections() reports it. */
 typedef struct rd_conn_info {
   int64_t id;
