@@ -8,6 +8,7 @@
 
 #include "rd_alloc.h"
 #include "rd_block.h"
+#include "rd_stats.h"
 
 typedef struct api_cmd {
   rd_cmd cmd;
@@ -431,6 +432,7 @@ static void samples_fn(api_cmd *a, void *p) {
     finish_closed(a);
     return;
   }
+  rd_stats_refresh_gauges(m);
   rd_metrics_foreach(m, add_sample_cb, c);
   rd_cmd_finish(&a->cmd, c->failed ? RD_ENOMEM : RD_OK, NULL);
 }
@@ -467,6 +469,7 @@ static void prom_fn(api_cmd *a, void *p) {
     finish_closed(a);
     return;
   }
+  rd_stats_refresh_gauges(m);
   c->text = rd_metrics_render(m, &c->len);
   rd_cmd_finish(&a->cmd, c->text != NULL ? RD_OK : RD_ENOMEM, NULL);
 }
@@ -479,18 +482,12 @@ int rd_api_prometheus(uint64_t handle, char **text, size_t *len) {
   return rc;
 }
 
-static void count_handle_cb(uv_handle_t *h, void *arg) {
-  (void)h;
-  (*(int64_t *)arg)++;
-}
-
-static void handles_fn(api_cmd *a, void *p) {
-  *(int64_t *)p = 0;
-  uv_walk(rd_loop(), count_handle_cb, p);
+static void stats_fn(api_cmd *a, void *p) {
+  rd_stats_collect(p);
   rd_cmd_finish(&a->cmd, RD_OK, NULL);
 }
 
-int rd_api_loop_handles(int64_t *out) { return api_call(handles_fn, out, NULL, 0); }
+int rd_api_stats(rd_stats *out) { return api_call(stats_fn, out, NULL, 0); }
 
 static void trim_fn(api_cmd *a, void *p) {
   (void)p;

@@ -10,6 +10,7 @@
 #include "rd_metrics.h"
 #include "rd_server.h"
 #include "rd_session.h"
+#include "rd_stats.h"
 
 int rd_api_server_new(const char *host, int port, const rd_server_config *cfg,
                       uint64_t *handle, int *port_out, char *err, size_t errlen);
@@ -65,7 +66,7 @@ int rd_api_prometheus(uint64_t handle, char **text, size_t *len);
  * allocator, so heap figures show only memory in use. */
 int rd_api_trim(void);
 
-/* Number of libuv handles alive on the loop. */
-int rd_api_loop_handles(int64_t *out);
+/* Engine-wide and process figures. */
+int rd_api_stats(rd_stats *out);
 
 #endif

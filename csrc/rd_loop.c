@@ -35,7 +35,7 @@ static struct {
   int req_closed;
 } eng = {.once = UV_ONCE_INIT};
 
-static _Atomic int64_t count_sessions, count_connections, count_buffered;
+static _Atomic int64_t count_sessions, count_connections, count_buffered, count_tunnel_queued;
 
 uv_loop_t *rd_loop(void) { return &eng.loop; }
 uint64_t rd_now(void) { return uv_now(&eng.loop); }
@@ -49,9 +49,11 @@ void rd_engine_counts_add(int sessions, int connections, int64_t buffered) {
     atomic_fetch_add(&count_buffered, buffered);
 }
 
+void rd_engine_tunnel_queued_add(int64_t bytes) { atomic_fetch_add(&count_tunnel_queued, bytes); }
+
 rd_engine_counts rd_engine_counts_get(void) {
   rd_engine_counts c = {atomic_load(&count_sessions), atomic_load(&count_connections),
-                        atomic_load(&count_buffered)};
+                        atomic_load(&count_buffered), atomic_load(&count_tunnel_queued)};
   return c;
 }
 

@@ -45,9 +45,11 @@ uint64_t rd_now(void);
 typedef struct rd_engine_counts {
   int64_t open_sessions;
   int64_t open_connections;
-  int64_t buffered_bytes;
+  int64_t buffered_bytes;      /* toward local sockets */
+  int64_t tunnel_queued_bytes; /* on sessions' WebSocket write queues */
 } rd_engine_counts;
 void rd_engine_counts_add(int sessions, int connections, int64_t buffered);
+void rd_engine_tunnel_queued_add(int64_t bytes);
 rd_engine_counts rd_engine_counts_get(void);
 
 /* Objects Python holds by handle (servers, clients, forwards). */

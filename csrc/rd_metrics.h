@@ -21,6 +21,14 @@ enum rd_metric_family {
   /* Our gauges. */
   RD_M_OPEN_SESSIONS,      /* remotedialer_open_sessions{peer} */
   RD_M_OPEN_CONNECTIONS,   /* remotedialer_open_connections{clientkey} */
+  /* Engine-wide gauges, refreshed when read (rd_stats). */
+  RD_M_BUFFERED_BYTES,     /* remotedialer_buffered_bytes{direction} */
+  RD_M_HEAP_BYTES,         /* remotedialer_engine_heap_bytes */
+  RD_M_HEAP_OBJECTS,       /* remotedialer_engine_heap_objects */
+  RD_M_POOL_BYTES,         /* remotedialer_engine_pool_bytes */
+  RD_M_LOOP_HANDLES,       /* remotedialer_loop_handles */
+  RD_M_PROCESS_RSS,        /* process_resident_memory_bytes */
+  RD_M_PROCESS_FDS,        /* process_open_fds */
   RD_M__COUNT
 };
 
@@ -47,6 +55,9 @@ void rd_metrics_free(rd_metrics *m);
  * first use (gauges too, so a gauge back at 0 still shows). Returns RD_OK or
  * RD_ENOMEM (the sample is then not counted). */
 int rd_metrics_add(rd_metrics *m, int family, const char *const *values, double delta);
+
+/* Sets a gauge sample to v (creating it). Returns as rd_metrics_add. */
+int rd_metrics_set(rd_metrics *m, int family, const char *const *values, double v);
 
 /* The current value of a sample, 0 when it does not exist. */
 double rd_metrics_get(const rd_metrics *m, int family, const char *const *values);

@@ -552,19 +552,23 @@ static PyObject *py_answer(PyObject *module, PyObject *args) {
 /* ---- engine ---- */
 
 static PyObject *py_engine_stats(PyObject *module, PyObject *noargs) {
-  (void)module;
   (void)noargs;
-  int64_t handles = 0;
+  rd_stats s;
+  int rc;
   Py_BEGIN_ALLOW_THREADS
-  rd_api_loop_handles(&handles);
+  rc = rd_api_stats(&s);
   Py_END_ALLOW_THREADS
-  rd_engine_counts c = rd_engine_counts_get();
-  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "pool_bytes",
-                       (long long)rd_block_pool_bytes(), "open_sessions", (long long)c.open_sessions,
-                       "open_connections", (long long)c.open_connections, "heap_bytes",
-                       (long long)rd_alloc_bytes(), "heap_objects", (long long)rd_alloc_objects(),
-                       "loop_handles", (long long)handles, "buffered_bytes",
-                       (long long)c.buffered_bytes);
+  if (rc != RD_OK)
+    return raise_rc(module, rc, NULL);
+  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "open_sessions",
+                       (long long)s.open_sessions, "open_connections",
+                       (long long)s.open_connections, "buffered_bytes",
+                       (long long)(s.buffered_to_local + s.buffered_to_tunnel),
+                       "buffered_to_local", (long long)s.buffered_to_local, "buffered_to_tunnel",
+                       (long long)s.buffered_to_tunnel, "heap_bytes", (long long)s.heap_bytes,
+                       "heap_objects", (long long)s.heap_objects, "pool_bytes",
+                       (long long)s.pool_bytes, "loop_handles", (long long)s.loop_handles,
+                       "rss_bytes", (long long)s.rss_bytes, "open_fds", (long long)s.open_fds);
 }
 
 static PyObject *py_trim(PyObject *module, PyObject *noargs) {

@@ -14,6 +14,7 @@
 #include "rd_alloc.h"
 #include "rd_block.h"
 #include "rd_http.h"
+#include "rd_stats.h"
 #include "rd_ws.h"
 
 typedef struct httpconn httpconn;
@@ -427,6 +428,7 @@ static void handle_upgrade(httpconn *hc, rd_http_request *req) {
 
 static void handle_metrics(httpconn *hc) {
   size_t len = 0;
+  rd_stats_refresh_gauges(hc->srv->metrics);
   char *text = rd_metrics_render(hc->srv->metrics, &len);
   if (text == NULL) {
     respond_text(hc, 500, "Internal Server Error", "out of memory");

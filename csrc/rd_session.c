@@ -153,6 +153,7 @@ static void session_block_writes(rd_session *s, int blocked);
 static void session_write_cb(uv_write_t *req, int status) {
   wreq *w = (wreq *)req;
   rd_session *s = req->data;
+  rd_engine_tunnel_queued_add(-(int64_t)w->len);
   rd_block_unref(w->block);
   wreq_put(w);
   if (status < 0 && status != UV_ECANCELED) {
@@ -199,6 +200,7 @@ static void session_write_frame(rd_session *s, int opcode, rd_block *b, uint8_t 
     rd_session_end(s, 0, "write failed");
     return;
   }
+  rd_engine_tunnel_queued_add((int64_t)w->len);
   if (!s->write_blocked && s->tcp->write_queue_size > s->cfg.write_high)
     session_block_writes(s, 1);
 }

@@ -1,0 +1,715 @@
+/* Local dials on a real loop, loopback only: success, Go-shaped failures,
+ * deadlines and cancels at every stage. Every test ends with a loop that has
+ * no handles left and the allocator back where it started. */
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <uv.h>
+
+#include "rd_alloc.h"
+#include "rd_dialer.h"
+#include "rd_test.h"
+
+/* The resolver tests fill the thread pool to hold getaddrinfo in its queue;
+ * that needs a known pool size, fixed before libuv starts the pool. */
+#define POOL_SIZE 4
+__attribute__((constructor)) static void fix_pool_size(void) {
+  setenv("UV_THREADPOOL_SIZE", "4", 1);
+}
+
+#define CHECK_STR(a, b)                                                                      \
+  do {                                                                                       \
+    const char *_a = (a), *_b = (b);                                                         \
+    if (strcmp(_a, _b) != 0) {                                                               \
+      fprintf(stderr, "%s:%d: %s == %s failed:\n  got  \"%s\"\n  want \"%s\"\n", __FILE__,  \
+              __LINE__, #a, #b, _a, _b);                                                     \
+      rd_test_failed_checks++;                                                               \
+    }                                                                                        \
+  } while (0)
+
+#define CHECK_PREFIX(a, b)                                                                   \
+  do {                                                                                       \
+    const char *_a = (a), *_b = (b);                                                         \
+    if (strncmp(_a, _b, strlen(_b)) != 0) {                                                  \
+      fprintf(stderr, "%s:%d: %s starts with %s failed:\n  got  \"%s\"\n", __FILE__,        \
+              __LINE__, #a, #b, _a);                                                         \
+      rd_test_failed_checks++;                                                               \
+    }                                                                                        \
+  } while (0)
+
+typedef struct {
+  int calls;
+  int status;
+  uv_stream_t *stream;
+  char error[512];
+  int in_api; /* set around API calls: the callback must not run inside */
+  int called_inside_api;
+} result;
+
+static void dial_cb(void *ctx, int status, uv_stream_t *stream, const char *error) {
+  result *r = ctx;
+  r->calls++;
+  r->status = status;
+  r->stream = stream;
+  if (r->in_api)
+    r->called_inside_api = 1;
+  snprintf(r->error, sizeof r->error, "%s", error ? error : "");
+}
+
+static rd_dial *start(uv_loop_t *loop, const char *proto, const char *addr, uint64_t timeout,
+                      result *r) {
+  int status = 0;
+  char err[512];
+  r->in_api = 1;
+  rd_dial *d = rd_dial_start(loop, proto, addr, timeout, dial_cb, r, &status, err, sizeof err);
+  r->in_api = 0;
+  if (d == NULL) {
+    r->status = status;
+    snprintf(r->error, sizeof r->error, "%s", err);
+  }
+  return d;
+}
+
+static void cancel(rd_dial *d, result *r) {
+  r->in_api = 1;
+  rd_dial_cancel(d);
+  r->in_api = 0;
+}
+
+static void run_until_called(uv_loop_t *loop, result *r) {
+  while (r->calls == 0)
+    uv_run(loop, UV_RUN_ONCE);
+}
+
+static void free_close_cb(uv_handle_t *h) { rd_free(h); }
+static void plain_free_close_cb(uv_handle_t *h) { free(h); }
+
+/* The receiver's side of the contract: close the stream, free it later. */
+static void drop_stream(result *r) {
+  if (r->stream != NULL)
+    uv_close((uv_handle_t *)r->stream, free_close_cb);
+  r->stream = NULL;
+}
+
+static void finish_loop(uv_loop_t *loop) {
+  CHECK_EQ_INT(uv_run(loop, UV_RUN_DEFAULT), 0);
+  CHECK_EQ_INT(uv_loop_close(loop), 0);
+}
+
+/* ---- A loopback TCP or unix server that accepts and closes ---- */
+
+typedef struct {
+  union {
+    uv_tcp_t tcp;
+    uv_pipe_t pipe;
+    uv_stream_t stream;
+    uv_handle_t handle;
+  } h;
+  int port;
+  int accepted;
+} server;
+
+static void on_connection(uv_stream_t *s, int status) {
+  server *srv = s->data;
+  if (status < 0)
+    return;
+  /* Plain malloc: the test's own server stays out of the allocator counts
+   * and out of the failing-allocation loop. */
+  uv_stream_t *c = malloc(sizeof(union { uv_tcp_t t; uv_pipe_t p; }));
+  if (c == NULL)
+    return;
+  if (s->type == UV_TCP)
+    uv_tcp_init(s->loop, (uv_tcp_t *)c);
+  else
+    uv_pipe_init(s->loop, (uv_pipe_t *)c, 0);
+  if (uv_accept(s, c) == 0)
+    srv->accepted++;
+  uv_close((uv_handle_t *)c, plain_free_close_cb);
+}
+
+static int tcp_server(uv_loop_t *loop, server *srv, const char *ip) {
+  struct sockaddr_storage ss;
+  int r = strchr(ip, ':') ? uv_ip6_addr(ip, 0, (struct sockaddr_in6 *)&ss)
+                          : uv_ip4_addr(ip, 0, (struct sockaddr_in *)&ss);
+  if (r == 0)
+    r = uv_tcp_init(loop, &srv->h.tcp);
+  if (r != 0)
+    return r;
+  srv->h.handle.data = srv;
+  srv->accepted = 0;
+  r = uv_tcp_bind(&srv->h.tcp, (struct sockaddr *)&ss, 0);
+  if (r == 0)
+    r = uv_listen(&srv->h.stream, 16, on_connection);
+  if (r != 0) {
+    uv_close(&srv->h.handle, NULL);
+    return r;
+  }
+  int len = sizeof ss;
+  uv_tcp_getsockname(&srv->h.tcp, (struct sockaddr *)&ss, &len);
+  srv->port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                             : ((struct sockaddr_in *)&ss)->sin_port);
+  return 0;
+}
+
+static int unix_server(uv_loop_t *loop, server *srv, const char *path) {
+  unlink(path);
+  uv_pipe_init(loop, &srv->h.pipe, 0);
+  srv->h.handle.data = srv;
+  srv->accepted = 0;
+  int r = uv_pipe_bind(&srv->h.pipe, path);
+  if (r == 0)
+    r = uv_listen(&srv->h.stream, 16, on_connection);
+  if (r != 0)
+    uv_close(&srv->h.handle, NULL);
+  return r;
+}
+
+static void close_server(server *srv) { uv_close(&srv->h.handle, NULL); }
+
+/* A listener that never accepts, with its queue filled: further connects
+ * get no answer, so a dial to it waits until its deadline. */
+typedef struct {
+  int lfd;
+  int fill[4];
+  int port;
+} black_hole;
+
+static int black_hole_open(black_hole *b) {
+  struct sockaddr_in a;
+  socklen_t len = sizeof a;
+  memset(&a, 0, sizeof a);
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  b->lfd = socket(AF_INET, SOCK_STREAM, 0);
+  if (b->lfd < 0 || bind(b->lfd, (struct sockaddr *)&a, sizeof a) != 0 || listen(b->lfd, 0) != 0)
+    return -1;
+  getsockname(b->lfd, (struct sockaddr *)&a, &len);
+  b->port = ntohs(a.sin_port);
+  for (size_t i = 0; i < RD_ARRAY_SIZE(b->fill); i++) {
+    b->fill[i] = socket(AF_INET, SOCK_STREAM, 0);
+    fcntl(b->fill[i], F_SETFL, O_NONBLOCK);
+    if (connect(b->fill[i], (struct sockaddr *)&a, sizeof a) != 0 && errno != EINPROGRESS)
+      return -1;
+  }
+  usleep(50 * 1000); /* let the handshakes that can complete do so */
+  return 0;
+}
+
+static void black_hole_close(black_hole *b) {
+  for (size_t i = 0; i < RD_ARRAY_SIZE(b->fill); i++)
+    close(b->fill[i]);
+  close(b->lfd);
+}
+
+/* ---- Thread pool saturation, to hold getaddrinfo in its queue ---- */
+
+typedef struct {
+  uv_work_t work[POOL_SIZE];
+  uv_sem_t release;
+  uv_sem_t started;
+} pool_block;
+
+static void block_work_cb(uv_work_t *w) {
+  pool_block *pb = w->data;
+  uv_sem_post(&pb->started);
+  uv_sem_wait(&pb->release);
+}
+
+static void block_after_cb(uv_work_t *w, int status) {
+  (void)w;
+  (void)status;
+}
+
+static void pool_block_start(uv_loop_t *loop, pool_block *pb) {
+  uv_sem_init(&pb->release, 0);
+  uv_sem_init(&pb->started, 0);
+  for (int i = 0; i < POOL_SIZE; i++) {
+    pb->work[i].data = pb;
+    uv_queue_work(loop, &pb->work[i], block_work_cb, block_after_cb);
+  }
+  for (int i = 0; i < POOL_SIZE; i++)
+    uv_sem_wait(&pb->started);
+}
+
+static void pool_block_release(pool_block *pb) {
+  for (int i = 0; i < POOL_SIZE; i++)
+    uv_sem_post(&pb->release);
+}
+
+static void pool_block_dispose(pool_block *pb) {
+  uv_sem_destroy(&pb->release);
+  uv_sem_destroy(&pb->started);
+}
+
+/* ---- Tests ---- */
+
+TEST(tcp_success) {
+  int64_t start_bytes = rd_alloc_bytes();
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  server srv;
+  CHECK_EQ_INT(tcp_server(&loop, &srv, "127.0.0.1"), 0);
+  char addr[64];
+  snprintf(addr, sizeof addr, "127.0.0.1:%d", srv.port);
+  result r = {0};
+  rd_dial *d = start(&loop, "tcp", addr, 5000, &r);
+  CHECK(d != NULL);
+  CHECK_EQ_INT(r.calls, 0);
+  run_until_called(&loop, &r);
+  CHECK_EQ_INT(r.calls, 1);
+  CHECK_EQ_INT(r.status, 0);
+  CHECK(r.stream != NULL);
+  CHECK_STR(r.error, "");
+  if (r.stream != NULL) {
+    CHECK(r.stream->type == UV_TCP);
+    uv_os_fd_t fd;
+    int one = 0;
+    socklen_t len = sizeof one;
+    CHECK_EQ_INT(uv_fileno((uv_handle_t *)r.stream, &fd), 0);
+    CHECK_EQ_INT(getsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, &len), 0);
+    CHECK(one != 0);
+  }
+  drop_stream(&r);
+  close_server(&srv);
+  finish_loop(&loop);
+  CHECK_EQ_INT(r.calls, 1);
+  CHECK_EQ_INT(r.called_inside_api, 0);
+  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+}
+
+TEST(tcp_refused) {
+  int64_t start_bytes = rd_alloc_bytes();
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  result r = {0};
+  CHECK(start(&loop, "tcp", "127.0.0.1:1", 5000, &r) != NULL);
+  run_until_called(&loop, &r);
+  CHECK_EQ_INT(r.status, UV_ECONNREFUSED);
+  CHECK(r.stream == NULL);
+  CHECK_STR(r.error, "dial tcp 127.0.0.1:1: connect: connection refused");
+  finish_loop(&loop);
+  CHECK_EQ_INT(r.calls, 1);
+  CHECK_EQ_INT(r.called_inside_api, 0);
+  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+}
+
+TEST(lookup_failure) {
+  int64_t start_bytes = rd_alloc_bytes();
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  result r = {0};
+  CHECK(start(&loop, "tcp", "nonexistent.invalid:80", 5000, &r) != NULL);
+  run_until_called(&loop, &r);
+  CHECK(r.status < 0);
+  CHECK(r.stream == NULL);
+  CHECK_PREFIX(r.error, "dial tcp: lookup nonexistent.invalid: ");
+  if (r.status == UV_EAI_NONAME)
+    CHECK_STR(r.error, "dial tcp: lookup nonexistent.invalid: no such host");
+  finish_loop(&loop);
+  CHECK_EQ_INT(r.calls, 1);
+  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+}
+
+TEST(localhost_by_name) {
+  int64_t start_bytes = rd_alloc_bytes();
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  server srv;
+  CHECK_EQ_INT(tcp_server(&loop, &srv, "127.0.0.1"), 0);
+  char addr[64];
+  snprintf(addr, sizeof addr, "localhost:%d", srv.port);
+  result r = {0};
+  CHECK(start(&loop, "tcp", addr, 5000, &r) != NULL);
+  run_until_called(&loop, &r);
+  CHECK_EQ_INT(r.status, 0);
+  CHECK(r.stream != NULL);
+  drop_stream(&r);
+
+  /* A refused name dial reports the resolved address tried first. */
+  result r2 = {0};
+  CHECK(start(&loop, "tcp4", "localhost:1", 5000, &r2) != NULL);
+  run_until_called(&loop, &r2);
+  CHECK_EQ_INT(r2.status, UV_ECONNREFUSED);
+  CHECK_STR(r2.error, "dial tcp4 127.0.0.1:1: connect: connection refused");
+
+  /* Empty host: the local system, printed as Go prints it. */
+  snprintf(addr, sizeof addr, ":%d", srv.port);
+  result r3 = {0};
+  CHECK(start(&loop, "tcp", addr, 0, &r3) != NULL);
+  run_until_called(&loop, &r3);
+  CHECK_EQ_INT(r3.status, 0);
+  drop_stream(&r3);
+  result r4 = {0};
+  CHECK(start(&loop, "tcp", ":1", 0, &r4) != NULL);
+  run_until_called(&loop, &r4);
+  CHECK_STR(r4.error, "dial tcp :1: connect: connection refused");
+
+  close_server(&srv);
+  finish_loop(&loop);
+  CHECK(srv.accepted >= 1);
+  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+}
+
+TEST(named_ports) {
+  int64_t start_bytes = rd_alloc_bytes();
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  result r = {0};
+  CHECK(start(&loop, "tcp", "127.0.0.1:nosuchservice", 5000, &r) != NULL);
+  run_until_called(&loop, &r);
+  CHECK(r.status < 0);
+  CHECK_STR(r.error, "dial tcp: lookup tcp/nosuchservice: unknown port");
+  finish_loop(&loop);
+  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+}
+
+TEST(ipv6) {
+  int64_t start_bytes = rd_alloc_bytes();
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  server srv;
+  if (tcp_server(&loop, &srv, "::1") == 0) {
+    char addr[64];
+    snprintf(addr, sizeof addr, "[::1]:%d", srv.port);
+    result r = {0};
+    CHECK(start(&loop, "tcp6", addr, 5000, &r) != NULL);
+    run_until_called(&loop, &r);
+    CHECK_EQ_INT(r.status, 0);
+    drop_stream(&r);
+    close_server(&srv);
+    /* The listener is gone: the text brackets the host. */
+    result r2 = {0};
+    CHECK(start(&loop, "tcp", addr, 5000, &r2) != NULL);
+    run_until_called(&loop, &r2);
+    char want[128];
+    snprintf(want, sizeof want, "dial tcp [::1]:%d: connect: connection refused", srv.port);
+    CHECK_STR(r2.error, want);
+  } else {
+    fprintf(stderr, "ipv6: no ::1 here, skipping the connect part\n");
+  }
+  /* A literal of the wrong family: decided in start, reported later. */
+  result r3 = {0};
+  CHECK(start(&loop, "tcp4", "[::1]:80", 5000, &r3) != NULL);
+  CHECK_EQ_INT(r3.calls, 0);
+  run_until_called(&loop, &r3);
+  CHECK_STR(r3.error, "dial tcp4: address ::1: no suitable address found");
+  result r4 = {0};
+  CHECK(start(&loop, "tcp6", "127.0.0.1:80", 5000, &r4) != NULL);
+  run_until_called(&loop, &r4);
+  CHECK_STR(r4.error, "dial tcp6: address 127.0.0.1: no suitable address found");
+  CHECK_EQ_INT(r3.called_inside_api + r4.called_inside_api, 0);
+  finish_loop(&loop);
+  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+}
+
+TEST(unix_socket) {
+  int64_t start_bytes = rd_alloc_bytes();
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  char path[64], missing[64];
+  snprintf(path, sizeof path, "/tmp/rd_test_dialer_%d.sock", (int)getpid());
+  snprintf(missing, sizeof missing, "/tmp/rd_test_dialer_%d.missing", (int)getpid());
+  unlink(missing);
+  server srv;
+  CHECK_EQ_INT(unix_server(&loop, &srv, path), 0);
+  result r = {0};
+  CHECK(start(&loop, "unix", path, 5000, &r) != NULL);
+  run_until_called(&loop, &r);
+  CHECK_EQ_INT(r.status, 0);
+  CHECK(r.stream != NULL && r.stream->type == UV_NAMED_PIPE);
+  drop_stream(&r);
+
+  result r2 = {0};
+  CHECK(start(&loop, "unix", missing, 5000, &r2) != NULL);
+  run_until_called(&loop, &r2);
+  CHECK_EQ_INT(r2.status, UV_ENOENT);
+  char want[128];
+  snprintf(want, sizeof want, "dial unix %s: connect: no such file or directory", missing);
+  CHECK_STR(r2.error, want);
+  CHECK_EQ_INT(r2.called_inside_api, 0);
+
+  close_server(&srv);
+  finish_loop(&loop);
+  unlink(path);
+  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+}
+
+TEST(bad_arguments) {
+  int64_t start_bytes = rd_alloc_bytes();
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  static const struct {
+    const char *proto, *addr, *want;
+  } cases[] = {
+      {"tcp", "127.0.0.1", "dial tcp: address 127.0.0.1: missing port in address"},
+      {"tcp", "", "dial tcp: missing port in address"},
+      {"tcp", "::1:80", "dial tcp: address ::1:80: too many colons in address"},
+      {"tcp", "[::1", "dial tcp: address [::1: missing ']' in address"},
+      {"tcp", "[::1]", "dial tcp: address [::1]: missing port in address"},
+      {"tcp", "[::1]x:80", "dial tcp: address [::1]x:80: missing port in address"},
+      {"tcp", "[::1]:80:80", "dial tcp: address [::1]:80:80: too many colons in address"},
+      {"tcp", "a]b:80", "dial tcp: address a]b:80: unexpected ']' in address"},
+      {"tcp", "a[b:80", "dial tcp: address a[b:80: unexpected '[' in address"},
+      {"tcp", "127.0.0.1:65536", "dial tcp: address 65536: invalid port"},
+      {"tcp", "127.0.0.1:-1", "dial tcp: address -1: invalid port"},
+      {"tcp", "127.0.0.1:99999999999999999999",
+       "dial tcp: address 99999999999999999999: invalid port"},
+      {"tcp4", "localhost", "dial tcp4: address localhost: missing port in address"},
+      {"udp", "127.0.0.1:53", "dial udp: unknown network udp"},
+      {"", "x", "dial : unknown network "},
+      {"unix", "", "dial unix : missing address"},
+  };
+  for (size_t i = 0; i < RD_ARRAY_SIZE(cases); i++) {
+    result r = {0};
+    CHECK(start(&loop, cases[i].proto, cases[i].addr, 1000, &r) == NULL);
+    CHECK(r.status < 0);
+    CHECK_STR(r.error, cases[i].want);
+  }
+  char longpath[200];
+  memset(longpath, 'a', sizeof longpath - 1);
+  longpath[0] = '/';
+  longpath[sizeof longpath - 1] = '\0';
+  result r = {0};
+  CHECK(start(&loop, "unix", longpath, 1000, &r) == NULL);
+  CHECK_PREFIX(r.error, "dial unix /aaa");
+  CHECK(strstr(r.error, ": connect: invalid argument") != NULL);
+  int status = 0;
+  char err[8];
+  CHECK(rd_dial_start(&loop, "tcp", "127.0.0.1:1", 0, NULL, NULL, &status, err, sizeof err) ==
+        NULL);
+  CHECK(status < 0);
+  CHECK_EQ_INT(strlen(err), 7); /* truncated to the buffer, NUL-terminated */
+  CHECK(rd_dial_start(&loop, "tcp", "127.0.0.1", 0, dial_cb, &r, NULL, NULL, 0) == NULL);
+  rd_dial_cancel(NULL);
+  finish_loop(&loop);
+  CHECK_EQ_INT(r.calls, 0);
+  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+}
+
+TEST(cancel_while_resolving) {
+  int64_t start_bytes = rd_alloc_bytes();
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  pool_block pb;
+  pool_block_start(&loop, &pb);
+  result r = {0};
+  rd_dial *d = start(&loop, "tcp", "localhost:1", 5000, &r);
+  CHECK(d != NULL);
+  cancel(d, &r);
+  CHECK_EQ_INT(r.calls, 0);
+  run_until_called(&loop, &r);
+  CHECK_EQ_INT(r.status, UV_ECANCELED);
+  CHECK_STR(r.error, "operation was canceled");
+  CHECK(r.stream == NULL);
+  pool_block_release(&pb);
+  finish_loop(&loop);
+  pool_block_dispose(&pb);
+  CHECK_EQ_INT(r.calls, 1);
+  CHECK_EQ_INT(r.called_inside_api, 0);
+  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+}
+
+/* With the pool free, getaddrinfo may be queued, running or done when the
+ * cancel comes; every case ends the same way. */
+TEST(cancel_right_after_start) {
+  int64_t start_bytes = rd_alloc_bytes();
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  server srv;
+  CHECK_EQ_INT(tcp_server(&loop, &srv, "127.0.0.1"), 0);
+  char byname[64], bynum[64];
+  snprintf(byname, sizeof byname, "localhost:%d", srv.port);
+  snprintf(bynum, sizeof bynum, "127.0.0.1:%d", srv.port);
+  for (int i = 0; i < 20; i++) {
+    result r = {0};
+    rd_dial *d = start(&loop, "tcp", i % 2 ? byname : bynum, 5000, &r);
+    CHECK(d != NULL);
+    if (i >= 10) /* let it progress a little first */
+      uv_run(&loop, UV_RUN_NOWAIT);
+    if (r.calls == 0)
+      cancel(d, &r);
+    run_until_called(&loop, &r);
+    CHECK_EQ_INT(r.calls, 1);
+    CHECK(r.status == UV_ECANCELED || r.status == 0);
+    drop_stream(&r);
+    CHECK_EQ_INT(r.called_inside_api, 0);
+  }
+  close_server(&srv);
+  finish_loop(&loop);
+  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+}
+
+TEST(lookup_timeout) {
+  int64_t start_bytes = rd_alloc_bytes();
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  pool_block pb;
+  pool_block_start(&loop, &pb);
+  result r = {0};
+  uint64_t t0 = uv_hrtime();
+  CHECK(start(&loop, "tcp", "localhost:1", 50, &r) != NULL);
+  run_until_called(&loop, &r);
+  uint64_t ms = (uv_hrtime() - t0) / 1000000;
+  CHECK(ms >= 45);
+  CHECK_EQ_INT(r.status, UV_ETIMEDOUT);
+  CHECK_STR(r.error, "dial tcp: lookup localhost: i/o timeout");
+  pool_block_release(&pb);
+  finish_loop(&loop);
+  pool_block_dispose(&pb);
+  CHECK_EQ_INT(r.calls, 1);
+  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+}
+
+TEST(connect_timeout) {
+  int64_t start_bytes = rd_alloc_bytes();
+  black_hole b;
+  CHECK_EQ_INT(black_hole_open(&b), 0);
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  char addr[64];
+  snprintf(addr, sizeof addr, "127.0.0.1:%d", b.port);
+  result r = {0};
+  uint64_t t0 = uv_hrtime();
+  CHECK(start(&loop, "tcp", addr, 300, &r) != NULL);
+  run_until_called(&loop, &r);
+  uint64_t ms = (uv_hrtime() - t0) / 1000000;
+  CHECK(ms >= 290 && ms < 3000);
+  CHECK_EQ_INT(r.status, UV_ETIMEDOUT);
+  char want[128];
+  snprintf(want, sizeof want, "dial tcp 127.0.0.1:%d: i/o timeout", b.port);
+  CHECK_STR(r.error, want);
+  finish_loop(&loop);
+  black_hole_close(&b);
+  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+}
+
+typedef struct {
+  rd_dial *d;
+  result *r;
+} cancel_later;
+
+static void cancel_timer_cb(uv_timer_t *t) {
+  cancel_later *cl = t->data;
+  cancel(cl->d, cl->r);
+  uv_close((uv_handle_t *)t, NULL);
+}
+
+TEST(cancel_while_connecting) {
+  int64_t start_bytes = rd_alloc_bytes();
+  black_hole b;
+  CHECK_EQ_INT(black_hole_open(&b), 0);
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  char addr[64];
+  snprintf(addr, sizeof addr, "127.0.0.1:%d", b.port);
+
+  /* A connect that hangs, canceled from another callback. */
+  result r = {0};
+  cancel_later cl = {start(&loop, "tcp", addr, 0, &r), &r};
+  CHECK(cl.d != NULL);
+  uv_timer_t t;
+  uv_timer_init(&loop, &t);
+  t.data = &cl;
+  uv_timer_start(&t, cancel_timer_cb, 50, 0);
+  run_until_called(&loop, &r);
+  CHECK_EQ_INT(r.status, UV_ECANCELED);
+  CHECK_STR(r.error, "operation was canceled");
+  CHECK_EQ_INT(r.called_inside_api, 0);
+
+  /* A failure already decided but not yet delivered is reported as the
+   * cancel. */
+  result r2 = {0};
+  rd_dial *d2 = start(&loop, "tcp4", "[::1]:80", 0, &r2);
+  cancel(d2, &r2);
+  run_until_called(&loop, &r2);
+  CHECK_EQ_INT(r2.status, UV_ECANCELED);
+  CHECK_EQ_INT(r2.called_inside_api, 0);
+
+  finish_loop(&loop);
+  CHECK_EQ_INT(r.calls, 1);
+  CHECK_EQ_INT(r2.calls, 1);
+  black_hole_close(&b);
+  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+}
+
+typedef struct {
+  result r;
+  rd_dial *d;
+} self_cancel;
+
+static void self_cancel_cb(void *ctx, int status, uv_stream_t *stream, const char *error) {
+  self_cancel *sc = ctx;
+  dial_cb(&sc->r, status, stream, error);
+  rd_dial_cancel(sc->d); /* the dial still exists during its callback */
+}
+
+TEST(cancel_inside_callback) {
+  int64_t start_bytes = rd_alloc_bytes();
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  self_cancel sc = {{0}, NULL};
+  int status;
+  char err[256];
+  sc.d = rd_dial_start(&loop, "tcp", "127.0.0.1:1", 0, self_cancel_cb, &sc, &status, err,
+                       sizeof err);
+  CHECK(sc.d != NULL);
+  run_until_called(&loop, &sc.r);
+  CHECK_EQ_INT(sc.r.status, UV_ECONNREFUSED);
+  finish_loop(&loop);
+  CHECK_EQ_INT(sc.r.calls, 1);
+  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+}
+
+/* Fails the i-th allocation for every i, through name resolution and
+ * connect: each run ends with success or RD_ENOMEM, and nothing leaks. */
+TEST(failing_allocations) {
+  int64_t start_bytes = rd_alloc_bytes();
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  server srv;
+  CHECK_EQ_INT(tcp_server(&loop, &srv, "127.0.0.1"), 0);
+  char addr[64];
+  snprintf(addr, sizeof addr, "localhost:%d", srv.port);
+  int failures = 0;
+  for (int64_t nth = 0;; nth++) {
+    int64_t before = rd_alloc_bytes();
+    result r = {0};
+    rd_alloc_fail_nth(nth);
+    rd_dial *d = start(&loop, "tcp", addr, 5000, &r);
+    if (d == NULL) {
+      CHECK_EQ_INT(r.status, RD_ENOMEM);
+      CHECK_STR(r.error, "dial tcp: cannot allocate memory");
+    } else {
+      run_until_called(&loop, &r);
+      CHECK(r.status == 0 || r.status == RD_ENOMEM);
+      if (r.status == RD_ENOMEM)
+        CHECK_PREFIX(r.error, "dial tcp");
+      drop_stream(&r);
+    }
+    rd_alloc_fail_nth(-1);
+    for (int spins = 0; spins < 1000 && rd_alloc_bytes() != before; spins++)
+      uv_run(&loop, UV_RUN_NOWAIT);
+    CHECK_EQ_INT(rd_alloc_bytes(), before);
+    if (d != NULL && r.status == 0)
+      break;
+    failures++;
+    if (nth > 50) {
+      CHECK(0);
+      break;
+    }
+  }
+  CHECK(failures >= 3);
+  close_server(&srv);
+  finish_loop(&loop);
+  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+}
+
+RD_TEST_MAIN(T(tcp_success), T(tcp_refused), T(lookup_failure), T(localhost_by_name),
+             T(named_ports), T(ipv6), T(unix_socket), T(bad_arguments),
+             T(cancel_while_resolving), T(cancel_right_after_start), T(lookup_timeout),
+             T(connect_timeout), T(cancel_while_connecting), T(cancel_inside_callback),
+             T(failing_allocations))
