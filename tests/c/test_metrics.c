@@ -89,6 +89,19 @@ TEST(family_table) {
       {RD_M_OPEN_SESSIONS, "remotedialer_open_sessions", "Open tunnel sessions", 1, 1, {"peer"}},
       {RD_M_OPEN_CONNECTIONS, "remotedialer_open_connections", "Open tunneled connections", 1, 1,
        {"clientkey"}},
+      {RD_M_BUFFERED_BYTES, "remotedialer_buffered_bytes",
+       "Bytes queued in the engine, toward local sockets or the tunnel", 1, 1, {"direction"}},
+      {RD_M_HEAP_BYTES, "remotedialer_engine_heap_bytes", "Bytes allocated by the engine", 1, 0,
+       {NULL}},
+      {RD_M_HEAP_OBJECTS, "remotedialer_engine_heap_objects", "Objects allocated by the engine", 1,
+       0, {NULL}},
+      {RD_M_POOL_BYTES, "remotedialer_engine_pool_bytes",
+       "Bytes of the engine heap held idle in buffer pools", 1, 0, {NULL}},
+      {RD_M_LOOP_HANDLES, "remotedialer_loop_handles", "Handles alive on the engine's loop", 1, 0,
+       {NULL}},
+      {RD_M_PROCESS_RSS, "process_resident_memory_bytes", "Resident memory size in bytes.", 1, 0,
+       {NULL}},
+      {RD_M_PROCESS_FDS, "process_open_fds", "Number of open file descriptors.", 1, 0, {NULL}},
   };
   CHECK_EQ_INT(RD_ARRAY_SIZE(want), RD_M__COUNT);
   for (size_t i = 0; i < RD_ARRAY_SIZE(want); i++) {
