@@ -79,6 +79,7 @@ int rd_api_close(uint64_t handle) { return api_call(close_fn, &handle, NULL, 0);
 typedef struct {
   uint64_t handle;
   const char *key, *proto, *address;
+  uint64_t idle_ms;
   int fd;
   int64_t conn_id;
   rd_dial_status *status;
@@ -92,15 +93,15 @@ static void dial_fn(api_cmd *a, void *p) {
     return;
   }
   char err[256] = "";
-  int rc = rd_server_dial(srv, c->key, c->proto, c->address, &c->fd, &c->conn_id, &c->status, err,
+  int rc = rd_server_dial(srv, c->key, c->proto, c->address, c->idle_ms, &c->fd, &c->conn_id, &c->status, err,
                           sizeof err);
   rd_cmd_finish(&a->cmd, rc, err);
 }
 
 int rd_api_server_dial(uint64_t handle, const char *client_key, const char *proto,
-                       const char *address, int *fd, int64_t *conn_id, rd_dial_status **status,
-                       char *err, size_t errlen) {
-  dial_ctx c = {handle, client_key, proto, address, -1, 0, NULL};
+                       const char *address, uint64_t idle_timeout_ms, int *fd, int64_t *conn_id,
+                       rd_dial_status **status, char *err, size_t errlen) {
+  dial_ctx c = {handle, client_key, proto, address, idle_timeout_ms, -1, 0, NULL};
   int rc = api_call(dial_fn, &c, err, errlen);
   *fd = c.fd;
   *conn_id = c.conn_id;

@@ -19,7 +19,7 @@ int rd_api_server_new(const char *host, int port, const rd_server_config *cfg,
 int rd_api_close(uint64_t handle);
 
 int rd_api_server_dial(uint64_t handle, const char *client_key, const char *proto,
-                       const char *address, int *fd, int64_t *conn_id, rd_dial_status **status,
+                       const char *address, uint64_t idle_timeout_ms, int *fd, int64_t *conn_id, rd_dial_status **status,
                        char *err, size_t errlen);
 int rd_api_server_forward(uint64_t handle, const char *client_key, const char *proto,
                           const char *address, const char *host, int port, uint64_t *fhandle,

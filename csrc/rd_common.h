@@ -19,7 +19,8 @@ enum {
   RD_ENOMEM = -20007,       /* allocation failed */
   RD_ETIMEDOUT = -20008,    /* an engine-level deadline passed */
   RD_EREFUSED = -20009,     /* the connect authorizer refused */
-  RD_EUNAUTHORIZED = -20010 /* the server authorizer refused */
+  RD_EUNAUTHORIZED = -20010, /* the server authorizer refused */
+  RD_ETOOMANY = -20011       /* a configured limit was reached */
 };
 
 #define RD_ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))

@@ -29,6 +29,8 @@ const char *rd_strerror(int code) {
     return "connect not allowed";
   case RD_EUNAUTHORIZED:
     return "unauthorized";
+  case RD_ETOOMANY:
+    return "too many connections";
   }
   /* uv_strerror leaks a heap string for codes it does not know, so ask the
    * reentrant variant first and only hand out libuv's static texts. */

@@ -104,6 +104,8 @@ static int session_options(PyObject *opts, rd_session_config *cfg) {
       opt_ms(opts, "sync_interval", &cfg->sync_interval_ms) < 0 ||
       opt_ms(opts, "sync_grace", &cfg->sync_grace_ms) < 0 ||
       opt_ms(opts, "dial_timeout", &cfg->dial_timeout_ms) < 0 ||
+      opt_ms(opts, "idle_timeout", &cfg->idle_timeout_ms) < 0 ||
+      opt_size(opts, "max_connections", &cfg->max_connections) < 0 ||
       opt_size(opts, "max_message", &max_message) < 0 ||
       opt_size(opts, "max_buffer", &cfg->max_buffer) < 0 ||
       opt_size(opts, "hard_cap", &cfg->hard_cap) < 0)
@@ -134,6 +136,7 @@ static PyObject *py_server_new(PyObject *module, PyObject *args) {
       opt_str(opts, "auth_header", cfg.auth_header, sizeof cfg.auth_header) < 0 ||
       opt_bool(opts, "proxy_route", &cfg.proxy_route) < 0 ||
       opt_bool(opts, "metrics_route", &cfg.metrics_route) < 0 ||
+      opt_bool(opts, "debug_route", &cfg.debug_route) < 0 ||
       opt_ms(opts, "handshake_timeout", &cfg.handshake_timeout_ms) < 0 ||
       session_options(opts, &cfg.session) < 0)
     return NULL;
@@ -166,15 +169,20 @@ static void status_capsule_free(PyObject *cap) {
 static PyObject *py_server_dial(PyObject *module, PyObject *args) {
   unsigned long long handle;
   const char *key, *proto, *address;
-  double timeout = 0;
-  if (!PyArg_ParseTuple(args, "Ksss|d:server_dial", &handle, &key, &proto, &address, &timeout))
+  double timeout = 0, idle = 0;
+  if (!PyArg_ParseTuple(args, "Ksss|dd:server_dial", &handle, &key, &proto, &address, &timeout,
+                        &idle))
     return NULL;
+  if (idle < 0) {
+    PyErr_SetString(PyExc_ValueError, "idle_timeout must not be negative");
+    return NULL;
+  }
   int fd = -1, rc;
   int64_t conn_id = 0;
   rd_dial_status *st = NULL;
   char err[256];
   Py_BEGIN_ALLOW_THREADS
-  rc = rd_api_server_dial(handle, key, proto, address, &fd, &conn_id, &st, err, sizeof err);
+  rc = rd_api_server_dial(handle, key, proto, address, (uint64_t)(idle * 1000.0), &fd, &conn_id, &st, err, sizeof err);
   Py_END_ALLOW_THREADS
   if (rc != RD_OK)
     return raise_rc(module, rc, err);
@@ -269,8 +277,9 @@ static PyObject *py_server_connections(PyObject *module, PyObject *args) {
   for (size_t i = 0; list != NULL && i < l.count; i++) {
     rd_conn_info *c = &l.items[i];
     PyObject *d = Py_BuildValue(
-        "{s:L,s:s,s:s,s:s,s:d,s:s,s:K,s:K,s:O,s:n}", "id", (long long)c->id, "clientkey",
-        c->client_key, "proto", c->proto, "address", c->address, "age", c->age, "state",
+        "{s:L,s:s,s:s,s:s,s:d,s:d,s:s,s:K,s:K,s:O,s:n}", "id", (long long)c->id, "clientkey",
+        c->client_key, "proto", c->proto, "address", c->address, "age", c->age, "idle", c->idle,
+        "state",
         c->state, "tx_bytes", (unsigned long long)c->tx_bytes, "rx_bytes",
         (unsigned long long)c->rx_bytes, "paused", c->paused ? Py_True : Py_False, "buffered",
         (Py_ssize_t)c->buffered);

@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -438,6 +439,111 @@ static void handle_metrics(httpconn *hc) {
   rd_free(text);
 }
 
+/* ---- /debug/connections ---- */
+
+typedef struct {
+  char *p;
+  size_t len, cap;
+  int failed;
+} textbuf;
+
+static void tb_put(textbuf *b, const char *s, size_t n) {
+  if (b->failed)
+    return;
+  if (b->len + n + 1 > b->cap) {
+    size_t cap = b->cap ? b->cap : 1024;
+    while (cap < b->len + n + 1)
+      cap *= 2;
+    char *p = rd_realloc(b->p, cap);
+    if (p == NULL) {
+      b->failed = 1;
+      return;
+    }
+    b->p = p;
+    b->cap = cap;
+  }
+  memcpy(b->p + b->len, s, n);
+  b->len += n;
+}
+
+static void tb_printf(textbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void tb_printf(textbuf *b, const char *fmt, ...) {
+  char tmp[256];
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
+  va_end(ap);
+  if (n > 0)
+    tb_put(b, tmp, (size_t)n < sizeof tmp ? (size_t)n : sizeof tmp - 1);
+}
+
+static void tb_json_str(textbuf *b, const char *s) {
+  tb_put(b, "\"", 1);
+  for (; *s != '\0'; s++) {
+    unsigned char ch = (unsigned char)*s;
+    if (ch == '"' || ch == '\\')
+      tb_printf(b, "\\%c", ch);
+    else if (ch < 0x20)
+      tb_printf(b, "\\u%04x", ch);
+    else
+      tb_put(b, (const char *)&ch, 1);
+  }
+  tb_put(b, "\"", 1);
+}
+
+typedef struct {
+  textbuf *b;
+  int first;
+} debug_walk;
+
+static void debug_conn_cb(void *ctx, const rd_conn_info *c) {
+  debug_walk *w = ctx;
+  tb_put(w->b, w->first ? "\n  " : ",\n  ", w->first ? 3 : 4);
+  w->first = 0;
+  tb_printf(w->b, "{\"id\": %lld, \"clientkey\": ", (long long)c->id);
+  tb_json_str(w->b, c->client_key);
+  tb_printf(w->b, ", \"proto\": ");
+  tb_json_str(w->b, c->proto);
+  tb_printf(w->b, ", \"address\": ");
+  tb_json_str(w->b, c->address);
+  tb_printf(w->b,
+            ", \"age\": %.3f, \"idle\": %.3f, \"state\": \"%s\", \"tx_bytes\": %llu, "
+            "\"rx_bytes\": %llu, \"paused\": %s, \"buffered\": %zu}",
+            c->age, c->idle, c->state, (unsigned long long)c->tx_bytes,
+            (unsigned long long)c->rx_bytes, c->paused ? "true" : "false", c->buffered);
+}
+
+static void debug_session_cb(rd_map_node *n, void *ctx) {
+  debug_walk *w = ctx;
+  client_entry *e = (client_entry *)n;
+  for (size_t i = 0; i < e->count; i++) {
+    tb_put(w->b, w->first ? "\n  " : ",\n  ", w->first ? 3 : 4);
+    w->first = 0;
+    tb_printf(w->b, "{\"clientkey\": ");
+    tb_json_str(w->b, e->key);
+    tb_printf(w->b, ", \"session_key\": %lld, \"connections\": %zu}",
+              (long long)rd_session_key(e->sessions[i]), rd_session_conn_count(e->sessions[i]));
+  }
+}
+
+/* What is open, session by session and connection by connection: the
+ * answer to "what is leaking" without a debugger. */
+static void handle_debug(httpconn *hc) {
+  textbuf b = {0};
+  debug_walk w = {&b, 1};
+  tb_printf(&b, "{\"sessions\": [");
+  rd_map_foreach(&hc->srv->clients, debug_session_cb, &w);
+  tb_printf(&b, "\n],\n\"connections\": [");
+  w.first = 1;
+  rd_server_foreach_conn(hc->srv, debug_conn_cb, &w);
+  tb_printf(&b, "\n]}\n");
+  if (b.failed)
+    respond_text(hc, 500, "Internal Server Error", "out of memory");
+  else
+    http_respond(hc, 200, "OK", "application/json", b.p, b.len);
+  rd_free(b.p);
+}
+
 static int is_hop_header(const rd_http_header *h) {
   static const char *const hop[] = {"Connection", "Keep-Alive", "Proxy-Connection",
                                     "Upgrade", "Host"};
@@ -570,6 +676,8 @@ static void httpconn_route(httpconn *hc) {
     handle_upgrade(hc, &req);
   else if (srv->cfg.metrics_route && plen == 8 && memcmp(req.target, "/metrics", 8) == 0)
     handle_metrics(hc);
+  else if (srv->cfg.debug_route && plen == 18 && memcmp(req.target, "/debug/connections", 18) == 0)
+    handle_debug(hc);
   else if (srv->cfg.proxy_route && plen > 8 && memcmp(req.target, "/client/", 8) == 0)
     handle_proxy(hc, &req);
   else
@@ -639,7 +747,7 @@ static void on_accept(uv_stream_t *listener, int status) {
 /* ---- dialing ---- */
 
 int rd_server_dial(rd_server *srv, const char *client_key, const char *proto,
-                   const char *address, int *fd_out, int64_t *conn_id,
+                   const char *address, uint64_t idle_timeout_ms, int *fd_out, int64_t *conn_id,
                    rd_dial_status **status_out, char *err, size_t errlen) {
   rd_session *s = session_for(srv, client_key);
   if (s == NULL) {
@@ -680,6 +788,8 @@ int rd_server_dial(rd_server *srv, const char *client_key, const char *proto,
     snprintf(err, errlen, "dial through session failed: %s", rd_strerror(e));
     return e;
   }
+  if (idle_timeout_ms > 0)
+    rd_conn_set_idle_timeout(c, idle_timeout_ms);
   *fd_out = fds[1];
   *conn_id = rd_conn_id(c);
   *status_out = st;

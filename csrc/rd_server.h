@@ -17,6 +17,7 @@ typedef struct rd_server_config {
   char auth_header[64]; /* header naming the client key in RD_AUTH_HEADER mode */
   int proxy_route;      /* serve /client/{id}/{scheme}/{host}/{path} */
   int metrics_route;    /* serve /metrics */
+  int debug_route;      /* serve /debug/connections (JSON) */
   uint64_t handshake_timeout_ms; /* time to send a complete request head */
   size_t max_head;
   size_t max_headers;
@@ -41,7 +42,7 @@ rd_metrics *rd_server_metrics(rd_server *srv);
  * with the connection id and a referenced status; or a negative code and a
  * message (RD_ENOSESSION: "failed to find Session for client KEY"). */
 int rd_server_dial(rd_server *srv, const char *client_key, const char *proto,
-                   const char *address, int *fd_out, int64_t *conn_id,
+                   const char *address, uint64_t idle_timeout_ms, int *fd_out, int64_t *conn_id,
                    rd_dial_status **status_out, char *err, size_t errlen);
 
 /* Starts a port forward: each TCP connection accepted on host:port is dialed

@@ -48,6 +48,8 @@ struct rd_conn {
   backlog_item *bl_head, *bl_tail;
   uint64_t tx_bytes, rx_bytes;
   uint64_t created;
+  uint64_t last_activity;
+  uint64_t idle_ms; /* 0: none */
   uv_timer_t *deadline;
 };
 
@@ -72,6 +74,8 @@ struct rd_session {
   int ended;
   int handles_open;
   int write_blocked;
+  uint64_t tick_ms;     /* current tick period */
+  size_t idle_watched;  /* connections with an idle timeout */
 };
 
 /* Write requests come from a free list: one per frame or local write. */
@@ -125,6 +129,8 @@ void rd_session_config_default(rd_session_config *cfg) {
   cfg->hard_cap = 1u << 24;
   cfg->write_high = 1u << 22;
   cfg->dial_timeout_ms = 60000;
+  cfg->idle_timeout_ms = 0;
+  cfg->max_connections = 65536;
 }
 
 static void conn_end(rd_conn *c, const char *err, int send_error);
@@ -268,6 +274,8 @@ static void conn_deadline_closed_cb(uv_handle_t *h) {
 
 static rd_conn *conn_new(rd_session *s, int64_t id, const char *proto, size_t proto_len,
                          const char *address, size_t address_len) {
+  if (s->conns.count >= s->cfg.max_connections)
+    return NULL;
   rd_conn *c = rd_calloc(1, sizeof *c);
   if (c == NULL)
     return NULL;
@@ -284,7 +292,7 @@ static rd_conn *conn_new(rd_session *s, int64_t id, const char *proto, size_t pr
   c->id = id;
   c->s = s;
   c->refs = 1;
-  c->created = rd_now();
+  c->created = c->last_activity = rd_now();
   c->state = CONN_CONNECTING;
   if (rd_map_insert(&s->conns, &c->node, rd_hash_u64((uint64_t)id)) != RD_OK) {
     conn_unref(c);
@@ -392,6 +400,7 @@ static void conn_on_data(rd_conn *c, rd_block *b, uint8_t *data, size_t len) {
   rd_metrics_add(s->metrics, RD_M_RECEIVE_BYTES, labels, (double)len);
   if (len == 0)
     return;
+  c->last_activity = rd_now();
   c->got_data = 1;
   if (c->state == CONN_OPEN) {
     conn_write_local(c, b, data, len);
@@ -447,6 +456,7 @@ static void local_read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *bu
   if (nread > 0 && c->state == CONN_OPEN) {
     rd_session *s = c->s;
     c->tx_bytes += (uint64_t)nread;
+    c->last_activity = rd_now();
     /* A small read would pin a whole pooled block while it waits in the
      * session's write queue: copy it out and recycle the block. */
     if (nread <= 2048) {
@@ -536,6 +546,8 @@ static void conn_end(rd_conn *c, const char *err, int send_error) {
   rd_session *s = c->s;
   c->state = CONN_ENDED;
   rd_map_remove(&s->conns, &c->node);
+  if (c->idle_ms > 0)
+    s->idle_watched--;
   const char *labels[3] = {s->client_key, c->proto, c->address};
   rd_metrics_add(s->metrics, RD_M_REMOVE_CONNECTIONS, labels, 1);
   rd_metrics_add(s->metrics, RD_M_OPEN_CONNECTIONS, labels, -1);
@@ -641,6 +653,23 @@ int rd_conn_set_deadline(rd_conn *c, uint64_t timeout_ms) {
   return RD_OK;
 }
 
+static void session_retune_tick(rd_session *s, uint64_t idle_ms);
+
+void rd_conn_set_idle_timeout(rd_conn *c, uint64_t timeout_ms) {
+  if (c->state == CONN_ENDED)
+    return;
+  rd_session *s = c->s;
+  if (timeout_ms == 0)
+    timeout_ms = s->cfg.idle_timeout_ms;
+  if (c->idle_ms == 0 && timeout_ms > 0)
+    s->idle_watched++;
+  else if (c->idle_ms > 0 && timeout_ms == 0)
+    s->idle_watched--;
+  c->idle_ms = timeout_ms;
+  if (timeout_ms > 0)
+    session_retune_tick(s, timeout_ms);
+}
+
 /* ---- server side dials ---- */
 
 rd_conn *rd_session_dial(rd_session *s, const char *proto, const char *address,
@@ -655,10 +684,12 @@ rd_conn *rd_session_dial(rd_session *s, const char *proto, const char *address,
   int64_t id = ++s->next_conn_id;
   rd_conn *c = conn_new(s, id, proto, strlen(proto), address, strlen(address));
   if (c == NULL) {
-    *err = RD_ENOMEM;
+    *err = s->conns.count >= s->cfg.max_connections ? RD_ETOOMANY : RD_ENOMEM;
     uv_close((uv_handle_t *)local, stream_free_cb);
     return NULL;
   }
+  if (s->cfg.idle_timeout_ms > 0)
+    rd_conn_set_idle_timeout(c, 0);
   if (status != NULL) {
     atomic_fetch_add(&status->refs, 1);
     c->status = status;
@@ -763,10 +794,13 @@ static int handle_message(rd_session *s, uint8_t *payload, size_t len) {
     c = conn_new(s, m.conn_id, (const char *)m.proto, m.proto_len, (const char *)m.address,
                  m.address_len);
     if (c == NULL) {
-      static const char oom[] = "out of memory";
-      session_send_msg(s, RD_MSG_ERROR, m.conn_id, oom, sizeof oom - 1);
+      const char *why = s->conns.count >= s->cfg.max_connections ? "too many connections"
+                                                                  : "out of memory";
+      session_send_msg(s, RD_MSG_ERROR, m.conn_id, why, strlen(why));
       return 0;
     }
+    if (s->cfg.idle_timeout_ms > 0)
+      rd_conn_set_idle_timeout(c, 0);
     s->ops.on_connect(s, s->owner, c);
     return s->ended;
   case RD_MSG_ERROR:
@@ -902,6 +936,13 @@ static void session_send_sync(rd_session *s) {
   session_send_block(s, RD_MSG_SYNC, 0, b, f.n * 8);
 }
 
+static void end_idle_cb(rd_map_node *n, void *ctx) {
+  rd_conn *c = (rd_conn *)n;
+  uint64_t now = *(uint64_t *)ctx;
+  if (c->idle_ms > 0 && now - c->last_activity >= c->idle_ms)
+    conn_end(c, "idle timeout", 1);
+}
+
 static void tick_cb(uv_timer_t *t) {
   rd_session *s = t->data;
   uint64_t now = rd_now();
@@ -909,6 +950,8 @@ static void tick_cb(uv_timer_t *t) {
     rd_session_end(s, RD_WS_CLOSE_GOING_AWAY, "read deadline exceeded");
     return;
   }
+  if (s->idle_watched > 0)
+    rd_map_foreach(&s->conns, end_idle_cb, &now);
   if (s->role != RD_ROLE_CLIENT)
     return;
   if (s->cfg.ping_interval_ms && now - s->last_ping >= s->cfg.ping_interval_ms) {
@@ -921,8 +964,11 @@ static void tick_cb(uv_timer_t *t) {
   }
 }
 
-static uint64_t tick_period(const rd_session *s) {
+static uint64_t tick_period(const rd_session *s, uint64_t idle_ms) {
   uint64_t p = s->cfg.read_timeout_ms / 4;
+  /* Idle timeouts are enforced by this tick, to within a quarter. */
+  if (idle_ms > 0 && idle_ms / 4 < p)
+    p = idle_ms / 4;
   if (s->role == RD_ROLE_CLIENT) {
     if (s->cfg.ping_interval_ms && s->cfg.ping_interval_ms < p)
       p = s->cfg.ping_interval_ms;
@@ -930,6 +976,16 @@ static uint64_t tick_period(const rd_session *s) {
       p = s->cfg.sync_interval_ms;
   }
   return p ? p : 1;
+}
+
+/* Shortens the tick so a new idle timeout is enforced in time; it never
+ * lengthens it again (a faster tick serves longer timeouts too). */
+static void session_retune_tick(rd_session *s, uint64_t idle_ms) {
+  uint64_t p = tick_period(s, idle_ms);
+  if (p < s->tick_ms && !s->ended) {
+    s->tick_ms = p;
+    uv_timer_start(&s->tick, tick_cb, p, p);
+  }
 }
 
 /* ---- lifecycle ---- */
@@ -1032,8 +1088,8 @@ rd_session *rd_session_new(uv_tcp_t *tcp, int role, const char *client_key, int 
   rd_metrics_add(metrics, RD_M_ADD_WS_SESSION, labels, 1);
   rd_metrics_add(metrics, RD_M_OPEN_SESSIONS, labels + 1, 1);
   rd_engine_counts_add(1, 0, 0);
-  uint64_t period = tick_period(s);
-  uv_timer_start(&s->tick, tick_cb, period, period);
+  s->tick_ms = tick_period(s, cfg->idle_timeout_ms);
+  uv_timer_start(&s->tick, tick_cb, s->tick_ms, s->tick_ms);
   uv_tcp_nodelay(tcp, 1);
   uv_read_start((uv_stream_t *)tcp, session_alloc_cb, session_read_cb);
   if (leftover_len > 0) {
@@ -1064,6 +1120,7 @@ static void info_cb(rd_map_node *n, void *ctx) {
       .proto = c->proto,
       .address = c->address,
       .age = (double)(rd_now() - c->created) / 1000.0,
+      .idle = (double)(rd_now() - c->last_activity) / 1000.0,
       .state = c->state == CONN_OPEN ? "open" : "connecting",
       .tx_bytes = c->tx_bytes,
       .rx_bytes = c->rx_bytes,

@@ -26,6 +26,8 @@ typedef struct rd_session_config {
   size_t hard_cap;           /* a connection's buffer past this ends it */
   size_t write_high;         /* session write queue: stop reading locals above */
   uint64_t dial_timeout_ms;  /* client: local dial limit */
+  uint64_t idle_timeout_ms;  /* end connections idle this long (0 = never) */
+  size_t max_connections;    /* per session; past it dials and CONNECTs fail */
 } rd_session_config;
 
 /* Fills the protocol's defaults. */
@@ -96,6 +98,9 @@ void **rd_conn_owner_slot(rd_conn *c);
 void rd_conn_set_http_errors(rd_conn *c);
 /* Ends the connection after timeout_ms (0 = never). */
 int rd_conn_set_deadline(rd_conn *c, uint64_t timeout_ms);
+/* Ends the connection once no byte moved either way for timeout_ms
+ * (0 = the session's idle_timeout_ms). */
+void rd_conn_set_idle_timeout(rd_conn *c, uint64_t timeout_ms);
 
 /* Frees the idle write requests kept for reuse (loop thread). */
 void rd_session_trim_pools(void);
@@ -107,6 +112,7 @@ typedef struct rd_conn_info {
   const char *proto;
   const char *address;
   double age;
+  double idle; /* seconds since a byte last moved */
   const char *state;
   uint64_t tx_bytes, rx_bytes;
   int paused;
