@@ -4,24 +4,33 @@
 
 #include "rd_alloc.h"
 
-/* Idle blocks kept for reuse; beyond this, released blocks are freed so a
- * burst does not keep its peak memory. */
-#define RD_POOL_KEEP 64
+/* Two pooled sizes: local reads (one DATA message each) and session reads
+ * (several WebSocket frames each, so a full DATA frame always fits and the
+ * partial frame at a block's end is the only copy). Idle blocks kept per
+ * class; beyond that, released blocks are freed so a burst does not keep
+ * its peak memory. */
+static const size_t class_size[2] = {RD_BLOCK_SIZE, RD_BLOCK_BIG};
+static const int class_keep[2] = {16, 8};
 
-static rd_block *pool_head;
-static int pool_count;
+static rd_block *pool_head[2];
+static int pool_count[2];
 static _Atomic int64_t pool_bytes;
 static int64_t in_use;
 
+static int class_of(size_t payload) {
+  return payload <= RD_BLOCK_SIZE ? 0 : payload <= RD_BLOCK_BIG ? 1 : -1;
+}
+
 rd_block *rd_block_get(size_t payload) {
+  int k = class_of(payload);
   rd_block *b;
-  if (payload <= RD_BLOCK_SIZE && pool_head != NULL) {
-    b = pool_head;
-    pool_head = b->next_free;
-    pool_count--;
+  if (k >= 0 && pool_head[k] != NULL) {
+    b = pool_head[k];
+    pool_head[k] = b->next_free;
+    pool_count[k]--;
     atomic_fetch_sub(&pool_bytes, (int64_t)(sizeof *b + b->cap));
   } else {
-    size_t cap = RD_BLOCK_HEADROOM + (payload <= RD_BLOCK_SIZE ? RD_BLOCK_SIZE : payload);
+    size_t cap = RD_BLOCK_HEADROOM + (k >= 0 ? class_size[k] : payload);
     b = rd_malloc(sizeof *b + cap);
     if (b == NULL)
       return NULL;
@@ -50,23 +59,27 @@ void rd_block_unref(rd_block *b) {
   if (--b->refs > 0)
     return;
   in_use--;
-  if (b->cap == RD_BLOCK_HEADROOM + RD_BLOCK_SIZE && pool_count < RD_POOL_KEEP) {
-    b->next_free = pool_head;
-    pool_head = b;
-    pool_count++;
-    atomic_fetch_add(&pool_bytes, (int64_t)(sizeof *b + b->cap));
-    return;
+  for (int k = 0; k < 2; k++) {
+    if (b->cap == RD_BLOCK_HEADROOM + class_size[k] && pool_count[k] < class_keep[k]) {
+      b->next_free = pool_head[k];
+      pool_head[k] = b;
+      pool_count[k]++;
+      atomic_fetch_add(&pool_bytes, (int64_t)(sizeof *b + b->cap));
+      return;
+    }
   }
   rd_free(b);
 }
 
 void rd_block_pool_trim(void) {
-  while (pool_head != NULL) {
-    rd_block *b = pool_head;
-    pool_head = b->next_free;
-    rd_free(b);
+  for (int k = 0; k < 2; k++) {
+    while (pool_head[k] != NULL) {
+      rd_block *b = pool_head[k];
+      pool_head[k] = b->next_free;
+      rd_free(b);
+    }
+    pool_count[k] = 0;
   }
-  pool_count = 0;
   atomic_store(&pool_bytes, 0);
 }
 

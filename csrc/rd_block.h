@@ -11,8 +11,10 @@
 
 /* Room before the payload: WebSocket header (14) + tunnel header (40). */
 #define RD_BLOCK_HEADROOM 64
-/* Payload capacity of a pooled block. */
+/* Payload capacity of a pooled block for one local read (one DATA message). */
 #define RD_BLOCK_SIZE (64 * 1024)
+/* Payload capacity of a pooled session read block: room for several frames. */
+#define RD_BLOCK_BIG (256 * 1024)
 
 typedef struct rd_block {
   struct rd_block *next_free;
@@ -22,7 +24,8 @@ typedef struct rd_block {
 } rd_block;
 
 /* A block with room for at least `payload` bytes after the headroom, with one
- * reference. Pooled when payload <= RD_BLOCK_SIZE, else allocated exactly.
+ * reference. Pooled (sized RD_BLOCK_SIZE or RD_BLOCK_BIG) when payload fits
+ * one of those, else allocated exactly.
  * Returns NULL on allocation failure. */
 rd_block *rd_block_get(size_t payload);
 /* A block sized exactly for `payload` bytes (small control messages), never

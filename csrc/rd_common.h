@@ -20,7 +20,8 @@ enum {
   RD_ETIMEDOUT = -20008,    /* an engine-level deadline passed */
   RD_EREFUSED = -20009,     /* the connect authorizer refused */
   RD_EUNAUTHORIZED = -20010, /* the server authorizer refused */
-  RD_ETOOMANY = -20011       /* a configured limit was reached */
+  RD_ETOOMANY = -20011,      /* a configured limit was reached */
+  RD_ETLS = -20030           /* TLS failed: handshake, verification or record */
 };
 
 #define RD_ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))

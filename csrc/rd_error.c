@@ -31,6 +31,8 @@ const char *rd_strerror(int code) {
     return "unauthorized";
   case RD_ETOOMANY:
     return "too many connections";
+  case RD_ETLS:
+    return "TLS failure";
   }
   /* uv_strerror leaks a heap string for codes it does not know, so ask the
    * reentrant variant first and only hand out libuv's static texts. */

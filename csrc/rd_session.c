@@ -873,7 +873,7 @@ static void session_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   size_t cap = rd_block_payload_cap(s->rblock);
   if (cap - s->rend < 4096 || s->rstart + want > cap) {
     /* Move the unconsumed tail to a block big enough for the next frame. */
-    size_t size = want > RD_BLOCK_SIZE ? want : RD_BLOCK_SIZE;
+    size_t size = want > RD_BLOCK_BIG ? want : RD_BLOCK_BIG;
     rd_block *nb = rd_block_get(size);
     if (nb == NULL) {
       *buf = uv_buf_init(NULL, 0);
@@ -1058,7 +1058,7 @@ rd_session *rd_session_new(uv_tcp_t *tcp, int role, const char *client_key, int 
                            size_t leftover_len) {
   rd_session *s = rd_calloc(1, sizeof *s);
   if (s == NULL || (s->client_key = rd_strndup(client_key, strlen(client_key))) == NULL ||
-      (s->rblock = rd_block_get(leftover_len > RD_BLOCK_SIZE ? leftover_len : RD_BLOCK_SIZE)) == NULL) {
+      (s->rblock = rd_block_get(leftover_len > RD_BLOCK_BIG ? leftover_len : RD_BLOCK_BIG)) == NULL) {
     if (s != NULL)
       rd_free(s->client_key);
     rd_free(s);
