@@ -1,0 +1,147 @@
+# remotedialer-py: `make demo` and `make test` on a fresh machine.
+#
+#   make demo      system packages (as root), install the package, run the demo
+#   make test      the same set-up plus test dependencies, C unit tests, pytest
+#   make ctest     C unit tests only (ASan + UBSan), binaries in build/ctest/
+#   make fuzz      libFuzzer targets in fuzz/ for FUZZ_SECONDS each (clang)
+#   make bench     the benchmark
+#   make deps      apt-get install what is missing (root only; checks first)
+#
+# Variables: PYTHON (default python3), CC, FUZZ_SECONDS, PYTEST_ARGS.
+
+PYTHON ?= python3
+FUZZ_SECONDS ?= 60
+PYTEST_ARGS ?= -q
+CLANG ?= clang
+
+# Steps must run in order (deps before build before tests).
+.NOTPARALLEL:
+.DEFAULT_GOAL := help
+
+DEB_PACKAGES := libuv1-dev libssl-dev pkg-config gcc make curl ca-certificates prometheus
+
+# Debian's own python3 refuses `pip install` outside a virtual environment
+# (PEP 668); there, everything is installed into .venv instead.
+EXTERNALLY_MANAGED := $(shell $(PYTHON) -c 'import os, sys, sysconfig; \
+  print(int(sys.prefix == sys.base_prefix and os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))))' 2>/dev/null)
+ifeq ($(EXTERNALLY_MANAGED),1)
+PY := .venv/bin/python
+VENV := .venv/bin/python
+else
+PY := $(PYTHON)
+VENV :=
+endif
+
+ENGINE_SRC := $(filter-out csrc/rd_pymod.c,$(sort $(wildcard csrc/*.c)))
+HEADERS := $(sort $(wildcard csrc/*.h))
+CTEST_SRC := $(sort $(wildcard tests/c/test_*.c))
+CTEST_BIN := $(patsubst tests/c/%.c,build/ctest/%,$(CTEST_SRC))
+CTEST_FLAGS := -std=gnu11 -Wall -Wextra -Werror -g -O1 -fsanitize=address,undefined \
+  -fno-omit-frame-pointer -Icsrc
+FUZZ_SRC := $(sort $(wildcard fuzz/fuzz_*.c))
+FUZZ_BIN := $(patsubst fuzz/%.c,build/fuzz/%,$(FUZZ_SRC))
+LIBS := -luv -lssl -lcrypto -lpthread
+# Sanitizer reports must fail the run, not scroll by.
+SAN_ENV := ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+
+.PHONY: help demo test ctest pytest build deps testdeps fuzz bench clean _demo _test
+
+help:
+	@sed -n '3,10s/^# \{0,1\}//p' Makefile
+
+# The set-up steps are run by a second make so that the Python chosen above is
+# chosen again after `deps` may have installed one.
+demo: deps
+	@$(MAKE) --no-print-directory _demo
+
+test: deps
+	@$(MAKE) --no-print-directory _test
+
+_demo: build
+	$(PY) -m remotedialer_py demo
+
+_test: build testdeps ctest pytest
+
+pytest:
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+deps:
+	@set -e; \
+	if ! command -v dpkg >/dev/null 2>&1; then \
+	  echo "deps: not a Debian system; install libuv, OpenSSL headers, pkg-config and a C compiler yourself"; \
+	  exit 0; \
+	fi; \
+	missing=""; \
+	for p in $(DEB_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; \
+	done; \
+	if ! command -v $(PYTHON) >/dev/null 2>&1; then \
+	  missing="$$missing python3 python3-dev python3-venv python3-pip"; \
+	else \
+	  inc=$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])'); \
+	  [ -f "$$inc/Python.h" ] || missing="$$missing python3-dev"; \
+	  if [ "$(EXTERNALLY_MANAGED)" = 1 ] && ! $(PYTHON) -c 'import ensurepip' >/dev/null 2>&1; then \
+	    missing="$$missing python3-venv"; \
+	  fi; \
+	fi; \
+	if [ -z "$$missing" ]; then echo "deps: system packages present"; exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "deps: apt-get install$$missing"; \
+	  apt-get update; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
+	else \
+	  echo "deps: missing Debian packages:$$missing"; \
+	  echo "deps: run 'sudo apt-get install$$missing' (or run make as root)"; \
+	fi
+
+.venv/bin/python:
+	$(PYTHON) -m venv .venv
+
+# An editable install: the extension is built in place, `remotedialer-py` is
+# on PATH, and the source tree is what gets imported. Without build isolation,
+# so that no download is needed once setuptools is present.
+build: $(VENV)
+	@$(PY) -c 'import setuptools, wheel' >/dev/null 2>&1 || $(PY) -m pip install --quiet setuptools wheel
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+
+testdeps: $(VENV)
+	$(PY) -m pip install --quiet pytest websockets hypothesis
+
+ctest: $(CTEST_BIN)
+	@fail=0; n=0; \
+	for t in $(CTEST_BIN); do \
+	  n=$$((n + 1)); echo "== $$t"; \
+	  $(SAN_ENV) ./$$t || { echo "FAILED: $$t"; fail=$$((fail + 1)); }; \
+	done; \
+	echo "C unit tests: $$n programs, $$fail failed"; \
+	[ $$fail -eq 0 ]
+
+build/ctest/%: tests/c/%.c $(ENGINE_SRC) $(HEADERS) tests/c/rd_test.h
+	@mkdir -p $(@D)
+	$(CC) $(CTEST_FLAGS) $< $(ENGINE_SRC) $(LIBS) -o $@
+
+fuzz: $(FUZZ_BIN)
+	@[ -n "$(FUZZ_BIN)" ] || echo "no fuzz targets in fuzz/"
+	@set -e; for f in $(FUZZ_BIN); do \
+	  name=$$(basename $$f); work=build/fuzz/corpus/$$name; \
+	  seeds=fuzz/corpus/$$name; [ -d $$seeds ] || seeds=fuzz/corpus/$${name#fuzz_}; \
+	  mkdir -p $$work; \
+	  echo "== $$name for $(FUZZ_SECONDS) s (seeds: $$seeds)"; \
+	  if [ -d $$seeds ]; then \
+	    $(SAN_ENV) ./$$f -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 $$work $$seeds; \
+	  else \
+	    $(SAN_ENV) ./$$f -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 $$work; \
+	  fi; \
+	done
+
+build/fuzz/%: fuzz/%.c $(ENGINE_SRC) $(HEADERS)
+	@mkdir -p $(@D)
+	$(CLANG) -std=gnu11 -g -O1 -fsanitize=fuzzer,address,undefined -fno-omit-frame-pointer \
+	  -Icsrc $< $(ENGINE_SRC) $(LIBS) -o $@
+
+bench: build
+	$(PY) bench/bench.py
+
+clean:
+	rm -rf build dist .pytest_cache *.egg-info remotedialer_py/*.so
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

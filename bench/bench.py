@@ -1,0 +1,523 @@
+#!/usr/bin/env python3
+"""remotedialer-py benchmark: one run, three figures.
+
+(a) Bulk throughput through Server.forward (local TCP -> tunnel -> agent ->
+    TCP sink; the engine runs both ends in this process) against raw
+    loopback TCP from the same sender to the same sink, in MB/s (10^6 B/s)
+    and as a ratio.
+(b) Tunneled connections opened and closed per second: a selector loop keeps
+    --concurrency dials in flight through Server.dial to a far side that
+    sends one byte and closes; a connection counts when its socket has read
+    that byte and then EOF.
+(c) Memory per idle open tunneled connection on each side: --idle
+    connections through a forward to a far side that holds them open; the
+    agent runs in its own process so each side's engine heap
+    (engine_stats()['heap_bytes']) and RSS can be measured apart; the deltas
+    over the baseline are divided by the count.
+
+The far side (sink, accept-and-close, hold) and the opener of the idle
+connections run in helper processes (this same script with --role), so
+their sockets and CPU are not charged to the tunnel's processes.
+
+    python bench/bench.py                    # defaults: 5 s phases, 10,000 idle
+    python bench/bench.py --seconds 2 -n 2000 --json bench.json
+"""
+
+import argparse
+import json
+import os
+import queue
+import resource
+import selectors
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+CHUNK = 1 << 20
+HELPER_TIMEOUT = 120.0
+
+
+def raise_nofile():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def recv_exact(sock, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError(f"EOF after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def wait_until(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    interval = 0.001
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+        interval = min(interval * 2, 0.05)
+
+
+# ---------------------------------------------------------------------------
+# Helper processes
+
+
+class Helper:
+    """This script in another role, spoken to by lines on stdin/stdout."""
+
+    def __init__(self, role_args, env):
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), *role_args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            env=env, cwd=tempfile.gettempdir())
+        self._lines = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def line(self, timeout=HELPER_TIMEOUT):
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"helper {self.proc.args[2:]} silent for {timeout}s") from None
+        if line is None:
+            raise RuntimeError(f"helper {self.proc.args[2:]} exited ({self.proc.wait()})")
+        return line
+
+    def ask(self, command, timeout=HELPER_TIMEOUT):
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.line(timeout)
+
+    def close(self):
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+def role_far():
+    """Three loopback services: a framed sink, accept-send-close, and
+    accept-send-hold. Commands: "held" (count), "release" (close held)."""
+    raise_nofile()
+    sink = socket.create_server(("127.0.0.1", 0), backlog=4096)
+    closer = socket.create_server(("127.0.0.1", 0), backlog=4096)
+    holder = socket.create_server(("127.0.0.1", 0), backlog=4096)
+    held = []
+    lock = threading.Lock()
+
+    def sink_conn(c):
+        # Frames: 4-byte big-endian length, then that many bytes; a zero
+        # length asks for the byte count since the last report.
+        buf = bytearray(CHUNK)
+        mv = memoryview(buf)
+        hdr = bytearray()
+        remaining = total = 0
+        try:
+            while True:
+                n = c.recv_into(buf)
+                if not n:
+                    return
+                pos = 0
+                while pos < n:
+                    if remaining:
+                        take = min(remaining, n - pos)
+                        remaining -= take
+                        total += take
+                        pos += take
+                        continue
+                    take = min(4 - len(hdr), n - pos)
+                    hdr += mv[pos:pos + take]
+                    pos += take
+                    if len(hdr) == 4:
+                        remaining = int.from_bytes(hdr, "big")
+                        hdr.clear()
+                        if remaining == 0:
+                            c.sendall(total.to_bytes(8, "big"))
+                            total = 0
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def accept_sink():
+        while True:
+            c, _ = sink.accept()
+            threading.Thread(target=sink_conn, args=(c,), daemon=True).start()
+
+    def accept_close():
+        while True:
+            c, _ = closer.accept()
+            try:
+                c.sendall(b"x")
+            except OSError:
+                pass
+            c.close()
+
+    def accept_hold():
+        while True:
+            c, _ = holder.accept()
+            try:
+                c.sendall(b"x")
+            except OSError:
+                c.close()
+                continue
+            with lock:
+                held.append(c)
+
+    for fn in (accept_sink, accept_close, accept_hold):
+        threading.Thread(target=fn, daemon=True).start()
+    print(json.dumps({"sink": sink.getsockname()[1], "close": closer.getsockname()[1],
+                      "hold": holder.getsockname()[1]}), flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "held":
+            with lock:
+                print(len(held), flush=True)
+        elif cmd == "release":
+            with lock:
+                for c in held:
+                    c.close()
+                held.clear()
+            print("released", flush=True)
+    os._exit(0)
+
+
+def role_opener(port, n, inflight=256):
+    """Opens n connections to port, each confirmed by one byte from the far
+    side, keeping at most `inflight` unconfirmed; then holds them until
+    told "close"."""
+    raise_nofile()
+    sel = selectors.DefaultSelector()
+    socks = []
+    started = done = 0
+    pending = 0
+    while done < n:
+        while started < n and pending < inflight:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            sel.register(s, selectors.EVENT_READ)
+            socks.append(s)
+            started += 1
+            pending += 1
+        events = sel.select(timeout=60)
+        if not events:
+            print(f"error: stalled at {done} of {n}", flush=True)
+            return
+        for key, _ in events:
+            s = key.fileobj
+            try:
+                data = s.recv(1)
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                print(f"error: {e}", flush=True)
+                return
+            if data != b"x":
+                print(f"error: connection ended before its first byte ({done} open)", flush=True)
+                return
+            sel.unregister(s)
+            pending -= 1
+            done += 1
+    print(f"open {n}", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "close":
+            for s in socks:
+                s.close()
+            socks.clear()
+            print("closed", flush=True)
+
+
+def role_agent(url, key):
+    """A Client in its own process; "stats" prints its engine figures and RSS."""
+    raise_nofile()
+    import remotedialer_py as rd
+
+    cli = rd.Client(url, headers={"X-Tunnel-ID": key})
+    cli.start()
+    cli.wait_connected(timeout=60)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "stats":
+            print(json.dumps({"stats": rd.engine_stats(), "rss": rss_bytes()}), flush=True)
+    cli.close()
+
+
+# ---------------------------------------------------------------------------
+# Phases
+
+
+def send_for(port, seconds):
+    """Streams CHUNK frames to the sink for `seconds`, then waits for its
+    count. Returns (bytes, elapsed seconds) from the first byte to the ack."""
+    payload = os.urandom(CHUNK)
+    hdr = len(payload).to_bytes(4, "big")
+    with socket.create_connection(("127.0.0.1", port), timeout=HELPER_TIMEOUT) as s:
+        # A short warm-up on the same connection (buffers, TCP windows).
+        for _ in range(8):
+            s.sendall(hdr)
+            s.sendall(payload)
+        s.sendall(b"\0\0\0\0")
+        recv_exact(s, 8)
+        sent = 0
+        t0 = time.perf_counter()
+        deadline = t0 + seconds
+        while time.perf_counter() < deadline:
+            s.sendall(hdr)
+            s.sendall(payload)
+            sent += CHUNK
+        s.sendall(b"\0\0\0\0")
+        count = int.from_bytes(recv_exact(s, 8), "big")
+        elapsed = time.perf_counter() - t0
+    if count != sent:
+        raise RuntimeError(f"sink counted {count} bytes, {sent} were sent")
+    return sent, elapsed
+
+
+def bench_bulk(srv, key, sink_port, seconds):
+    raw_bytes, raw_s = send_for(sink_port, seconds)
+    with srv.forward(key, "tcp", f"127.0.0.1:{sink_port}", listen="127.0.0.1:0") as fwd:
+        tun_bytes, tun_s = send_for(fwd.port, seconds)
+    raw = raw_bytes / raw_s / 1e6
+    tun = tun_bytes / tun_s / 1e6
+    return {"raw_mb_s": round(raw, 1), "tunnel_mb_s": round(tun, 1),
+            "ratio": round(tun / raw, 3), "raw_bytes": raw_bytes, "tunnel_bytes": tun_bytes,
+            "raw_seconds": round(raw_s, 3), "tunnel_seconds": round(tun_s, 3)}
+
+
+def bench_conns(srv, key, port, seconds, concurrency):
+    address = f"127.0.0.1:{port}"
+    sel = selectors.DefaultSelector()
+    got_byte = {}
+    done = errors = 0
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    while True:
+        if time.perf_counter() < deadline:
+            while len(got_byte) < concurrency:
+                s = srv.dial(key, "tcp", address, timeout=30)
+                s.setblocking(False)
+                sel.register(s, selectors.EVENT_READ)
+                got_byte[s] = False
+        elif not got_byte:
+            break
+        events = sel.select(timeout=30)
+        if not events:
+            raise TimeoutError(f"{len(got_byte)} connections stalled")
+        for k, _ in events:
+            s = k.fileobj
+            try:
+                data = s.recv(64)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = None
+            if data:
+                got_byte[s] = True
+                continue
+            ok = data == b"" and got_byte[s] and s.tunnel_error is None
+            errors += not ok
+            sel.unregister(s)
+            del got_byte[s]
+            s.close()
+            done += 1
+    elapsed = time.perf_counter() - t0
+    sel.close()
+    return {"per_second": round(done / elapsed), "connections": done, "errors": errors,
+            "seconds": round(elapsed, 3), "concurrency": concurrency}
+
+
+def bench_idle(rd, srv, far, ports, n, env):
+    key = "bench-idle"
+    agent = Helper(["--role", "agent", "--url", srv.url, "--key", key], env)
+    opener = None
+    try:
+        if agent.line() != "ready":
+            raise RuntimeError("agent did not connect")
+        wait_until(lambda: srv.has_session(key), 60, "the idle agent's session")
+        with srv.forward(key, "tcp", f"127.0.0.1:{ports['hold']}", listen="127.0.0.1:0") as fwd:
+            base_srv = (rd.engine_stats(), rss_bytes())
+            base_agent = json.loads(agent.ask("stats"))
+            opener = Helper(["--role", "opener", "--port", str(fwd.port), "-n", str(n)], env)
+            t0 = time.perf_counter()
+            line = opener.line(timeout=600)
+            if line != f"open {n}":
+                raise RuntimeError(f"opener: {line}")
+            open_s = time.perf_counter() - t0
+            after_srv = (rd.engine_stats(), rss_bytes())
+            after_agent = json.loads(agent.ask("stats"))
+            if opener.ask("close") != "closed":
+                raise RuntimeError("opener did not close")
+            far.ask("release")
+            base_open = base_srv[0]["open_connections"]
+            wait_until(lambda: rd.engine_stats()["open_connections"] <= base_open, 120,
+                       "the server side to close the idle connections")
+            agent_base_open = base_agent["stats"]["open_connections"]
+            wait_until(lambda: json.loads(agent.ask("stats"))["stats"]["open_connections"]
+                       <= agent_base_open, 120, "the agent side to close the idle connections")
+            final_srv = rd.engine_stats()
+            final_agent = json.loads(agent.ask("stats"))
+    finally:
+        if opener is not None:
+            opener.close()
+        agent.close()
+
+    def side(base, after, final):
+        (bs, br), (as_, ar), fs = base, after, final
+        return {
+            "heap_bytes_per_conn": round((as_["heap_bytes"] - bs["heap_bytes"]) / n, 1),
+            "rss_bytes_per_conn": round((ar - br) / n, 1),
+            "heap_objects_per_conn": round((as_["heap_objects"] - bs["heap_objects"]) / n, 2),
+            "heap_bytes_baseline": bs["heap_bytes"],
+            "heap_bytes_open": as_["heap_bytes"],
+            "heap_bytes_after_close": fs["heap_bytes"],
+        }
+
+    return {
+        "connections": n,
+        "open_seconds": round(open_s, 3),
+        "server": side(base_srv, after_srv, final_srv),
+        "agent": side((base_agent["stats"], base_agent["rss"]),
+                      (after_agent["stats"], after_agent["rss"]), final_agent["stats"]),
+    }
+
+
+def counters_balance(obj):
+    m = obj.metrics()
+    adds = m.get("session_server_total_add_connections", {})
+    removes = m.get("session_server_total_remove_connections", {})
+    return all(adds.get(k, 0) == removes.get(k, 0) for k in set(adds) | set(removes))
+
+
+def kib(x):
+    return f"{x / 1024:.2f} KiB"
+
+
+def report(results, args):
+    lines = ["remotedialer-py benchmark "
+             f"({os.cpu_count()} cores, Python {sys.version.split()[0]}, {args.seconds:g} s phases)"]
+    bulk = results.get("bulk")
+    if bulk:
+        lines += [
+            "(a) bulk, one connection, engine at both ends in one process",
+            f"    raw loopback TCP      {bulk['raw_mb_s']:>9.1f} MB/s",
+            f"    through the tunnel    {bulk['tunnel_mb_s']:>9.1f} MB/s   "
+            f"{bulk['ratio'] * 100:.1f}% of raw",
+        ]
+    conns = results.get("conns")
+    if conns:
+        lines += [
+            "(b) tunneled connections opened and closed",
+            f"    {conns['per_second']:>9} per second   ({conns['connections']} in "
+            f"{conns['seconds']:g} s, {conns['concurrency']} in flight, {conns['errors']} errors)",
+        ]
+    idle = results.get("idle")
+    if idle:
+        lines.append(f"(c) memory per idle tunneled connection ({idle['connections']} open)")
+        for name in ("server", "agent"):
+            s = idle[name]
+            lines.append(f"    {name:<6}  engine heap {kib(s['heap_bytes_per_conn']):>11}   "
+                         f"RSS {kib(s['rss_bytes_per_conn']):>11}   "
+                         f"(heap {s['heap_bytes_baseline']} -> {s['heap_bytes_open']} -> "
+                         f"{s['heap_bytes_after_close']} bytes after close)")
+    lines.append(f"counters balanced: {results.get('balanced')}")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description="remotedialer-py benchmark (see the module docstring)")
+    p.add_argument("--seconds", "-s", type=float, default=5.0,
+                   help="duration of each timed phase (default 5)")
+    p.add_argument("-n", "--idle", type=int, default=10000,
+                   help="idle connections opened for the memory figure (default 10000)")
+    p.add_argument("--concurrency", "-c", type=int, default=64,
+                   help="dials in flight for the open/close rate (default 64)")
+    p.add_argument("--phases", default="abc", help="which of a, b, c to run (default abc)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--role", help=argparse.SUPPRESS)
+    p.add_argument("--url", help=argparse.SUPPRESS)
+    p.add_argument("--key", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.role == "far":
+        return role_far()
+    if args.role == "opener":
+        return role_opener(args.port, args.idle)
+    if args.role == "agent":
+        return role_agent(args.url, args.key)
+
+    hard = raise_nofile()
+    if "c" in args.phases and args.idle + 1000 > hard:
+        p.error(f"-n {args.idle} needs more descriptors than the hard limit {hard} allows")
+    import remotedialer_py as rd
+
+    env = dict(os.environ)
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(rd.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (pkg_parent, env.get("PYTHONPATH")) if x)
+
+    far = Helper(["--role", "far"], env)
+    results = {"seconds": args.seconds, "cores": os.cpu_count(),
+               "python": sys.version.split()[0]}
+    srv = rd.Server(listen="127.0.0.1:0")
+    cli = None
+    try:
+        ports = json.loads(far.line())
+        srv.start()
+        # The idle phase first, while this process's heap is still fresh, so
+        # memory freed by the other phases cannot hide its growth.
+        if "c" in args.phases:
+            results["idle"] = bench_idle(rd, srv, far, ports, args.idle, env)
+        cli = rd.Client(srv.url, headers={"X-Tunnel-ID": "bench"})
+        cli.start()
+        cli.wait_connected(timeout=60)
+        wait_until(lambda: srv.has_session("bench"), 60, "the agent's session")
+        if "a" in args.phases:
+            results["bulk"] = bench_bulk(srv, "bench", ports["sink"], args.seconds)
+        if "b" in args.phases:
+            results["conns"] = bench_conns(srv, "bench", ports["close"], args.seconds,
+                                           args.concurrency)
+        try:
+            wait_until(lambda: counters_balance(srv) and counters_balance(cli), 60, "balance")
+            results["balanced"] = True
+        except TimeoutError:
+            results["balanced"] = False
+        results["engine_stats_end"] = rd.engine_stats()
+    finally:
+        if cli is not None:
+            cli.close()
+        srv.close()
+        far.close()
+    print(report(results, args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+            f.write("\n")
+    return 0 if results.get("balanced") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

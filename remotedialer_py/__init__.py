@@ -1,0 +1,70 @@
+"""remotedialer-py: a reverse tunnel wire-compatible with rancher/remotedialer.
+
+    from remotedialer_py import Server, Client
+
+    with Server(listen="127.0.0.1:0") as srv, \\
+            Client(srv.url, headers={"X-Tunnel-ID": "agent-1"}) as cli:
+        cli.wait_connected(timeout=5)
+        sock = srv.dial("agent-1", "tcp", "127.0.0.1:8080")
+
+The names below are imported on first use, so importing the package (as the
+pytest plugin does in every test session) does not load the C extension.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Server",
+    "Client",
+    "Request",
+    "Forward",
+    "TunnelSocket",
+    "TunnelError",
+    "ClientNotFoundError",
+    "ClosedError",
+    "errors",
+    "engine_stats",
+    "__version__",
+]
+
+# name -> (submodule, attribute or None for the module itself)
+_LAZY = {
+    "Server": ("server", "Server"),
+    "Request": ("server", "Request"),
+    "Forward": ("server", "Forward"),
+    "Client": ("client", "Client"),
+    "TunnelSocket": ("tunnel_socket", "TunnelSocket"),
+    "TunnelError": ("errors", "TunnelError"),
+    "ClientNotFoundError": ("errors", "ClientNotFoundError"),
+    "ClosedError": ("errors", "ClosedError"),
+    "errors": ("errors", None),
+    "engine_stats": ("_runtime", "engine_stats"),
+}
+
+if TYPE_CHECKING:  # pragma: no cover - static analysers see plain imports
+    from . import errors
+    from ._runtime import engine_stats
+    from .client import Client
+    from .errors import ClientNotFoundError, ClosedError, TunnelError
+    from .server import Forward, Request, Server
+    from .tunnel_socket import TunnelSocket
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module_name, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,145 @@
+"""The one Python thread that answers the engine's questions.
+
+The engine's loop thread never takes the GIL. When it needs a decision from
+Python code (a server authorizer, a client's connect authorizer) it queues a
+request; this thread takes requests with ``_engine.next_request``, calls the
+owner's hook and posts the verdict with ``_engine.answer``. It starts when the
+first owner with a Python callable registers, and runs until shutdown.
+
+Owners are held by weak reference, so a dropped Server/Client can still be
+collected (its ``__del__`` closes it). A slow callable delays every other
+decision, so authorizers should be quick.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import weakref
+from typing import Any, Iterator
+
+from . import _engine
+
+log = logging.getLogger("remotedialer_py")
+
+# Re-entrant: a Server collected by the GC while this thread (or a caller)
+# holds the lock runs __del__ -> close -> unregister on the same thread.
+_cond = threading.Condition(threading.RLock())
+_owners: dict[int, "weakref.ref[Any]"] = {}
+_pending = 0  # owners being created whose handle is not known yet
+_thread: threading.Thread | None = None
+_stopping = False
+
+# How long a request for an unknown owner waits for a registration in flight.
+_PENDING_WAIT = 10.0
+_POLL = 0.5
+
+AUTH_ACCEPT, AUTH_UNAUTHORIZED, AUTH_ERROR = 0, 1, 2
+CONNECT_ALLOW, CONNECT_REFUSE = 0, 1
+
+
+@contextlib.contextmanager
+def creating() -> Iterator[None]:
+    """Wraps the creation of an engine object that will ask Python questions.
+
+    The engine may send a request for a new handle before the call that
+    creates it has returned; while a creation is in flight, requests for
+    unknown owners wait for ``register`` instead of being refused.
+    """
+    global _pending
+    with _cond:
+        _pending += 1
+        _ensure_thread()
+    try:
+        yield
+    finally:
+        with _cond:
+            _pending -= 1
+            _cond.notify_all()
+
+
+def register(handle: int, owner: Any) -> None:
+    """Routes requests for `handle` to ``owner._answer_request(kind, payload)``."""
+    with _cond:
+        _owners[handle] = weakref.ref(owner)
+        _ensure_thread()
+        _cond.notify_all()
+
+
+def unregister(handle: int) -> None:
+    with _cond:
+        _owners.pop(handle, None)
+
+
+def stop(timeout: float = 2.0) -> None:
+    """Stops the thread (at shutdown); it exits within one poll interval."""
+    global _stopping
+    with _cond:
+        _stopping = True
+        thread = _thread
+    if thread is not None and thread is not threading.current_thread():
+        thread.join(timeout)
+
+
+def _ensure_thread() -> None:
+    global _thread
+    if _stopping or (_thread is not None and _thread.is_alive()):
+        return
+    _thread = threading.Thread(target=_run, name="remotedialer-callbacks", daemon=True)
+    _thread.start()
+
+
+def _lookup(owner_handle: int) -> Any:
+    deadline = time.monotonic() + _PENDING_WAIT
+    with _cond:
+        while True:
+            ref = _owners.get(owner_handle)
+            if ref is not None or _pending == 0 or _stopping:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            _cond.wait(min(left, _POLL))
+    return ref() if ref is not None else None
+
+
+def _refusal(kind: str) -> tuple[int, str]:
+    if kind == "auth":
+        return AUTH_UNAUTHORIZED, ""
+    return CONNECT_REFUSE, ""
+
+
+def _handle(request: Any) -> None:
+    req_id, owner_handle, kind, payload = request
+    try:
+        owner = _lookup(owner_handle)
+        if owner is None:
+            verdict, value = _refusal(kind)
+        else:
+            verdict, value = owner._answer_request(kind, payload)
+    except BaseException:  # noqa: BLE001 - a hook bug must not stop the thread
+        log.exception("remotedialer-py: unexpected error answering a %s request", kind)
+        verdict, value = _refusal(kind)
+    try:
+        _engine.answer(req_id, verdict, value)
+    except Exception:  # noqa: BLE001 - the request may have expired meanwhile
+        log.debug("remotedialer-py: answer to request %s not delivered", req_id, exc_info=True)
+
+
+def _run() -> None:
+    while True:
+        with _cond:
+            if _stopping:
+                return
+        try:
+            request = _engine.next_request(_POLL)
+        except _engine.ClosedError:
+            return  # the engine has shut down
+        except Exception:  # noqa: BLE001
+            log.exception("remotedialer-py: waiting for engine requests failed")
+            time.sleep(_POLL)
+            continue
+        if request is not None:
+            _handle(request)

@@ -1,0 +1,211 @@
+"""Validation of user input before it reaches the engine.
+
+Everything here is pure Python (no engine import), so argument parsing can be
+tested and reported without a built extension. The engine trusts what it gets:
+a negative timeout or a huge size would turn into undefined behaviour in C, so
+every value is checked here and converted to the exact type the engine reads.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from typing import Any, Callable, Mapping
+
+# Durations longer than this are clamped: the engine converts seconds to
+# 64-bit milliseconds, and no tunnel deadline needs to exceed ~31 years.
+MAX_SECONDS = 1e9
+# Sizes beyond this cannot be meant and would overflow size arithmetic in C.
+MAX_SIZE = 1 << 62
+
+# RFC 7230 token characters: what an HTTP header name may contain.
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+def duration(name: str, value: Any) -> float:
+    """Returns `value` as positive seconds (float), clamped to MAX_SECONDS."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    seconds = float(value)
+    if math.isnan(seconds) or seconds <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    return min(seconds, MAX_SECONDS)
+
+
+def size(name: str, value: Any) -> int:
+    """Returns `value` as a positive int of bytes."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int (bytes), not {type(value).__name__}")
+    if value <= 0 or value > MAX_SIZE:
+        raise ValueError(f"{name} must be between 1 and {MAX_SIZE} bytes, got {value}")
+    return value
+
+
+def boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, not {type(value).__name__}")
+    return value
+
+
+def header_name(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not _TOKEN_RE.match(value):
+        raise ValueError(f"{name} must be an HTTP header name, got {value!r}")
+    return value
+
+
+def duration_or_off(name: str, value: Any) -> float:
+    """Like duration(), but 0 or None turns the feature off (sent as 0)."""
+    if value is None:
+        return 0.0
+    if not isinstance(value, bool) and isinstance(value, (int, float)) and value == 0:
+        return 0.0
+    return duration(name, value)
+
+
+# Option names are the engine's (see the extension's API); each maps to its
+# validator. Server(**options) and Client(**options) accept exactly these.
+# Session options apply to every session the object runs.
+_SESSION_OPTIONS: dict[str, Callable[[str, Any], Any]] = {
+    "read_timeout": duration,        # a session silent this long is dead
+    "idle_timeout": duration_or_off,  # end connections idle this long (off)
+    "max_connections": size,         # open connections per session
+    "max_message": size,             # largest WebSocket message accepted
+    "max_buffer": size,              # per-connection buffer that triggers PAUSE
+    "hard_cap": size,                # per-connection buffer that ends it
+}
+
+SERVER_OPTIONS: dict[str, Callable[[str, Any], Any]] = {
+    **_SESSION_OPTIONS,
+    "auth_header": header_name,      # the trusted header when authorizer is None
+    "proxy_route": boolean,          # serve /client/{id}/{scheme}/{host}/{path}
+    "metrics_route": boolean,        # serve /metrics
+    "debug_route": boolean,          # serve /debug/connections (off by default)
+    "handshake_timeout": duration,   # HTTP request head + upgrade
+    "sync_grace": duration,          # connections younger than this survive a SYNC
+}
+
+CLIENT_OPTIONS: dict[str, Callable[[str, Any], Any]] = {
+    **_SESSION_OPTIONS,
+    "ping_interval": duration,
+    "sync_interval": duration,
+    "backoff_min": duration,
+    "backoff_max": duration,
+    "dial_timeout": duration,        # local dials behind the agent
+    "handshake_timeout": duration,
+}
+
+# Engine options that the classes set from their own parameters; passing them
+# as keywords would contradict those parameters.
+_RESERVED = {
+    "Server": {"auth": "authorizer", "path": "path"},
+    "Client": {"allow": "allow", "patterns": "allow"},
+}
+
+
+def validate(owner: str, table: Mapping[str, Callable[[str, Any], Any]],
+             options: Mapping[str, Any]) -> dict[str, Any]:
+    """Checks keyword options against `table` and returns them converted.
+
+    Raises TypeError for an unknown name (like a Python call would) and
+    ValueError for a value of the wrong type or range.
+    """
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        check = table.get(key)
+        if check is None:
+            hint = _RESERVED.get(owner, {}).get(key)
+            if hint is not None:
+                raise TypeError(f"{owner}() got an unexpected keyword argument {key!r}"
+                                f" (use the {hint}= parameter)")
+            raise TypeError(f"{owner}() got an unexpected keyword argument {key!r};"
+                            f" valid options: {', '.join(sorted(table))}")
+        out[key] = check(key, value)
+    return out
+
+
+def _port(text: str, original: str) -> int:
+    if not text.isdigit() or not text.isascii():
+        raise ValueError(f"invalid listen address {original!r}: port {text!r} is not a number")
+    port = int(text)
+    if port > 65535:
+        raise ValueError(f"invalid listen address {original!r}: port {port} is out of range 0-65535")
+    return port
+
+
+def parse_listen(listen: Any) -> tuple[str, int]:
+    """Splits a listen address into (host, port).
+
+    Accepts "host:port", ":port" (all IPv4 interfaces, as Go's net.Listen
+    reads it), "[v6addr]:port", or a (host, port) tuple. Port 0 picks a free
+    port. Host names are kept as given; they are resolved when binding.
+    """
+    if isinstance(listen, tuple):
+        if len(listen) != 2 or not isinstance(listen[0], str) or \
+                isinstance(listen[1], bool) or not isinstance(listen[1], int):
+            raise ValueError(f"invalid listen address {listen!r}: expected (host, port)")
+        host, port = listen
+        if not 0 <= port <= 65535:
+            raise ValueError(f"invalid listen address {listen!r}: port {port} is out of range 0-65535")
+        host = host.strip("[]") if host.startswith("[") else host
+        return (host or "0.0.0.0"), port
+    if not isinstance(listen, str):
+        raise TypeError(f"listen must be a str like '127.0.0.1:0', not {type(listen).__name__}")
+    original = listen
+    if not listen or listen != listen.strip() or any(c.isspace() for c in listen):
+        raise ValueError(f"invalid listen address {original!r}: expected HOST:PORT, e.g. '127.0.0.1:0' or ':8123'")
+    if listen.startswith("["):
+        end = listen.find("]")
+        if end < 0:
+            raise ValueError(f"invalid listen address {original!r}: missing ']' after the IPv6 address")
+        host, rest = listen[1:end], listen[end + 1:]
+        if not rest.startswith(":"):
+            raise ValueError(f"invalid listen address {original!r}: expected ':PORT' after ']'")
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            raise ValueError(f"invalid listen address {original!r}: {host!r} is not an IPv6 address") from None
+        return host, _port(rest[1:], original)
+    host, sep, port_text = listen.rpartition(":")
+    if not sep:
+        example = f"':{listen}' or '127.0.0.1:{listen}'" if listen.isdigit() else "'127.0.0.1:0'"
+        raise ValueError(f"invalid listen address {original!r}: missing port; expected HOST:PORT, "
+                         f"e.g. {example}")
+    if ":" in host:
+        raise ValueError(f"invalid listen address {original!r}: write IPv6 addresses in brackets, "
+                         f"e.g. '[::1]:0'")
+    if host and not re.match(r"^[A-Za-z0-9._-]+$", host):
+        raise ValueError(f"invalid listen address {original!r}: {host!r} is not a host name or address")
+    return (host or "0.0.0.0"), _port(port_text, original)
+
+
+def is_wildcard(host: str) -> bool:
+    return host in ("0.0.0.0", "::")
+
+
+def format_hostport(host: str, port: int) -> str:
+    """Joins host and port the way URLs and Go's net.JoinHostPort do."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def connect_target(proto: Any, address: Any) -> tuple[str, str]:
+    """Validates a dial target (proto, address)."""
+    if not isinstance(proto, str) or not proto:
+        raise ValueError(f"proto must be a non-empty str such as 'tcp', got {proto!r}")
+    if "/" in proto or any(c.isspace() or ord(c) < 0x20 for c in proto):
+        raise ValueError(f"invalid proto {proto!r}")
+    if not isinstance(address, str) or not address:
+        raise ValueError(f"address must be a non-empty str such as '127.0.0.1:8080', got {address!r}")
+    if any(ord(c) < 0x20 or c == "\x7f" for c in address):
+        raise ValueError(f"invalid address {address!r}: control characters")
+    # A Go agent reads at most 266 bytes of the CONNECT payload "proto/address"
+    # and would silently dial a truncated address.
+    if len(f"{proto}/{address}".encode()) > 266:
+        raise ValueError(f"proto/address is longer than the protocol's 266 bytes: {proto}/{address[:40]}...")
+    return proto, address
+
+
+def client_key(key: Any) -> str:
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"client key must be a non-empty str, got {key!r}")
+    return key

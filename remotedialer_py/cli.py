@@ -1,0 +1,250 @@
+"""Command line: ``remotedialer-py server|client|demo``.
+
+The server and client subcommands also accept the single-dash flags of the Go
+library's example programs (``-listen :8123``, ``-connect URL -id foo``), so
+scripts written for those keep working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from typing import Any, Callable, Optional, Sequence
+
+from . import __version__, _options
+
+PROG = "remotedialer-py"
+PEERING_UNSUPPORTED = "peering is not supported yet"
+
+
+class _GoBool(argparse.Action):
+    """A boolean flag that also takes Go's ``-flag=true``/``-flag=false``."""
+
+    _VALUES = {"1": True, "t": True, "true": True, "0": False, "f": False, "false": False}
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("default", False)
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: Optional[str] = None) -> None:
+        setattr(namespace, self.dest, True)
+
+
+def _split_go_bools(argv: Sequence[str], names: Sequence[str]) -> list[str]:
+    """Rewrites Go-style ``-debug=false`` into what argparse understands.
+
+    argparse cannot give an optional value to a flag without letting it eat
+    the next argument, which Go's bool flags never do.
+    """
+    out = []
+    for arg in argv:
+        head, sep, value = arg.partition("=")
+        if sep and head.lstrip("-") in names and head.startswith("-"):
+            flag = _GoBool._VALUES.get(value.lower())
+            if flag is None:
+                raise SystemExit(f"{PROG}: invalid boolean value {value!r} for {head}")
+            if flag:
+                out.append(head)
+            continue
+        out.append(arg)
+    return out
+
+
+def _listen(value: str) -> tuple[str, int]:
+    try:
+        return _options.parse_listen(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _path(value: str) -> str:
+    if not value.startswith("/"):
+        raise argparse.ArgumentTypeError(f"path must start with '/', got {value!r}")
+    return value
+
+
+def _pattern(value: str) -> str:
+    if "/" not in value or value.startswith("/"):
+        raise argparse.ArgumentTypeError(f"allow pattern {value!r} must look like 'tcp/127.0.0.1:*'")
+    return value
+
+
+def _header(value: str) -> tuple[str, str]:
+    name, sep, val = value.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"header {value!r} must look like 'Name: value'")
+    return name.strip(), val.strip()
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {n}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, allow_abbrev=False,
+        description="A reverse tunnel over WebSocket, wire-compatible with rancher/remotedialer.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    srv = sub.add_parser(
+        "server", allow_abbrev=False, help="run a tunnel server",
+        description="Accept agents on PATH and serve /metrics and /client/{id}/{scheme}/{host}/{path}.")
+    srv.add_argument("--listen", "-listen", type=_listen, default=_listen(":8123"), metavar="HOST:PORT",
+                     help="address to listen on (default :8123, all IPv4 interfaces)")
+    srv.add_argument("--path", "-path", type=_path, default="/connect",
+                     help="WebSocket path agents connect to (default /connect)")
+    srv.add_argument("--debug", "-debug", action=_GoBool, help="debug logging")
+    srv.add_argument("--debug-connections", action="store_true",
+                     help="serve GET /debug/connections: every open session and connection")
+    srv.add_argument("--id", "-id", default="", help="peer id (peering: not supported yet)")
+    srv.add_argument("--token", "-token", default="", help="peer token (peering: not supported yet)")
+    srv.add_argument("--peers", "-peers", default="", metavar="ID:TOKEN:URL,...",
+                     help="HA peers (not supported yet)")
+
+    cli = sub.add_parser(
+        "client", allow_abbrev=False, help="run a tunnel agent",
+        description="Connect to a server and serve the dials it sends through the tunnel.")
+    cli.add_argument("--connect", "-connect", default="ws://localhost:8123/connect", metavar="URL",
+                     help="server URL (default ws://localhost:8123/connect)")
+    cli.add_argument("--id", "-id", default="foo", help="client id sent as X-Tunnel-ID (default foo)")
+    cli.add_argument("--allow", "-allow", action="append", type=_pattern, default=None,
+                     metavar="PATTERN",
+                     help="allow dials matching proto/host:port, '*' wildcards "
+                          "(repeatable; default: allow everything)")
+    cli.add_argument("--header", "-header", action="append", type=_header, default=[],
+                     metavar="'NAME: VALUE'", help="extra handshake header (repeatable)")
+    cli.add_argument("--debug", "-debug", action=_GoBool, help="debug logging")
+
+    demo = sub.add_parser(
+        "demo", allow_abbrev=False, help="run the loopback demo",
+        description="One process: an HTTP service, a server and an agent; requests through the "
+                    "tunnel, then the counters and memory.")
+    demo.add_argument("-n", "--requests", dest="n", type=_positive_int, default=2000,
+                      help="number of requests (default 2000)")
+    demo.add_argument("-c", "--concurrency", type=_positive_int, default=8,
+                      help="concurrent request threads (default 8)")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return build_parser().parse_args(_split_go_bools(argv, ("debug",)))
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+
+
+def _run_until_signal(tick: Optional[Callable[[], None]] = None, interval: float = 0.5) -> None:
+    """Blocks the main thread until SIGINT or SIGTERM, calling `tick` meanwhile."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    # A bounded wait lets the handler run promptly on every Python version.
+    while not stop.wait(interval):
+        if tick is not None:
+            tick()
+
+
+def run_server(args: argparse.Namespace) -> int:
+    if args.peers:
+        print(f"{PROG}: {PEERING_UNSUPPORTED}", file=sys.stderr)
+        return 2
+    _setup_logging(args.debug)
+    log = logging.getLogger("remotedialer_py")
+    if args.id or args.token:
+        log.debug("-id and -token only matter for peering, which is not supported yet; ignored")
+    from .errors import TunnelError
+    from .server import Server
+
+    host, port = args.listen
+    srv = Server(listen=(host, port), path=args.path, proxy_route=True,
+                 debug_route=args.debug_connections)
+    try:
+        srv.start()
+    except (TunnelError, ValueError) as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        bound = _options.format_hostport(srv.host or host, srv.port or 0)
+        print(f"listening on {srv.url} (bound to {bound})", flush=True)
+        log.debug("agents authenticate with the X-Tunnel-ID header; metrics on /metrics")
+        _run_until_signal()
+    finally:
+        srv.close()
+    return 0
+
+
+def run_client(args: argparse.Namespace) -> int:
+    _setup_logging(args.debug)
+    log = logging.getLogger("remotedialer_py")
+    from .client import Client
+    from .errors import TunnelError
+
+    headers = [("X-Tunnel-ID", args.id)] + list(args.header)
+    try:
+        cli = Client(args.connect, headers=headers, allow=args.allow)
+        cli.start()
+    except (TunnelError, ValueError) as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    state: dict = {"connected": False, "error": None}
+
+    def report() -> None:
+        # The engine reconnects by itself; this only logs the transitions.
+        now = cli.connected
+        if now and not state["connected"]:
+            log.info("connected to %s as %s", args.connect, args.id)
+        elif state["connected"] and not now:
+            why = cli.last_error
+            log.info("disconnected from %s%s; reconnecting", args.connect,
+                     f" ({why})" if why else "")
+        elif not now:
+            why = cli.last_error
+            if why and why != state.get("error"):
+                log.info("cannot connect to %s: %s; retrying", args.connect, why)
+            state["error"] = why
+        state["connected"] = now
+
+    try:
+        log.info("connecting to %s as %s", args.connect, args.id)
+        _run_until_signal(report, interval=0.2)
+    finally:
+        cli.close()
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    return demo.run(n=args.n, concurrency=args.concurrency)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    command = {"server": run_server, "client": run_client, "demo": run_demo}[args.command]
+    try:
+        return command(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

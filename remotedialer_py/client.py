@@ -1,0 +1,223 @@
+"""The tunnel client (agent): connects out to a server and serves its dials."""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.parse
+import weakref
+from typing import Any, Callable, Iterable, Mapping, Optional, Tuple, Union
+
+from . import _callbacks, _engine, _options
+from .server import MetricsDict, _Handle, _metrics_dict
+
+log = logging.getLogger("remotedialer_py")
+
+# Started, unclosed clients: lets the pytest plugin list what stayed open.
+_live: "weakref.WeakSet[Client]" = weakref.WeakSet()
+
+Allow = Union[None, str, Iterable[str], Callable[[str, str], bool]]
+
+# Slice long waits so that a KeyboardInterrupt reaches the main thread
+# promptly: the engine waits with the GIL released and cannot see signals.
+_WAIT_SLICE = 0.5
+
+
+def _check_url(url: Any) -> str:
+    if not isinstance(url, str):
+        raise TypeError(f"url must be a str like 'ws://host:port/connect', not {type(url).__name__}")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise ValueError(f"invalid server URL {url!r}: {exc}") from None
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"invalid server URL {url!r}: expected ws://HOST[:PORT]/PATH")
+    if any(c.isspace() or ord(c) < 0x20 for c in url):
+        raise ValueError(f"invalid server URL {url!r}: contains whitespace or control characters")
+    return url
+
+
+def _check_headers(headers: Any) -> list[Tuple[str, str]]:
+    if headers is None:
+        return []
+    try:
+        pairs = [tuple(p) for p in (headers.items() if isinstance(headers, Mapping) else headers)]
+    except TypeError:
+        raise TypeError("headers must be a dict or a list of (name, value) pairs") from None
+    out = []
+    for pair in pairs:
+        if len(pair) != 2:
+            raise ValueError(f"headers must be (name, value) pairs, got {pair!r}")
+        name, value = pair
+        _options.header_name("header name", name)
+        if not isinstance(value, str):
+            raise ValueError(f"header {name!r} must have a str value, not {type(value).__name__}")
+        # CR/LF would let a value inject headers into the handshake.
+        if any((ord(c) < 0x20 and c != "\t") or c == "\x7f" for c in value):
+            raise ValueError(f"header {name!r} contains control characters")
+        out.append((name, value))
+    return out
+
+
+def _check_allow(allow: Allow) -> Tuple[str, list[str], Optional[Callable[[str, str], bool]]]:
+    """Returns the engine's (allow mode, patterns, callable)."""
+    if allow is None:
+        return "all", [], None
+    if callable(allow):
+        return "callback", [], allow
+    if isinstance(allow, str):
+        allow = [allow]
+    try:
+        patterns = list(allow)
+    except TypeError:
+        raise TypeError("allow must be None, a callable(proto, address) -> bool, "
+                        "or a list of 'proto/host:port' patterns") from None
+    for p in patterns:
+        if not isinstance(p, str) or "/" not in p or p.startswith("/"):
+            raise ValueError(f"allow pattern {p!r} must look like 'tcp/127.0.0.1:*' (proto/host:port)")
+    return "patterns", patterns, None
+
+
+class Client(_Handle):
+    """A tunnel client (the agent).
+
+    ``Client(url, headers=None, allow=None, **options)``
+
+    - ``url``: the server's ``ws://host:port/path``.
+    - ``headers``: dict or list of pairs sent with the handshake, e.g.
+      ``{"X-Tunnel-ID": "agent-1"}`` for a server that trusts that header.
+    - ``allow``: which dials this agent serves. None allows everything; a list
+      of patterns like ``"tcp/127.0.0.1:*"`` (``*`` matches any run of
+      characters) allows the matching ``proto/address``; a callable
+      ``f(proto, address) -> bool`` decides each one (it runs on one shared
+      Python thread; an exception counts as a refusal). A refused dial is
+      answered with the error ``connect not allowed`` for that connection.
+    - ``options`` (keywords, seconds as int or float): ``ping_interval``
+      (5), ``read_timeout`` (60), ``sync_interval`` (60), ``backoff_min``
+      (0.5), ``backoff_max`` (5), ``dial_timeout`` (60, local dials),
+      ``handshake_timeout`` (10), ``idle_timeout`` (0 = off),
+      ``max_connections``, ``max_message``, ``max_buffer``, ``hard_cap``.
+
+    After ``start()`` it connects, and reconnects with backoff whenever the
+    session is lost, until ``close()``.
+    """
+
+    _kind = "client"
+
+    def __init__(self, url: str, headers: Any = None, allow: Allow = None, **options: Any) -> None:
+        super().__init__()
+        self._url = _check_url(url)
+        self._headers = _check_headers(headers)
+        self._allow_mode, self._patterns, self._allow_fn = _check_allow(allow)
+        self._options = _options.validate("Client", _options.CLIENT_OPTIONS, options)
+        lo = self._options.get("backoff_min", 0.5)
+        hi = self._options.get("backoff_max", 5.0)
+        if lo > hi:
+            raise ValueError(f"backoff_min ({lo}) must not exceed backoff_max ({hi})")
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    def start(self) -> "Client":
+        """Starts connecting (in the background). Returns self; a second call
+        does nothing. Raises TunnelError for a URL the engine cannot use."""
+        with self._lock:
+            if self._closing:
+                raise _engine.ClosedError("client is closed")
+            if self._handle is not None:
+                return self
+            opts = dict(self._options)
+            opts["allow"] = self._allow_mode
+            if self._allow_mode == "patterns":
+                opts["patterns"] = list(self._patterns)
+            if self._allow_fn is None:
+                handle = _engine.client_new(self._url, list(self._headers), opts)
+            else:
+                with _callbacks.creating():
+                    handle = _engine.client_new(self._url, list(self._headers), opts)
+                    _callbacks.register(handle, self)
+            self._handle = handle
+            _live.add(self)
+        return self
+
+    def _close_impl(self) -> None:
+        _live.discard(self)
+        super()._close_impl()
+
+    def __enter__(self) -> "Client":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def connected(self) -> bool:
+        """True while a session with the server is up."""
+        handle = self._handle
+        if handle is None or self._closing:
+            return False
+        try:
+            return bool(_engine.client_connected(handle))
+        except _engine.ClosedError:
+            return False
+
+    @property
+    def last_error(self) -> Optional[str]:
+        """Why the last connection attempt or session failed (e.g. the
+        server's 401), or None."""
+        handle = self._handle
+        if handle is None or self._closing or not hasattr(_engine, "client_state"):
+            return None
+        try:
+            return _engine.client_state(handle)[1] or None
+        except _engine.ClosedError:
+            return None
+
+    def wait_connected(self, timeout: Optional[float] = 5) -> None:
+        """Waits until a session is up; raises TimeoutError after ``timeout``
+        seconds (None waits forever)."""
+        handle = self._live_handle()
+        if timeout is not None:
+            timeout = _options.duration("timeout", timeout) if timeout != 0 else 0.0
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = _WAIT_SLICE if deadline is None else max(0.0, deadline - time.monotonic())
+            if _engine.client_wait_connected(handle, min(left, _WAIT_SLICE)):
+                return
+            if self._closing:
+                raise _engine.ClosedError("client is closed")
+            if deadline is not None and time.monotonic() >= deadline:
+                why = self.last_error
+                raise TimeoutError(f"not connected to {self._url} within {timeout:g} s"
+                                   + (f" (last error: {why})" if why else ""))
+
+    def metrics(self) -> MetricsDict:
+        """Same shape as ``Server.metrics()``; the agent's own counters."""
+        return _metrics_dict(_engine.metrics(self._live_handle()))
+
+    def prometheus(self) -> str:
+        return _engine.prometheus(self._live_handle())
+
+    def _answer_request(self, kind: str, payload: Any) -> Tuple[int, str]:
+        fn = self._allow_fn
+        if kind != "connect" or fn is None:
+            return _callbacks.CONNECT_REFUSE, ""
+        proto, address = payload
+        try:
+            allowed = bool(fn(proto, address))
+        except Exception:  # noqa: BLE001 - a failing authorizer refuses
+            log.warning("remotedialer-py: connect authorizer raised for %s/%s; refusing",
+                        proto, address, exc_info=True)
+            return _callbacks.CONNECT_REFUSE, ""
+        return (_callbacks.CONNECT_ALLOW if allowed else _callbacks.CONNECT_REFUSE), ""
+
+    def __repr__(self) -> str:
+        if self._closing:
+            state = "closed"
+        elif self._handle is None:
+            state = "not started"
+        else:
+            state = "connected" if self.connected else "connecting"
+        return f"<Client {self._url} {state}>"

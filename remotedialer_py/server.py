@@ -1,0 +1,436 @@
+"""The tunnel server: accepts agents over WebSocket and dials through them."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import threading
+import warnings
+import weakref
+from typing import Any, Callable, Iterator, Mapping, Optional, Tuple
+
+from . import _callbacks, _engine, _options, _runtime  # noqa: F401 - _runtime registers the exit hook
+from .tunnel_socket import TunnelSocket
+
+log = logging.getLogger("remotedialer_py")
+
+# Started, unclosed servers: lets the pytest plugin list what stayed open.
+_live: "weakref.WeakSet[Server]" = weakref.WeakSet()
+
+MetricsDict = dict  # {name: {((label, value), ...): int | float}}
+
+
+class Headers(Mapping[str, str]):
+    """Read-only request headers with case-insensitive names.
+
+    ``headers["x-tunnel-id"]`` and ``headers.get("X-Tunnel-ID")`` return the
+    first value; ``get_all(name)`` returns every value; ``raw`` is the list of
+    ``(name, value)`` pairs as received.
+    """
+
+    __slots__ = ("_raw", "_first")
+
+    def __init__(self, pairs: Any = ()) -> None:
+        raw = tuple((str(k), str(v)) for k, v in pairs)
+        first: dict[str, Tuple[str, str]] = {}
+        for k, v in raw:
+            first.setdefault(k.lower(), (k, v))
+        object.__setattr__(self, "_raw", raw)
+        object.__setattr__(self, "_first", first)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Headers are read-only")
+
+    def __getitem__(self, name: str) -> str:
+        if not isinstance(name, str):
+            raise KeyError(name)
+        return self._first[name.lower()][1]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._first
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, _ in self._first.values())
+
+    def __len__(self) -> int:
+        return len(self._first)
+
+    def get_all(self, name: str) -> list[str]:
+        name = name.lower()
+        return [v for k, v in self._raw if k.lower() == name]
+
+    @property
+    def raw(self) -> Tuple[Tuple[str, str], ...]:
+        return self._raw
+
+    def __repr__(self) -> str:
+        return f"Headers({list(self._raw)!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """The upgrade request an authorizer decides on."""
+
+    method: str
+    path: str
+    headers: Headers
+    remote_addr: str  # "ip:port" of the peer
+
+
+Authorizer = Callable[[Request], Tuple[str, bool]]
+
+
+def _metrics_dict(samples: Any) -> MetricsDict:
+    out: MetricsDict = {}
+    for name, labels, value in samples:
+        key = tuple(sorted((str(k), str(v)) for k, v in labels))
+        value = float(value)
+        out.setdefault(name, {})[key] = int(value) if value.is_integer() else value
+    return out
+
+
+def _resolve_listen(host: str) -> str:
+    """Turns a host name into a numeric address for the engine to bind."""
+    try:
+        socket.inet_pton(socket.AF_INET, host)
+        return host
+    except OSError:
+        pass
+    try:
+        socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
+        return host
+    except OSError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                                   socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot resolve listen host {host!r}: {exc.strerror}") from None
+    # Prefer IPv4, as Go does for "localhost" on most systems.
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    return infos[0][4][0]
+
+
+def _url_host(host: str) -> str:
+    if host == "0.0.0.0":
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+class _Handle:
+    """Shared lifecycle of engine objects: start once, close once from any
+    thread, ResourceWarning (never resurrection) when dropped unclosed."""
+
+    _kind = "object"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._handle: Optional[int] = None
+        self._closing = False
+        self._closed = threading.Event()
+
+    def _live_handle(self) -> int:
+        handle = self._handle
+        if self._closing:
+            raise _engine.ClosedError(f"{self._kind} is closed")
+        if handle is None:
+            raise RuntimeError(f"{self._kind} is not started; call start() first")
+        return handle
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        """Closes the object and waits until the engine has ended everything it
+        owned. Idempotent; safe from any thread (a concurrent caller waits for
+        the first one to finish)."""
+        with self._lock:
+            first = not self._closing
+            self._closing = True
+        if not first:
+            self._closed.wait()
+            return
+        try:
+            self._close_impl()
+        finally:
+            self._closed.set()
+
+    def _close_impl(self) -> None:
+        handle = self._handle
+        if handle is None:
+            return
+        try:
+            _engine.close(handle)
+        except _engine.ClosedError:
+            pass  # already ended by the engine's shutdown
+        finally:
+            _callbacks.unregister(handle)
+
+    def __del__(self) -> None:
+        # getattr: __init__ may have failed before setting the fields.
+        if getattr(self, "_handle", None) is None or getattr(self, "_closing", True):
+            return
+        try:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class Forward(_Handle):
+    """A local TCP listener whose every accepted connection is dialed through
+    the tunnel to ``proto``/``address`` behind client ``client_key``."""
+
+    _kind = "forward"
+
+    def __init__(self, server: "Server", handle: int, host: str, port: int,
+                 client_key: str, proto: str, address: str) -> None:
+        super().__init__()
+        # A strong reference keeps the server (and its session routing) alive
+        # for as long as the forward is in use.
+        self._server: Optional["Server"] = server
+        self._handle = handle
+        self.host = host
+        self.port = port
+        self.client_key = client_key
+        self.proto = proto
+        self.address = address
+
+    def _close_impl(self) -> None:
+        try:
+            super()._close_impl()
+        finally:
+            self._server = None  # let the server be collected once unused
+
+    def __enter__(self) -> "Forward":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closing else "open"
+        return (f"<Forward {_options.format_hostport(self.host, self.port)} -> "
+                f"{self.client_key}:{self.proto}/{self.address} {state}>")
+
+
+class Server(_Handle):
+    """A tunnel server.
+
+    ``Server(listen="127.0.0.1:0", authorizer=None, path="/connect", **options)``
+
+    - ``listen``: ``"host:port"``, ``":port"`` (all IPv4 interfaces),
+      ``"[::1]:port"`` or ``(host, port)``; port 0 picks a free port.
+    - ``authorizer``: None trusts the ``X-Tunnel-ID`` request header as the
+      client key (what the Go example server does: anyone who can reach the
+      port can register any key). Or a callable ``f(request) -> (client_key,
+      ok)`` where ``request`` is a :class:`Request`; ``ok`` false answers 401
+      ``failed authentication``; an exception answers 400 with ``str(exc)``.
+      It runs on one shared Python thread, so keep it quick.
+    - ``options`` (keywords, seconds as int or float): ``read_timeout``
+      (60), ``handshake_timeout`` (5), ``idle_timeout`` (0 = off: end
+      connections idle this long), ``max_connections`` (per session),
+      ``max_message`` (16 MiB), ``max_buffer`` (2 MiB, PAUSE threshold),
+      ``hard_cap`` (per-connection buffer that ends it), ``sync_grace``,
+      ``auth_header`` ("X-Tunnel-ID"), ``proxy_route`` (True),
+      ``metrics_route`` (True), ``debug_route`` (False: serve
+      ``/debug/connections``). An unknown name raises TypeError, a bad
+      value ValueError.
+    """
+
+    _kind = "server"
+
+    def __init__(self, listen: Any = "127.0.0.1:0", authorizer: Optional[Authorizer] = None,
+                 path: str = "/connect", **options: Any) -> None:
+        super().__init__()
+        self._listen_host, self._listen_port = _options.parse_listen(listen)
+        if authorizer is not None and not callable(authorizer):
+            raise TypeError(f"authorizer must be None or a callable, not {type(authorizer).__name__}")
+        if not isinstance(path, str) or not path.startswith("/") or \
+                any(c.isspace() or ord(c) < 0x20 or c in "?#" for c in path):
+            raise ValueError(f"path must be an absolute URL path such as '/connect', got {path!r}")
+        self._authorizer = authorizer
+        self._path = path
+        self._options = _options.validate("Server", _options.SERVER_OPTIONS, options)
+        self._host: Optional[str] = None
+        self._port: Optional[int] = None
+        self._forwards: "weakref.WeakSet[Forward]" = weakref.WeakSet()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> "Server":
+        """Binds the listener and starts serving. Returns self; a second call
+        does nothing. Raises TunnelError when the address cannot be bound."""
+        with self._lock:
+            if self._closing:
+                raise _engine.ClosedError("server is closed")
+            if self._handle is not None:
+                return self
+            host = _resolve_listen(self._listen_host)
+            opts = dict(self._options)
+            opts["path"] = self._path
+            opts["auth"] = "header" if self._authorizer is None else "callback"
+            if self._authorizer is None:
+                handle, port = _engine.server_new(host, self._listen_port, opts)
+            else:
+                with _callbacks.creating():
+                    handle, port = _engine.server_new(host, self._listen_port, opts)
+                    _callbacks.register(handle, self)
+            self._handle, self._host, self._port = handle, host, port
+            _live.add(self)
+        return self
+
+    def _close_impl(self) -> None:
+        for fwd in list(self._forwards):
+            fwd.close()
+        _live.discard(self)
+        super()._close_impl()
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- addresses ---------------------------------------------------------
+
+    @property
+    def host(self) -> Optional[str]:
+        """The bound address (None before start)."""
+        return self._host
+
+    @property
+    def port(self) -> Optional[int]:
+        """The bound port (None before start)."""
+        return self._port
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def url(self) -> str:
+        """The URL agents connect to, e.g. ``ws://127.0.0.1:8123/connect``.
+        A wildcard bind (0.0.0.0 or ::) is given as the loopback address."""
+        self._live_handle()
+        return f"ws://{_url_host(self._host or '')}:{self._port}{self._path}"
+
+    # -- sessions and connections -----------------------------------------
+
+    def list_clients(self) -> list[str]:
+        """Sorted client keys that have a live session."""
+        return list(_engine.server_clients(self._live_handle()))
+
+    def has_session(self, client_key: str) -> bool:
+        return bool(_engine.server_has_session(self._live_handle(), _options.client_key(client_key)))
+
+    def dial(self, client_key: str, proto: str, address: str, timeout: Optional[float] = 10,
+             idle_timeout: Optional[float] = None) -> TunnelSocket:
+        """Opens a connection to ``address`` through the agent ``client_key``.
+
+        Returns a connected socket as soon as the CONNECT message is sent. A
+        failure on the far side (refused, unreachable, not allowed) shows up
+        as EOF on the socket, with the text in ``sock.tunnel_error``. Raises
+        ClientNotFoundError at once when the key has no session.
+        ``idle_timeout`` ends this connection after that many idle seconds
+        (None: the server's ``idle_timeout`` option, off by default).
+        """
+        handle = self._live_handle()
+        key = _options.client_key(client_key)
+        proto, address = _options.connect_target(proto, address)
+        wait = _options.MAX_SECONDS if timeout is None else _options.duration("timeout", timeout)
+        if idle_timeout is None:
+            fd, conn_id, status = _engine.server_dial(handle, key, proto, address, wait)
+        else:
+            idle = _options.duration("idle_timeout", idle_timeout)
+            fd, conn_id, status = _engine.server_dial(handle, key, proto, address, wait, idle)
+        try:
+            return TunnelSocket._from_dial(fd, conn_id=conn_id, client_key=key, proto=proto,
+                                           address=address, status=status)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def forward(self, client_key: str, proto: str, address: str,
+                listen: Any = "127.0.0.1:0") -> Forward:
+        """Listens on ``listen`` and dials every accepted TCP connection through
+        the agent ``client_key`` to ``proto``/``address``. Close the returned
+        Forward (or the server) to stop listening."""
+        handle = self._live_handle()
+        key = _options.client_key(client_key)
+        proto, address = _options.connect_target(proto, address)
+        host, port = _options.parse_listen(listen)
+        host = _resolve_listen(host)
+        fhandle, bound = _engine.server_forward(handle, key, proto, address, host, port)
+        fwd = Forward(self, fhandle, host, bound, key, proto, address)
+        with self._lock:
+            closing = self._closing
+            if not closing:
+                self._forwards.add(fwd)
+        if closing:  # the server closed while we were creating it
+            fwd.close()
+            raise _engine.ClosedError("server is closed")
+        return fwd
+
+    def connections(self) -> list[dict]:
+        """Open connections: dicts with id, clientkey, proto, address, age and
+        idle (seconds), state, tx_bytes, rx_bytes, paused, buffered."""
+        return [dict(c) for c in _engine.server_connections(self._live_handle())]
+
+    # -- metrics ------------------------------------------------------------
+
+    def metrics(self) -> MetricsDict:
+        """``{name: {((label, value), ...): number}}``, label pairs sorted by
+        label name; numbers are ints when integral."""
+        return _metrics_dict(_engine.metrics(self._live_handle()))
+
+    def prometheus(self) -> str:
+        """The Prometheus text exposition, as served on ``GET /metrics``."""
+        return _engine.prometheus(self._live_handle())
+
+    # -- engine requests ----------------------------------------------------
+
+    def _answer_request(self, kind: str, payload: Any) -> Tuple[int, str]:
+        if kind != "auth" or self._authorizer is None:
+            return _callbacks.AUTH_UNAUTHORIZED, ""
+        request = Request(
+            method=str(payload.get("method", "")),
+            path=str(payload.get("path", "")),
+            headers=Headers(payload.get("headers", ())),
+            remote_addr=str(payload.get("remote", "")),
+        )
+        try:
+            result = self._authorizer(request)
+        except Exception as exc:  # noqa: BLE001 - the authorizer's way to answer 400
+            log.debug("remotedialer-py: authorizer raised for %s", request.remote_addr, exc_info=True)
+            text = str(exc) or type(exc).__name__
+            return _callbacks.AUTH_ERROR, text[:4096]
+        try:
+            client_key, ok = result
+        except (TypeError, ValueError):
+            log.error("remotedialer-py: authorizer returned %r, expected (client_key, ok)", result)
+            return _callbacks.AUTH_ERROR, "authorizer error"
+        if not ok:
+            return _callbacks.AUTH_UNAUTHORIZED, ""
+        if not isinstance(client_key, str) or not client_key:
+            log.error("remotedialer-py: authorizer accepted with client key %r; expected a non-empty str",
+                      client_key)
+            return _callbacks.AUTH_ERROR, "authorizer error"
+        return _callbacks.AUTH_ACCEPT, client_key
+
+    def __repr__(self) -> str:
+        if self._closing:
+            state = "closed"
+        elif self._handle is None:
+            state = "not started"
+        else:
+            state = f"listening on {_options.format_hostport(self._host or '', self._port or 0)}"
+        return f"<Server {state}>"

@@ -1,0 +1,543 @@
+"""Helpers shared by the end-to-end tests: waits with deadlines, metrics
+arithmetic, small loopback servers and socket utilities.
+
+Every wait here is a polling loop or an event with a deadline; nothing sleeps
+to let something happen."""
+
+import gc
+import hashlib
+import http.server
+import os
+import random
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+TIMEOUT = 30.0
+AGENT_KEY = "agent-1"
+
+ADD_SESSION = "session_server_total_add_websocket_session"
+REMOVE_SESSION = "session_server_total_remove_websocket_session"
+ADD_CONN = "session_server_total_add_connections"
+REMOVE_CONN = "session_server_total_remove_connections"
+TRANSMIT = "session_server_total_transmit_bytes"
+TRANSMIT_ERROR = "session_server_total_transmit_error_bytes"
+RECEIVE = "session_server_total_receive_bytes"
+PEER_ATTEMPT = "session_server_total_peer_ws_attempt"
+PEER_CONNECTED = "session_server_total_peer_ws_connected"
+PEER_DISCONNECTED = "session_server_total_peer_ws_disconnected"
+
+# PROTOCOL.md section 7, in order.
+GO_FAMILIES = {
+    ADD_SESSION: "Total count of added websocket sessions",
+    REMOVE_SESSION: "Total count of removed websocket sessions",
+    ADD_CONN: "Total count of added connections",
+    REMOVE_CONN: "Total count of removed connections",
+    TRANSMIT: "Total bytes transmitted",
+    TRANSMIT_ERROR: "Total error bytes transmitted",
+    RECEIVE: "Total bytes received",
+    PEER_ATTEMPT: "Total count of attempts to establish websocket session to other rancher-server",
+    PEER_CONNECTED: "Total count of connected websocket sessions to other rancher-server",
+    PEER_DISCONNECTED: "Total count of disconnected websocket sessions from other rancher-server",
+}
+
+
+# ---------------------------------------------------------------------------
+# Waiting
+
+
+def wait_for(predicate, timeout=TIMEOUT, what="condition"):
+    """Polls predicate until it returns a true value (which is returned) or
+    the deadline passes (AssertionError naming `what`). The poll interval
+    grows from 1 ms to 50 ms; it paces the polling, it synchronizes nothing."""
+    deadline = time.monotonic() + timeout
+    interval = 0.001
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+        interval = min(interval * 2, 0.05)
+
+
+# ---------------------------------------------------------------------------
+# Sockets
+
+
+def closed_port():
+    """A loopback port with nothing listening on it (bound, never listened,
+    then released), so a connect to it is refused."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+free_port = closed_port
+
+
+def recv_exact(sock, n, timeout=TIMEOUT):
+    """Reads exactly n bytes; AssertionError on EOF first."""
+    deadline = time.monotonic() + timeout
+    buf = bytearray()
+    while len(buf) < n:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise AssertionError(f"EOF after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_until_eof(sock, timeout=TIMEOUT, limit=1 << 30):
+    """Reads until EOF and returns everything read; TimeoutError if the
+    stream is still open at the deadline."""
+    deadline = time.monotonic() + timeout
+    buf = bytearray()
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no EOF within {timeout}s ({len(buf)} bytes read)")
+        sock.settimeout(remaining)
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+        if len(buf) > limit:
+            raise AssertionError(f"more than {limit} bytes before EOF")
+
+
+def open_fds():
+    """{fd: target} for this process."""
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass  # the fd of the listdir itself, already closed
+    return out
+
+
+def rss_bytes(pid="self"):
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+
+
+def key(**labels):
+    """A label-set key as metrics() uses it: ((label, value), ...) sorted."""
+    return tuple(sorted(labels.items()))
+
+
+def family(metrics, name):
+    return metrics.get(name) or {}
+
+
+def imbalance(metrics, add, remove):
+    """Label sets whose add and remove counters differ, as readable lines."""
+    a, r = family(metrics, add), family(metrics, remove)
+    return [f"{add.rsplit('_', 1)[0]}{dict(k)}: added {a.get(k, 0)}, removed {r.get(k, 0)}"
+            for k in sorted(set(a) | set(r)) if a.get(k, 0) != r.get(k, 0)]
+
+
+def connection_imbalance(metrics):
+    return imbalance(metrics, ADD_CONN, REMOVE_CONN)
+
+
+def session_imbalance(metrics):
+    return imbalance(metrics, ADD_SESSION, REMOVE_SESSION)
+
+
+def wait_balanced(source, sessions=False, timeout=TIMEOUT):
+    """Waits until every connection label set (and, with sessions=True, every
+    session label set) has as many removals as additions. source is an
+    object with metrics() or a callable returning the metrics dict.
+    Returns the balanced metrics."""
+    get = source if callable(source) and not hasattr(source, "metrics") else source.metrics
+    last = {}
+
+    def balanced():
+        nonlocal last
+        last = get()
+        return not connection_imbalance(last) and not (sessions and session_imbalance(last))
+
+    try:
+        wait_for(balanced, timeout, "add == remove for every label set")
+    except AssertionError:
+        lines = connection_imbalance(last) + (session_imbalance(last) if sessions else [])
+        raise AssertionError("counters do not balance:\n  " + "\n  ".join(lines)) from None
+    return last
+
+
+@dataclass
+class Family:
+    name: str
+    help: str = None
+    type: str = None
+    samples: dict = None  # {label key: value}
+    label_orders: list = None  # label names in the order each line wrote them
+
+
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+\d+)?$')
+_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"\s*(?:,|$)')
+
+
+def _unescape(v):
+    return v.replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")
+
+
+def parse_exposition(text):
+    """Parses Prometheus text exposition into ({name: Family}, [family names
+    in order of first appearance]). Strict enough to catch malformed lines."""
+    families = {}
+    order = []
+
+    def fam(name):
+        if name not in families:
+            families[name] = Family(name, samples={}, label_orders=[])
+            order.append(name)
+        return families[name]
+
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        if line.startswith("# HELP "):
+            name, _, help_text = line[7:].partition(" ")
+            fam(name).help = help_text
+            continue
+        if line.startswith("# TYPE "):
+            name, _, type_text = line[7:].partition(" ")
+            fam(name).type = type_text
+            continue
+        if line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        if not m:
+            raise AssertionError(f"malformed exposition line: {line!r}")
+        name, labels_text, value = m.groups()
+        labels = []
+        if labels_text:
+            pos = 0
+            while pos < len(labels_text):
+                lm = _LABEL.match(labels_text, pos)
+                if not lm:
+                    raise AssertionError(f"malformed labels in {line!r}")
+                labels.append((lm.group(1), _unescape(lm.group(2))))
+                pos = lm.end()
+        base = name
+        for suffix in ("_bucket", "_sum", "_count"):
+            if name.endswith(suffix) and name[:-len(suffix)] in families:
+                base = name[:-len(suffix)]
+        f = fam(base)
+        f.samples[tuple(sorted(labels))] = float(value)
+        f.label_orders.append([k for k, _ in labels])
+    return families, order
+
+
+def exposition_metrics(text):
+    """The exposition as a metrics() style dict {name: {label key: value}}."""
+    families, _ = parse_exposition(text)
+    return {name: dict(f.samples) for name, f in families.items() if f.samples}
+
+
+# ---------------------------------------------------------------------------
+# Engine objects
+
+
+def engine_idle(pkg):
+    """True when the engine holds no session and no connection."""
+    stats = pkg.engine_stats()
+    return stats["open_sessions"] == 0 and stats["open_connections"] == 0
+
+
+def wait_engine_idle(pkg, timeout=TIMEOUT):
+    try:
+        wait_for(lambda: engine_idle(pkg), timeout, "the engine to hold nothing open")
+    except AssertionError:
+        raise AssertionError(f"engine still holds: {pkg.engine_stats()}") from None
+
+
+def assert_no_new_fds(before, timeout=TIMEOUT):
+    """Waits until the process has no more descriptors than `before`."""
+    def settled():
+        gc.collect()
+        return len(open_fds()) <= len(before)
+
+    try:
+        wait_for(settled, timeout, "descriptors to return to the baseline")
+    except AssertionError:
+        now = open_fds()
+        extra = {fd: t for fd, t in now.items() if before.get(fd) != t}
+        raise AssertionError(f"{len(now) - len(before)} descriptors leaked: {extra}") from None
+
+
+def check_balanced(obj, sessions=False):
+    """Waits for the counters of a live Server or Client to balance, then
+    asserts it with the plugin's helper (whose report names the label sets).
+    sessions=True also requires every session to have been removed."""
+    from remotedialer_py.pytest_plugin import assert_balanced
+
+    wait_balanced(obj, sessions=sessions)
+    assert_balanced(obj, sessions=sessions)
+
+
+def make_client(pkg, url, key, **kwargs):
+    """A started Client with X-Tunnel-ID: key, connected within TIMEOUT."""
+    cli = pkg.Client(url, headers={"X-Tunnel-ID": key}, **kwargs)
+    try:
+        cli.start()
+        cli.wait_connected(timeout=TIMEOUT)
+    except BaseException:
+        cli.close()
+        raise
+    return cli
+
+
+# ---------------------------------------------------------------------------
+# Loopback servers
+
+
+@dataclass
+class Finished:
+    nbytes: int
+    sha256: str
+    error: str = None
+
+
+class _ThreadedTCPServer:
+    """Accepts on 127.0.0.1:0 and runs serve(conn) on a thread per
+    connection. close() stops accepting, shuts down every open connection
+    and joins the threads."""
+
+    def __init__(self, backlog=4096):
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=backlog)
+        self.port = self.sock.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self._cond = threading.Condition()
+        self._conns = set()
+        self._threads = []
+        self.accepted = 0
+        self.finished = []
+        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True,
+                                          name=f"{type(self).__name__}-accept")
+        self._acceptor.start()
+
+    def _accept_loop(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # listener shut down
+            with self._cond:
+                self._conns.add(conn)
+                self.accepted += 1
+                self._cond.notify_all()
+            t = threading.Thread(target=self._run, args=(conn,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _run(self, conn):
+        result = Finished(0, hashlib.sha256().hexdigest())
+        try:
+            result = self.serve(conn)
+        except OSError as e:
+            result = Finished(0, "", f"{type(e).__name__}: {e}")
+        finally:
+            conn.close()
+            with self._cond:
+                self._conns.discard(conn)
+                self.finished.append(result)
+                self._cond.notify_all()
+
+    def serve(self, conn):
+        raise NotImplementedError
+
+    @property
+    def open_count(self):
+        with self._cond:
+            return len(self._conns)
+
+    def wait_accepted(self, count, timeout=TIMEOUT):
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.accepted >= count, timeout):
+                raise AssertionError(f"{self.accepted} of {count} connections accepted "
+                                     f"within {timeout}s")
+
+    def wait_open(self, count, timeout=TIMEOUT):
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self._conns) == count, timeout):
+                raise AssertionError(f"{len(self._conns)} connections open on "
+                                     f"{type(self).__name__}, expected {count}")
+
+    def wait_finished(self, count, timeout=TIMEOUT):
+        """Waits until `count` connections have ended; returns their records."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.finished) >= count, timeout):
+                raise AssertionError(f"{len(self.finished)} of {count} connections ended "
+                                     f"within {timeout}s")
+            return list(self.finished)
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        except OSError:
+            pass
+        self.sock.close()
+        self._acceptor.join(TIMEOUT)
+        with self._cond:
+            conns = list(self._conns)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in self._threads:
+            t.join(TIMEOUT)
+
+
+class EchoServer(_ThreadedTCPServer):
+    """Echoes every byte back. Records, per connection, the byte count and
+    SHA-256 of what it received once the connection ends."""
+
+    def serve(self, conn):
+        h = hashlib.sha256()
+        n = 0
+        buf = bytearray(64 * 1024)
+        mv = memoryview(buf)
+        try:
+            while True:
+                k = conn.recv_into(buf)
+                if not k:
+                    break
+                h.update(mv[:k])
+                n += k
+                conn.sendall(mv[:k])
+        except OSError as e:
+            return Finished(n, h.hexdigest(), f"{type(e).__name__}: {e}")
+        return Finished(n, h.hexdigest())
+
+
+class StreamServer(_ThreadedTCPServer):
+    """Sends pseudo-random bytes to every client until the client goes away."""
+
+    def serve(self, conn):
+        block = random.Random(7).randbytes(64 * 1024)
+        n = 0
+        try:
+            while True:
+                conn.sendall(block)
+                n += len(block)
+        except OSError:
+            pass
+        return Finished(n, "")
+
+
+class _HttpHandler(http.server.BaseHTTPRequestHandler):
+    # HTTP/1.0: one request per connection, so every request through the
+    # tunnel is one tunneled connection that the service itself ends.
+    protocol_version = "HTTP/1.0"
+
+    def log_message(self, fmt, *args):
+        pass
+
+    def _reply(self, code, body, ctype="application/octet-stream"):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _body(self):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            out = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return bytes(out)
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+    def _record(self, body=b""):
+        self.server.requests.append((self.command, self.path, dict(self.headers.items()), len(body)))
+
+    def do_GET(self):
+        self._record()
+        path = urlsplit(self.path).path
+        svc = self.server
+        if path == "/hello":
+            self._reply(200, HttpService.HELLO, "text/plain")
+        elif path == "/large":
+            self._reply(200, svc.large)
+        elif path.startswith("/status/"):
+            code = int(path.rsplit("/", 1)[1])
+            self._reply(code, f"status {code}\n".encode(), "text/plain")
+        else:
+            self._reply(404, b"not found\n", "text/plain")
+
+    do_HEAD = do_GET
+
+    def do_POST(self):
+        body = self._body()
+        self._record(body)
+        if urlsplit(self.path).path == "/echo":
+            self._reply(200, body)
+        else:
+            self._reply(404, b"not found\n", "text/plain")
+
+    do_PUT = do_POST
+
+
+class HttpService:
+    """A ThreadingHTTPServer on 127.0.0.1:0 with known answers:
+    GET /hello (HELLO), GET /large (LARGE_SIZE deterministic bytes),
+    POST|PUT /echo (the request body), GET /status/N (status N)."""
+
+    HELLO = b"hello from the service\n"
+    LARGE_SIZE = 8 << 20
+
+    def __init__(self):
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HttpHandler)
+        self.httpd.daemon_threads = True
+        self.httpd.requests = []
+        self.httpd.large = random.Random(42).randbytes(self.LARGE_SIZE)
+        self.large = self.httpd.large
+        self.large_sha256 = hashlib.sha256(self.large).hexdigest()
+        self.port = self.httpd.server_address[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True,
+                                        kwargs={"poll_interval": 0.05})
+        self._thread.start()
+
+    @property
+    def requests(self):
+        return self.httpd.requests
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(TIMEOUT)
+
+
+def http_get_through(sock, path, host="service", method="GET", body=None, timeout=TIMEOUT):
+    """One HTTP request over an already connected socket (e.g. a dialed
+    tunnel socket). Returns (status, body)."""
+    import http.client
+
+    conn = http.client.HTTPConnection(host, timeout=timeout)
+    conn.sock = sock
+    sock.settimeout(timeout)
+    conn.request(method, path, body=body)
+    resp = conn.getresponse()
+    data = resp.read()
+    return resp.status, data
