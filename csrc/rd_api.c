@@ -140,6 +140,29 @@ int rd_api_server_forward(uint64_t handle, const char *client_key, const char *p
   return rc;
 }
 
+typedef struct {
+  uint64_t handle;
+  const char *cert, *key, *ca;
+} reload_ctx;
+
+static void reload_fn(api_cmd *a, void *p) {
+  reload_ctx *c = p;
+  rd_server *srv = (rd_server *)rd_object_find(c->handle, RD_OBJ_SERVER);
+  if (srv == NULL) {
+    finish_closed(a);
+    return;
+  }
+  char err[256] = "";
+  int rc = rd_server_reload_tls(srv, c->cert, c->key, c->ca, err, sizeof err);
+  rd_cmd_finish(&a->cmd, rc, err);
+}
+
+int rd_api_server_reload_tls(uint64_t handle, const char *cert, const char *key,
+                             const char *client_ca, char *err, size_t errlen) {
+  reload_ctx c = {handle, cert, key, client_ca};
+  return api_call(reload_fn, &c, err, errlen);
+}
+
 /* ---- lists ---- */
 
 typedef struct {

@@ -25,6 +25,9 @@ int rd_api_server_forward(uint64_t handle, const char *client_key, const char *p
                           const char *address, const char *host, int port, uint64_t *fhandle,
                           int *port_out, char *err, size_t errlen);
 
+int rd_api_server_reload_tls(uint64_t handle, const char *cert, const char *key,
+                             const char *client_ca, char *err, size_t errlen);
+
 typedef struct rd_string_list {
   char **items;
   size_t count;

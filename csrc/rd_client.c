@@ -11,6 +11,7 @@
 #include "rd_alloc.h"
 #include "rd_dialer.h"
 #include "rd_http.h"
+#include "rd_io.h"
 #include "rd_ws.h"
 
 enum { CLI_WAITING, CLI_DIALING, CLI_HANDSHAKE, CLI_CONNECTED, CLI_CLOSED };
@@ -31,7 +32,8 @@ struct rd_client {
   int state;
   uv_timer_t timer; /* retry backoff, handshake deadline */
   rd_dial *dial;
-  uv_tcp_t *tcp; /* during the handshake */
+  rd_io *io; /* during the handshake */
+  char *server_name; /* wss: the name the certificate must match */
   char key[25];
   char resp[4096];
   size_t resp_len;
@@ -64,7 +66,10 @@ static void client_unref(rd_client *cli) {
     rd_free(cli->cfg.patterns[i]);
   rd_free(cli->cfg.patterns);
   rd_free(cli->host);
+  rd_free(cli->server_name);
   rd_free(cli->request);
+  if (cli->cfg.tls != NULL)
+    rd_tls_ctx_unref(cli->cfg.tls);
   rd_metrics_free(cli->metrics);
   rd_cmd *w = cli->close_waiter;
   rd_free(cli);
@@ -209,33 +214,30 @@ static void session_on_connect(rd_session *s, void *owner, rd_conn *c) {
 static const rd_session_owner client_session_ops = {session_on_end, session_on_freed,
                                                     session_on_connect};
 
-static void handshake_tcp_closed_cb(uv_handle_t *h) {
-  rd_client *cli = h->data;
-  rd_free(h);
-  client_unref(cli);
-}
+static void stream_free_cb(uv_handle_t *h) { rd_free(h); }
+
+static void handshake_io_closed_cb(rd_io *io) { client_unref(rd_io_data(io)); }
 
 static void handshake_fail(rd_client *cli, const char *why) {
   uv_timer_stop(&cli->timer);
-  if (cli->tcp != NULL) {
-    uv_tcp_t *tcp = cli->tcp;
-    cli->tcp = NULL;
-    tcp->data = cli;
-    uv_close((uv_handle_t *)tcp, handshake_tcp_closed_cb);
+  if (cli->io != NULL) {
+    rd_io *io = cli->io;
+    cli->io = NULL;
+    rd_io_close(io, handshake_io_closed_cb);
   }
   schedule_retry(cli, why);
 }
 
 static void handshake_done(rd_client *cli, size_t head_len) {
   uv_timer_stop(&cli->timer);
-  uv_tcp_t *tcp = cli->tcp;
-  cli->tcp = NULL;
-  uv_read_stop((uv_stream_t *)tcp);
+  rd_io *io = cli->io;
+  cli->io = NULL;
+  rd_io_read_stop(io);
   /* The handshake's reference on cli passes to the session. */
   cli->state = CLI_CONNECTED;
   cli->attempt = 0;
   cli->last_error[0] = '\0';
-  cli->session = rd_session_new(tcp, RD_ROLE_CLIENT, "client", 0, cli->metrics,
+  cli->session = rd_session_new(io, RD_ROLE_CLIENT, "client", 0, cli->metrics,
                                 &cli->cfg.session, &client_session_ops, cli,
                                 (const uint8_t *)cli->resp + head_len, cli->resp_len - head_len);
   if (cli->session == NULL) {
@@ -273,20 +275,21 @@ static void handshake_check(rd_client *cli) {
   handshake_done(cli, (size_t)n);
 }
 
-static void hs_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+static void hs_alloc_cb(rd_io *io, size_t suggested, uv_buf_t *buf) {
   (void)suggested;
-  rd_client *cli = h->data;
+  rd_client *cli = rd_io_data(io);
   *buf = uv_buf_init(cli->resp + cli->resp_len, (unsigned)(sizeof cli->resp - cli->resp_len));
 }
 
-static void hs_read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
+static void hs_read_cb(rd_io *io, ssize_t nread, const uv_buf_t *buf) {
   (void)buf;
-  rd_client *cli = stream->data;
-  if (nread == 0)
+  rd_client *cli = rd_io_data(io);
+  if (nread == 0 || cli->io != io)
     return;
   if (nread < 0) {
-    handshake_fail(cli, nread == UV_EOF ? "websocket: bad handshake (connection closed)"
-                                        : rd_strerror((int)nread));
+    handshake_fail(cli, nread == UV_EOF    ? "websocket: bad handshake (connection closed)"
+                        : nread == RD_ETLS ? rd_io_error(io)
+                                           : rd_strerror((int)nread));
     return;
   }
   cli->resp_len += (size_t)nread;
@@ -296,7 +299,9 @@ static void hs_read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) 
 static void hs_timeout_cb(uv_timer_t *t) {
   rd_client *cli = t->data;
   if (cli->state == CLI_HANDSHAKE)
-    handshake_fail(cli, "websocket: handshake timeout");
+    handshake_fail(cli, cli->io != NULL && rd_io_is_tls(cli->io) && rd_io_error(cli->io)[0] == '\0'
+                            ? "websocket: handshake timeout (TLS or HTTP)"
+                            : "websocket: handshake timeout");
 }
 
 typedef struct {
@@ -309,27 +314,9 @@ static void hs_write_cb(uv_write_t *req, int status) {
   rd_free(req);
 }
 
-static void dial_cb(void *ctx, int status, uv_stream_t *stream, const char *error) {
-  rd_client *cli = ctx;
-  cli->dial = NULL;
-  if (cli->state == CLI_CLOSED) {
-    if (stream != NULL) {
-      stream->data = cli;
-      cli->refs++;
-      uv_close((uv_handle_t *)stream, handshake_tcp_closed_cb);
-    }
-    client_unref(cli);
-    return;
-  }
-  if (status < 0) {
-    client_unref(cli);
-    schedule_retry(cli, error);
-    return;
-  }
-  /* The dial's reference becomes the handshake's. */
-  cli->state = CLI_HANDSHAKE;
-  cli->tcp = (uv_tcp_t *)stream;
-  stream->data = cli;
+/* Sends the upgrade request and reads the answer (after TLS, if any). */
+static void send_upgrade(rd_client *cli) {
+  rd_io *io = cli->io;
   cli->resp_len = 0;
   size_t rlen = strlen(cli->request);
   hs_write *w = rd_malloc(sizeof *w + rlen + 64);
@@ -340,13 +327,64 @@ static void dial_cb(void *ctx, int status, uv_stream_t *stream, const char *erro
   }
   int n = snprintf(w->data, rlen + 64, "%sSec-WebSocket-Key: %s\r\n\r\n", cli->request, cli->key);
   uv_buf_t buf = uv_buf_init(w->data, (unsigned)n);
-  if (uv_write(&w->req, stream, &buf, 1, hs_write_cb) != 0) {
+  if (rd_io_write(io, &w->req, &buf, 1, hs_write_cb) != 0) {
     rd_free(w);
     handshake_fail(cli, "websocket: handshake write failed");
     return;
   }
+  rd_io_read_start(io, hs_alloc_cb, hs_read_cb);
+}
+
+static void tls_done_cb(rd_io *io, int status, const char *error) {
+  rd_client *cli = rd_io_data(io);
+  if (cli->io != io)
+    return;
+  if (status < 0)
+    handshake_fail(cli, error != NULL && error[0] != '\0' ? error : rd_strerror(status));
+  else
+    send_upgrade(cli);
+}
+
+static void dial_cb(void *ctx, int status, uv_stream_t *stream, const char *error) {
+  rd_client *cli = ctx;
+  cli->dial = NULL;
+  if (cli->state == CLI_CLOSED) {
+    if (stream != NULL)
+      uv_close((uv_handle_t *)stream, stream_free_cb);
+    client_unref(cli);
+    return;
+  }
+  if (status < 0) {
+    client_unref(cli);
+    schedule_retry(cli, error);
+    return;
+  }
+  /* The dial's reference becomes the handshake's. */
+  cli->state = CLI_HANDSHAKE;
+  rd_tls *tls = NULL;
+  if (cli->cfg.tls != NULL) {
+    char err[160];
+    tls = rd_tls_new(cli->cfg.tls, cli->server_name, err, sizeof err);
+    if (tls == NULL) {
+      uv_close((uv_handle_t *)stream, stream_free_cb);
+      client_unref(cli);
+      schedule_retry(cli, err);
+      return;
+    }
+  }
+  cli->io = rd_io_new(stream, tls);
+  if (cli->io == NULL) {
+    client_unref(cli);
+    schedule_retry(cli, "out of memory");
+    return;
+  }
+  rd_io_set_data(cli->io, cli);
+  /* One timer bounds the TLS handshake and the HTTP upgrade together. */
   uv_timer_start(&cli->timer, hs_timeout_cb, cli->cfg.handshake_timeout_ms, 0);
-  uv_read_start(stream, hs_alloc_cb, hs_read_cb);
+  if (tls == NULL)
+    send_upgrade(cli);
+  else if (rd_io_handshake(cli->io, tls_done_cb) != 0)
+    handshake_fail(cli, "tls: handshake could not start");
 }
 
 static void start_attempt(rd_client *cli) {
@@ -381,27 +419,29 @@ static void client_close(rd_object *obj, rd_cmd *waiter) {
   waiters_finish(cli, 0);
   if (cli->dial != NULL)
     rd_dial_cancel(cli->dial);
-  if (cli->tcp != NULL) {
-    uv_tcp_t *tcp = cli->tcp;
-    cli->tcp = NULL;
-    uv_close((uv_handle_t *)tcp, handshake_tcp_closed_cb);
+  if (cli->io != NULL) {
+    rd_io *io = cli->io;
+    cli->io = NULL;
+    rd_io_close(io, handshake_io_closed_cb);
   }
   if (cli->session != NULL)
     rd_session_end(cli->session, RD_WS_CLOSE_NORMAL, "client closing");
   uv_close((uv_handle_t *)&cli->timer, timer_closed_cb);
 }
 
-/* Splits ws://host[:port][/path] into "host:port" and path. */
-static int parse_url(const char *url, char **hostport, char **path, char **host_header,
-                     char *err, size_t errlen) {
+/* Splits ws[s]://host[:port][/path] into "host:port", the bare host (for
+ * TLS names), the Host header and the path. */
+static int parse_url(const char *url, int *tls, char **hostport, char **host, char **path,
+                     char **host_header, char *err, size_t errlen) {
   const char *rest;
   if (strncmp(url, "ws://", 5) == 0) {
     rest = url + 5;
+    *tls = 0;
   } else if (strncmp(url, "wss://", 6) == 0) {
-    snprintf(err, errlen, "wss:// is not supported yet: %s", url);
-    return RD_EMALFORMED;
+    rest = url + 6;
+    *tls = 1;
   } else {
-    snprintf(err, errlen, "unsupported URL scheme (want ws://): %s", url);
+    snprintf(err, errlen, "unsupported URL scheme (want ws:// or wss://): %s", url);
     return RD_EMALFORMED;
   }
   const char *slash = strchr(rest, '/');
@@ -416,14 +456,24 @@ static int parse_url(const char *url, char **hostport, char **path, char **host_
   const char *colon = strrchr(authority, ':');
   const char *bracket = strrchr(authority, ']');
   int has_port = colon != NULL && (bracket == NULL || colon > bracket);
-  char hp[280];
-  snprintf(hp, sizeof hp, has_port ? "%s" : "%s:80", authority);
+  char hp[280], bare[256];
+  snprintf(hp, sizeof hp, has_port ? "%s" : *tls ? "%s:443" : "%s:80", authority);
+  size_t blen = has_port ? (size_t)(colon - authority) : alen;
+  if (blen >= 2 && authority[0] == '[' && authority[blen - 1] == ']') {
+    memcpy(bare, authority + 1, blen - 2);
+    bare[blen - 2] = '\0';
+  } else {
+    memcpy(bare, authority, blen);
+    bare[blen] = '\0';
+  }
   *hostport = rd_strndup(hp, strlen(hp));
+  *host = rd_strndup(bare, strlen(bare));
   *host_header = rd_strndup(authority, alen);
   const char *p = slash != NULL ? slash : "/";
   *path = rd_strndup(p, strlen(p));
-  if (*hostport == NULL || *host_header == NULL || *path == NULL) {
+  if (*hostport == NULL || *host == NULL || *host_header == NULL || *path == NULL) {
     rd_free(*hostport);
+    rd_free(*host);
     rd_free(*host_header);
     rd_free(*path);
     snprintf(err, errlen, "out of memory");
@@ -434,10 +484,19 @@ static int parse_url(const char *url, char **hostport, char **path, char **host_
 
 int rd_client_start(const char *url, const char *headers, const rd_client_config *cfg,
                     rd_client **out, char *err, size_t errlen) {
-  char *hostport = NULL, *path = NULL, *host_header = NULL;
-  int rc = parse_url(url, &hostport, &path, &host_header, err, errlen);
+  char *hostport = NULL, *host = NULL, *path = NULL, *host_header = NULL;
+  int tls = 0;
+  int rc = parse_url(url, &tls, &hostport, &host, &path, &host_header, err, errlen);
   if (rc != RD_OK)
     return rc;
+  if (tls && cfg->tls == NULL) {
+    snprintf(err, errlen, "wss:// needs a TLS configuration");
+    rd_free(hostport);
+    rd_free(host);
+    rd_free(path);
+    rd_free(host_header);
+    return RD_EMALFORMED;
+  }
   rd_client *cli = rd_calloc(1, sizeof *cli);
   size_t reqcap = strlen(path) + strlen(host_header) + strlen(headers) + 160;
   if (cli != NULL)
@@ -451,6 +510,7 @@ int rd_client_start(const char *url, const char *headers, const rd_client_config
     }
     rd_free(cli);
     rd_free(hostport);
+    rd_free(host);
     rd_free(path);
     rd_free(host_header);
     snprintf(err, errlen, "out of memory");
@@ -458,6 +518,15 @@ int rd_client_start(const char *url, const char *headers, const rd_client_config
   }
   cli->refs = 1; /* the timer */
   cli->host = hostport;
+  if (!tls)
+    cli->cfg.tls = NULL; /* a ws:// URL never uses TLS, whatever was configured */
+  if (cli->cfg.tls != NULL)
+    rd_tls_ctx_ref(cli->cfg.tls);
+  if (cfg->server_name[0] != '\0') {
+    rd_free(host);
+    host = rd_strndup(cfg->server_name, strlen(cfg->server_name));
+  }
+  cli->server_name = host;
   snprintf(cli->request, reqcap,
            "GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
            "Sec-WebSocket-Version: 13\r\n%s",

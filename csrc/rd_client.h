@@ -8,6 +8,7 @@
 #include "rd_loop.h"
 #include "rd_metrics.h"
 #include "rd_session.h"
+#include "rd_tls.h"
 
 enum { RD_ALLOW_ALL = 0, RD_ALLOW_PATTERNS = 1, RD_ALLOW_CALLBACK = 2 };
 
@@ -18,6 +19,8 @@ typedef struct rd_client_config {
   uint64_t handshake_timeout_ms;
   uint64_t backoff_min_ms;
   uint64_t backoff_max_ms;
+  rd_tls_ctx *tls;        /* required for wss:// (the client takes a reference) */
+  char server_name[256];  /* wss: name to verify and send as SNI; "" = the URL's host */
   rd_session_config session;
 } rd_client_config;
 
@@ -25,7 +28,7 @@ void rd_client_config_default(rd_client_config *cfg);
 
 typedef struct rd_client rd_client;
 
-/* Parses url (ws://host[:port][/path]), copies headers ("Name: value\r\n"
+/* Parses url (ws:// or wss://host[:port][/path]), copies headers ("Name: value\r\n"
  * lines) and the patterns, and starts connecting. Returns RD_OK and the
  * registered client, or a negative code and a message in err. */
 int rd_client_start(const char *url, const char *headers, const rd_client_config *cfg,

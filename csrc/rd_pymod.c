@@ -10,6 +10,7 @@
 #include "rd_alloc.h"
 #include "rd_api.h"
 #include "rd_block.h"
+#include "rd_tls.h"
 
 typedef struct {
   PyObject *TunnelError;
@@ -97,6 +98,31 @@ static int opt_str(PyObject *opts, const char *key, char *out, size_t outlen) {
   return 0;
 }
 
+/* An optional string option: NULL when absent or None. The pointer lives as
+ * long as opts does. */
+static int opt_cstr(PyObject *opts, const char *key, const char **out) {
+  PyObject *v = opts != NULL ? PyDict_GetItemString(opts, key) : NULL;
+  *out = NULL;
+  if (v == NULL || v == Py_None)
+    return 0;
+  if (PyBytes_Check(v) || PyByteArray_Check(v)) {
+    PyErr_Format(PyExc_TypeError, "%s must be a str path", key);
+    return -1;
+  }
+  PyObject *path = PyOS_FSPath(v);
+  if (path == NULL)
+    return -1;
+  *out = PyUnicode_AsUTF8(path);
+  Py_DECREF(path); /* still referenced by opts when it was a str */
+  if (*out == NULL)
+    return -1;
+  if (!PyUnicode_Check(v)) {
+    PyErr_Format(PyExc_TypeError, "%s must be a str path", key);
+    return -1;
+  }
+  return 0;
+}
+
 static int session_options(PyObject *opts, rd_session_config *cfg) {
   size_t max_message = (size_t)cfg->max_message;
   if (opt_ms(opts, "read_timeout", &cfg->read_timeout_ms) < 0 ||
@@ -151,15 +177,50 @@ static PyObject *py_server_new(PyObject *module, PyObject *args) {
     PyErr_SetString(PyExc_ValueError, "path must start with '/'");
     return NULL;
   }
+  const char *cert, *key, *client_ca;
+  if (opt_cstr(opts, "tls_cert", &cert) < 0 || opt_cstr(opts, "tls_key", &key) < 0 ||
+      opt_cstr(opts, "tls_client_ca", &client_ca) < 0)
+    return NULL;
   uint64_t handle = 0;
   int bound = 0, rc;
   char err[256];
+  if (cert != NULL || key != NULL) {
+    if (cert == NULL || key == NULL) {
+      PyErr_SetString(PyExc_ValueError, "tls_cert and tls_key go together");
+      return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    cfg.tls = rd_tls_ctx_new_server(cert, key, client_ca, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    if (cfg.tls == NULL)
+      return raise_rc(module, RD_ETLS, err);
+  } else if (client_ca != NULL) {
+    PyErr_SetString(PyExc_ValueError, "tls_client_ca needs tls_cert and tls_key");
+    return NULL;
+  }
   Py_BEGIN_ALLOW_THREADS
   rc = rd_api_server_new(host, port, &cfg, &handle, &bound, err, sizeof err);
   Py_END_ALLOW_THREADS
+  if (cfg.tls != NULL)
+    rd_tls_ctx_unref(cfg.tls); /* the server holds its own reference */
   if (rc != RD_OK)
     return raise_rc(module, rc, err);
   return Py_BuildValue("(Ki)", (unsigned long long)handle, bound);
+}
+
+static PyObject *py_server_reload_tls(PyObject *module, PyObject *args) {
+  unsigned long long handle;
+  const char *cert, *key, *client_ca = NULL;
+  if (!PyArg_ParseTuple(args, "Kss|z:server_reload_tls", &handle, &cert, &key, &client_ca))
+    return NULL;
+  int rc;
+  char err[256];
+  Py_BEGIN_ALLOW_THREADS
+  rc = rd_api_server_reload_tls(handle, cert, key, client_ca, err, sizeof err);
+  Py_END_ALLOW_THREADS
+  if (rc != RD_OK)
+    return raise_rc(module, rc, err);
+  Py_RETURN_NONE;
 }
 
 static void status_capsule_free(PyObject *cap) {
@@ -372,14 +433,37 @@ static PyObject *py_client_new(PyObject *module, PyObject *args) {
   uint64_t handle = 0;
   int rc = RD_ENOMEM;
   char err[256] = "out of memory";
+  const char *ca_file, *client_cert, *client_key;
+  int insecure = 0;
+  if (opt_cstr(opts, "ca_file", &ca_file) < 0 || opt_cstr(opts, "client_cert", &client_cert) < 0 ||
+      opt_cstr(opts, "client_key", &client_key) < 0 || opt_bool(opts, "insecure", &insecure) < 0 ||
+      opt_str(opts, "server_name", cfg.server_name, sizeof cfg.server_name) < 0)
+    hdrs = NULL;
+  else if (strncmp(url, "wss://", 6) == 0) {
+    Py_BEGIN_ALLOW_THREADS
+    cfg.tls = rd_tls_ctx_new_client(ca_file, insecure, client_cert, client_key, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    if (cfg.tls == NULL) {
+      PyMem_Free(patterns);
+      Py_XDECREF(pseq);
+      Py_DECREF(lines);
+      return raise_rc(module, RD_ETLS, err);
+    }
+  }
   if (hdrs != NULL && (cfg.npatterns == 0 || patterns != NULL)) {
     Py_BEGIN_ALLOW_THREADS
     rc = rd_api_client_new(url, hdrs, &cfg, &handle, err, sizeof err);
     Py_END_ALLOW_THREADS
+  } else if (PyErr_Occurred()) {
+    rc = 0;
   }
+  if (cfg.tls != NULL)
+    rd_tls_ctx_unref(cfg.tls);
   PyMem_Free(patterns);
   Py_XDECREF(pseq);
   Py_DECREF(lines);
+  if (PyErr_Occurred())
+    return NULL;
   if (rc != RD_OK)
     return raise_rc(module, rc, err);
   return PyLong_FromUnsignedLongLong(handle);
@@ -605,6 +689,8 @@ static PyMethodDef engine_methods[] = {
     {"dial_status", py_dial_status, METH_O, "dial_status(status) -> (open, error)"},
     {"server_forward", py_server_forward, METH_VARARGS,
      "server_forward(handle, key, proto, address, host, port) -> (handle, port)"},
+    {"server_reload_tls", py_server_reload_tls, METH_VARARGS,
+     "server_reload_tls(handle, cert, key[, client_ca]): new certificate for new connections"},
     {"server_clients", py_server_clients, METH_VARARGS, "server_clients(handle) -> [key]"},
     {"server_has_session", py_server_has_session, METH_VARARGS,
      "server_has_session(handle, key) -> bool"},

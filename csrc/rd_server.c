@@ -15,6 +15,7 @@
 #include "rd_alloc.h"
 #include "rd_block.h"
 #include "rd_http.h"
+#include "rd_io.h"
 #include "rd_stats.h"
 #include "rd_ws.h"
 
@@ -45,7 +46,7 @@ struct rd_server {
 struct httpconn {
   httpconn *prev, *next;
   rd_server *srv;
-  uv_tcp_t *tcp;
+  rd_io *io;
   uv_timer_t timer;
   char *buf;
   size_t len;
@@ -84,6 +85,8 @@ rd_metrics *rd_server_metrics(rd_server *srv) { return srv->metrics; }
 static void server_unref(rd_server *srv) {
   if (--srv->refs > 0)
     return;
+  if (srv->cfg.tls != NULL)
+    rd_tls_ctx_unref(srv->cfg.tls);
   rd_metrics_free(srv->metrics);
   rd_map_dispose(&srv->clients);
   rd_cmd *waiter = srv->close_waiter;
@@ -174,10 +177,7 @@ static const rd_session_owner server_session_ops = {session_on_end, session_on_f
 
 static void tcp_free_cb(uv_handle_t *h) { rd_free(h); }
 
-static void httpconn_handle_closed_cb(uv_handle_t *h) {
-  httpconn *hc = h->data;
-  if (h == (uv_handle_t *)hc->tcp)
-    rd_free(hc->tcp);
+static void httpconn_free_if_closed(httpconn *hc) {
   if (--hc->handles_open > 0)
     return;
   rd_server *srv = hc->srv;
@@ -196,7 +196,10 @@ static void httpconn_unlink(httpconn *hc) {
   hc->prev = hc->next = NULL;
 }
 
-/* Closes the HTTP connection. If the stream was handed over (tcp NULL) only
+static void httpconn_timer_closed_cb(uv_handle_t *h) { httpconn_free_if_closed(h->data); }
+static void httpconn_io_closed_cb(rd_io *io) { httpconn_free_if_closed(rd_io_data(io)); }
+
+/* Closes the HTTP connection. If the stream was handed over (io NULL) only
  * the timer remains to close. */
 static void httpconn_close(httpconn *hc) {
   if (hc->done == 2)
@@ -207,16 +210,14 @@ static void httpconn_close(httpconn *hc) {
     hc->auth->target = NULL;
     hc->auth = NULL;
   }
-  uv_close((uv_handle_t *)&hc->timer, httpconn_handle_closed_cb);
-  if (hc->tcp != NULL)
-    uv_close((uv_handle_t *)hc->tcp, httpconn_handle_closed_cb);
+  uv_close((uv_handle_t *)&hc->timer, httpconn_timer_closed_cb);
+  if (hc->io != NULL)
+    rd_io_close(hc->io, httpconn_io_closed_cb);
 }
 
-static void response_shutdown_cb(uv_shutdown_t *req, int status) {
+static void response_shutdown_cb(rd_io *io, int status) {
   (void)status;
-  httpconn *hc = req->data;
-  rd_free(req);
-  httpconn_close(hc);
+  httpconn_close(rd_io_data(io));
 }
 
 typedef struct {
@@ -231,13 +232,13 @@ static void owned_write_cb(uv_write_t *req, int status) {
 
 /* Writes bytes whose buffer the write itself owns, so the stream can change
  * owners (upgrade) while it is in flight. */
-static int write_owned(uv_stream_t *stream, const char *data, size_t len) {
+static int write_owned(rd_io *io, const char *data, size_t len) {
   owned_write *w = rd_malloc(sizeof *w + len);
   if (w == NULL)
     return RD_ENOMEM;
   memcpy(w->data, data, len);
   uv_buf_t buf = uv_buf_init(w->data, (unsigned)len);
-  int rc = uv_write(&w->req, stream, &buf, 1, owned_write_cb);
+  int rc = rd_io_write(io, &w->req, &buf, 1, owned_write_cb);
   if (rc != 0)
     rd_free(w);
   return rc;
@@ -249,24 +250,16 @@ static void http_respond(httpconn *hc, int status, const char *reason, const cha
   if (hc->done)
     return;
   hc->done = 1;
-  uv_read_stop((uv_stream_t *)hc->tcp);
+  rd_io_read_stop(hc->io);
   char head[256];
   int n = snprintf(head, sizeof head,
                    "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
                    "Connection: close\r\n\r\n",
                    status, reason, ctype, body_len);
-  uv_shutdown_t *sreq = rd_malloc(sizeof *sreq);
-  if (sreq == NULL || write_owned((uv_stream_t *)hc->tcp, head, (size_t)n) != 0 ||
-      (body_len > 0 && write_owned((uv_stream_t *)hc->tcp, body, body_len) != 0)) {
-    rd_free(sreq);
+  if (write_owned(hc->io, head, (size_t)n) != 0 ||
+      (body_len > 0 && write_owned(hc->io, body, body_len) != 0) ||
+      rd_io_shutdown(hc->io, response_shutdown_cb) != 0)
     httpconn_close(hc);
-    return;
-  }
-  sreq->data = hc;
-  if (uv_shutdown(sreq, (uv_stream_t *)hc->tcp, response_shutdown_cb) != 0) {
-    rd_free(sreq);
-    httpconn_close(hc);
-  }
 }
 
 static void respond_text(httpconn *hc, int status, const char *reason, const char *text) {
@@ -274,14 +267,14 @@ static void respond_text(httpconn *hc, int status, const char *reason, const cha
 }
 
 /* Hands the stream over (to a session or a tunneled connection). */
-static uv_tcp_t *httpconn_take_stream(httpconn *hc) {
-  uv_tcp_t *tcp = hc->tcp;
-  uv_read_stop((uv_stream_t *)tcp);
-  hc->tcp = NULL;
+static rd_io *httpconn_take_stream(httpconn *hc) {
+  rd_io *io = hc->io;
+  rd_io_read_stop(io);
+  hc->io = NULL;
   hc->handles_open--;
   hc->done = 1;
   httpconn_close(hc);
-  return tcp;
+  return io;
 }
 
 static void upgrade_accept(httpconn *hc, const char *client_key) {
@@ -299,15 +292,15 @@ static void upgrade_accept(httpconn *hc, const char *client_key) {
                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                    "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n",
                    accept);
-  if (write_owned((uv_stream_t *)hc->tcp, resp, (size_t)n) != 0) {
+  if (write_owned(hc->io, resp, (size_t)n) != 0) {
     httpconn_close(hc);
     return;
   }
   size_t leftover = hc->len - hc->head_len;
   const uint8_t *rest = (const uint8_t *)hc->buf + hc->head_len;
-  uv_tcp_t *tcp = httpconn_take_stream(hc); /* hc is closing; buf lives until its close cb */
+  rd_io *io = httpconn_take_stream(hc); /* hc is closing; buf lives until its close cb */
   srv->refs++;
-  rd_session *s = rd_session_new(tcp, RD_ROLE_SERVER, client_key, 0, srv->metrics,
+  rd_session *s = rd_session_new(io, RD_ROLE_SERVER, client_key, 0, srv->metrics,
                                  &srv->cfg.session, &server_session_ops, srv, rest, leftover);
   if (s == NULL) {
     server_unref(srv);
@@ -398,7 +391,7 @@ static void handle_upgrade(httpconn *hc, rd_http_request *req) {
   for (size_t i = 0; i < req->num_headers; i++)
     hlen += req->headers[i].name_len + req->headers[i].value_len + 2;
   char remote[80];
-  format_remote(hc->tcp, remote, sizeof remote);
+  format_remote((uv_tcp_t *)rd_io_stream(hc->io), remote, sizeof remote);
   if (r == NULL || (r->s1 = rd_strndup(req->method, req->method_len)) == NULL ||
       (r->s2 = rd_strndup(req->target, req->target_len)) == NULL ||
       (r->s3 = rd_strndup(remote, strlen(remote))) == NULL ||
@@ -423,7 +416,7 @@ static void handle_upgrade(httpconn *hc, rd_http_request *req) {
   r->on_answer = auth_answer_cb;
   r->target = hc;
   hc->auth = r;
-  uv_read_stop((uv_stream_t *)hc->tcp);
+  rd_io_read_stop(hc->io);
   rd_request_post(r);
 }
 
@@ -643,9 +636,9 @@ static void handle_proxy(httpconn *hc, rd_http_request *req) {
   len += (size_t)snprintf(head + len, cap - len, "Connection: close\r\n\r\n");
   memcpy(head + len, hc->buf + hc->head_len, body);
   len += body;
-  uv_tcp_t *tcp = httpconn_take_stream(hc);
+  rd_io *io = httpconn_take_stream(hc);
   int err = 0;
-  rd_conn *c = rd_session_dial(s, "tcp", address, (uv_stream_t *)tcp, (const uint8_t *)head,
+  rd_conn *c = rd_session_dial(s, "tcp", address, io, (const uint8_t *)head,
                                len, NULL, &err);
   rd_free(head);
   if (c != NULL) {
@@ -684,18 +677,18 @@ static void httpconn_route(httpconn *hc) {
     respond_text(hc, 404, "Not Found", "404 page not found\n");
 }
 
-static void httpconn_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+static void httpconn_alloc_cb(rd_io *io, size_t suggested, uv_buf_t *buf) {
   (void)suggested;
-  httpconn *hc = h->data;
+  httpconn *hc = rd_io_data(io);
   /* One byte beyond the limit lets the parser see that it was exceeded. */
   size_t cap = hc->srv->cfg.max_head + 1;
   *buf = uv_buf_init(hc->buf + hc->len, (unsigned)(cap - hc->len));
 }
 
-static void httpconn_read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
+static void httpconn_read_cb(rd_io *io, ssize_t nread, const uv_buf_t *buf) {
   (void)buf;
-  httpconn *hc = stream->data;
-  if (hc->done)
+  httpconn *hc = rd_io_data(io);
+  if (hc->done || nread == 0)
     return;
   if (nread < 0) {
     httpconn_close(hc);
@@ -709,6 +702,17 @@ static void httpconn_timeout_cb(uv_timer_t *t) {
   httpconn *hc = t->data;
   if (hc->auth == NULL && !hc->done)
     respond_text(hc, 408, "Request Timeout", "request head timeout\n");
+}
+
+static void httpconn_tls_done_cb(rd_io *io, int status, const char *error) {
+  (void)error; /* a failed TLS handshake gets no HTTP answer */
+  httpconn *hc = rd_io_data(io);
+  if (hc->done)
+    return;
+  if (status < 0)
+    httpconn_close(hc);
+  else
+    rd_io_read_start(io, httpconn_alloc_cb, httpconn_read_cb);
 }
 
 static void on_accept(uv_stream_t *listener, int status) {
@@ -729,9 +733,26 @@ static void on_accept(uv_stream_t *listener, int status) {
     uv_close((uv_handle_t *)tcp, tcp_free_cb);
     return;
   }
+  rd_tls *tls = NULL;
+  if (srv->cfg.tls != NULL) {
+    char err[160];
+    tls = rd_tls_new(srv->cfg.tls, NULL, err, sizeof err);
+    if (tls == NULL) {
+      rd_free(hc->buf);
+      rd_free(hc);
+      uv_close((uv_handle_t *)tcp, tcp_free_cb);
+      return;
+    }
+  }
+  uv_tcp_nodelay(tcp, 1);
+  hc->io = rd_io_new((uv_stream_t *)tcp, tls);
+  if (hc->io == NULL) {
+    rd_free(hc->buf);
+    rd_free(hc);
+    return;
+  }
   hc->srv = srv;
-  hc->tcp = tcp;
-  tcp->data = hc;
+  rd_io_set_data(hc->io, hc);
   uv_timer_init(rd_loop(), &hc->timer);
   hc->timer.data = hc;
   hc->handles_open = 2;
@@ -740,8 +761,12 @@ static void on_accept(uv_stream_t *listener, int status) {
   if (hc->next != NULL)
     hc->next->prev = hc;
   srv->httpconns = hc;
+  /* One timer bounds the TLS handshake and the request head together. */
   uv_timer_start(&hc->timer, httpconn_timeout_cb, srv->cfg.handshake_timeout_ms, 0);
-  uv_read_start((uv_stream_t *)tcp, httpconn_alloc_cb, httpconn_read_cb);
+  if (tls != NULL)
+    rd_io_handshake(hc->io, httpconn_tls_done_cb);
+  else
+    rd_io_read_start(hc->io, httpconn_alloc_cb, httpconn_read_cb);
 }
 
 /* ---- dialing ---- */
@@ -780,8 +805,15 @@ int rd_server_dial(rd_server *srv, const char *client_key, const char *proto,
     snprintf(err, errlen, "pipe: %s", rd_strerror(rc));
     return rc;
   }
+  rd_io *io = rd_io_new((uv_stream_t *)pipe, NULL);
+  if (io == NULL) {
+    close(fds[1]);
+    rd_dial_status_unref(st);
+    snprintf(err, errlen, "out of memory");
+    return RD_ENOMEM;
+  }
   int e = 0;
-  rd_conn *c = rd_session_dial(s, proto, address, (uv_stream_t *)pipe, NULL, 0, st, &e);
+  rd_conn *c = rd_session_dial(s, proto, address, io, NULL, 0, st, &e);
   if (c == NULL) {
     close(fds[1]);
     rd_dial_status_unref(st);
@@ -851,8 +883,10 @@ static void forward_accept_cb(uv_stream_t *listener, int status) {
     return;
   }
   uv_tcp_nodelay(tcp, 1);
+  rd_io *io = rd_io_new((uv_stream_t *)tcp, NULL);
   int err = 0;
-  rd_session_dial(s, f->proto, f->address, (uv_stream_t *)tcp, NULL, 0, NULL, &err);
+  if (io != NULL)
+    rd_session_dial(s, f->proto, f->address, io, NULL, 0, NULL, &err);
 }
 
 static int bind_listener(uv_tcp_t *tcp, const char *host, int port, int *port_out, char *err,
@@ -966,6 +1000,8 @@ int rd_server_start(const char *host, int port, const rd_server_config *cfg, rd_
     return RD_ENOMEM;
   }
   srv->cfg = *cfg;
+  if (srv->cfg.tls != NULL)
+    rd_tls_ctx_ref(srv->cfg.tls);
   rd_map_init(&srv->clients);
   uv_tcp_init(rd_loop(), &srv->listener);
   srv->listener.data = srv;
@@ -1024,4 +1060,13 @@ static void conn_walk_cb(rd_map_node *n, void *ctx) {
 void rd_server_foreach_conn(rd_server *srv, rd_conn_info_cb cb, void *ctx) {
   conn_walk w = {cb, ctx};
   rd_map_foreach(&srv->clients, conn_walk_cb, &w);
+}
+
+int rd_server_reload_tls(rd_server *srv, const char *cert, const char *key,
+                         const char *client_ca, char *err, size_t errlen) {
+  if (srv->cfg.tls == NULL) {
+    snprintf(err, errlen, "the server does not use TLS");
+    return RD_EMALFORMED;
+  }
+  return rd_tls_ctx_reload_server(srv->cfg.tls, cert, key, client_ca, err, errlen);
 }

@@ -8,6 +8,7 @@
 #include "rd_loop.h"
 #include "rd_metrics.h"
 #include "rd_session.h"
+#include "rd_tls.h"
 
 enum { RD_AUTH_HEADER = 0, RD_AUTH_CALLBACK = 1 };
 
@@ -21,6 +22,7 @@ typedef struct rd_server_config {
   uint64_t handshake_timeout_ms; /* time to send a complete request head */
   size_t max_head;
   size_t max_headers;
+  rd_tls_ctx *tls;      /* wss: the server takes its own reference; NULL = plain */
   rd_session_config session;
 } rd_server_config;
 
@@ -50,6 +52,12 @@ int rd_server_dial(rd_server *srv, const char *client_key, const char *proto,
 int rd_server_forward(rd_server *srv, const char *client_key, const char *proto,
                       const char *address, const char *host, int port, uint64_t *handle_out,
                       int *port_out, char *err, size_t errlen);
+
+/* Loads a new certificate/key (and client CA) for connections accepted from
+ * now on. Returns 0, or RD_EMALFORMED when the server has no TLS, or RD_ETLS
+ * with a message (the old certificate stays). */
+int rd_server_reload_tls(rd_server *srv, const char *cert, const char *key,
+                         const char *client_ca, char *err, size_t errlen);
 
 /* Calls cb for each client key with a live session (unsorted, may repeat). */
 void rd_server_foreach_client(rd_server *srv, void (*cb)(void *ctx, const char *key), void *ctx);

@@ -17,6 +17,7 @@
 #include "rd_alloc.h"
 #include "rd_block.h"
 #include "rd_dialer.h"
+#include "rd_io.h"
 #include "rd_loop.h"
 #include "rd_map.h"
 #include "rd_msg.h"
@@ -35,7 +36,7 @@ struct rd_conn {
   rd_map_node node; /* in the session's table, while registered */
   int64_t id;
   rd_session *s; /* NULL once ended */
-  uv_stream_t *local;
+  rd_io *local;
   rd_dial *dial;
   rd_dial_status *status;
   void *owner_slot;
@@ -54,7 +55,7 @@ struct rd_conn {
 };
 
 struct rd_session {
-  uv_tcp_t *tcp;
+  rd_io *io;
   uv_timer_t tick;
   int role;
   int peer;
@@ -166,7 +167,7 @@ static void session_write_cb(uv_write_t *req, int status) {
     rd_session_end(s, 0, "write failed");
     return;
   }
-  if (s->write_blocked && !s->ended && s->tcp->write_queue_size <= s->cfg.write_high / 4)
+  if (s->write_blocked && !s->ended && rd_io_write_queue_size(s->io) <= s->cfg.write_high / 4)
     session_block_writes(s, 0);
 }
 
@@ -199,7 +200,7 @@ static void session_write_frame(rd_session *s, int opcode, rd_block *b, uint8_t 
   w->len = hlen + len;
   w->req.data = s;
   uv_buf_t buf = uv_buf_init((char *)(p - hlen), (unsigned)(hlen + len));
-  int rc = uv_write(&w->req, (uv_stream_t *)s->tcp, &buf, 1, session_write_cb);
+  int rc = rd_io_write(s->io, &w->req, &buf, 1, session_write_cb);
   if (rc != 0) {
     rd_block_unref(b);
     wreq_put(w);
@@ -207,7 +208,7 @@ static void session_write_frame(rd_session *s, int opcode, rd_block *b, uint8_t 
     return;
   }
   rd_engine_tunnel_queued_add((int64_t)w->len);
-  if (!s->write_blocked && s->tcp->write_queue_size > s->cfg.write_high)
+  if (!s->write_blocked && rd_io_write_queue_size(s->io) > s->cfg.write_high)
     session_block_writes(s, 1);
 }
 
@@ -315,17 +316,11 @@ static rd_conn *conn_find(rd_session *s, int64_t id) {
   return NULL;
 }
 
-static void local_closed_cb(uv_handle_t *h) {
-  rd_conn *c = h->data;
-  rd_free(h);
-  conn_unref(c);
-}
+static void local_closed_cb(rd_io *io) { conn_unref(rd_io_data(io)); }
 
-static void local_shutdown_cb(uv_shutdown_t *req, int status) {
+static void local_shutdown_cb(rd_io *io, int status) {
   (void)status;
-  uv_stream_t *local = req->handle;
-  rd_free(req);
-  uv_close((uv_handle_t *)local, local_closed_cb);
+  rd_io_close(io, local_closed_cb);
 }
 
 static void buffered_sub(rd_conn *c, size_t len) {
@@ -369,7 +364,7 @@ static void conn_write_local(rd_conn *c, rd_block *b, uint8_t *data, size_t len)
   c->pending += len;
   rd_engine_counts_add(0, 0, (int64_t)len);
   uv_buf_t buf = uv_buf_init((char *)data, (unsigned)len);
-  int rc = uv_write(&w->req, c->local, &buf, 1, local_write_cb);
+  int rc = rd_io_write(c->local, &w->req, &buf, 1, local_write_cb);
   if (rc != 0) {
     buffered_sub(c, len);
     rd_block_unref(b);
@@ -435,8 +430,8 @@ static void conn_on_data(rd_conn *c, rd_block *b, uint8_t *data, size_t len) {
   }
 }
 
-static void local_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
-  (void)h;
+static void local_alloc_cb(rd_io *io, size_t suggested, uv_buf_t *buf) {
+  (void)io;
   (void)suggested;
   rd_block *b = rd_block_get(RD_BLOCK_SIZE);
   if (b == NULL) {
@@ -450,8 +445,8 @@ static rd_block *block_of_payload(const char *base) {
   return (rd_block *)(base - RD_BLOCK_HEADROOM - offsetof(rd_block, data));
 }
 
-static void local_read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
-  rd_conn *c = stream->data;
+static void local_read_cb(rd_io *io, ssize_t nread, const uv_buf_t *buf) {
+  rd_conn *c = rd_io_data(io);
   rd_block *b = buf->base != NULL ? block_of_payload(buf->base) : NULL;
   if (nread > 0 && c->state == CONN_OPEN) {
     rd_session *s = c->s;
@@ -478,8 +473,9 @@ static void local_read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *bu
   if (nread == UV_EOF) {
     conn_end(c, NULL, 1);
   } else {
-    char err[96];
-    snprintf(err, sizeof err, "read: %s", rd_strerror((int)nread));
+    char err[160];
+    snprintf(err, sizeof err, "read: %s",
+             nread == RD_ETLS ? rd_io_error(io) : rd_strerror((int)nread));
     c->local_broken = 1;
     conn_end(c, err, 1);
   }
@@ -489,14 +485,14 @@ static void conn_update_reading(rd_conn *c) {
   if (c->local == NULL || c->state != CONN_OPEN)
     return;
   if (c->peer_paused || c->s->write_blocked)
-    uv_read_stop(c->local);
+    rd_io_read_stop(c->local);
   else
-    uv_read_start(c->local, local_alloc_cb, local_read_cb);
+    rd_io_read_start(c->local, local_alloc_cb, local_read_cb);
 }
 
-static void conn_attach_local(rd_conn *c, uv_stream_t *local) {
+static void conn_attach_local(rd_conn *c, rd_io *local) {
   c->local = local;
-  local->data = c;
+  rd_io_set_data(local, c);
   c->refs++;
   c->state = CONN_OPEN;
   backlog_item *it = c->bl_head;
@@ -574,18 +570,15 @@ static void conn_end(rd_conn *c, const char *err, int send_error) {
   }
   backlog_free(c);
   if (c->local != NULL) {
-    uv_stream_t *local = c->local;
-    uv_read_stop(local);
+    rd_io *local = c->local;
+    rd_io_read_stop(local);
     int flush = !c->local_broken && was_open;
     if (flush && err != NULL && c->http_errors && !c->got_data)
       write_http_error(c, err);
     else if (err != NULL)
       flush = 0; /* an error end: the far side's bytes are as good as lost */
-    uv_shutdown_t *req = flush ? rd_malloc(sizeof *req) : NULL;
-    if (req == NULL || uv_shutdown(req, local, local_shutdown_cb) != 0) {
-      rd_free(req);
-      uv_close((uv_handle_t *)local, local_closed_cb);
-    }
+    if (!flush || rd_io_shutdown(local, local_shutdown_cb) != 0)
+      rd_io_close(local, local_closed_cb);
   }
   c->s = NULL;
   conn_unref(c);
@@ -604,7 +597,11 @@ static void conn_dial_cb(void *ctx, int status, uv_stream_t *stream, const char 
   } else if (status < 0) {
     conn_end(c, error, 1);
   } else {
-    conn_attach_local(c, stream);
+    rd_io *io = rd_io_new(stream, NULL);
+    if (io == NULL)
+      conn_end(c, "out of memory", 1);
+    else
+      conn_attach_local(c, io);
   }
   conn_unref(c);
 }
@@ -673,11 +670,11 @@ void rd_conn_set_idle_timeout(rd_conn *c, uint64_t timeout_ms) {
 /* ---- server side dials ---- */
 
 rd_conn *rd_session_dial(rd_session *s, const char *proto, const char *address,
-                         uv_stream_t *local, const uint8_t *preface, size_t preface_len,
+                         rd_io *local, const uint8_t *preface, size_t preface_len,
                          rd_dial_status *status, int *err) {
   if (s->ended) {
     *err = RD_ECLOSED;
-    uv_close((uv_handle_t *)local, stream_free_cb);
+    rd_io_close(local, NULL);
     return NULL;
   }
   /* The Go server starts its counter at 1 and increments before use. */
@@ -685,7 +682,7 @@ rd_conn *rd_session_dial(rd_session *s, const char *proto, const char *address,
   rd_conn *c = conn_new(s, id, proto, strlen(proto), address, strlen(address));
   if (c == NULL) {
     *err = s->conns.count >= s->cfg.max_connections ? RD_ETOOMANY : RD_ENOMEM;
-    uv_close((uv_handle_t *)local, stream_free_cb);
+    rd_io_close(local, NULL);
     return NULL;
   }
   if (s->cfg.idle_timeout_ms > 0)
@@ -697,7 +694,7 @@ rd_conn *rd_session_dial(rd_session *s, const char *proto, const char *address,
   size_t plen = strlen(proto), alen = strlen(address);
   rd_block *b = rd_block_get_small(plen + 1 + alen);
   if (b == NULL) {
-    uv_close((uv_handle_t *)local, stream_free_cb);
+    rd_io_close(local, NULL);
     conn_end(c, "out of memory", 0);
     *err = RD_ENOMEM;
     return NULL;
@@ -711,7 +708,7 @@ rd_conn *rd_session_dial(rd_session *s, const char *proto, const char *address,
     session_send_msg(s, RD_MSG_DATA, id, preface, preface_len);
   }
   if (c->state == CONN_ENDED) { /* the session died while writing */
-    uv_close((uv_handle_t *)local, stream_free_cb);
+    rd_io_close(local, NULL);
     *err = RD_ECLOSED;
     return NULL;
   }
@@ -865,9 +862,9 @@ static void session_consume(rd_session *s) {
     s->rstart = s->rend = 0; /* nothing refers into the block: reuse it whole */
 }
 
-static void session_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+static void session_alloc_cb(rd_io *io, size_t suggested, uv_buf_t *buf) {
   (void)suggested;
-  rd_session *s = h->data;
+  rd_session *s = rd_io_data(io);
   size_t have = s->rend - s->rstart;
   size_t want = s->reader.need > have ? s->reader.need : have + 4096;
   size_t cap = rd_block_payload_cap(s->rblock);
@@ -889,13 +886,16 @@ static void session_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   *buf = uv_buf_init((char *)rd_block_payload(s->rblock) + s->rend, (unsigned)(cap - s->rend));
 }
 
-static void session_read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
+static void session_read_cb(rd_io *io, ssize_t nread, const uv_buf_t *buf) {
   (void)buf;
-  rd_session *s = stream->data;
+  rd_session *s = rd_io_data(io);
   if (nread == 0 || s->ended)
     return;
   if (nread < 0) {
-    rd_session_end(s, 0, nread == UV_EOF ? "EOF" : rd_strerror((int)nread));
+    rd_session_end(s, 0,
+                   nread == UV_EOF   ? "EOF"
+                   : nread == RD_ETLS ? rd_io_error(io)
+                                      : rd_strerror((int)nread));
     return;
   }
   s->last_rx = rd_now();
@@ -990,10 +990,7 @@ static void session_retune_tick(rd_session *s, uint64_t idle_ms) {
 
 /* ---- lifecycle ---- */
 
-static void session_handle_closed_cb(uv_handle_t *h) {
-  rd_session *s = h->data;
-  if (h == (uv_handle_t *)s->tcp)
-    rd_free(s->tcp);
+static void session_free_if_closed(rd_session *s) {
   if (--s->handles_open > 0)
     return;
   rd_ws_reader_dispose(&s->reader);
@@ -1006,6 +1003,10 @@ static void session_handle_closed_cb(uv_handle_t *h) {
   if (on_freed != NULL)
     on_freed(owner);
 }
+
+static void session_io_closed_cb(rd_io *io) { session_free_if_closed(rd_io_data(io)); }
+
+static void session_tick_closed_cb(uv_handle_t *h) { session_free_if_closed(h->data); }
 
 static void end_conn_cb(rd_map_node *n, void *ctx) {
   (void)ctx;
@@ -1043,16 +1044,14 @@ void rd_session_end(rd_session *s, int close_code, const char *reason) {
   rd_metrics_add(s->metrics, RD_M_REMOVE_WS_SESSION, labels, 1);
   rd_metrics_add(s->metrics, RD_M_OPEN_SESSIONS, labels + 1, -1);
   rd_engine_counts_add(-1, 0, 0);
-  uv_read_stop((uv_stream_t *)s->tcp);
-  uv_close((uv_handle_t *)s->tcp, session_handle_closed_cb);
-  uv_close((uv_handle_t *)&s->tick, session_handle_closed_cb);
+  rd_io_read_stop(s->io);
+  rd_io_close(s->io, session_io_closed_cb);
+  uv_close((uv_handle_t *)&s->tick, session_tick_closed_cb);
   if (s->ops.on_end != NULL)
     s->ops.on_end(s, s->owner, reason);
 }
 
-static void tcp_free_cb(uv_handle_t *h) { rd_free(h); }
-
-rd_session *rd_session_new(uv_tcp_t *tcp, int role, const char *client_key, int peer,
+rd_session *rd_session_new(rd_io *io, int role, const char *client_key, int peer,
                            rd_metrics *metrics, const rd_session_config *cfg,
                            const rd_session_owner *ops, void *owner, const uint8_t *leftover,
                            size_t leftover_len) {
@@ -1062,10 +1061,10 @@ rd_session *rd_session_new(uv_tcp_t *tcp, int role, const char *client_key, int 
     if (s != NULL)
       rd_free(s->client_key);
     rd_free(s);
-    uv_close((uv_handle_t *)tcp, tcp_free_cb);
+    rd_io_close(io, NULL);
     return NULL;
   }
-  s->tcp = tcp;
+  s->io = io;
   s->role = role;
   s->peer = peer;
   s->metrics = metrics;
@@ -1080,7 +1079,7 @@ rd_session *rd_session_new(uv_tcp_t *tcp, int role, const char *client_key, int 
   s->next_msg_id = (int64_t)(r[1] >> 2);
   s->next_conn_id = 1;
   s->last_rx = s->last_ping = s->last_sync = rd_now();
-  tcp->data = s;
+  rd_io_set_data(io, s);
   uv_timer_init(rd_loop(), &s->tick);
   s->tick.data = s;
   s->handles_open = 2;
@@ -1090,8 +1089,7 @@ rd_session *rd_session_new(uv_tcp_t *tcp, int role, const char *client_key, int 
   rd_engine_counts_add(1, 0, 0);
   s->tick_ms = tick_period(s, cfg->idle_timeout_ms);
   uv_timer_start(&s->tick, tick_cb, s->tick_ms, s->tick_ms);
-  uv_tcp_nodelay(tcp, 1);
-  uv_read_start((uv_stream_t *)tcp, session_alloc_cb, session_read_cb);
+  rd_io_read_start(io, session_alloc_cb, session_read_cb);
   if (leftover_len > 0) {
     memcpy(rd_block_payload(s->rblock), leftover, leftover_len);
     s->rend = leftover_len;

@@ -9,6 +9,7 @@
 #include <uv.h>
 
 #include "rd_common.h"
+#include "rd_io.h"
 #include "rd_metrics.h"
 
 typedef struct rd_session rd_session;
@@ -44,11 +45,11 @@ typedef struct rd_session_owner {
   void (*on_connect)(rd_session *s, void *owner, rd_conn *c);
 } rd_session_owner;
 
-/* Starts a session over an open TCP stream (ownership of tcp, which was
- * allocated with rd_malloc, passes to the session even on failure). leftover
+/* Starts a session over an open stream (ownership of io passes to the
+ * session, also on failure; TLS, if any, is past its handshake). leftover
  * holds bytes already read past the handshake. client_key labels metrics.
  * Counts the session added. Returns NULL on allocation failure (tcp closed). */
-rd_session *rd_session_new(uv_tcp_t *tcp, int role, const char *client_key, int peer,
+rd_session *rd_session_new(rd_io *io, int role, const char *client_key, int peer,
                            rd_metrics *metrics, const rd_session_config *cfg,
                            const rd_session_owner *ops, void *owner, const uint8_t *leftover,
                            size_t leftover_len);
@@ -74,12 +75,11 @@ void rd_dial_status_unref(rd_dial_status *st);
 
 /* Server role: opens a connection through the session to proto/address and
  * sends CONNECT. local is the connected stream whose bytes go through the
- * tunnel (allocated with rd_malloc; ownership passes to the connection even
- * on failure). preface (may be NULL) is sent as DATA right after CONNECT.
+ * tunnel (ownership passes to the connection, also on failure). preface (may be NULL) is sent as DATA right after CONNECT.
  * status (may be NULL) gets a reference. Returns the connection or NULL
  * (then *err says why). */
 rd_conn *rd_session_dial(rd_session *s, const char *proto, const char *address,
-                         uv_stream_t *local, const uint8_t *preface, size_t preface_len,
+                         rd_io *local, const uint8_t *preface, size_t preface_len,
                          rd_dial_status *status, int *err);
 
 /* Client role, from on_connect: dial the connection's address locally. */

@@ -1,0 +1,65 @@
+/* A byte stream that is plain or TLS: the one stream type that sessions,
+ * tunneled connections and HTTP connections use, so none of them knows
+ * whether its bytes are encrypted. It mirrors libuv's stream calls (read
+ * start/stop with alloc and read callbacks, write with a uv_write_t the
+ * caller owns, shutdown, close) and, like libuv, never calls back inside the
+ * call that started the work. For TLS the socket's ciphertext goes through
+ * rd_tls; a write completes once the ciphertext that carries it is written.
+ * Loop thread only. */
+#ifndef RD_IO_H
+#define RD_IO_H
+
+#include <uv.h>
+
+#include "rd_common.h"
+#include "rd_tls.h"
+
+typedef struct rd_io rd_io;
+
+typedef void (*rd_io_alloc_cb)(rd_io *io, size_t suggested, uv_buf_t *buf);
+/* nread > 0: bytes; 0: nothing (release buf); < 0: UV_EOF, a libuv error,
+ * or RD_ETLS (rd_io_error says what). */
+typedef void (*rd_io_read_cb)(rd_io *io, ssize_t nread, const uv_buf_t *buf);
+typedef void (*rd_io_handshake_cb)(rd_io *io, int status, const char *error);
+typedef void (*rd_io_shutdown_cb)(rd_io *io, int status);
+typedef void (*rd_io_close_cb)(rd_io *io);
+
+/* Wraps a connected stream (rd_malloc'ed uv_tcp_t or uv_pipe_t; ownership
+ * passes to the io, also on failure) and a TLS connection (NULL = plain;
+ * ownership passes too). Returns NULL on allocation failure (the stream is
+ * then closed and freed, the TLS connection freed). */
+rd_io *rd_io_new(uv_stream_t *stream, rd_tls *tls);
+
+/* The owner's pointer. */
+void rd_io_set_data(rd_io *io, void *data);
+void *rd_io_data(const rd_io *io);
+uv_stream_t *rd_io_stream(const rd_io *io);
+int rd_io_is_tls(const rd_io *io);
+/* Text for the last RD_ETLS (or "" when none). */
+const char *rd_io_error(const rd_io *io);
+
+/* TLS only: runs the handshake; cb gets 0 or a negative code and text.
+ * Reading for the owner starts only with rd_io_read_start. */
+int rd_io_handshake(rd_io *io, rd_io_handshake_cb cb);
+
+int rd_io_read_start(rd_io *io, rd_io_alloc_cb alloc_cb, rd_io_read_cb read_cb);
+void rd_io_read_stop(rd_io *io);
+
+/* Queues bufs; cb(req, status) runs once they are on the wire (TLS: their
+ * ciphertext). req is the caller's; its data field is the caller's too.
+ * Returns 0 or a negative code (then cb is never called). */
+int rd_io_write(rd_io *io, uv_write_t *req, const uv_buf_t bufs[], unsigned nbufs,
+                uv_write_cb cb);
+/* Bytes queued and not yet written to the socket. */
+size_t rd_io_write_queue_size(const rd_io *io);
+
+/* Flushes what is queued, sends close_notify (TLS), then shuts the write
+ * side down; cb runs once (status < 0 when that failed). */
+int rd_io_shutdown(rd_io *io, rd_io_shutdown_cb cb);
+
+/* Closes: queued writes complete with UV_ECANCELED, then cb runs and the io
+ * is freed (with its stream and TLS connection). Idempotent. */
+void rd_io_close(rd_io *io, rd_io_close_cb cb);
+int rd_io_is_closing(const rd_io *io);
+
+#endif
