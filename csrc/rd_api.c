@@ -163,6 +163,31 @@ int rd_api_server_reload_tls(uint64_t handle, const char *cert, const char *key,
   return api_call(reload_fn, &c, err, errlen);
 }
 
+typedef struct {
+  uint64_t handle;
+  rd_tokens *tokens;
+} tokens_ctx;
+
+static void tokens_fn(api_cmd *a, void *p) {
+  tokens_ctx *c = p;
+  rd_tokens *tokens = c->tokens;
+  c->tokens = NULL; /* consumed here, whatever happens */
+  rd_server *srv = (rd_server *)rd_object_find(c->handle, RD_OBJ_SERVER);
+  if (srv == NULL) {
+    rd_tokens_free(tokens);
+    finish_closed(a);
+    return;
+  }
+  rd_cmd_finish(&a->cmd, rd_server_set_tokens(srv, tokens), NULL);
+}
+
+int rd_api_server_set_tokens(uint64_t handle, rd_tokens *tokens) {
+  tokens_ctx c = {handle, tokens};
+  int rc = api_call(tokens_fn, &c, NULL, 0);
+  rd_tokens_free(c.tokens); /* still ours when the command never ran */
+  return rc;
+}
+
 /* ---- lists ---- */
 
 typedef struct {

@@ -28,6 +28,9 @@ int rd_api_server_forward(uint64_t handle, const char *client_key, const char *p
 int rd_api_server_reload_tls(uint64_t handle, const char *cert, const char *key,
                              const char *client_ca, char *err, size_t errlen);
 
+/* Replaces the token table (ownership of tokens passes, also on failure). */
+int rd_api_server_set_tokens(uint64_t handle, rd_tokens *tokens);
+
 typedef struct rd_string_list {
   char **items;
   size_t count;

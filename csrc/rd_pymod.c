@@ -10,7 +10,9 @@
 #include "rd_alloc.h"
 #include "rd_api.h"
 #include "rd_block.h"
+#include "rd_http.h"
 #include "rd_tls.h"
+#include "rd_tokens.h"
 
 typedef struct {
   PyObject *TunnelError;
@@ -132,6 +134,7 @@ static int session_options(PyObject *opts, rd_session_config *cfg) {
       opt_ms(opts, "dial_timeout", &cfg->dial_timeout_ms) < 0 ||
       opt_ms(opts, "idle_timeout", &cfg->idle_timeout_ms) < 0 ||
       opt_size(opts, "max_connections", &cfg->max_connections) < 0 ||
+      opt_size(opts, "max_pending_dials", &cfg->max_pending_dials) < 0 ||
       opt_size(opts, "max_message", &max_message) < 0 ||
       opt_size(opts, "max_buffer", &cfg->max_buffer) < 0 ||
       opt_size(opts, "hard_cap", &cfg->hard_cap) < 0)
@@ -164,12 +167,36 @@ static PyObject *py_server_new(PyObject *module, PyObject *args) {
       opt_bool(opts, "metrics_route", &cfg.metrics_route) < 0 ||
       opt_bool(opts, "debug_route", &cfg.debug_route) < 0 ||
       opt_ms(opts, "handshake_timeout", &cfg.handshake_timeout_ms) < 0 ||
+      opt_size(opts, "max_head", &cfg.max_head) < 0 ||
+      opt_size(opts, "max_headers", &cfg.max_headers) < 0 ||
+      opt_size(opts, "max_sessions", &cfg.max_sessions) < 0 ||
+      opt_size(opts, "max_sessions_per_key", &cfg.max_sessions_per_key) < 0 ||
       session_options(opts, &cfg.session) < 0)
     return NULL;
+  if (cfg.max_headers > RD_HTTP_MAX_HEADERS) {
+    PyErr_Format(PyExc_ValueError, "max_headers must be at most %d", RD_HTTP_MAX_HEADERS);
+    return NULL;
+  }
+  if (cfg.max_head > (1u << 24)) {
+    PyErr_SetString(PyExc_ValueError, "max_head must be at most 16 MiB");
+    return NULL;
+  }
   if (strcmp(auth, "callback") == 0) {
     cfg.auth_mode = RD_AUTH_CALLBACK;
+  } else if (strcmp(auth, "token") == 0) {
+    cfg.auth_mode = RD_AUTH_TOKEN;
+    const char *text = NULL;
+    if (opt_cstr(opts, "tokens", &text) < 0)
+      return NULL;
+    char terr[160];
+    cfg.tokens = rd_tokens_parse(text != NULL ? text : "", text != NULL ? strlen(text) : 0, terr,
+                                 sizeof terr);
+    if (cfg.tokens == NULL) {
+      PyErr_Format(PyExc_ValueError, "tokens: %s", terr);
+      return NULL;
+    }
   } else if (strcmp(auth, "header") != 0) {
-    PyErr_Format(PyExc_ValueError, "auth must be 'header' or 'callback', not %R",
+    PyErr_Format(PyExc_ValueError, "auth must be 'header', 'callback' or 'token', not %R",
                  PyDict_GetItemString(opts, "auth"));
     return NULL;
   }
@@ -179,22 +206,28 @@ static PyObject *py_server_new(PyObject *module, PyObject *args) {
   }
   const char *cert, *key, *client_ca;
   if (opt_cstr(opts, "tls_cert", &cert) < 0 || opt_cstr(opts, "tls_key", &key) < 0 ||
-      opt_cstr(opts, "tls_client_ca", &client_ca) < 0)
+      opt_cstr(opts, "tls_client_ca", &client_ca) < 0) {
+    rd_tokens_free(cfg.tokens);
     return NULL;
+  }
   uint64_t handle = 0;
   int bound = 0, rc;
   char err[256];
   if (cert != NULL || key != NULL) {
     if (cert == NULL || key == NULL) {
+      rd_tokens_free(cfg.tokens);
       PyErr_SetString(PyExc_ValueError, "tls_cert and tls_key go together");
       return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
     cfg.tls = rd_tls_ctx_new_server(cert, key, client_ca, err, sizeof err);
     Py_END_ALLOW_THREADS
-    if (cfg.tls == NULL)
+    if (cfg.tls == NULL) {
+      rd_tokens_free(cfg.tokens);
       return raise_rc(module, RD_ETLS, err);
+    }
   } else if (client_ca != NULL) {
+    rd_tokens_free(cfg.tokens);
     PyErr_SetString(PyExc_ValueError, "tls_client_ca needs tls_cert and tls_key");
     return NULL;
   }
@@ -220,6 +253,31 @@ static PyObject *py_server_reload_tls(PyObject *module, PyObject *args) {
   Py_END_ALLOW_THREADS
   if (rc != RD_OK)
     return raise_rc(module, rc, err);
+  Py_RETURN_NONE;
+}
+
+static PyObject *py_server_set_tokens(PyObject *module, PyObject *args) {
+  unsigned long long handle;
+  const char *text;
+  Py_ssize_t len;
+  if (!PyArg_ParseTuple(args, "Ks#:server_set_tokens", &handle, &text, &len))
+    return NULL;
+  char err[160];
+  rd_tokens *t = rd_tokens_parse(text, (size_t)len, err, sizeof err);
+  if (t == NULL) {
+    PyErr_Format(PyExc_ValueError, "tokens: %s", err);
+    return NULL;
+  }
+  int rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = rd_api_server_set_tokens(handle, t);
+  Py_END_ALLOW_THREADS
+  if (rc == RD_EMALFORMED) {
+    PyErr_SetString(PyExc_ValueError, "the server does not use token authorization");
+    return NULL;
+  }
+  if (rc != RD_OK)
+    return raise_rc(module, rc, NULL);
   Py_RETURN_NONE;
 }
 
@@ -691,6 +749,8 @@ static PyMethodDef engine_methods[] = {
      "server_forward(handle, key, proto, address, host, port) -> (handle, port)"},
     {"server_reload_tls", py_server_reload_tls, METH_VARARGS,
      "server_reload_tls(handle, cert, key[, client_ca]): new certificate for new connections"},
+    {"server_set_tokens", py_server_set_tokens, METH_VARARGS,
+     "server_set_tokens(handle, text): replace the bearer token table"},
     {"server_clients", py_server_clients, METH_VARARGS, "server_clients(handle) -> [key]"},
     {"server_has_session", py_server_has_session, METH_VARARGS,
      "server_has_session(handle, key) -> bool"},

@@ -38,6 +38,7 @@ struct rd_server {
   rd_map clients;
   httpconn *httpconns;
   rd_forward *forwards;
+  size_t sessions; /* live sessions */
   int refs; /* listener + sessions + httpconns + forwards */
   int closing;
   rd_cmd *close_waiter;
@@ -76,6 +77,8 @@ void rd_server_config_default(rd_server_config *cfg) {
   cfg->handshake_timeout_ms = 5000;
   cfg->max_head = 16384;
   cfg->max_headers = 64;
+  cfg->max_sessions = 65536;
+  cfg->max_sessions_per_key = 64;
   rd_session_config_default(&cfg->session);
 }
 
@@ -87,6 +90,7 @@ static void server_unref(rd_server *srv) {
     return;
   if (srv->cfg.tls != NULL)
     rd_tls_ctx_unref(srv->cfg.tls);
+  rd_tokens_free(srv->cfg.tokens);
   rd_metrics_free(srv->metrics);
   rd_map_dispose(&srv->clients);
   rd_cmd *waiter = srv->close_waiter;
@@ -137,6 +141,7 @@ static int client_add(rd_server *srv, const char *key, rd_session *s) {
     e->cap = cap;
   }
   e->sessions[e->count++] = s;
+  srv->sessions++;
   return RD_OK;
 }
 
@@ -148,6 +153,7 @@ static void client_remove(rd_server *srv, rd_session *s) {
     if (e->sessions[i] == s) {
       memmove(&e->sessions[i], &e->sessions[i + 1], (e->count - i - 1) * sizeof *e->sessions);
       e->count--;
+      srv->sessions--;
       break;
     }
   }
@@ -279,6 +285,17 @@ static rd_io *httpconn_take_stream(httpconn *hc) {
 
 static void upgrade_accept(httpconn *hc, const char *client_key) {
   rd_server *srv = hc->srv;
+  if (srv->sessions >= srv->cfg.max_sessions) {
+    respond_text(hc, 503, "Service Unavailable", "too many sessions");
+    return;
+  }
+  client_entry *e = client_find(srv, client_key);
+  if (e != NULL && e->count >= srv->cfg.max_sessions_per_key) {
+    char msg[320];
+    snprintf(msg, sizeof msg, "too many sessions for client %s", client_key);
+    respond_text(hc, 429, "Too Many Requests", msg);
+    return;
+  }
   rd_http_request req;
   rd_http_parse_request(hc->buf, hc->head_len, srv->cfg.max_head, srv->cfg.max_headers, &req);
   const rd_http_header *key = rd_http_find_header(req.headers, req.num_headers, "Sec-WebSocket-Key");
@@ -306,7 +323,9 @@ static void upgrade_accept(httpconn *hc, const char *client_key) {
     server_unref(srv);
     return;
   }
-  if (!rd_session_is_ended(s) && client_add(srv, client_key, s) != RD_OK)
+  if (rd_session_is_ended(s))
+    return; /* ended while reading the leftover bytes: never registered */
+  if (client_add(srv, client_key, s) != RD_OK)
     rd_session_end(s, RD_WS_CLOSE_GOING_AWAY, "out of memory");
 }
 
@@ -367,6 +386,17 @@ static void handle_upgrade(httpconn *hc, rd_http_request *req) {
   h = rd_http_find_header(req->headers, req->num_headers, "Sec-WebSocket-Key");
   if (h == NULL || h->value_len == 0) {
     respond_text(hc, 400, "Bad Request", "websocket: not a websocket handshake: 'Sec-WebSocket-Key' header is missing or blank");
+    return;
+  }
+  if (srv->cfg.auth_mode == RD_AUTH_TOKEN) {
+    h = rd_http_find_header(req->headers, req->num_headers, "Authorization");
+    const char *key = NULL;
+    if (h != NULL && h->value_len > 7 && rd_http_ieq("Bearer ", h->value, 7))
+      key = rd_tokens_lookup(srv->cfg.tokens, h->value + 7, h->value_len - 7);
+    if (key == NULL)
+      respond_text(hc, 401, "Unauthorized", "failed authentication");
+    else
+      upgrade_accept(hc, key);
     return;
   }
   if (srv->cfg.auth_mode == RD_AUTH_HEADER) {
@@ -1069,4 +1099,14 @@ int rd_server_reload_tls(rd_server *srv, const char *cert, const char *key,
     return RD_EMALFORMED;
   }
   return rd_tls_ctx_reload_server(srv->cfg.tls, cert, key, client_ca, err, errlen);
+}
+
+int rd_server_set_tokens(rd_server *srv, rd_tokens *tokens) {
+  if (srv->cfg.auth_mode != RD_AUTH_TOKEN) {
+    rd_tokens_free(tokens);
+    return RD_EMALFORMED;
+  }
+  rd_tokens_free(srv->cfg.tokens);
+  srv->cfg.tokens = tokens;
+  return RD_OK;
 }

@@ -9,8 +9,9 @@
 #include "rd_metrics.h"
 #include "rd_session.h"
 #include "rd_tls.h"
+#include "rd_tokens.h"
 
-enum { RD_AUTH_HEADER = 0, RD_AUTH_CALLBACK = 1 };
+enum { RD_AUTH_HEADER = 0, RD_AUTH_CALLBACK = 1, RD_AUTH_TOKEN = 2 };
 
 typedef struct rd_server_config {
   char path[256];       /* the connect path, "/connect" */
@@ -23,6 +24,9 @@ typedef struct rd_server_config {
   size_t max_head;
   size_t max_headers;
   rd_tls_ctx *tls;      /* wss: the server takes its own reference; NULL = plain */
+  rd_tokens *tokens;    /* RD_AUTH_TOKEN: ownership passes to the server at start */
+  size_t max_sessions;  /* all sessions; past it upgrades get 503 */
+  size_t max_sessions_per_key; /* past it upgrades for that key get 429 */
   rd_session_config session;
 } rd_server_config;
 
@@ -58,6 +62,10 @@ int rd_server_forward(rd_server *srv, const char *client_key, const char *proto,
  * with a message (the old certificate stays). */
 int rd_server_reload_tls(rd_server *srv, const char *cert, const char *key,
                          const char *client_ca, char *err, size_t errlen);
+
+/* Replaces the token table (ownership passes; the old one is freed).
+ * Returns RD_EMALFORMED when the server does not use token auth. */
+int rd_server_set_tokens(rd_server *srv, rd_tokens *tokens);
 
 /* Calls cb for each client key with a live session (unsorted, may repeat). */
 void rd_server_foreach_client(rd_server *srv, void (*cb)(void *ctx, const char *key), void *ctx);

@@ -76,6 +76,7 @@ struct rd_session {
   int handles_open;
   int write_blocked;
   uint64_t tick_ms;     /* current tick period */
+  size_t connecting;    /* connections not yet attached to a local end */
   size_t idle_watched;  /* connections with an idle timeout */
 };
 
@@ -132,6 +133,7 @@ void rd_session_config_default(rd_session_config *cfg) {
   cfg->dial_timeout_ms = 60000;
   cfg->idle_timeout_ms = 0;
   cfg->max_connections = 65536;
+  cfg->max_pending_dials = 1024;
 }
 
 static void conn_end(rd_conn *c, const char *err, int send_error);
@@ -295,6 +297,7 @@ static rd_conn *conn_new(rd_session *s, int64_t id, const char *proto, size_t pr
   c->refs = 1;
   c->created = c->last_activity = rd_now();
   c->state = CONN_CONNECTING;
+  s->connecting++;
   if (rd_map_insert(&s->conns, &c->node, rd_hash_u64((uint64_t)id)) != RD_OK) {
     conn_unref(c);
     return NULL;
@@ -494,6 +497,7 @@ static void conn_attach_local(rd_conn *c, rd_io *local) {
   c->local = local;
   rd_io_set_data(local, c);
   c->refs++;
+  c->s->connecting--;
   c->state = CONN_OPEN;
   backlog_item *it = c->bl_head;
   c->bl_head = c->bl_tail = NULL;
@@ -540,6 +544,8 @@ static void conn_end(rd_conn *c, const char *err, int send_error) {
     return;
   int was_open = c->state == CONN_OPEN;
   rd_session *s = c->s;
+  if (!was_open)
+    s->connecting--;
   c->state = CONN_ENDED;
   rd_map_remove(&s->conns, &c->node);
   if (c->idle_ms > 0)
@@ -788,6 +794,11 @@ static int handle_message(rd_session *s, uint8_t *payload, size_t len) {
     c = conn_find(s, m.conn_id);
     if (c != NULL)
       conn_end(c, "duplicate connection id", 0);
+    if (s->connecting >= s->cfg.max_pending_dials) {
+      static const char busy[] = "too many dials in flight";
+      session_send_msg(s, RD_MSG_ERROR, m.conn_id, busy, sizeof busy - 1);
+      return 0;
+    }
     c = conn_new(s, m.conn_id, (const char *)m.proto, m.proto_len, (const char *)m.address,
                  m.address_len);
     if (c == NULL) {

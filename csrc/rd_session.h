@@ -29,6 +29,7 @@ typedef struct rd_session_config {
   uint64_t dial_timeout_ms;  /* client: local dial limit */
   uint64_t idle_timeout_ms;  /* end connections idle this long (0 = never) */
   size_t max_connections;    /* per session; past it dials and CONNECTs fail */
+  size_t max_pending_dials;  /* client: local dials in flight per session */
 } rd_session_config;
 
 /* Fills the protocol's defaults. */

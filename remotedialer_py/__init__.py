@@ -23,6 +23,7 @@ __all__ = [
     "Client",
     "Request",
     "Forward",
+    "TokenAuthorizer",
     "TunnelSocket",
     "TunnelError",
     "ClientNotFoundError",
@@ -37,6 +38,7 @@ _LAZY = {
     "Server": ("server", "Server"),
     "Request": ("server", "Request"),
     "Forward": ("server", "Forward"),
+    "TokenAuthorizer": ("server", "TokenAuthorizer"),
     "Client": ("client", "Client"),
     "TunnelSocket": ("tunnel_socket", "TunnelSocket"),
     "TunnelError": ("errors", "TunnelError"),
@@ -51,7 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see plain imports
     from ._runtime import engine_stats
     from .client import Client
     from .errors import ClientNotFoundError, ClosedError, TunnelError
-    from .server import Forward, Request, Server
+    from .server import Forward, Request, Server, TokenAuthorizer
     from .tunnel_socket import TunnelSocket
 
 

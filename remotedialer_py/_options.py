@@ -54,6 +54,26 @@ def header_name(name: str, value: Any) -> str:
     return value
 
 
+def path(name: str, value: Any) -> str:
+    """A file path (str or os.PathLike) as str; the engine reports unreadable files."""
+    import os
+
+    try:
+        text = os.fspath(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a file path, not {type(value).__name__}") from None
+    if not isinstance(text, str) or not text or "\0" in text:
+        raise ValueError(f"{name} must be a non-empty str path, got {value!r}")
+    return text
+
+
+def host_name(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value or len(value) > 255 or \
+            any(c.isspace() or ord(c) < 0x20 for c in value):
+        raise ValueError(f"{name} must be a host name or address, got {value!r}")
+    return value
+
+
 def duration_or_off(name: str, value: Any) -> float:
     """Like duration(), but 0 or None turns the feature off (sent as 0)."""
     if value is None:
@@ -83,6 +103,13 @@ SERVER_OPTIONS: dict[str, Callable[[str, Any], Any]] = {
     "debug_route": boolean,          # serve /debug/connections (off by default)
     "handshake_timeout": duration,   # HTTP request head + upgrade
     "sync_grace": duration,          # connections younger than this survive a SYNC
+    "tls_cert": path,                # PEM certificate (chain allowed): serve wss://
+    "tls_key": path,                 # PEM private key for tls_cert
+    "tls_client_ca": path,           # require client certificates signed by this CA
+    "max_sessions": size,            # all sessions; past it upgrades get 503
+    "max_sessions_per_key": size,    # per client key; past it upgrades get 429
+    "max_head": size,                # request head bytes (431 past it)
+    "max_headers": size,             # request header count (431 past it)
 }
 
 CLIENT_OPTIONS: dict[str, Callable[[str, Any], Any]] = {
@@ -92,7 +119,13 @@ CLIENT_OPTIONS: dict[str, Callable[[str, Any], Any]] = {
     "backoff_min": duration,
     "backoff_max": duration,
     "dial_timeout": duration,        # local dials behind the agent
+    "max_pending_dials": size,       # local dials in flight per session
     "handshake_timeout": duration,
+    "ca_file": path,                 # wss: trust these CAs instead of the system store
+    "insecure": boolean,             # wss: skip certificate verification
+    "client_cert": path,             # wss: present this certificate
+    "client_key": path,
+    "server_name": host_name,        # wss: verify (and send as SNI) this name
 }
 
 # Engine options that the classes set from their own parameters; passing them

@@ -222,6 +222,39 @@ class Forward(_Handle):
                 f"{self.client_key}:{self.proto}/{self.address} {state}>")
 
 
+class TokenAuthorizer:
+    """The built-in authorizer for real deployments: ``Authorization: Bearer
+    TOKEN`` mapped to a client key, checked in the engine in constant time.
+
+    ``TokenAuthorizer(path)`` reads a file of lines ``TOKEN CLIENT_KEY``
+    (blank lines and ``#`` comments skipped; tokens of 16 characters or
+    more); ``TokenAuthorizer(tokens={"TOKEN": "key"})`` takes them directly.
+    ``Server.reload_tokens()`` re-reads the file without a restart. Headers
+    such as ``X-Tunnel-ID`` are ignored: the key comes only from the token.
+    """
+
+    def __init__(self, path: Any = None, tokens: Optional[Mapping[str, str]] = None) -> None:
+        if (path is None) == (tokens is None):
+            raise TypeError("TokenAuthorizer takes a path or tokens=, exactly one")
+        self.path = None if path is None else _options.path("path", path)
+        self._tokens = None if tokens is None else dict(tokens)
+        self.text()  # fail early on a bad file or table
+
+    def text(self) -> str:
+        """The table in file form (the file re-read now, when there is one)."""
+        if self.path is not None:
+            with open(self.path, encoding="utf-8") as f:
+                return f.read()
+        lines = []
+        for token, key in (self._tokens or {}).items():
+            if not isinstance(token, str) or not isinstance(key, str) or \
+                    any(c.isspace() for c in token + key) or len(token) < 16 or not key:
+                raise ValueError("tokens must map str tokens of 16+ characters without "
+                                 "spaces to non-empty client keys")
+            lines.append(f"{token} {key}")
+        return "\n".join(lines) + "\n"
+
+
 class Server(_Handle):
     """A tunnel server.
 
@@ -234,7 +267,8 @@ class Server(_Handle):
       port can register any key). Or a callable ``f(request) -> (client_key,
       ok)`` where ``request`` is a :class:`Request`; ``ok`` false answers 401
       ``failed authentication``; an exception answers 400 with ``str(exc)``.
-      It runs on one shared Python thread, so keep it quick.
+      It runs on one shared Python thread, so keep it quick. Or a
+      :class:`TokenAuthorizer` (bearer tokens, checked in the engine).
     - ``options`` (keywords, seconds as int or float): ``read_timeout``
       (60), ``handshake_timeout`` (5), ``idle_timeout`` (0 = off: end
       connections idle this long), ``max_connections`` (per session),
@@ -252,8 +286,10 @@ class Server(_Handle):
                  path: str = "/connect", **options: Any) -> None:
         super().__init__()
         self._listen_host, self._listen_port = _options.parse_listen(listen)
-        if authorizer is not None and not callable(authorizer):
-            raise TypeError(f"authorizer must be None or a callable, not {type(authorizer).__name__}")
+        if authorizer is not None and not callable(authorizer) and \
+                not isinstance(authorizer, TokenAuthorizer):
+            raise TypeError("authorizer must be None, a callable or a TokenAuthorizer, "
+                            f"not {type(authorizer).__name__}")
         if not isinstance(path, str) or not path.startswith("/") or \
                 any(c.isspace() or ord(c) < 0x20 or c in "?#" for c in path):
             raise ValueError(f"path must be an absolute URL path such as '/connect', got {path!r}")
@@ -278,7 +314,10 @@ class Server(_Handle):
             opts = dict(self._options)
             opts["path"] = self._path
             opts["auth"] = "header" if self._authorizer is None else "callback"
-            if self._authorizer is None:
+            if isinstance(self._authorizer, TokenAuthorizer):
+                opts["auth"] = "token"
+                opts["tokens"] = self._authorizer.text()
+            if self._authorizer is None or isinstance(self._authorizer, TokenAuthorizer):
                 handle, port = _engine.server_new(host, self._listen_port, opts)
             else:
                 with _callbacks.creating():
@@ -321,7 +360,29 @@ class Server(_Handle):
         """The URL agents connect to, e.g. ``ws://127.0.0.1:8123/connect``.
         A wildcard bind (0.0.0.0 or ::) is given as the loopback address."""
         self._live_handle()
-        return f"ws://{_url_host(self._host or '')}:{self._port}{self._path}"
+        scheme = "wss" if "tls_cert" in self._options else "ws"
+        return f"{scheme}://{_url_host(self._host or '')}:{self._port}{self._path}"
+
+    def reload_tokens(self) -> None:
+        """Re-reads the TokenAuthorizer's file (or table); new handshakes use it,
+        open sessions stay. A bad file raises ValueError and changes nothing."""
+        if not isinstance(self._authorizer, TokenAuthorizer):
+            raise ValueError("the server does not use a TokenAuthorizer")
+        _engine.server_set_tokens(self._live_handle(), self._authorizer.text())
+
+    def reload_tls(self, cert: Any = None, key: Any = None, client_ca: Any = None) -> None:
+        """Loads a new certificate and key (default: the same paths again, for
+        renewed files) for connections accepted from now on; open sessions keep
+        theirs. On error (TunnelError) the old certificate stays in use."""
+        cert = _options.path("cert", cert if cert is not None else self._options.get("tls_cert"))
+        key = _options.path("key", key if key is not None else self._options.get("tls_key"))
+        if client_ca is None:
+            client_ca = self._options.get("tls_client_ca")
+        ca = None if client_ca is None else _options.path("client_ca", client_ca)
+        _engine.server_reload_tls(self._live_handle(), cert, key, ca)
+        self._options.update(tls_cert=cert, tls_key=key)
+        if ca is not None:
+            self._options["tls_client_ca"] = ca
 
     # -- sessions and connections -----------------------------------------
 
