@@ -2,6 +2,8 @@
  * handle is signalled only when the list goes from empty to non-empty. */
 #include "rd_loop.h"
 
+#include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -22,6 +24,8 @@ static struct {
   uv_async_t wake;
   rd_cmd *head, *tail;
   int stopping; /* loop thread: shutdown command seen */
+  int shutting_down, joined; /* under lock: rd_engine_shutdown's progress */
+  uv_cond_t joined_cond;
   rd_cmd *shutdown_waiter;
   /* objects, loop thread only */
   rd_map objects;
@@ -158,6 +162,13 @@ static void wake_cb(uv_async_t *h) {
 
 static void loop_main(void *arg) {
   (void)arg;
+  /* A write to a peer that went away must fail with EPIPE, never kill the
+   * process, whatever the application did with SIGPIPE. Blocking it in this
+   * thread alone leaves the process-wide disposition alone. */
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGPIPE);
+  pthread_sigmask(SIG_BLOCK, &set, NULL);
   uv_run(&eng.loop, UV_RUN_DEFAULT);
   /* Objects closing after the wake handle went still need their callbacks. */
   uv_walk(&eng.loop, close_any_handle_cb, NULL);
@@ -174,6 +185,7 @@ static void engine_init_once(void) {
   uv_mutex_init(&eng.lock);
   uv_mutex_init(&eng.req_lock);
   uv_cond_init(&eng.req_cond);
+  uv_cond_init(&eng.joined_cond);
   rd_map_init(&eng.objects);
   rd_map_init(&eng.req_pending);
   eng.state = ENGINE_NEW;
@@ -238,16 +250,28 @@ int rd_engine_call(rd_cmd *cmd) {
 void rd_engine_shutdown(void) {
   uv_once(&eng.once, engine_init_once);
   uv_mutex_lock(&eng.lock);
-  int state = eng.state;
-  uv_mutex_unlock(&eng.lock);
-  if (state != ENGINE_RUNNING)
+  if (eng.state == ENGINE_NEW) {
+    uv_mutex_unlock(&eng.lock);
     return;
+  }
+  if (eng.shutting_down) { /* another thread is stopping it: wait for that */
+    while (!eng.joined)
+      uv_cond_wait(&eng.joined_cond, &eng.lock);
+    uv_mutex_unlock(&eng.lock);
+    return;
+  }
+  eng.shutting_down = 1;
+  uv_mutex_unlock(&eng.lock);
   rd_cmd cmd = {0};
   cmd.run = NULL;
-  if (rd_engine_call(&cmd) != RD_OK)
-    return;
-  uv_thread_join(&eng.thread);
-  uv_loop_close(&eng.loop);
+  if (rd_engine_call(&cmd) == RD_OK) {
+    uv_thread_join(&eng.thread);
+    uv_loop_close(&eng.loop);
+  }
+  uv_mutex_lock(&eng.lock);
+  eng.joined = 1;
+  uv_cond_broadcast(&eng.joined_cond);
+  uv_mutex_unlock(&eng.lock);
 }
 
 /* ---- requests ---- */
