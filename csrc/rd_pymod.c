@@ -722,6 +722,13 @@ static PyObject *py_engine_stats(PyObject *module, PyObject *noargs) {
                        "rss_bytes", (long long)s.rss_bytes, "open_fds", (long long)s.open_fds);
 }
 
+static PyObject *py_heap(PyObject *module, PyObject *noargs) {
+  (void)module;
+  (void)noargs;
+  /* Readable at any time, also after shutdown: the leak check at exit. */
+  return Py_BuildValue("(LL)", (long long)rd_alloc_bytes(), (long long)rd_alloc_objects());
+}
+
 static PyObject *py_trim(PyObject *module, PyObject *noargs) {
   (void)module;
   (void)noargs;
@@ -769,6 +776,7 @@ static PyMethodDef engine_methods[] = {
      "next_request(timeout) -> None | (id, owner, kind, payload)"},
     {"answer", py_answer, METH_VARARGS, "answer(id, verdict, value)"},
     {"engine_stats", py_engine_stats, METH_NOARGS, "engine_stats() -> dict"},
+    {"heap", py_heap, METH_NOARGS, "heap() -> (bytes, objects) the engine holds (any time)"},
     {"trim", py_trim, METH_NOARGS, "trim(): return idle engine pools to the allocator"},
     {"shutdown", py_shutdown, METH_NOARGS, "shutdown(): stop the loop thread"},
     {NULL, NULL, 0, NULL},
