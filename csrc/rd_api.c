@@ -190,6 +190,20 @@ int rd_api_server_set_tokens(uint64_t handle, rd_tokens *tokens) {
 
 /* ---- lists ---- */
 
+/* Makes room for one more element in a growing array; 0 or RD_ENOMEM. */
+static int reserve_one(void *items_ptr, size_t count, size_t *cap, size_t elem) {
+  void **items = items_ptr;
+  if (count < *cap)
+    return RD_OK;
+  size_t ncap = *cap ? *cap * 2 : 16;
+  void *p = rd_realloc(*items, ncap * elem);
+  if (p == NULL)
+    return RD_ENOMEM;
+  *items = p;
+  *cap = ncap;
+  return RD_OK;
+}
+
 typedef struct {
   rd_string_list *l;
   size_t cap;
@@ -200,15 +214,9 @@ static void add_key_cb(void *ctx, const char *key) {
   strings_ctx *c = ctx;
   if (c->failed)
     return;
-  if (c->l->count == c->cap) {
-    size_t cap = c->cap ? c->cap * 2 : 8;
-    char **items = rd_realloc(c->l->items, cap * sizeof *items);
-    if (items == NULL) {
-      c->failed = 1;
-      return;
-    }
-    c->l->items = items;
-    c->cap = cap;
+  if (reserve_one(&c->l->items, c->l->count, &c->cap, sizeof *c->l->items) != RD_OK) {
+    c->failed = 1;
+    return;
   }
   char *copy = rd_strndup(key, strlen(key));
   if (copy == NULL) {
@@ -295,15 +303,9 @@ static void add_conn_cb(void *ctx, const rd_conn_info *info) {
   conns_ctx *c = ctx;
   if (c->failed)
     return;
-  if (c->out->count == c->cap) {
-    size_t cap = c->cap ? c->cap * 2 : 16;
-    rd_conn_info *items = rd_realloc(c->out->items, cap * sizeof *items);
-    if (items == NULL) {
-      c->failed = 1;
-      return;
-    }
-    c->out->items = items;
-    c->cap = cap;
+  if (reserve_one(&c->out->items, c->out->count, &c->cap, sizeof *c->out->items) != RD_OK) {
+    c->failed = 1;
+    return;
   }
   rd_conn_info *d = &c->out->items[c->out->count];
   *d = *info;
@@ -452,15 +454,9 @@ static void add_sample_cb(void *ctx, const rd_metric_family_info *family,
   samples_ctx *c = ctx;
   if (c->failed)
     return;
-  if (c->out->count == c->cap) {
-    size_t cap = c->cap ? c->cap * 2 : 16;
-    rd_sample *items = rd_realloc(c->out->items, cap * sizeof *items);
-    if (items == NULL) {
-      c->failed = 1;
-      return;
-    }
-    c->out->items = items;
-    c->cap = cap;
+  if (reserve_one(&c->out->items, c->out->count, &c->cap, sizeof *c->out->items) != RD_OK) {
+    c->failed = 1;
+    return;
   }
   rd_sample *s = &c->out->items[c->out->count];
   memset(s, 0, sizeof *s);

@@ -745,18 +745,28 @@ static void httpconn_tls_done_cb(rd_io *io, int status, const char *error) {
     rd_io_read_start(io, httpconn_alloc_cb, httpconn_read_cb);
 }
 
+/* Accepts the pending connection into a new rd_malloc'ed handle with
+ * TCP_NODELAY (the tunnel's small frames must not wait), or NULL. */
+static uv_tcp_t *accept_tcp(uv_stream_t *listener) {
+  uv_tcp_t *tcp = rd_malloc(sizeof *tcp);
+  if (tcp == NULL)
+    return NULL;
+  uv_tcp_init(rd_loop(), tcp);
+  if (uv_accept(listener, (uv_stream_t *)tcp) != 0) {
+    uv_close((uv_handle_t *)tcp, tcp_free_cb);
+    return NULL;
+  }
+  uv_tcp_nodelay(tcp, 1);
+  return tcp;
+}
+
 static void on_accept(uv_stream_t *listener, int status) {
   rd_server *srv = listener->data;
   if (status < 0 || srv->closing)
     return;
-  uv_tcp_t *tcp = rd_malloc(sizeof *tcp);
+  uv_tcp_t *tcp = accept_tcp(listener);
   if (tcp == NULL)
     return;
-  uv_tcp_init(rd_loop(), tcp);
-  if (uv_accept(listener, (uv_stream_t *)tcp) != 0) {
-    uv_close((uv_handle_t *)tcp, tcp_free_cb);
-    return;
-  }
   httpconn *hc = rd_calloc(1, sizeof *hc);
   if (hc == NULL || (hc->buf = rd_malloc(srv->cfg.max_head + 1)) == NULL) {
     rd_free(hc);
@@ -774,7 +784,6 @@ static void on_accept(uv_stream_t *listener, int status) {
       return;
     }
   }
-  uv_tcp_nodelay(tcp, 1);
   hc->io = rd_io_new((uv_stream_t *)tcp, tls);
   if (hc->io == NULL) {
     rd_free(hc->buf);
@@ -899,20 +908,14 @@ static void forward_accept_cb(uv_stream_t *listener, int status) {
   rd_forward *f = listener->data;
   if (status < 0 || f->closed)
     return;
-  uv_tcp_t *tcp = rd_malloc(sizeof *tcp);
+  uv_tcp_t *tcp = accept_tcp(listener);
   if (tcp == NULL)
     return;
-  uv_tcp_init(rd_loop(), tcp);
-  if (uv_accept(listener, (uv_stream_t *)tcp) != 0) {
-    uv_close((uv_handle_t *)tcp, tcp_free_cb);
-    return;
-  }
   rd_session *s = session_for(f->srv, f->key);
   if (s == NULL) {
     uv_close((uv_handle_t *)tcp, tcp_free_cb);
     return;
   }
-  uv_tcp_nodelay(tcp, 1);
   rd_io *io = rd_io_new((uv_stream_t *)tcp, NULL);
   int err = 0;
   if (io != NULL)

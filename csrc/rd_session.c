@@ -326,9 +326,22 @@ static void local_shutdown_cb(rd_io *io, int status) {
   rd_io_close(io, local_closed_cb);
 }
 
+static void buffered_add(rd_conn *c, size_t len) {
+  c->pending += len;
+  rd_engine_counts_add(0, 0, (int64_t)len);
+}
+
 static void buffered_sub(rd_conn *c, size_t len) {
   c->pending -= len;
   rd_engine_counts_add(0, 0, -(int64_t)len);
+}
+
+/* The local end failed to take bytes: the connection ends with the error. */
+static void conn_local_write_failed(rd_conn *c, int status) {
+  char err[96];
+  snprintf(err, sizeof err, "write: %s", rd_strerror(status));
+  c->local_broken = 1;
+  conn_end(c, err, 1);
 }
 
 static void local_write_cb(uv_write_t *req, int status) {
@@ -340,10 +353,7 @@ static void local_write_cb(uv_write_t *req, int status) {
   if (c->state == CONN_ENDED)
     return;
   if (status < 0) {
-    char err[96];
-    snprintf(err, sizeof err, "write: %s", rd_strerror(status));
-    c->local_broken = 1;
-    conn_end(c, err, 1);
+    conn_local_write_failed(c, status);
     return;
   }
   if (c->we_paused && c->pending < c->s->cfg.max_buffer / 8) {
@@ -364,18 +374,14 @@ static void conn_write_local(rd_conn *c, rd_block *b, uint8_t *data, size_t len)
   w->block = b;
   w->conn = c;
   w->len = len;
-  c->pending += len;
-  rd_engine_counts_add(0, 0, (int64_t)len);
+  buffered_add(c, len);
   uv_buf_t buf = uv_buf_init((char *)data, (unsigned)len);
   int rc = rd_io_write(c->local, &w->req, &buf, 1, local_write_cb);
   if (rc != 0) {
     buffered_sub(c, len);
     rd_block_unref(b);
     wreq_put(w);
-    char err[96];
-    snprintf(err, sizeof err, "write: %s", rd_strerror(rc));
-    c->local_broken = 1;
-    conn_end(c, err, 1);
+    conn_local_write_failed(c, rc);
   }
 }
 
@@ -418,8 +424,7 @@ static void conn_on_data(rd_conn *c, rd_block *b, uint8_t *data, size_t len) {
     else
       c->bl_head = it;
     c->bl_tail = it;
-    c->pending += len;
-    rd_engine_counts_add(0, 0, (int64_t)len);
+    buffered_add(c, len);
   }
   if (c->state == CONN_ENDED)
     return;
