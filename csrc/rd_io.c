@@ -366,3 +366,40 @@ void rd_io_close(rd_io *io, rd_io_close_cb cb) {
     uv_close((uv_handle_t *)io->kick, io_handle_closed_cb);
   uv_close((uv_handle_t *)io->stream, io_handle_closed_cb);
 }
+
+typedef struct {
+  uv_write_t req;
+  rd_io *io;
+  char data[];
+} reject_write;
+
+static void reject_write_cb(uv_write_t *req, int status) {
+  (void)status;
+  reject_write *w = (reject_write *)req;
+  rd_io *io = w->io;
+  rd_io_close_cb cb = io->close_cb;
+  rd_free(w);
+  io->closing = 0; /* reserved by rd_io_reject_plain; now close for real */
+  rd_io_close(io, cb);
+}
+
+void rd_io_reject_plain(rd_io *io, const char *data, size_t len, rd_io_close_cb cb) {
+  if (io->closing)
+    return;
+  reject_write *w = rd_malloc(sizeof *w + len);
+  uv_read_stop(io->stream);
+  io->reading = 0;
+  io->handshaking = 0;
+  if (w != NULL) {
+    memcpy(w->data, data, len);
+    w->io = io;
+    uv_buf_t buf = uv_buf_init(w->data, (unsigned)len);
+    if (uv_write(&w->req, io->stream, &buf, 1, reject_write_cb) == 0) {
+      io->closing = 1; /* no other use from now on */
+      io->close_cb = cb;
+      return;
+    }
+    rd_free(w);
+  }
+  rd_io_close(io, cb);
+}

@@ -57,6 +57,11 @@ size_t rd_io_write_queue_size(const rd_io *io);
  * side down; cb runs once (status < 0 when that failed). */
 int rd_io_shutdown(rd_io *io, rd_io_shutdown_cb cb);
 
+/* Writes bytes around TLS, straight to the socket, then closes (cb as for
+ * rd_io_close): the plain-text answer to a client that spoke HTTP to a TLS
+ * port. */
+void rd_io_reject_plain(rd_io *io, const char *data, size_t len, rd_io_close_cb cb);
+
 /* Closes: queued writes complete with UV_ECANCELED, then cb runs and the io
  * is freed (with its stream and TLS connection). Idempotent. */
 void rd_io_close(rd_io *io, rd_io_close_cb cb);

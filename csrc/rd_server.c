@@ -205,9 +205,10 @@ static void httpconn_unlink(httpconn *hc) {
 static void httpconn_timer_closed_cb(uv_handle_t *h) { httpconn_free_if_closed(h->data); }
 static void httpconn_io_closed_cb(rd_io *io) { httpconn_free_if_closed(rd_io_data(io)); }
 
-/* Closes the HTTP connection. If the stream was handed over (io NULL) only
- * the timer remains to close. */
-static void httpconn_close(httpconn *hc) {
+/* Closes the HTTP connection, first writing plain_answer around TLS when
+ * given. If the stream was handed over (io NULL) only the timer remains to
+ * close. */
+static void httpconn_close_answering(httpconn *hc, const char *plain_answer) {
   if (hc->done == 2)
     return;
   hc->done = 2;
@@ -217,9 +218,15 @@ static void httpconn_close(httpconn *hc) {
     hc->auth = NULL;
   }
   uv_close((uv_handle_t *)&hc->timer, httpconn_timer_closed_cb);
-  if (hc->io != NULL)
+  if (hc->io == NULL)
+    return;
+  if (plain_answer != NULL)
+    rd_io_reject_plain(hc->io, plain_answer, strlen(plain_answer), httpconn_io_closed_cb);
+  else
     rd_io_close(hc->io, httpconn_io_closed_cb);
 }
+
+static void httpconn_close(httpconn *hc) { httpconn_close_answering(hc, NULL); }
 
 static void response_shutdown_cb(rd_io *io, int status) {
   (void)status;
@@ -735,10 +742,15 @@ static void httpconn_timeout_cb(uv_timer_t *t) {
 }
 
 static void httpconn_tls_done_cb(rd_io *io, int status, const char *error) {
-  (void)error; /* a failed TLS handshake gets no HTTP answer */
   httpconn *hc = rd_io_data(io);
   if (hc->done)
     return;
+  if (status < 0 && error != NULL && strstr(error, "HTTP request to an HTTPS server") != NULL) {
+    /* Tell a plain-HTTP client why, in plain text, as Go's net/http does. */
+    httpconn_close_answering(hc, "HTTP/1.0 400 Bad Request\r\n\r\n"
+                                 "Client sent an HTTP request to an HTTPS server.\n");
+    return;
+  }
   if (status < 0)
     httpconn_close(hc);
   else

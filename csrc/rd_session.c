@@ -9,6 +9,8 @@
 #include "rd_session.h"
 
 #include <fnmatch.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -45,8 +47,13 @@ struct rd_conn {
   int state;
   int refs;
   unsigned peer_paused : 1, we_paused : 1, http_errors : 1, got_data : 1, local_broken : 1;
+  unsigned local_gone : 1; /* the local peer closed while we were paused */
   size_t pending; /* bytes queued toward the local end */
   backlog_item *bl_head, *bl_tail;
+  /* Read from the local end while the far side has us paused: held back so
+   * reading can go on far enough to see the local end close. */
+  backlog_item *held_head, *held_tail;
+  size_t held;
   uint64_t tx_bytes, rx_bytes;
   uint64_t created;
   uint64_t last_activity;
@@ -77,6 +84,7 @@ struct rd_session {
   int write_blocked;
   uint64_t tick_ms;     /* current tick period */
   size_t connecting;    /* connections not yet attached to a local end */
+  size_t paused;        /* connections the far side has paused */
   size_t idle_watched;  /* connections with an idle timeout */
 };
 
@@ -385,6 +393,41 @@ static void conn_write_local(rd_conn *c, rd_block *b, uint8_t *data, size_t len)
   }
 }
 
+/* Appends a slice (b gains a reference) to a list. 0 or RD_ENOMEM. */
+static int slice_append(backlog_item **head, backlog_item **tail, rd_block *b, uint8_t *data,
+                        size_t len) {
+  backlog_item *it = rd_malloc(sizeof *it);
+  if (it == NULL)
+    return RD_ENOMEM;
+  rd_block_ref(b);
+  it->next = NULL;
+  it->block = b;
+  it->data = data;
+  it->len = len;
+  if (*tail != NULL)
+    (*tail)->next = it;
+  else
+    *head = it;
+  *tail = it;
+  return RD_OK;
+}
+
+/* Sends what was held back while paused, as DATA, in order. */
+static void held_send(rd_conn *c) {
+  while (c->held_head != NULL) {
+    backlog_item *it = c->held_head;
+    c->held_head = it->next;
+    c->held -= it->len;
+    /* Each slice fills its block from the payload start: send it in place. */
+    if (!c->s->ended)
+      session_send_block(c->s, RD_MSG_DATA, c->id, it->block, it->len);
+    else
+      rd_block_unref(it->block);
+    rd_free(it);
+  }
+  c->held_tail = NULL;
+}
+
 static void backlog_free(rd_conn *c) {
   while (c->bl_head != NULL) {
     backlog_item *it = c->bl_head;
@@ -409,21 +452,10 @@ static void conn_on_data(rd_conn *c, rd_block *b, uint8_t *data, size_t len) {
   if (c->state == CONN_OPEN) {
     conn_write_local(c, b, data, len);
   } else {
-    backlog_item *it = rd_malloc(sizeof *it);
-    if (it == NULL) {
+    if (slice_append(&c->bl_head, &c->bl_tail, b, data, len) != RD_OK) {
       conn_end(c, "out of memory", 1);
       return;
     }
-    rd_block_ref(b);
-    it->next = NULL;
-    it->block = b;
-    it->data = data;
-    it->len = len;
-    if (c->bl_tail != NULL)
-      c->bl_tail->next = it;
-    else
-      c->bl_head = it;
-    c->bl_tail = it;
     buffered_add(c, len);
   }
   if (c->state == CONN_ENDED)
@@ -471,6 +503,18 @@ static void local_read_cb(rd_io *io, ssize_t nread, const uv_buf_t *buf) {
       }
       b = small;
     }
+    if (c->peer_paused) {
+      /* Hold it; conn_update_reading stops reading at max_buffer held. */
+      int rc = slice_append(&c->held_head, &c->held_tail, b, rd_block_payload(b), (size_t)nread);
+      rd_block_unref(b);
+      if (rc != RD_OK) {
+        conn_end(c, "out of memory", 1);
+        return;
+      }
+      c->held += (size_t)nread;
+      conn_update_reading(c);
+      return;
+    }
     session_send_block(s, RD_MSG_DATA, c->id, b, (size_t)nread);
     return;
   }
@@ -489,10 +533,21 @@ static void local_read_cb(rd_io *io, ssize_t nread, const uv_buf_t *buf) {
   }
 }
 
+/* Reading goes on while paused until max_buffer bytes are held back: far
+ * enough to notice a local end that closes with its socket buffers full
+ * (PAUSE may never be followed by RESUME), bounded so PAUSE still bounds
+ * memory. A full session write queue stops reading outright: that queue
+ * drains or the session dies. */
 static void conn_update_reading(rd_conn *c) {
   if (c->local == NULL || c->state != CONN_OPEN)
     return;
-  if (c->peer_paused || c->s->write_blocked)
+  if (!c->peer_paused && c->held_head != NULL) {
+    held_send(c);
+    if (c->state != CONN_OPEN)
+      return;
+  }
+  if (c->s->write_blocked ||
+      (c->peer_paused && !c->local_gone && c->held >= c->s->cfg.max_buffer))
     rd_io_read_stop(c->local);
   else
     rd_io_read_start(c->local, local_alloc_cb, local_read_cb);
@@ -555,10 +610,23 @@ static void conn_end(rd_conn *c, const char *err, int send_error) {
   rd_map_remove(&s->conns, &c->node);
   if (c->idle_ms > 0)
     s->idle_watched--;
+  if (c->peer_paused)
+    s->paused--;
   const char *labels[3] = {s->client_key, c->proto, c->address};
   rd_metrics_add(s->metrics, RD_M_REMOVE_CONNECTIONS, labels, 1);
   rd_metrics_add(s->metrics, RD_M_OPEN_CONNECTIONS, labels, -1);
   rd_engine_counts_add(0, -1, 0);
+  if (send_error && !s->ended)
+    held_send(c); /* bytes read before the end go first, PAUSE or not */
+  else
+    while (c->held_head != NULL) {
+      backlog_item *it = c->held_head;
+      c->held_head = it->next;
+      rd_block_unref(it->block);
+      rd_free(it);
+    }
+  c->held_tail = NULL;
+  c->held = 0;
   if (send_error && !s->ended) {
     const char *text = err != NULL ? err : "EOF";
     size_t len = strlen(text);
@@ -828,8 +896,12 @@ static int handle_message(rd_session *s, uint8_t *payload, size_t len) {
   case RD_MSG_PAUSE:
   case RD_MSG_RESUME:
     c = conn_find(s, m.conn_id);
-    if (c != NULL) {
+    if (c != NULL && c->peer_paused != (m.type == RD_MSG_PAUSE)) {
       c->peer_paused = m.type == RD_MSG_PAUSE;
+      if (c->peer_paused)
+        s->paused++;
+      else
+        s->paused--;
       conn_update_reading(c);
     }
     return 0;
@@ -959,6 +1031,30 @@ static void end_idle_cb(rd_map_node *n, void *ctx) {
     conn_end(c, "idle timeout", 1);
 }
 
+/* A paused connection that stopped reading cannot see its local end close
+ * by reading. TCP tells it without a read: a peer's FIN puts the socket in
+ * CLOSE_WAIT. Then what is left to read is finite, so reading resumes (no
+ * cap) to EOF and the connection ends with every byte delivered. (Unix
+ * socket buffers are smaller than the read-ahead, so reading sees those.) */
+static void check_paused_local_cb(rd_map_node *n, void *ctx) {
+  (void)ctx;
+  rd_conn *c = (rd_conn *)n;
+  if (!c->peer_paused || c->local_gone || c->local == NULL || c->state != CONN_OPEN)
+    return;
+  uv_stream_t *st = rd_io_stream(c->local);
+  if (st->type != UV_TCP)
+    return;
+  uv_os_fd_t fd;
+  struct tcp_info info;
+  socklen_t len = sizeof info;
+  if (uv_fileno((uv_handle_t *)st, &fd) == 0 &&
+      getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) == 0 &&
+      (info.tcpi_state == TCP_CLOSE_WAIT || info.tcpi_state == TCP_CLOSE)) {
+    c->local_gone = 1;
+    conn_update_reading(c);
+  }
+}
+
 static void tick_cb(uv_timer_t *t) {
   rd_session *s = t->data;
   uint64_t now = rd_now();
@@ -968,6 +1064,8 @@ static void tick_cb(uv_timer_t *t) {
   }
   if (s->idle_watched > 0)
     rd_map_foreach(&s->conns, end_idle_cb, &now);
+  if (s->paused > 0)
+    rd_map_foreach(&s->conns, check_paused_local_cb, NULL);
   if (s->role != RD_ROLE_CLIENT)
     return;
   if (s->cfg.ping_interval_ms && now - s->last_ping >= s->cfg.ping_interval_ms) {
