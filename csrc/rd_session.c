@@ -6,11 +6,11 @@
  * stream's close callback) and for a local dial in flight (dropped in the
  * dial callback); it is freed when the last goes. It ends in exactly one
  * function, conn_end, whatever ends it. */
+#define _GNU_SOURCE 1 /* POLLRDHUP */
 #include "rd_session.h"
 
 #include <fnmatch.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
+#include <poll.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1032,24 +1032,22 @@ static void end_idle_cb(rd_map_node *n, void *ctx) {
 }
 
 /* A paused connection that stopped reading cannot see its local end close
- * by reading. TCP tells it without a read: a peer's FIN puts the socket in
- * CLOSE_WAIT. Then what is left to read is finite, so reading resumes (no
- * cap) to EOF and the connection ends with every byte delivered. (Unix
- * socket buffers are smaller than the read-ahead, so reading sees those.) */
+ * by reading. The kernel tells it without a read: poll() reports RDHUP once
+ * the peer has closed or shut down its writing side (a TCP FIN, or a unix
+ * socket's peer closing), even with bytes still queued. Then what is left to
+ * read is finite, so reading resumes (no cap) to EOF and the connection ends
+ * with every byte delivered. (A direct poll() with no wait does not disturb
+ * the loop's own registration of the descriptor.) */
 static void check_paused_local_cb(rd_map_node *n, void *ctx) {
   (void)ctx;
   rd_conn *c = (rd_conn *)n;
   if (!c->peer_paused || c->local_gone || c->local == NULL || c->state != CONN_OPEN)
     return;
-  uv_stream_t *st = rd_io_stream(c->local);
-  if (st->type != UV_TCP)
-    return;
   uv_os_fd_t fd;
-  struct tcp_info info;
-  socklen_t len = sizeof info;
-  if (uv_fileno((uv_handle_t *)st, &fd) == 0 &&
-      getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) == 0 &&
-      (info.tcpi_state == TCP_CLOSE_WAIT || info.tcpi_state == TCP_CLOSE)) {
+  if (uv_fileno((uv_handle_t *)rd_io_stream(c->local), &fd) != 0)
+    return;
+  struct pollfd p = {.fd = fd, .events = POLLIN | POLLRDHUP};
+  if (poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0) {
     c->local_gone = 1;
     conn_update_reading(c);
   }
