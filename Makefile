@@ -3,14 +3,17 @@
 #   make demo      system packages (as root), install the package, run the demo
 #   make test      the same set-up plus test dependencies, C unit tests, pytest
 #   make ctest     C unit tests only (ASan + UBSan), binaries in build/ctest/
+#   make asan-test the pytest suite against an ASan + UBSan build of the engine
 #   make fuzz      libFuzzer targets in fuzz/ for FUZZ_SECONDS each (clang)
+#   make fuzz-ci   the same, FUZZ_CI_SECONDS each (CI's short pass)
 #   make bench     the benchmark
 #   make deps      apt-get install what is missing (root only; checks first)
 #
-# Variables: PYTHON (default python3), CC, FUZZ_SECONDS, PYTEST_ARGS.
+# Variables: PYTHON (default python3), CC, CLANG, FUZZ_SECONDS, FUZZ_CI_SECONDS, PYTEST_ARGS.
 
 PYTHON ?= python3
 FUZZ_SECONDS ?= 60
+FUZZ_CI_SECONDS ?= 15
 PYTEST_ARGS ?= -q
 CLANG ?= clang
 
@@ -19,6 +22,9 @@ CLANG ?= clang
 .DEFAULT_GOAL := help
 
 DEB_PACKAGES := libuv1-dev libssl-dev pkg-config gcc make curl ca-certificates prometheus
+# For the fuzz targets only (`make fuzz-deps`): clang and its libFuzzer
+# runtime (libclang-rt-dev names the default version's, e.g. 14 on Debian 12).
+FUZZ_DEB_PACKAGES := clang libclang-rt-dev
 
 # Debian's own python3 refuses `pip install` outside a virtual environment
 # (PEP 668); there, everything is installed into .venv instead.
@@ -44,10 +50,11 @@ LIBS := -luv -lssl -lcrypto -lpthread
 # Sanitizer reports must fail the run, not scroll by.
 SAN_ENV := ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 
-.PHONY: help demo test ctest pytest build deps testdeps fuzz bench clean _demo _test
+.PHONY: help demo test ctest pytest asan-test build deps testdeps fuzz fuzz-ci fuzz-deps bench \
+  clean _demo _test
 
 help:
-	@sed -n '3,10s/^# \{0,1\}//p' Makefile
+	@sed -n '3,13s/^# \{0,1\}//p' Makefile
 
 # The set-up steps are run by a second make so that the Python chosen above is
 # chosen again after `deps` may have installed one.
@@ -64,6 +71,27 @@ _test: build testdeps ctest pytest
 
 pytest:
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The end-to-end suite against an extension built with ASan and UBSan (the
+# runtime preloaded into every Python the tests start). Leaks are not asked of
+# ASan here (CPython's own allocations would drown them); the engine's counting
+# allocator checks those (tests/test_exit.py, the leak fixture). Left out: tests
+# that run non-Python tools (they would inherit the preload), the C unit tests
+# (`make ctest` runs them under ASan already) and RSS-margin tests (ASan's
+# quarantine holds freed memory by design). Reports go to build/asan-report.*
+# and fail the run. The normal extension is rebuilt afterwards.
+ASAN_PYTEST_ENV := LD_PRELOAD=$$($(CC) -print-file-name=libasan.so) \
+  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:log_path=$(CURDIR)/build/asan-report \
+  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:log_path=$(CURDIR)/build/asan-report
+asan-test: build testdeps
+	mkdir -p build && rm -f build/asan-report.*
+	RD_SANITIZE=1 $(PY) setup.py -q build_ext --inplace
+	@status=0; \
+	$(ASAN_PYTEST_ENV) $(PY) -m pytest -q -p no:cacheprovider --ignore=tests/test_codec_vectors.py \
+	  -k "not curl and not promtool and not soak and not churn" || status=$$?; \
+	if ls build/asan-report.* >/dev/null 2>&1; then cat build/asan-report.*; status=1; fi; \
+	$(PY) setup.py -q build_ext --inplace; \
+	exit $$status
 
 deps:
 	@set -e; \
@@ -120,19 +148,46 @@ build/ctest/%: tests/c/%.c $(ENGINE_SRC) $(HEADERS) tests/c/rd_test.h
 	@mkdir -p $(@D)
 	$(CC) $(CTEST_FLAGS) $< $(ENGINE_SRC) $(LIBS) -o $@
 
-fuzz: $(FUZZ_BIN)
-	@[ -n "$(FUZZ_BIN)" ] || echo "no fuzz targets in fuzz/"
-	@set -e; for f in $(FUZZ_BIN); do \
-	  name=$$(basename $$f); work=build/fuzz/corpus/$$name; \
-	  seeds=fuzz/corpus/$$name; [ -d $$seeds ] || seeds=fuzz/corpus/$${name#fuzz_}; \
-	  mkdir -p $$work; \
-	  echo "== $$name for $(FUZZ_SECONDS) s (seeds: $$seeds)"; \
-	  if [ -d $$seeds ]; then \
-	    $(SAN_ENV) ./$$f -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 $$work $$seeds; \
-	  else \
-	    $(SAN_ENV) ./$$f -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 $$work; \
-	  fi; \
-	done
+# Each target runs from its seeds (fuzz/corpus/NAME) plus what earlier runs
+# found (build/fuzz/corpus/fuzz_NAME, kept between runs); a crash, leak or
+# timeout stops the run with its input in build/fuzz/artifacts/.
+define run_fuzzers
+@[ -n "$(FUZZ_BIN)" ] || echo "no fuzz targets in fuzz/"
+@set -e; mkdir -p build/fuzz/artifacts; for f in $(FUZZ_BIN); do \
+  name=$$(basename $$f); work=build/fuzz/corpus/$$name; \
+  seeds=fuzz/corpus/$$name; [ -d $$seeds ] || seeds=fuzz/corpus/$${name#fuzz_}; \
+  mkdir -p $$work; \
+  echo "== $$name for $(1) s (seeds: $$seeds)"; \
+  [ -d $$seeds ] || seeds=; \
+  $(SAN_ENV) ./$$f -max_total_time=$(1) -timeout=25 -print_final_stats=1 \
+    -artifact_prefix=build/fuzz/artifacts/$$name- $$work $$seeds; \
+done
+endef
+
+fuzz: fuzz-deps $(FUZZ_BIN)
+	$(call run_fuzzers,$(FUZZ_SECONDS))
+
+fuzz-ci: fuzz-deps $(FUZZ_BIN)
+	$(call run_fuzzers,$(FUZZ_CI_SECONDS))
+
+# Succeeds when $(CLANG) can build a libFuzzer target with the sanitizers;
+# otherwise installs FUZZ_DEB_PACKAGES (root on Debian) or says what to install.
+FUZZ_PROBE = mkdir -p build/fuzz && \
+  printf 'int LLVMFuzzerTestOneInput(const unsigned char *d, unsigned long n) { (void)d; (void)n; return 0; }\n' \
+  | $(CLANG) -x c -fsanitize=fuzzer,address,undefined -o build/fuzz/.probe - >/dev/null 2>&1
+
+fuzz-deps:
+	@set -e; \
+	if $(FUZZ_PROBE); then rm -f build/fuzz/.probe; echo "fuzz-deps: $(CLANG) builds libFuzzer targets"; exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "fuzz-deps: apt-get install $(FUZZ_DEB_PACKAGES)"; \
+	  apt-get update; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(FUZZ_DEB_PACKAGES); \
+	  if $(FUZZ_PROBE); then rm -f build/fuzz/.probe; exit 0; fi; \
+	  echo "fuzz-deps: $(CLANG) still cannot build libFuzzer targets"; exit 1; \
+	fi; \
+	echo "fuzz-deps: $(CLANG) cannot build libFuzzer targets; install the Debian packages $(FUZZ_DEB_PACKAGES)"; \
+	exit 1
 
 build/fuzz/%: fuzz/%.c $(ENGINE_SRC) $(HEADERS)
 	@mkdir -p $(@D)

@@ -256,7 +256,8 @@ int rd_api_server_clients(uint64_t handle, rd_string_list *out) {
     rd_string_list_free(out);
     return rc;
   }
-  qsort(out->items, out->count, sizeof *out->items, cmp_str);
+  if (out->count > 1) /* qsort(NULL, 0, ...) is undefined */
+    qsort(out->items, out->count, sizeof *out->items, cmp_str);
   return RD_OK;
 }
 

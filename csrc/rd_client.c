@@ -4,6 +4,7 @@
 #include "rd_client.h"
 
 #include <fnmatch.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,6 +38,9 @@ struct rd_client {
   char key[25];
   char resp[4096];
   size_t resp_len;
+  int refused_status;     /* a non-101 answer whose body is being read */
+  size_t refused_head;    /* its head length */
+  size_t refused_body;    /* its Content-Length (SIZE_MAX: until EOF) */
   rd_session *session;
   unsigned attempt;
   waiter *waiters;
@@ -249,7 +253,39 @@ static void handshake_done(rd_client *cli, size_t head_len) {
     waiters_finish(cli, 1);
 }
 
+/* Ends a refused upgrade with the server's own reason: the first line of
+ * the response body (Go's client logs the body too), e.g. "websocket: bad
+ * handshake (HTTP 401: failed authentication)". */
+static void refused_finish(rd_client *cli) {
+  char reason[128];
+  size_t n = 0;
+  size_t have = cli->resp_len > cli->refused_head ? cli->resp_len - cli->refused_head : 0;
+  const char *body = cli->resp + cli->refused_head;
+  for (size_t i = 0; i < have && n < sizeof reason - 1; i++) {
+    unsigned char ch = (unsigned char)body[i];
+    if (ch == '\r' || ch == '\n')
+      break;
+    reason[n++] = ch < 0x20 || ch == 0x7f ? '?' : (char)ch;
+  }
+  reason[n] = '\0';
+  char why[200];
+  if (n > 0)
+    snprintf(why, sizeof why, "websocket: bad handshake (HTTP %d: %s)", cli->refused_status,
+             reason);
+  else
+    snprintf(why, sizeof why, "websocket: bad handshake (HTTP %d)", cli->refused_status);
+  cli->refused_status = 0;
+  handshake_fail(cli, why);
+}
+
 static void handshake_check(rd_client *cli) {
+  if (cli->refused_status != 0) {
+    if (cli->refused_body != SIZE_MAX && cli->resp_len >= cli->refused_head + cli->refused_body)
+      refused_finish(cli);
+    else if (cli->resp_len == sizeof cli->resp)
+      refused_finish(cli);
+    return;
+  }
   rd_http_response resp;
   int n = rd_http_parse_response(cli->resp, cli->resp_len, sizeof cli->resp, RD_HTTP_MAX_HEADERS,
                                  &resp);
@@ -260,9 +296,20 @@ static void handshake_check(rd_client *cli) {
     return;
   }
   if (resp.status != 101) {
-    char why[160];
-    snprintf(why, sizeof why, "websocket: bad handshake (HTTP %d)", resp.status);
-    handshake_fail(cli, why);
+    /* Read the body (bounded by our buffer) for the server's reason. */
+    const rd_http_header *cl = rd_http_find_header(resp.headers, resp.num_headers,
+                                                   "Content-Length");
+    cli->refused_status = resp.status;
+    cli->refused_head = (size_t)n;
+    cli->refused_body = SIZE_MAX;
+    if (cl != NULL) {
+      char num[24];
+      size_t len = cl->value_len < sizeof num - 1 ? cl->value_len : sizeof num - 1;
+      memcpy(num, cl->value, len);
+      num[len] = '\0';
+      cli->refused_body = (size_t)strtoull(num, NULL, 10);
+    }
+    handshake_check(cli);
     return;
   }
   char expect[29];
@@ -286,6 +333,10 @@ static void hs_read_cb(rd_io *io, ssize_t nread, const uv_buf_t *buf) {
   rd_client *cli = rd_io_data(io);
   if (nread == 0 || cli->io != io)
     return;
+  if (nread < 0 && cli->refused_status != 0) {
+    refused_finish(cli); /* the body ran to the end of the stream */
+    return;
+  }
   if (nread < 0) {
     handshake_fail(cli, nread == UV_EOF    ? "websocket: bad handshake (connection closed)"
                         : nread == RD_ETLS ? rd_io_error(io)
@@ -318,6 +369,7 @@ static void hs_write_cb(uv_write_t *req, int status) {
 static void send_upgrade(rd_client *cli) {
   rd_io *io = cli->io;
   cli->resp_len = 0;
+  cli->refused_status = 0;
   size_t rlen = strlen(cli->request);
   hs_write *w = rd_malloc(sizeof *w + rlen + 64);
   if (w == NULL || rd_ws_make_key(cli->key) != RD_OK) {

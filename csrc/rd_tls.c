@@ -240,6 +240,8 @@ static void san_list(X509 *cert, char *buf, size_t len) {
 
 static void time_text(const ASN1_TIME *tm, char *buf, size_t len) {
   buf[0] = '\0';
+  if (tm == NULL) /* no certificate at hand: say nothing rather than crash */
+    return;
   BIO *mem = BIO_new(BIO_s_mem());
   if (mem == NULL)
     return;

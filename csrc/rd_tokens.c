@@ -67,6 +67,13 @@ rd_tokens *rd_tokens_parse(const char *text, size_t len, char *err, size_t errle
       snprintf(err, errlen, "line %zu: expected \"TOKEN CLIENT_KEY\"", lineno);
       goto fail;
     }
+    for (size_t i = 0; i < tlen + klen; i++) {
+      unsigned char ch = (unsigned char)(i < tlen ? tok[i] : key[i - tlen]);
+      if (ch < 0x20 || ch == 0x7f) {
+        snprintf(err, errlen, "line %zu: control character in token or client key", lineno);
+        goto fail;
+      }
+    }
     if (tlen < 16) {
       snprintf(err, errlen, "line %zu: token shorter than 16 characters", lineno);
       goto fail;

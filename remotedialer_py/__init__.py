@@ -30,6 +30,7 @@ __all__ = [
     "ClosedError",
     "errors",
     "engine_stats",
+    "engine_trim",
     "__version__",
 ]
 
@@ -55,6 +56,17 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see plain imports
     from .errors import ClientNotFoundError, ClosedError, TunnelError
     from .server import Forward, Request, Server, TokenAuthorizer
     from .tunnel_socket import TunnelSocket
+
+
+def engine_trim() -> None:
+    """Returns the engine's idle pools (I/O buffers, write requests) to the
+    allocator, so that ``engine_stats()["heap_bytes"]`` counts only memory in
+    use: call it before comparing heap figures with a baseline."""
+    from . import _engine
+
+    trim = getattr(_engine, "trim", None)
+    if trim is not None:
+        trim()
 
 
 def __getattr__(name: str) -> Any:

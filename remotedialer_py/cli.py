@@ -1,4 +1,4 @@
-"""Command line: ``remotedialer-py server|client|demo``.
+"""Command line: ``remotedialer-py server|client|demo|soak``.
 
 The server and client subcommands also accept the single-dash flags of the Go
 library's example programs (``-listen :8123``, ``-connect URL -id foo``), so
@@ -108,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--debug", "-debug", action=_GoBool, help="debug logging")
     srv.add_argument("--debug-connections", action="store_true",
                      help="serve GET /debug/connections: every open session and connection")
+    srv.add_argument("--tls-cert", metavar="PEM", default=None,
+                     help="serve wss:// with this certificate (chain allowed)")
+    srv.add_argument("--tls-key", metavar="PEM", default=None, help="private key for --tls-cert")
+    srv.add_argument("--tls-client-ca", metavar="PEM", default=None,
+                     help="require client certificates signed by this CA")
+    srv.add_argument("--tokens", metavar="FILE", default=None,
+                     help="authorize agents by 'Authorization: Bearer TOKEN' from FILE "
+                          "(lines 'TOKEN CLIENT_KEY'; re-read on SIGHUP) instead of "
+                          "trusting X-Tunnel-ID")
     srv.add_argument("--id", "-id", default="", help="peer id (peering: not supported yet)")
     srv.add_argument("--token", "-token", default="", help="peer token (peering: not supported yet)")
     srv.add_argument("--peers", "-peers", default="", metavar="ID:TOKEN:URL,...",
@@ -125,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "(repeatable; default: allow everything)")
     cli.add_argument("--header", "-header", action="append", type=_header, default=[],
                      metavar="'NAME: VALUE'", help="extra handshake header (repeatable)")
+    cli.add_argument("--ca-file", metavar="PEM", default=None,
+                     help="wss: trust these CAs instead of the system store")
+    cli.add_argument("--insecure", action="store_true",
+                     help="wss: do not verify the server's certificate")
+    cli.add_argument("--client-cert", metavar="PEM", default=None,
+                     help="wss: present this client certificate")
+    cli.add_argument("--client-key", metavar="PEM", default=None,
+                     help="private key for --client-cert")
+    cli.add_argument("--server-name", metavar="NAME", default=None,
+                     help="wss: verify this name instead of the URL's host")
     cli.add_argument("--debug", "-debug", action=_GoBool, help="debug logging")
 
     demo = sub.add_parser(
@@ -135,6 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="number of requests (default 2000)")
     demo.add_argument("-c", "--concurrency", type=_positive_int, default=8,
                       help="concurrent request threads (default 8)")
+
+    from . import soak as _soak  # pure Python; the engine loads when the soak runs
+
+    soak = sub.add_parser(
+        "soak", allow_abbrev=False, help="find leaks under load (loopback)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="An HTTP service behind an agent; requests through the tunnel on fresh "
+                    "connections (half via dial, half via the /client/ route), sampled every "
+                    "second: connection counters of both sides, open connections, engine heap, "
+                    "RSS, descriptors.",
+        epilog="Exit status 1 when a request fails, a counter label set does not balance, a "
+               "connection or descriptor stays open,\nor the engine heap / RSS does not come "
+               "back to within its margin of the post-warm-up baseline.\n"
+               "Long run: remotedialer-py soak -n 100000 -c 8 --csv soak.csv --plot soak.png")
+    _soak.add_arguments(soak, _positive_int)
     return parser
 
 
@@ -174,14 +208,35 @@ def run_server(args: argparse.Namespace) -> int:
     from .errors import TunnelError
     from .server import Server
 
+    from .server import TokenAuthorizer
+
     host, port = args.listen
-    srv = Server(listen=(host, port), path=args.path, proxy_route=True,
-                 debug_route=args.debug_connections)
+    tls = {}
+    if args.tls_cert or args.tls_key:
+        tls = {"tls_cert": args.tls_cert, "tls_key": args.tls_key}
+        if args.tls_client_ca:
+            tls["tls_client_ca"] = args.tls_client_ca
     try:
+        authorizer = TokenAuthorizer(args.tokens) if args.tokens else None
+        # The Go example server's /client/... route stays on, as in Go; with
+        # tokens it would bypass them, so it goes off then.
+        srv = Server(listen=(host, port), path=args.path, authorizer=authorizer,
+                     proxy_route=authorizer is None, debug_route=args.debug_connections, **tls)
         srv.start()
-    except (TunnelError, ValueError) as exc:
+    except (TunnelError, ValueError, TypeError, OSError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
+    if authorizer is not None:
+        import signal
+
+        def reload_tokens(signum: int, frame: object) -> None:
+            try:
+                srv.reload_tokens()
+                log.info("tokens reloaded from %s", args.tokens)
+            except (OSError, ValueError) as exc:
+                log.error("tokens not reloaded: %s", exc)
+
+        signal.signal(signal.SIGHUP, reload_tokens)
     try:
         bound = _options.format_hostport(srv.host or host, srv.port or 0)
         print(f"listening on {srv.url} (bound to {bound})", flush=True)
@@ -199,8 +254,15 @@ def run_client(args: argparse.Namespace) -> int:
     from .errors import TunnelError
 
     headers = [("X-Tunnel-ID", args.id)] + list(args.header)
+    tls: dict = {}
+    if args.connect.startswith("wss://"):
+        for name in ("ca_file", "client_cert", "client_key", "server_name"):
+            if getattr(args, name):
+                tls[name] = getattr(args, name)
+        if args.insecure:
+            tls["insecure"] = True
     try:
-        cli = Client(args.connect, headers=headers, allow=args.allow)
+        cli = Client(args.connect, headers=headers, allow=args.allow, **tls)
         cli.start()
     except (TunnelError, ValueError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
@@ -237,9 +299,26 @@ def run_demo(args: argparse.Namespace) -> int:
     return demo.run(n=args.n, concurrency=args.concurrency)
 
 
+def run_soak(args: argparse.Namespace) -> int:
+    from . import soak
+
+    if args.warmup is not None and args.warmup < 0:
+        print(f"{PROG}: --warmup must not be negative", file=sys.stderr)
+        return 2
+    if not args.interval > 0:
+        print(f"{PROG}: --interval must be positive", file=sys.stderr)
+        return 2
+    rss = None if args.rss_margin is None else int(args.rss_margin * (1 << 20))
+    return soak.run(n=args.n, concurrency=args.concurrency, processes=args.processes,
+                    warmup=args.warmup, interval=args.interval, csv_path=args.csv_path,
+                    plot_path=args.plot_path, heap_margin=args.heap_margin,
+                    rss_margin_bytes=rss)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    command = {"server": run_server, "client": run_client, "demo": run_demo}[args.command]
+    command = {"server": run_server, "client": run_client, "demo": run_demo,
+               "soak": run_soak}[args.command]
     try:
         return command(args)
     except KeyboardInterrupt:

@@ -11,6 +11,14 @@ connections of every live Server, unbalanced connection counters, and each fd
 over baseline with what it points to. Fixtures of wider scope (a module-scoped
 Server) are set up before it, so their sockets are part of the baseline.
 
+The engine heap is measured after returning the engine's idle pools
+(``engine_trim()``), so it counts only memory in use. Its growth over the
+baseline is reported with any other problem, and fails the test on its own
+when the test sets ``tunnel_leak_check.heap_margin`` (bytes) or calls
+``tunnel_leak_check.check(heap_margin=...)``: useful once every Server and
+Client the test made is closed, since live ones legitimately grow (label
+sets, tables).
+
 ``assert_balanced(server_or_client)``: raises AssertionError unless every label
 set of the connection counters (and, unless ``sessions=False``, of the
 websocket session counters) has as many removals as additions.
@@ -157,16 +165,35 @@ def _live_objects() -> tuple[list[Any], list[Any]]:
     return list(server._live), list(client._live)
 
 
+def _trimmed_stats() -> dict:
+    """engine_stats() after the idle pools went back to the allocator, with
+    ``heap_bytes`` not counting what a pool may still hold."""
+    from . import engine_trim
+    from ._runtime import engine_stats
+
+    engine_trim()
+    stats = engine_stats()
+    stats["heap_bytes"] = stats.get("heap_bytes", 0) - stats.get("pool_bytes", 0)
+    return stats
+
+
 class LeakCheck:
-    """What ``tunnel_leak_check`` yields: the baseline, and ``check()`` to run
-    the same verification in the middle of a test."""
+    """What ``tunnel_leak_check`` yields: the baseline, ``heap_growth()``,
+    and ``check()`` to run the same verification in the middle of a test.
+    Set ``heap_margin`` (bytes) to fail the test when the engine heap ends
+    more than that over its baseline."""
 
     def __init__(self) -> None:
         from ._runtime import engine_stats
 
         self._engine_stats = engine_stats
-        self.stats: dict = engine_stats()
+        self.stats: dict = _trimmed_stats()
         self.fds: Optional[dict[int, str]] = _fd_table()
+        self.heap_margin: Optional[int] = None
+
+    def heap_growth(self) -> int:
+        """Engine heap bytes in use now over the baseline (pools returned)."""
+        return _trimmed_stats()["heap_bytes"] - self.stats["heap_bytes"]
 
     def _settled(self) -> bool:
         now = self._engine_stats()
@@ -180,12 +207,16 @@ class LeakCheck:
                 return False
         return True
 
-    def problems(self, settle: float = SETTLE_SECONDS) -> list[str]:
-        """Waits up to `settle` seconds, then describes what stayed open."""
+    def problems(self, settle: float = SETTLE_SECONDS,
+                 heap_margin: Optional[int] = None) -> list[str]:
+        """Waits up to `settle` seconds, then describes what stayed open (and,
+        with a `heap_margin`, engine heap growth beyond it)."""
+        if heap_margin is None:
+            heap_margin = self.heap_margin
         deadline = time.monotonic() + settle
         while not self._settled() and time.monotonic() < deadline:
             time.sleep(POLL_SECONDS)
-        now = self._engine_stats()
+        now = _trimmed_stats()
         fds = _fd_table() if self.fds is not None else None
         out = []
         leaked = (now["open_connections"] > self.stats["open_connections"]
@@ -193,7 +224,8 @@ class LeakCheck:
         if leaked:
             deltas = ", ".join(
                 f"{k} {self.stats.get(k)} -> {v}" for k, v in sorted(now.items())
-                if isinstance(v, (int, float)) and v != self.stats.get(k))
+                if isinstance(v, (int, float)) and v != self.stats.get(k)
+                and k not in ("rss_bytes", "open_fds", "heap_bytes"))
             out.append(f"engine figures over baseline after {settle:g} s: {deltas}")
             servers, _ = _live_objects()
             for srv in servers:
@@ -220,13 +252,20 @@ class LeakCheck:
                     continue
                 for p in unbalanced(metrics, *CONNECTION_FAMILIES):
                     out.append(f"unbalanced connection counters on {obj!r}: {p}")
-        if out and "heap_bytes" in now and not leaked:
-            # Context only: label sets and pools legitimately grow the heap.
-            out.append(f"engine heap: {self.stats.get('heap_bytes')} -> {now['heap_bytes']} bytes")
+        growth = now["heap_bytes"] - self.stats["heap_bytes"]
+        if heap_margin is not None and growth > heap_margin:
+            out.append(f"engine heap {growth:+,} bytes over its baseline "
+                       f"({self.stats['heap_bytes']:,} -> {now['heap_bytes']:,}; "
+                       f"margin {heap_margin:,}), idle pools returned")
+        elif out:
+            # Context: live servers and clients legitimately grow the heap
+            # (label sets, tables); pools are already returned.
+            out.append(f"engine heap in use: {self.stats['heap_bytes']:,} -> "
+                       f"{now['heap_bytes']:,} bytes ({growth:+,})")
         return out
 
-    def check(self, settle: float = SETTLE_SECONDS) -> None:
-        problems = self.problems(settle)
+    def check(self, settle: float = SETTLE_SECONDS, heap_margin: Optional[int] = None) -> None:
+        problems = self.problems(settle, heap_margin)
         if problems:
             pytest.fail("tunnel leak check failed:\n" + "\n".join(problems), pytrace=False)
 

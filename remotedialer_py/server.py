@@ -274,7 +274,9 @@ class Server(_Handle):
       connections idle this long), ``max_connections`` (per session),
       ``max_message`` (16 MiB), ``max_buffer`` (2 MiB, PAUSE threshold),
       ``hard_cap`` (per-connection buffer that ends it), ``sync_grace``,
-      ``auth_header`` ("X-Tunnel-ID"), ``proxy_route`` (True),
+      ``auth_header`` ("X-Tunnel-ID"), ``proxy_route`` (True with the
+      default header authorizer, False otherwise: the route itself is not
+      authorized),
       ``metrics_route`` (True), ``debug_route`` (False: serve
       ``/debug/connections``). An unknown name raises TypeError, a bad
       value ValueError.
@@ -313,6 +315,10 @@ class Server(_Handle):
             host = _resolve_listen(self._listen_host)
             opts = dict(self._options)
             opts["path"] = self._path
+            # The /client/... route dials through agents for anyone who can
+            # reach the port: on by default only in the trust-a-header mode
+            # (the Go example server's), off when real authorization is set.
+            opts.setdefault("proxy_route", self._authorizer is None)
             opts["auth"] = "header" if self._authorizer is None else "callback"
             if isinstance(self._authorizer, TokenAuthorizer):
                 opts["auth"] = "token"

@@ -541,3 +541,215 @@ def http_get_through(sock, path, host="service", method="GET", body=None, timeou
     resp = conn.getresponse()
     data = resp.read()
     return resp.status, data
+
+
+# ---------------------------------------------------------------------------
+# Targets that never answer, and agents in processes of their own
+
+
+class NeverAccepting:
+    """A loopback listener whose accept queue is full and never drained: a
+    connect to it gets no answer (the SYN is dropped), as from a black hole.
+    drain() accepts what is queued, so that retransmitted SYNs get through."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(0)
+        self.port = self.sock.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self._fillers = []
+        # listen(0) queues one connection (two on some kernels); a few more
+        # connects fill it for certain, the rest stay in SYN_SENT.
+        for _ in range(3):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", self.port))
+            except BlockingIOError:
+                pass
+            self._fillers.append(s)
+        wait_for(lambda: self.syn_sent() >= 1, 10, "the accept queue to be full")
+
+    def syn_sent(self):
+        """Connections to this port still waiting for an answer (SYN_SENT)."""
+        return sum(1 for remote, state in tcp_sockets() if remote == self.port and state == "02")
+
+    def close(self):
+        for s in self._fillers:
+            s.close()
+        self.sock.close()
+
+
+def tcp_sockets():
+    """(remote port, state hex) of every IPv4 TCP socket in this network
+    namespace (/proc/net/tcp), e.g. (8080, "02") for SYN_SENT."""
+    out = []
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            parts = line.split()
+            out.append((int(parts[2].split(":")[1], 16), parts[3]))
+    return out
+
+
+AGENT_SCRIPT = r'''
+import json, os, sys
+from remotedialer_py import Client, Server, engine_stats
+
+url, key, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+cli = Client(url, headers={"X-Tunnel-ID": key}, **options)
+cli.start()
+kept = []
+
+def say(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+def stats(objs=(cli,)):
+    out = {"engine": engine_stats(), "add": 0, "remove": 0, "unbalanced": []}
+    for obj in objs:
+        m = obj.metrics()
+        adds = m.get("session_server_total_add_connections", {})
+        removes = m.get("session_server_total_remove_connections", {})
+        out["add"] += sum(adds.values())
+        out["remove"] += sum(removes.values())
+        out["unbalanced"] += [f"{dict(k)}: added {adds.get(k, 0)}, removed {removes.get(k, 0)}"
+                              for k in set(adds) | set(removes) if adds.get(k, 0) != removes.get(k, 0)]
+    out["connected"] = cli.connected
+    return out
+
+say({"pid": os.getpid()})
+for line in sys.stdin:
+    cmd, *args = line.split()
+    if cmd == "wait_connected":
+        cli.wait_connected(timeout=30)
+        say({"connected": True})
+    elif cmd == "stats":
+        say(stats())
+    elif cmd == "own":
+        # A server and client of its own in this process, with open dials and
+        # a forward: what an interpreter exit has to end.
+        srv = Server(listen="127.0.0.1:0")
+        srv.start()
+        inner = Client(srv.url, headers={"X-Tunnel-ID": "inner"})
+        inner.start()
+        inner.wait_connected(timeout=30)
+        for _ in range(int(args[1])):
+            s = srv.dial("inner", "tcp", args[0], timeout=30)
+            s.settimeout(30)
+            s.sendall(b"x")
+            assert s.recv(1) == b"x"
+            kept.append(s)
+        kept.extend([srv, inner, srv.forward("inner", "tcp", args[0])])
+        say({"ok": True, "open": engine_stats()["open_connections"]})
+    elif cmd == "exit":
+        say({"exiting": True})
+        sys.exit(0)  # leaves everything open: the interpreter's exit must end it
+    elif cmd == "close":
+        cli.close()
+        say({"engine": engine_stats()})
+        sys.exit(0)
+'''
+
+
+class AgentProcess:
+    """A Client in a `python -c AGENT_SCRIPT` process, driven by one-word
+    commands on stdin and answering JSON lines: wait_connected, stats,
+    own ADDRESS N, exit, close. Every read has a deadline."""
+
+    def __init__(self, url, key, **options):
+        import json
+        import queue
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        import remotedialer_py
+
+        self._json = json
+        env = dict(os.environ)
+        parent = str(Path(remotedialer_py.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (parent, env.get("PYTHONPATH")) if p)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", AGENT_SCRIPT, url, key, json.dumps(options)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            bufsize=1, env=env, start_new_session=True)
+        self._lines = queue.Queue()
+        self._empty = queue.Empty
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.pid = self.reply()["pid"]
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def reply(self, timeout=TIMEOUT):
+        try:
+            line = self._lines.get(timeout=timeout)
+        except self._empty:
+            raise AssertionError(f"agent process: no answer within {timeout}s") from None
+        if line is None:
+            raise AssertionError(f"agent process exited ({self.proc.wait(TIMEOUT)}): "
+                                 f"{self.proc.stderr.read()[-2000:]}")
+        return self._json.loads(line)
+
+    def call(self, *words, timeout=TIMEOUT):
+        self.proc.stdin.write(" ".join(str(w) for w in words) + "\n")
+        self.proc.stdin.flush()
+        return self.reply(timeout)
+
+    def signal(self, signum):
+        os.kill(self.pid, signum)
+
+    def wait_balanced(self, timeout=TIMEOUT):
+        """Waits until the agent's counters balance and it holds no connection."""
+        last = {}
+
+        def ok():
+            nonlocal last
+            last = self.call("stats")
+            return not last["unbalanced"] and last["engine"]["open_connections"] == 0
+
+        try:
+            wait_for(ok, timeout, "the agent process's counters to balance")
+        except AssertionError:
+            raise AssertionError(f"agent process: {last}") from None
+        return last
+
+    def kill(self):
+        import signal
+
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGCONT)
+            os.kill(self.pid, signal.SIGKILL)
+        return self.wait()
+
+    def wait(self, timeout=TIMEOUT):
+        rc = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
+        return rc
+
+
+def ping_barrier(ws, timeout=TIMEOUT):
+    """Sends a Ping on a raw WebSocket (wsraw.WSConn) and reads until its
+    Pong: the peer has then handled every message sent before the Ping.
+    Returns the tunnel messages read meanwhile."""
+    token = os.urandom(8)
+    ws.send_ping(token)
+    seen = []
+    deadline = time.monotonic() + timeout
+    while token not in ws.pongs:
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"no Pong within {timeout}s")
+        try:
+            seen.append(ws.recv_tunnel(timeout=0.05))
+        except TimeoutError:
+            pass
+    return seen

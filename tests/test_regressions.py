@@ -263,7 +263,10 @@ def test_pause_without_resume_then_the_session_dies(tunnel):
         def write_more():
             blocked.set()
             try:
-                sock.sendall(b"q" * (1 << 20))  # blocks: nobody reads
+                # Far more than any read-ahead: this blocks, as nobody reads.
+                block = b"q" * (1 << 20)
+                for _ in range(64):
+                    sock.sendall(block)
                 outcome.append("sent")
             except OSError as e:
                 outcome.append(type(e).__name__)
@@ -282,34 +285,61 @@ def test_pause_without_resume_then_the_session_dies(tunnel):
 
 
 
-def test_pause_without_resume_then_the_server_side_local_end_closes(rd, tunnel_leak_check):
+def _paused_close(rd, max_buffer, fill):
+    """A raw peer pauses a connection and keeps the session alive; `fill`
+    writes into the dialed socket, which is then closed (RESUME never
+    comes). The connection must end, the far side told."""
     # A short read timeout makes the session's tick (which may be what
     # notices the closed end) frequent; the peer keeps the session alive
     # with a Ping on each poll.
-    with rd.Server(listen="127.0.0.1:0", read_timeout=2) as srv:
+    with rd.Server(listen="127.0.0.1:0", read_timeout=2, max_buffer=max_buffer) as srv:
         ws = raw_session(srv)
         try:
             sock = srv.dial("raw-1", "tcp", "10.9.9.9:80", timeout=TIMEOUT)
             cid = ws.recv_tunnel().conn_id
             ws.send_msg(cid, wsraw.PAUSE)
             wait_for(lambda: srv.connections()[0]["paused"], what="the server to pause")
-            assert _fill(sock) > 0
+            fill(srv, sock)
             sock.close()  # RESUME never comes; the application goes away
 
             def ended():
                 ws.send_ping()
                 return not srv.connections()
 
-            try:
-                wait_for(ended, 4, "the paused connection to end after its local end closed")
-                check_balanced(srv)
-            finally:
-                ws.abort()
+            wait_for(ended, 4, "the paused connection to end after its local end closed")
+            check_balanced(srv)
+            msgs = [m for m in support.ping_barrier(ws) if m.type != wsraw.PAUSE]
+            assert msgs and msgs[-1].type == wsraw.ERROR and msgs[-1].conn_id == cid, msgs
         finally:
             ws.abort()
         wait_for(lambda: not srv.has_session("raw-1"), what="the raw session to end")
     wait_engine_idle(rd)
 
+
+def test_pause_without_resume_then_the_local_end_closes(rd, tunnel_leak_check):
+    """Closed with less unread than the read-ahead: reading ahead sees EOF."""
+    def fill(srv, sock):
+        sock.sendall(b"p" * (64 << 10))
+
+    _paused_close(rd, 1 << 20, fill)
+
+
+def test_pause_without_resume_then_a_full_local_end_closes(rd, tunnel_leak_check):
+    """Closed with more unread than the read-ahead: the engine has stopped
+    reading (max_buffer held) and the socket buffer is full when the
+    application goes away; the close must still be noticed."""
+    max_buffer = 64 << 10
+
+    def fill(srv, sock):
+        # Fill until the engine holds its whole read-ahead (it then stops
+        # reading), and the socket buffer behind it.
+        deadline = time.monotonic() + TIMEOUT
+        while srv.connections()[0]["tx_bytes"] < max_buffer:
+            assert time.monotonic() < deadline, "the engine read nothing ahead"
+            _fill(sock)
+        assert _fill(sock) >= 0
+
+    _paused_close(rd, max_buffer, fill)
 
 
 class WriteThenCloseServer(support._ThreadedTCPServer):

@@ -965,7 +965,7 @@ TEST(test_client_failures) {
   /* No tunnel id: the server answers 401 and the client keeps retrying. */
   uint64_t rejected = 0;
   CHECK_EQ_INT(rd_api_client_new(g_url, "", &cfg, &rejected, err, sizeof err), RD_OK);
-  CHECK(wait_last_error(rejected, "websocket: bad handshake (HTTP 401)"));
+  CHECK(wait_last_error(rejected, "websocket: bad handshake (HTTP 401: failed authentication)"));
   int connected = 1;
   CHECK_EQ_INT(rd_api_client_wait_connected(rejected, 50, &connected), RD_OK);
   CHECK_EQ_INT(connected, 0);
