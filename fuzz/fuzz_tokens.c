@@ -13,7 +13,7 @@
  * Format (rd_tokens.h): lines "TOKEN CLIENT_KEY", fields separated by
  * spaces, tabs (and CRs, so CRLF files read the same), blank lines and
  * lines starting with '#' (after leading blanks) skipped, tokens of 16
- * bytes or more. A client key is a C string: it ends at its first NUL. */
+ * bytes or more; a control character (NUL included) in a field is an error. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -79,6 +79,15 @@ static int ref_parse(const char *text, size_t len, ref_table *t) {
       snprintf(t->err, sizeof t->err, "line %zu: expected \"TOKEN CLIENT_KEY\"", lineno);
       return 0;
     }
+    for (int k = 0; k < 2; k++)
+      for (size_t i = 0; i < lens[k]; i++) {
+        unsigned char ch = (unsigned char)fields[k][i];
+        if (ch < 0x20 || ch == 0x7f) {
+          snprintf(t->err, sizeof t->err, "line %zu: control character in token or client key",
+                   lineno);
+          return 0;
+        }
+      }
     if (lens[0] < 16) {
       snprintf(t->err, sizeof t->err, "line %zu: token shorter than 16 characters", lineno);
       return 0;
