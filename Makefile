@@ -101,7 +101,8 @@ deps:
 	fi; \
 	missing=""; \
 	for p in $(DEB_PACKAGES); do \
-	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || \
+	    missing="$$missing $$p"; \
 	done; \
 	if ! command -v $(PYTHON) >/dev/null 2>&1; then \
 	  missing="$$missing python3 python3-dev python3-venv python3-pip"; \
