@@ -244,27 +244,28 @@ static rd_block *block_with(const void *payload, size_t len) {
   return b;
 }
 
+/* A copy of payload in a small block, for sending; NULL (and the session
+ * ended) when out of memory or the session has ended. */
+static rd_block *session_block_with(rd_session *s, const void *payload, size_t len) {
+  if (s->ended)
+    return NULL;
+  rd_block *b = block_with(payload, len);
+  if (b == NULL)
+    rd_session_end(s, 0, "out of memory");
+  return b;
+}
+
 static void session_send_msg(rd_session *s, int type, int64_t conn_id, const void *payload,
                              size_t len) {
-  if (s->ended)
-    return;
-  rd_block *b = block_with(payload, len);
-  if (b == NULL) {
-    rd_session_end(s, 0, "out of memory");
-    return;
-  }
-  session_send_block(s, type, conn_id, b, len);
+  rd_block *b = session_block_with(s, payload, len);
+  if (b != NULL)
+    session_send_block(s, type, conn_id, b, len);
 }
 
 static void session_send_control(rd_session *s, int opcode, const void *payload, size_t len) {
-  if (s->ended)
-    return;
-  rd_block *b = block_with(payload, len);
-  if (b == NULL) {
-    rd_session_end(s, 0, "out of memory");
-    return;
-  }
-  session_write_frame(s, opcode, b, rd_block_payload(b), len);
+  rd_block *b = session_block_with(s, payload, len);
+  if (b != NULL)
+    session_write_frame(s, opcode, b, rd_block_payload(b), len);
 }
 
 /* ---- connections ---- */

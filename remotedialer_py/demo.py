@@ -12,40 +12,17 @@ balance and nothing stays open.
 from __future__ import annotations
 
 import http.client
-import http.server
 import itertools
 import sys
 import threading
 import time
-from typing import Any, Callable, Optional, TextIO
+from typing import Callable, Optional, TextIO
 
-BODY = b"hello through the tunnel\n"
+from .soak import BODY, Service  # the same small HTTP service
+
 SETTLE_SECONDS = 10.0
 ADD = "session_server_total_add_connections"
 REMOVE = "session_server_total_remove_connections"
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    # HTTP/1.0: the service closes every connection after its response, so
-    # each request really is one tunneled connection opened and closed.
-    protocol_version = "HTTP/1.0"
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(BODY)))
-        self.end_headers()
-        self.wfile.write(BODY)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        pass
-
-
-class _Service(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    # The default backlog of 5 overflows under concurrent fresh connections
-    # and turns into one-second SYN retransmits.
-    request_queue_size = 256
 
 
 def rss_bytes() -> Optional[int]:
@@ -91,7 +68,7 @@ def run(n: int = 2000, concurrency: int = 8, out: TextIO = sys.stdout) -> int:
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)
 
-    service = _Service(("127.0.0.1", 0), _Handler)
+    service = Service()
     svc_port = service.server_address[1]
     svc_thread = threading.Thread(target=service.serve_forever, kwargs={"poll_interval": 0.1},
                                   name="demo-service", daemon=True)
