@@ -494,8 +494,9 @@ static void local_read_cb(rd_io *io, ssize_t nread, const uv_buf_t *buf) {
     c->tx_bytes += (uint64_t)nread;
     c->last_activity = rd_now();
     /* A small read would pin a whole pooled block while it waits in the
-     * session's write queue: copy it out and recycle the block. */
-    if (nread <= 2048) {
+     * session's write queue: copy it out and recycle the block, so queued
+     * bytes never pin more than four times their size. */
+    if ((size_t)nread <= RD_BLOCK_SIZE / 4) {
       rd_block *small = block_with(buf->base, (size_t)nread);
       rd_block_unref(b);
       if (small == NULL) {
