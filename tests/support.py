@@ -753,3 +753,19 @@ def ping_barrier(ws, timeout=TIMEOUT):
         except TimeoutError:
             pass
     return seen
+
+
+def read_until_closed(sock, timeout=TIMEOUT):
+    """Reads until EOF or reset; returns (bytes read, seconds taken)."""
+    start = time.monotonic()
+    data = bytearray()
+    sock.settimeout(timeout)
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return bytes(data), time.monotonic() - start

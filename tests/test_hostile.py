@@ -230,7 +230,7 @@ def test_slowloris_gets_408_after_handshake_timeout(hostile, rd):
             pos += 1
             time.sleep(0.05)
         for s in socks:
-            data, _ = _read_all(s)
+            data, _ = support.read_until_closed(s)
             assert data.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), data[:200]
             assert data.endswith(b"request head timeout\n"), data
         took = time.monotonic() - start
@@ -241,28 +241,13 @@ def test_slowloris_gets_408_after_handshake_timeout(hostile, rd):
     assert "offender" not in srv.list_clients()
 
 
-def _read_all(sock, timeout=TIMEOUT):
-    start = time.monotonic()
-    data = bytearray()
-    sock.settimeout(timeout)
-    try:
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    except ConnectionResetError:
-        pass
-    return bytes(data), time.monotonic() - start
-
-
 @pytest.mark.parametrize("timeout", [0.5, None], ids=["handshake_timeout=0.5", "default_5s"])
 def test_idle_before_upgrade_gets_408(hostile, timeout):
     srv, traffic = hostile(**({"handshake_timeout": timeout} if timeout else {}))
     timeout = timeout or 5.0
     with socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT) as s:
         start = time.monotonic()
-        data, _ = _read_all(s)
+        data, _ = support.read_until_closed(s)
         took = time.monotonic() - start
     assert data.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), data[:200]
     assert timeout - 0.1 <= took < timeout + 2, took

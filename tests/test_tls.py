@@ -280,22 +280,6 @@ def wait_back_to(rd, baseline, timeout=TIMEOUT):
         raise AssertionError(f"engine holds {held_by_engine(rd)}, baseline {baseline}") from None
 
 
-def read_until_closed(sock, timeout):
-    """Reads until EOF or reset; returns (bytes read, seconds taken)."""
-    start = time.monotonic()
-    data = bytearray()
-    sock.settimeout(timeout)
-    try:
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    except ConnectionResetError:
-        pass
-    return bytes(data), time.monotonic() - start
-
-
 # ---------------------------------------------------------------------------
 # Verification
 
@@ -431,7 +415,7 @@ def test_client_certificate_required_from_python_ssl(rd, tunnel_leak_check, pki)
         with socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT) as raw:
             with ctx.wrap_socket(raw, server_hostname="localhost") as s:
                 s.sendall(request)
-                data, _ = read_until_closed(s, TIMEOUT)
+                data, _ = support.read_until_closed(s, TIMEOUT)
         assert data.startswith(b"HTTP/1.1 200 "), data[:200]
 
 
@@ -518,7 +502,7 @@ def test_stalled_handshake_is_dropped_and_holds_nothing(rd, tunnel_leak_check, p
             # Meanwhile a well-behaved client is served.
             echo_round_trip(srv, echo_server)
             for s in stalled:
-                _, took = read_until_closed(s, TIMEOUT)
+                _, took = support.read_until_closed(s, TIMEOUT)
                 # Each was dropped by the server's timer, not by our reads.
                 assert took < timeout + 5, took
         finally:
@@ -536,7 +520,7 @@ def test_stalled_handshake_takes_handshake_timeout(rd, tunnel_leak_check, pki):
         with socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT) as s:
             start = time.monotonic()
             s.sendall(hello[:len(hello) // 2])
-            data, _ = read_until_closed(s, TIMEOUT)
+            data, _ = support.read_until_closed(s, TIMEOUT)
             took = time.monotonic() - start
         assert data == b""  # no HTTP answer in the middle of a TLS handshake
         assert 0.4 <= took < 3.0, took
@@ -551,7 +535,7 @@ def test_tls_done_but_no_request_gets_408(rd, tunnel_leak_check, pki):
         with socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT) as raw:
             start = time.monotonic()
             with ctx.wrap_socket(raw, server_hostname="localhost") as s:
-                data, _ = read_until_closed(s, TIMEOUT)
+                data, _ = support.read_until_closed(s, TIMEOUT)
             took = time.monotonic() - start
         assert data.startswith(b"HTTP/1.1 408 "), data[:200]
         assert 0.4 <= took < 3.0, took
