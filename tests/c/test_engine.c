@@ -145,8 +145,12 @@ static int reads_eof(int fd) {
   return n == 0 && err == 0;
 }
 
-static int tcp_connect(int port) {
+/* A loopback connection; rcvbuf > 0 fixes the receive buffer (set before
+ * connecting, so the window never autotunes past it). */
+static int tcp_connect_rcvbuf(int port, int rcvbuf) {
   int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd >= 0 && rcvbuf > 0)
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
   struct sockaddr_in a;
   memset(&a, 0, sizeof a);
   a.sin_family = AF_INET;
@@ -158,6 +162,8 @@ static int tcp_connect(int port) {
   }
   return fd;
 }
+
+static int tcp_connect(int port) { return tcp_connect_rcvbuf(port, 0); }
 
 /* A listener that never accepts, its queue filled: a connect to it gets no
  * answer, so an agent's local dial there stays in progress. */
@@ -1055,7 +1061,9 @@ TEST(test_dial_echo) {
 
 /* ---- 2b. the far side ends cleanly: everything it sent arrives first ---- */
 
-#define BIG (8u << 20)
+/* Larger than every kernel buffer on the way can hold (loopback TCP buffers
+ * autotune to several MiB), so the server must buffer and pause. */
+#define BIG (16u << 20)
 
 /* Checks a /big/N response: the head, then exactly N pattern bytes. */
 static int big_response_ok(const char *resp, ssize_t len, size_t n) {
@@ -1116,8 +1124,9 @@ TEST(test_far_side_closes) {
     CHECK_STR(c.st->error, "");
     tconn_close(&c);
   }
-  /* The same through the proxy route. */
-  int fd = tcp_connect(g_port);
+  /* The same through the proxy route, from a socket whose receive window
+   * cannot grow to swallow the response. */
+  int fd = tcp_connect_rcvbuf(g_port, 32 * 1024);
   CHECK(fd >= 0);
   if (fd >= 0) {
     snprintf(req, sizeof req, "GET /client/agent-1/http/%s/big/%u HTTP/1.1\r\nHost: x\r\n\r\n",
