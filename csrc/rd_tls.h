@@ -19,8 +19,8 @@
 #include "rd_block.h"
 #include "rd_common.h"
 
-/* A TLS failure: handshake, certificate check, alert from the peer or a bad
- * record. rd_tls_error() says which. (Belongs in rd_common.h's block.) */
+/* Failures come back as RD_ETLS (rd_common.h); rd_tls_error() says which:
+ * handshake, certificate check, alert from the peer or a bad record. */
 
 typedef struct rd_tls_ctx rd_tls_ctx;
 typedef struct rd_tls rd_tls;
