@@ -10,7 +10,7 @@
  * class; beyond that, released blocks are freed so a burst does not keep
  * its peak memory. */
 static const size_t class_size[2] = {RD_BLOCK_SIZE, RD_BLOCK_BIG};
-static const int class_keep[2] = {8, 4};
+static const int class_keep[2] = {16, 8};
 
 static rd_block *pool_head[2];
 static int pool_count[2];

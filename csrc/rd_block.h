@@ -14,9 +14,9 @@
 /* Payload capacity of a pooled block for one local read (one DATA message).
  * Large reads mean fewer syscalls and frames: bulk transfers are bound by the
  * kernel's per-write work. */
-#define RD_BLOCK_SIZE (256 * 1024)
+#define RD_BLOCK_SIZE (64 * 1024)
 /* Payload capacity of a pooled session read block: room for several frames. */
-#define RD_BLOCK_BIG (1024 * 1024)
+#define RD_BLOCK_BIG (256 * 1024)
 
 typedef struct rd_block {
   struct rd_block *next_free;
