@@ -10,7 +10,7 @@
  * class; beyond that, released blocks are freed so a burst does not keep
  * its peak memory. */
 static const size_t class_size[2] = {RD_BLOCK_SIZE, RD_BLOCK_BIG};
-static const int class_keep[2] = {16, 8};
+static const int class_keep[2] = {8, 4};
 
 static rd_block *pool_head[2];
 static int pool_count[2];
@@ -56,7 +56,7 @@ rd_block *rd_block_get_small(size_t payload) {
 void rd_block_ref(rd_block *b) { b->refs++; }
 
 void rd_block_unref(rd_block *b) {
-  if (--b->refs > 0)
+  if (b == NULL || --b->refs > 0)
     return;
   in_use--;
   for (int k = 0; k < 2; k++) {

@@ -14,9 +14,11 @@
 /* Payload capacity of a pooled block for one local read (one DATA message).
  * Large reads mean fewer syscalls and frames: bulk transfers are bound by the
  * kernel's per-write work. */
-#define RD_BLOCK_SIZE (64 * 1024)
-/* Payload capacity of a pooled session read block: room for several frames. */
-#define RD_BLOCK_BIG (256 * 1024)
+#define RD_BLOCK_SIZE (256 * 1024)
+/* Payload capacity of a pooled session read block: room for several full
+ * DATA frames. A session holds one only while its socket has bytes or a
+ * partial frame waits for the rest; an idle session holds none. */
+#define RD_BLOCK_BIG (1024 * 1024)
 
 typedef struct rd_block {
   struct rd_block *next_free;
@@ -34,7 +36,8 @@ rd_block *rd_block_get(size_t payload);
  * pooled. Returns NULL on allocation failure. */
 rd_block *rd_block_get_small(size_t payload);
 void rd_block_ref(rd_block *b);
-/* Drops a reference; the last one returns the block to the pool or frees it. */
+/* Drops a reference (NULL: nothing); the last one returns the block to the
+ * pool or frees it. */
 void rd_block_unref(rd_block *b);
 /* Payload start (after headroom) and capacity. */
 static inline uint8_t *rd_block_payload(rd_block *b) { return b->data + RD_BLOCK_HEADROOM; }

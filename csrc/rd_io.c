@@ -154,6 +154,15 @@ int rd_io_write(rd_io *io, uv_write_t *req, const uv_buf_t bufs[], unsigned nbuf
   return 0;
 }
 
+ssize_t rd_io_try_write(rd_io *io, const uv_buf_t bufs[], unsigned nbufs) {
+  if (io->closing)
+    return UV_EPIPE;
+  if (io->tls != NULL || io->stream->write_queue_size > 0)
+    return 0;
+  int n = uv_try_write(io->stream, bufs, nbufs);
+  return n == UV_EAGAIN ? 0 : n;
+}
+
 size_t rd_io_write_queue_size(const rd_io *io) { return io->stream->write_queue_size; }
 
 /* ---- reading ---- */

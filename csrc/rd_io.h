@@ -50,6 +50,10 @@ void rd_io_read_stop(rd_io *io);
  * Returns 0 or a negative code (then cb is never called). */
 int rd_io_write(rd_io *io, uv_write_t *req, const uv_buf_t bufs[], unsigned nbufs,
                 uv_write_cb cb);
+/* Plain streams with nothing queued: writes what the socket takes now,
+ * without a request. Returns the bytes written (0 when the io is TLS, has
+ * writes queued, or the socket is full) or a negative code. */
+ssize_t rd_io_try_write(rd_io *io, const uv_buf_t bufs[], unsigned nbufs);
 /* Bytes queued and not yet written to the socket. */
 size_t rd_io_write_queue_size(const rd_io *io);
 

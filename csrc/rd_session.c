@@ -80,6 +80,7 @@ struct rd_session {
   int64_t next_msg_id;
   uint64_t last_rx, last_ping, last_sync;
   int ended;
+  int ending; /* inside rd_session_end: a failed write there must not re-enter */
   int handles_open;
   int write_blocked;
   uint64_t tick_ms;     /* current tick period */
@@ -136,7 +137,7 @@ void rd_session_config_default(rd_session_config *cfg) {
   cfg->sync_grace_ms = 60000;
   cfg->max_message = 1u << 24;
   cfg->max_buffer = 1u << 21;
-  cfg->hard_cap = 1u << 24;
+  cfg->hard_cap = 1u << 26;
   cfg->write_high = 1u << 22;
   cfg->dial_timeout_ms = 60000;
   cfg->idle_timeout_ms = 0;
@@ -199,6 +200,17 @@ static void session_write_frame(rd_session *s, int opcode, rd_block *b, uint8_t 
     hlen = rd_ws_build_header(hdr, 1, opcode, len, NULL);
   }
   memcpy(p - hlen, hdr, hlen);
+  /* What the socket takes at once needs no request and frees b now. */
+  uv_buf_t buf = uv_buf_init((char *)(p - hlen), (unsigned)(hlen + len));
+  ssize_t sent = rd_io_try_write(s->io, &buf, 1);
+  if (sent < 0 || (size_t)sent == buf.len) {
+    rd_block_unref(b);
+    if (sent < 0)
+      rd_session_end(s, 0, "write failed");
+    return;
+  }
+  buf.base += sent;
+  buf.len -= (size_t)sent;
   wreq *w = wreq_get();
   if (w == NULL) {
     rd_block_unref(b);
@@ -207,9 +219,8 @@ static void session_write_frame(rd_session *s, int opcode, rd_block *b, uint8_t 
   }
   w->block = b;
   w->conn = NULL;
-  w->len = hlen + len;
+  w->len = buf.len;
   w->req.data = s;
-  uv_buf_t buf = uv_buf_init((char *)(p - hlen), (unsigned)(hlen + len));
   int rc = rd_io_write(s->io, &w->req, &buf, 1, session_write_cb);
   if (rc != 0) {
     rd_block_unref(b);
@@ -371,24 +382,46 @@ static void local_write_cb(uv_write_t *req, int status) {
   }
 }
 
-/* Queues len bytes at data (inside block b, which gains a reference) toward
- * the local end. */
+/* Sends len bytes at data (inside block b) toward the local end: what the
+ * socket takes at once costs nothing more; the rest is queued holding a
+ * reference to b, or, when it is small beside b, a copy, so a slow reader
+ * never pins a whole read block for a few bytes. */
 static void conn_write_local(rd_conn *c, rd_block *b, uint8_t *data, size_t len) {
+  uv_buf_t buf = uv_buf_init((char *)data, (unsigned)len);
+  ssize_t sent = rd_io_try_write(c->local, &buf, 1);
+  if (sent < 0) {
+    conn_local_write_failed(c, (int)sent);
+    return;
+  }
+  if ((size_t)sent == len)
+    return;
+  data += sent;
+  len -= (size_t)sent;
+  rd_block *keep = b;
+  if (len <= rd_block_payload_cap(b) / 8) {
+    if ((keep = block_with(data, len)) == NULL) {
+      conn_end(c, "out of memory", 1);
+      return;
+    }
+    data = rd_block_payload(keep);
+  } else {
+    rd_block_ref(b);
+  }
   wreq *w = wreq_get();
   if (w == NULL) {
+    rd_block_unref(keep);
     conn_end(c, "out of memory", 1);
     return;
   }
-  rd_block_ref(b);
-  w->block = b;
+  w->block = keep;
   w->conn = c;
   w->len = len;
   buffered_add(c, len);
-  uv_buf_t buf = uv_buf_init((char *)data, (unsigned)len);
+  buf = uv_buf_init((char *)data, (unsigned)len);
   int rc = rd_io_write(c->local, &w->req, &buf, 1, local_write_cb);
   if (rc != 0) {
     buffered_sub(c, len);
-    rd_block_unref(b);
+    rd_block_unref(keep);
     wreq_put(w);
     conn_local_write_failed(c, rc);
   }
@@ -938,6 +971,8 @@ static int on_ws_message(void *ctx, int opcode, uint8_t *payload, size_t len) {
 
 /* Feeds buffered bytes to the WebSocket reader. */
 static void session_consume(rd_session *s) {
+  if (s->rblock == NULL)
+    return;
   uint8_t *base = rd_block_payload(s->rblock);
   int64_t n = rd_ws_reader_feed(&s->reader, base + s->rstart, s->rend - s->rstart, on_ws_message, s);
   if (s->ended)
@@ -957,6 +992,13 @@ static void session_alloc_cb(rd_io *io, size_t suggested, uv_buf_t *buf) {
   rd_session *s = rd_io_data(io);
   size_t have = s->rend - s->rstart;
   size_t want = s->reader.need > have ? s->reader.need : have + 4096;
+  if (s->rblock == NULL) {
+    if ((s->rblock = rd_block_get(want > RD_BLOCK_BIG ? want : RD_BLOCK_BIG)) == NULL) {
+      *buf = uv_buf_init(NULL, 0);
+      return;
+    }
+    s->rstart = s->rend = 0;
+  }
   size_t cap = rd_block_payload_cap(s->rblock);
   if (cap - s->rend < 4096 || s->rstart + want > cap) {
     /* Move the unconsumed tail to a block big enough for the next frame. */
@@ -977,9 +1019,8 @@ static void session_alloc_cb(rd_io *io, size_t suggested, uv_buf_t *buf) {
 }
 
 static void session_read_cb(rd_io *io, ssize_t nread, const uv_buf_t *buf) {
-  (void)buf;
   rd_session *s = rd_io_data(io);
-  if (nread == 0 || s->ended)
+  if (s->ended)
     return;
   if (nread < 0) {
     rd_session_end(s, 0,
@@ -988,9 +1029,17 @@ static void session_read_cb(rd_io *io, ssize_t nread, const uv_buf_t *buf) {
                                       : rd_strerror((int)nread));
     return;
   }
-  s->last_rx = rd_now();
-  s->rend += (size_t)nread;
-  session_consume(s);
+  if (nread > 0) {
+    s->last_rx = rd_now();
+    s->rend += (size_t)nread;
+    session_consume(s);
+  }
+  /* The socket is drained (a short read or none): a block that holds no
+   * partial frame goes back to the pool, so an idle session holds none. */
+  if (!s->ended && s->rblock != NULL && s->rstart == s->rend && (size_t)nread < buf->len) {
+    rd_block_unref(s->rblock);
+    s->rblock = NULL;
+  }
 }
 
 /* ---- keepalive, sync ---- */
@@ -1140,8 +1189,9 @@ static void session_block_writes(rd_session *s, int blocked) {
 }
 
 void rd_session_end(rd_session *s, int close_code, const char *reason) {
-  if (s->ended)
+  if (s->ended || s->ending)
     return;
+  s->ending = 1;
   rd_map_foreach(&s->conns, end_conn_cb, NULL);
   if (close_code != 0) {
     uint8_t payload[2 + 64];
@@ -1171,7 +1221,8 @@ rd_session *rd_session_new(rd_io *io, int role, const char *client_key, int peer
                            size_t leftover_len) {
   rd_session *s = rd_calloc(1, sizeof *s);
   if (s == NULL || (s->client_key = rd_strndup(client_key, strlen(client_key))) == NULL ||
-      (s->rblock = rd_block_get(leftover_len > RD_BLOCK_BIG ? leftover_len : RD_BLOCK_BIG)) == NULL) {
+      (leftover_len > 0 &&
+       (s->rblock = rd_block_get(leftover_len > RD_BLOCK_BIG ? leftover_len : RD_BLOCK_BIG)) == NULL)) {
     if (s != NULL)
       rd_free(s->client_key);
     rd_free(s);

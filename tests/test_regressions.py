@@ -12,6 +12,7 @@ import random
 import selectors
 import signal
 import socket
+import struct
 import threading
 import time
 import urllib.parse
@@ -445,6 +446,48 @@ def test_burst_then_drained_gives_memory_back(tunnel):
         sock.close()
     finally:
         burst.close()
+
+
+def test_peer_sends_close_then_resets(rd, tunnel_leak_check, echo_server):
+    """A peer that sends CLOSE and resets at once: the server's echo of the
+    close fails while the session is ending (with a reset already there, at
+    once). The session ends once, counted once; the server serves on."""
+    with rd.Server(listen="127.0.0.1:0") as srv:
+        srv.start()
+        for i in range(20):
+            ws = raw_session(srv, f"raw-rst-{i}")
+            ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            ws.send_raw(wsraw.encode_frame(wsraw.OP_CLOSE, wsraw.close_payload(1000, "bye")))
+            ws.sock.close()
+        wait_for(lambda: srv.list_clients() == [], what="every reset session to end")
+        m = srv.metrics()
+        for i in range(20):
+            label = key(clientkey=f"raw-rst-{i}", peer="false")
+            assert m[ADD_SESSION][label] == m[REMOVE_SESSION][label] == 1
+        ws = raw_session(srv, "raw-after")
+        ws.close()
+    wait_engine_idle(rd)
+
+
+def test_idle_sessions_hold_no_read_block(tunnel, stream_server):
+    """A session reads into a 1 MiB pooled block; once its socket is drained
+    and no partial frame waits, the block goes back, so a server with many
+    quiet agents holds kilobytes per session, not a megabyte."""
+    sock = tunnel.dial(stream_server.address)
+    got = 0
+    while got < 16 << 20:  # both sessions' blocks busy (DATA one way, PAUSE/RESUME back)
+        chunk = sock.recv(1 << 20)
+        assert chunk, sock.tunnel_error
+        got += len(chunk)
+    sock.close()
+    wait_for(lambda: tunnel.rd.engine_stats()["open_connections"] == 0,
+             what="the connection to end on both sides")
+    stream_server.wait_open(0)
+    tunnel.rd.engine_trim()
+    stats = tunnel.rd.engine_stats()
+    assert stats["open_sessions"] == 2
+    # Two idle sessions with their metrics and handles: about 12 KiB.
+    assert stats["heap_bytes"] < 64 << 10, stats
 
 
 # ---------------------------------------------------------------------------
