@@ -1,26 +1,43 @@
 #!/usr/bin/env python3
 """remotedialer-py benchmark: one run, three figures.
 
-(a) Bulk throughput through Server.forward (local TCP -> tunnel -> agent ->
-    TCP sink; the engine runs both ends in this process) against raw
-    loopback TCP from the same sender to the same sink, in MB/s (10^6 B/s)
-    and as a ratio.
+(a) Bulk throughput, one connection, in MB/s (10^6 B/s), three ways from the
+    same sender to the same TCP sink:
+      raw loopback TCP (sender -> sink, one hop);
+      two plain relays (sender -> relay -> relay -> sink, three loopback
+        hops, each relay a process copying with blocking recv_into/sendall):
+        the cost of the hops without any tunnel, the ceiling for any relay
+        and the figure the tunnel's should be compared with;
+      through the tunnel (sender -> Server.forward -> tunnel -> agent ->
+        sink, also three hops).
+    The triple runs --repeat times and the best of each is reported (all
+    samples go to the JSON); the tunnel is given as a share of raw and of
+    the relays.
 (b) Tunneled connections opened and closed per second: a selector loop keeps
     --concurrency dials in flight through Server.dial to a far side that
     sends one byte and closes; a connection counts when its socket has read
     that byte and then EOF.
 (c) Memory per idle open tunneled connection on each side: --idle
     connections through a forward to a far side that holds them open; the
-    agent runs in its own process so each side's engine heap
-    (engine_stats()['heap_bytes']) and RSS can be measured apart; the deltas
-    over the baseline are divided by the count.
+    agent runs in its own process so each side's engine heap and RSS can be
+    measured apart; the deltas over the baseline are divided by the count.
+    The heap is the live heap: engine_stats()['heap_bytes'] less the idle
+    pooled I/O blocks ('pool_bytes'), a bounded cache the count would
+    otherwise share.
 
-The far side (sink, accept-and-close, hold) and the opener of the idle
-connections run in helper processes (this same script with --role), so
-their sockets and CPU are not charged to the tunnel's processes.
+In (a) and (b) the agent (rd.Client) runs in its own process, as it does in
+production, so the server's engine loop carries one end of the tunnel and the
+agent's the other; --same-process puts the agent's Client in this process
+instead (one engine loop carries both ends), for comparison.
+
+The far side (sink, accept-and-close, hold), the relays, the agents and the
+opener of the idle connections run in helper processes (this same script
+with --role), so their sockets and CPU are not charged to the benchmark
+process.
 
     python bench/bench.py                    # defaults: 5 s phases, 10,000 idle
     python bench/bench.py --seconds 2 -n 2000 --json bench.json
+    python bench/bench.py --phases a --same-process
 """
 
 import argparse
@@ -252,7 +269,9 @@ def role_opener(port, n, inflight=256):
 
 
 def role_agent(url, key):
-    """A Client in its own process; "stats" prints its engine figures and RSS."""
+    """A Client in its own process; "stats" prints its engine figures and RSS,
+    "balanced" prints "true" or "false": whether its add/remove connection
+    counters balance (counters_balance)."""
     raise_nofile()
     import remotedialer_py as rd
 
@@ -261,9 +280,72 @@ def role_agent(url, key):
     cli.wait_connected(timeout=60)
     print("ready", flush=True)
     for line in sys.stdin:
-        if line.strip() == "stats":
+        cmd = line.strip()
+        if cmd == "stats":
             print(json.dumps({"stats": rd.engine_stats(), "rss": rss_bytes()}), flush=True)
+        elif cmd == "balanced":
+            print("true" if counters_balance(cli) else "false", flush=True)
     cli.close()
+
+
+def role_relay(port):
+    """A plain TCP relay to 127.0.0.1:port: prints its listening port, then
+    takes connections one at a time, each copied both ways by one blocking
+    thread per direction (recv_into a 1 MiB buffer, sendall), EOF passed on
+    with shutdown(SHUT_WR). Exits when stdin closes, once the connection in
+    hand (if any) is done."""
+    lst = socket.create_server(("127.0.0.1", 0))
+    print(lst.getsockname()[1], flush=True)
+    idle = threading.Event()
+    idle.set()
+
+    def pipe(src, dst):
+        buf = bytearray(CHUNK)
+        mv = memoryview(buf)
+        try:
+            while True:
+                n = src.recv_into(buf)
+                if not n:
+                    break
+                dst.sendall(mv[:n])
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            # Pass the failure on both ways rather than leave a peer waiting.
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def serve():
+        while True:
+            try:
+                a, _ = lst.accept()
+            except OSError:
+                return
+            idle.clear()
+            try:
+                b = socket.create_connection(("127.0.0.1", port), timeout=HELPER_TIMEOUT)
+                b.settimeout(None)
+            except OSError:
+                a.close()
+                idle.set()
+                continue
+            threads = [threading.Thread(target=pipe, args=(a, b), daemon=True),
+                       threading.Thread(target=pipe, args=(b, a), daemon=True)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            a.close()
+            b.close()
+            idle.set()
+
+    threading.Thread(target=serve, daemon=True).start()
+    for _ in sys.stdin:
+        pass
+    idle.wait(30)
+    os._exit(0)
 
 
 # ---------------------------------------------------------------------------
@@ -297,15 +379,45 @@ def send_for(port, seconds):
     return sent, elapsed
 
 
-def bench_bulk(srv, key, sink_port, seconds):
-    raw_bytes, raw_s = send_for(sink_port, seconds)
-    with srv.forward(key, "tcp", f"127.0.0.1:{sink_port}", listen="127.0.0.1:0") as fwd:
-        tun_bytes, tun_s = send_for(fwd.port, seconds)
-    raw = raw_bytes / raw_s / 1e6
-    tun = tun_bytes / tun_s / 1e6
-    return {"raw_mb_s": round(raw, 1), "tunnel_mb_s": round(tun, 1),
-            "ratio": round(tun / raw, 3), "raw_bytes": raw_bytes, "tunnel_bytes": tun_bytes,
-            "raw_seconds": round(raw_s, 3), "tunnel_seconds": round(tun_s, 3)}
+def start_relays(sink_port, env):
+    """sender -> relay1 -> relay2 -> sink: returns (relay1's port, helpers)."""
+    relays = []
+    try:
+        port = sink_port
+        for _ in range(2):
+            relays.append(Helper(["--role", "relay", "--port", str(port)], env))
+            port = int(relays[-1].line())
+    except BaseException:
+        for h in relays:
+            h.close()
+        raise
+    return port, relays
+
+
+def bench_bulk(srv, key, sink_port, seconds, repeat, env):
+    """raw, two plain relays, tunnel, `repeat` times; the best of each."""
+    samples = {"raw": [], "relay": [], "tunnel": []}
+    relay_port, relays = start_relays(sink_port, env)
+    try:
+        with srv.forward(key, "tcp", f"127.0.0.1:{sink_port}", listen="127.0.0.1:0") as fwd:
+            for _ in range(repeat):
+                for name, port in (("raw", sink_port), ("relay", relay_port),
+                                   ("tunnel", fwd.port)):
+                    nbytes, secs = send_for(port, seconds)
+                    samples[name].append({"mb_s": round(nbytes / secs / 1e6, 1),
+                                          "bytes": nbytes, "seconds": round(secs, 3)})
+    finally:
+        for h in relays:
+            h.close()
+    best = {name: max(xs, key=lambda x: x["mb_s"]) for name, xs in samples.items()}
+    raw, relay, tun = (best[k]["mb_s"] for k in ("raw", "relay", "tunnel"))
+    return {"raw_mb_s": raw, "relay_mb_s": relay, "tunnel_mb_s": tun,
+            "ratio": round(tun / raw, 3), "relay_ratio": round(relay / raw, 3),
+            "tunnel_vs_relay": round(tun / relay, 3), "repeat": repeat,
+            "raw_bytes": best["raw"]["bytes"], "tunnel_bytes": best["tunnel"]["bytes"],
+            "relay_bytes": best["relay"]["bytes"],
+            "raw_seconds": best["raw"]["seconds"], "tunnel_seconds": best["tunnel"]["seconds"],
+            "relay_seconds": best["relay"]["seconds"], "samples": samples}
 
 
 def bench_conns(srv, key, port, seconds, concurrency):
@@ -385,15 +497,20 @@ def bench_idle(rd, srv, far, ports, n, env):
             opener.close()
         agent.close()
 
+    def live(stats):
+        # Idle pooled I/O blocks are a bounded cache, not per-connection state.
+        return stats["heap_bytes"] - stats["pool_bytes"]
+
     def side(base, after, final):
         (bs, br), (as_, ar), fs = base, after, final
         return {
-            "heap_bytes_per_conn": round((as_["heap_bytes"] - bs["heap_bytes"]) / n, 1),
+            "heap_bytes_per_conn": round((live(as_) - live(bs)) / n, 1),
             "rss_bytes_per_conn": round((ar - br) / n, 1),
             "heap_objects_per_conn": round((as_["heap_objects"] - bs["heap_objects"]) / n, 2),
-            "heap_bytes_baseline": bs["heap_bytes"],
-            "heap_bytes_open": as_["heap_bytes"],
-            "heap_bytes_after_close": fs["heap_bytes"],
+            "heap_bytes_baseline": live(bs),
+            "heap_bytes_open": live(as_),
+            "heap_bytes_after_close": live(fs),
+            "pool_bytes_after_close": fs["pool_bytes"],
         }
 
     return {
@@ -421,16 +538,22 @@ def report(results, args):
              f"({os.cpu_count()} cores, Python {sys.version.split()[0]}, {args.seconds:g} s phases)"]
     bulk = results.get("bulk")
     if bulk:
+        where = ("agent in this process (one engine loop at both ends)"
+                 if args.same_process else "agent in its own process")
         lines += [
-            "(a) bulk, one connection, engine at both ends in one process",
-            f"    raw loopback TCP      {bulk['raw_mb_s']:>9.1f} MB/s",
-            f"    through the tunnel    {bulk['tunnel_mb_s']:>9.1f} MB/s   "
-            f"{bulk['ratio'] * 100:.1f}% of raw",
+            f"(a) bulk, one connection; {where}; best of {bulk['repeat']}",
+            f"    raw loopback TCP            {bulk['raw_mb_s']:>9.1f} MB/s",
+            f"    two plain relays (3 hops)   {bulk['relay_mb_s']:>9.1f} MB/s   "
+            f"{bulk['relay_ratio'] * 100:.1f}% of raw",
+            f"    through the tunnel          {bulk['tunnel_mb_s']:>9.1f} MB/s   "
+            f"{bulk['ratio'] * 100:.1f}% of raw, "
+            f"{bulk['tunnel_vs_relay'] * 100:.0f}% of the relays",
         ]
     conns = results.get("conns")
     if conns:
         lines += [
-            "(b) tunneled connections opened and closed",
+            "(b) tunneled connections opened and closed; agent "
+            + ("in this process" if args.same_process else "in its own process"),
             f"    {conns['per_second']:>9} per second   ({conns['connections']} in "
             f"{conns['seconds']:g} s, {conns['concurrency']} in flight, {conns['errors']} errors)",
         ]
@@ -441,7 +564,7 @@ def report(results, args):
             s = idle[name]
             lines.append(f"    {name:<6}  engine heap {kib(s['heap_bytes_per_conn']):>11}   "
                          f"RSS {kib(s['rss_bytes_per_conn']):>11}   "
-                         f"(heap {s['heap_bytes_baseline']} -> {s['heap_bytes_open']} -> "
+                         f"(live heap {s['heap_bytes_baseline']} -> {s['heap_bytes_open']} -> "
                          f"{s['heap_bytes_after_close']} bytes after close)")
     lines.append(f"counters balanced: {results.get('balanced')}")
     return "\n".join(lines)
@@ -456,6 +579,10 @@ def main():
     p.add_argument("--concurrency", "-c", type=int, default=64,
                    help="dials in flight for the open/close rate (default 64)")
     p.add_argument("--phases", default="abc", help="which of a, b, c to run (default abc)")
+    p.add_argument("--repeat", "-r", type=int, default=2,
+                   help="runs of the raw/relays/tunnel triple in (a), best reported (default 2)")
+    p.add_argument("--same-process", action="store_true",
+                   help="run the agent's Client for (a) and (b) in this process, as before")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--role", help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
@@ -469,6 +596,10 @@ def main():
         return role_opener(args.port, args.idle)
     if args.role == "agent":
         return role_agent(args.url, args.key)
+    if args.role == "relay":
+        return role_relay(args.port)
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
 
     hard = raise_nofile()
     if "c" in args.phases and args.idle + 1000 > hard:
@@ -482,8 +613,9 @@ def main():
     far = Helper(["--role", "far"], env)
     results = {"seconds": args.seconds, "cores": os.cpu_count(),
                "python": sys.version.split()[0]}
+    results["agent"] = "same process" if args.same_process else "own process"
     srv = rd.Server(listen="127.0.0.1:0")
-    cli = None
+    cli = agent = None
     try:
         ports = json.loads(far.line())
         srv.start()
@@ -491,17 +623,32 @@ def main():
         # memory freed by the other phases cannot hide its growth.
         if "c" in args.phases:
             results["idle"] = bench_idle(rd, srv, far, ports, args.idle, env)
-        cli = rd.Client(srv.url, headers={"X-Tunnel-ID": "bench"})
-        cli.start()
-        cli.wait_connected(timeout=60)
+        if args.same_process:
+            cli = rd.Client(srv.url, headers={"X-Tunnel-ID": "bench"})
+            cli.start()
+            cli.wait_connected(timeout=60)
+
+            def agent_balanced():
+                return counters_balance(cli)
+        else:
+            agent = Helper(["--role", "agent", "--url", srv.url, "--key", "bench"], env)
+            if agent.line() != "ready":
+                raise RuntimeError("agent did not connect")
+
+            def agent_balanced():
+                answer = agent.ask("balanced")
+                if answer not in ("true", "false"):
+                    raise RuntimeError(f"agent answered {answer!r} to balanced")
+                return answer == "true"
         wait_until(lambda: srv.has_session("bench"), 60, "the agent's session")
         if "a" in args.phases:
-            results["bulk"] = bench_bulk(srv, "bench", ports["sink"], args.seconds)
+            results["bulk"] = bench_bulk(srv, "bench", ports["sink"], args.seconds,
+                                         args.repeat, env)
         if "b" in args.phases:
             results["conns"] = bench_conns(srv, "bench", ports["close"], args.seconds,
                                            args.concurrency)
         try:
-            wait_until(lambda: counters_balance(srv) and counters_balance(cli), 60, "balance")
+            wait_until(lambda: counters_balance(srv) and agent_balanced(), 60, "balance")
             results["balanced"] = True
         except TimeoutError:
             results["balanced"] = False
@@ -509,6 +656,8 @@ def main():
     finally:
         if cli is not None:
             cli.close()
+        if agent is not None:
+            agent.close()
         srv.close()
         far.close()
     print(report(results, args))
