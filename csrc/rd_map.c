@@ -2,10 +2,13 @@
 
 #include "rd_alloc.h"
 
+#define MIN_BUCKETS 16
+
 void rd_map_init(rd_map *m) {
   m->buckets = NULL;
   m->nbuckets = 0;
   m->count = 0;
+  m->walking = 0;
 }
 
 void rd_map_dispose(rd_map *m) {
@@ -13,8 +16,8 @@ void rd_map_dispose(rd_map *m) {
   rd_map_init(m);
 }
 
-static int grow(rd_map *m) {
-  size_t n = m->nbuckets ? m->nbuckets * 2 : 16;
+/* Rehashes into n buckets (a power of two). RD_OK or RD_ENOMEM (unchanged). */
+static int resize(rd_map *m, size_t n) {
   rd_map_node **b = rd_calloc(n, sizeof *b);
   if (b == NULL)
     return RD_ENOMEM;
@@ -32,6 +35,22 @@ static int grow(rd_map *m) {
   m->buckets = b;
   m->nbuckets = n;
   return RD_OK;
+}
+
+static int grow(rd_map *m) { return resize(m, m->nbuckets ? m->nbuckets * 2 : MIN_BUCKETS); }
+
+/* After a spike the table gives its memory back: below load 1/8 it shrinks
+ * by fours to a load between 1/8 and 1/2, so the next inserts do not grow it
+ * again at once. Not while a foreach walks it; a failed shrink leaves the
+ * table as it was. */
+static void maybe_shrink(rd_map *m) {
+  if (m->walking > 0)
+    return;
+  size_t n = m->nbuckets;
+  while (n > MIN_BUCKETS && m->count < n / 8)
+    n /= 4;
+  if (n < m->nbuckets)
+    (void)resize(m, n < MIN_BUCKETS ? MIN_BUCKETS : n);
 }
 
 int rd_map_insert(rd_map *m, rd_map_node *node, uint64_t hash) {
@@ -54,6 +73,7 @@ void rd_map_remove(rd_map *m, rd_map_node *node) {
     *p = node->next;
     node->next = NULL;
     m->count--;
+    maybe_shrink(m);
   }
 }
 
@@ -74,6 +94,7 @@ rd_map_node *rd_map_next_same(const rd_map_node *node) {
 }
 
 void rd_map_foreach(rd_map *m, void (*fn)(rd_map_node *node, void *ctx), void *ctx) {
+  m->walking++;
   for (size_t i = 0; i < m->nbuckets; i++) {
     rd_map_node *node = m->buckets[i];
     while (node != NULL) {
@@ -82,6 +103,8 @@ void rd_map_foreach(rd_map *m, void (*fn)(rd_map_node *node, void *ctx), void *c
       node = next;
     }
   }
+  m->walking--;
+  maybe_shrink(m);
 }
 
 uint64_t rd_hash_u64(uint64_t x) {

@@ -15,6 +15,7 @@ typedef struct rd_map {
   rd_map_node **buckets;
   size_t nbuckets; /* a power of two, or 0 before the first insert */
   size_t count;
+  int walking; /* foreach calls in progress: no shrinking under them */
 } rd_map;
 
 void rd_map_init(rd_map *m);
@@ -22,7 +23,7 @@ void rd_map_init(rd_map *m);
 void rd_map_dispose(rd_map *m);
 /* Links node under hash. Returns RD_OK or RD_ENOMEM (node not linked). */
 int rd_map_insert(rd_map *m, rd_map_node *node, uint64_t hash);
-/* Unlinks node (which must be linked). */
+/* Unlinks node (which must be linked); a mostly empty table shrinks. */
 void rd_map_remove(rd_map *m, rd_map_node *node);
 /* First node with this hash, or NULL; rd_map_next_same continues the walk. */
 rd_map_node *rd_map_find(const rd_map *m, uint64_t hash);
