@@ -494,6 +494,56 @@ def test_hard_cap_ends_a_connection_nobody_reads(rd, tunnel_leak_check):
     wait_engine_idle(rd)
 
 
+def test_a_stalled_reader_does_not_pin_read_blocks(rd, tunnel_leak_check):
+    """Tiny DATA for a connection nobody reads, each arriving beside a big
+    DATA for one that is read: the tiny slices wait in the engine as copies,
+    not as references that would each pin a 1 MiB session read block."""
+    with rd.Server(listen="127.0.0.1:0") as srv:
+        ws = raw_session(srv)
+        try:
+            stalled = srv.dial("raw-1", "tcp", "10.9.9.9:80", timeout=TIMEOUT)
+            a = ws.recv_tunnel().conn_id
+            busy = srv.dial("raw-1", "tcp", "10.9.9.8:80", timeout=TIMEOUT)
+            busy.settimeout(TIMEOUT)
+            b = ws.recv_tunnel().conn_id
+
+            def stalled_buffered():
+                return [c["buffered"] for c in srv.connections() if c["id"] == a][0]
+
+            # Fill the stalled socket's kernel buffer so what follows queues
+            # in the engine.
+            while stalled_buffered() == 0:
+                ws.send_msg(a, wsraw.DATA, b"f" * (64 << 10))
+                wait_for(lambda: rd.engine_stats()["buffered_to_local"] == stalled_buffered(),
+                         what="the chunk to be written or queued")
+            rd.engine_trim()
+            stats = rd.engine_stats()
+            heap0 = stats["heap_bytes"] - stats["pool_bytes"]
+            big = b"b" * (512 << 10)
+            rounds = 64
+            for _ in range(rounds):
+                ws.send_msg(a, wsraw.DATA, b"t")
+                ws.send_msg(b, wsraw.DATA, big)
+                assert recv_exact(busy, len(big)) == big
+            queued = stalled_buffered()
+            wait_for(lambda: rd.engine_stats()["buffered_to_local"] == queued,
+                     what="the busy connection's bytes to leave the engine")
+            rd.engine_trim()
+            stats = rd.engine_stats()
+            growth = stats["heap_bytes"] - stats["pool_bytes"] - heap0
+            # 64 one-byte slices as copies: a few dozen KiB. As references
+            # they would pin tens of MiB of read blocks.
+            assert growth < 1 << 20, (growth, queued)
+            stalled.close()
+            busy.close()
+            wait_for(lambda: srv.connections() == [], what="both connections to end")
+            check_balanced(srv)
+        finally:
+            ws.close()
+        session_removed(srv, "raw-1")
+    wait_engine_idle(rd)
+
+
 # ---------------------------------------------------------------------------
 # Interpreter exit
 
