@@ -95,9 +95,88 @@ static void drop_stream(result *r) {
   r->stream = NULL;
 }
 
-static void finish_loop(uv_loop_t *loop) {
+/* Every test runs on a loop of its own. Returns the allocator's count, which
+ * loop_end expects back. */
+static int64_t loop_begin(uv_loop_t *loop) {
+  int64_t start_bytes = rd_alloc_bytes();
+  uv_loop_init(loop);
+  return start_bytes;
+}
+
+/* Every test ends with a loop that has no handles left and the allocator
+ * back where it started. */
+static void loop_end(uv_loop_t *loop, int64_t start_bytes) {
   CHECK_EQ_INT(uv_run(loop, UV_RUN_DEFAULT), 0);
   CHECK_EQ_INT(uv_loop_close(loop), 0);
+  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+}
+
+/* Starts a dial and runs the loop until its callback. 1 when the dial
+ * started and the callback waited for the loop (not run inside start). */
+static int dial_and_wait(uv_loop_t *loop, const char *proto, const char *addr, uint64_t timeout,
+                         result *r) {
+  *r = (result){0};
+  if (start(loop, proto, addr, timeout, r) == NULL)
+    return 0;
+  int deferred = r->calls == 0;
+  run_until_called(loop, r);
+  return deferred;
+}
+
+/* Starts a dial, cancels it at once and runs the loop until its callback. 1
+ * when the dial started and the callback waited for the loop. */
+static int start_and_cancel(uv_loop_t *loop, const char *proto, const char *addr,
+                            uint64_t timeout, result *r) {
+  *r = (result){0};
+  rd_dial *d = start(loop, proto, addr, timeout, r);
+  if (d == NULL)
+    return 0;
+  cancel(d, r);
+  int deferred = r->calls == 0;
+  run_until_called(loop, r);
+  return deferred;
+}
+
+/* The dial's callback ran exactly once, and never inside an API call. */
+static void check_called_once(const result *r) {
+  CHECK_EQ_INT(r->calls, 1);
+  CHECK_EQ_INT(r->called_inside_api, 0);
+}
+
+/* Dials and checks that it connected with a stream of this type, which r
+ * then holds. */
+static void check_dial_connects(uv_loop_t *loop, const char *proto, const char *addr,
+                                uint64_t timeout, result *r, uv_handle_type type) {
+  CHECK(dial_and_wait(loop, proto, addr, timeout, r));
+  CHECK_EQ_INT(r->status, 0);
+  CHECK(r->stream != NULL && r->stream->type == type);
+  CHECK_STR(r->error, "");
+}
+
+/* For check_failed: the status may be any error. */
+#define ANY_FAILURE 1
+
+/* A failure: no stream, the status (< 0 at least) and the Go-shaped text. */
+static void check_failed(const result *r, int status, const char *error) {
+  CHECK(r->stream == NULL);
+  if (status == ANY_FAILURE)
+    CHECK(r->status < 0);
+  else
+    CHECK_EQ_INT(r->status, status);
+  CHECK_STR(r->error, error);
+}
+
+/* One dial on a loop of its own that fails; the loop then ends with no
+ * second callback. */
+static void check_lone_dial_fails(const char *proto, const char *addr, int status,
+                                  const char *error) {
+  uv_loop_t loop;
+  int64_t start_bytes = loop_begin(&loop);
+  result r;
+  CHECK(dial_and_wait(&loop, proto, addr, 5000, &r));
+  check_failed(&r, status, error);
+  loop_end(&loop, start_bytes);
+  check_called_once(&r);
 }
 
 /* ---- A loopback TCP or unix server that accepts and closes ---- */
@@ -170,6 +249,13 @@ static int unix_server(uv_loop_t *loop, server *srv, const char *path) {
 
 static void close_server(server *srv) { uv_close(&srv->h.handle, NULL); }
 
+/* A TCP server on 127.0.0.1; addr gets "host:port" for dialing it by host. */
+static void open_tcp_server(uv_loop_t *loop, server *srv, const char *host, char *addr,
+                            size_t addrlen) {
+  CHECK_EQ_INT(tcp_server(loop, srv, "127.0.0.1"), 0);
+  snprintf(addr, addrlen, "%s:%d", host, srv->port);
+}
+
 /* A listener that never accepts, with its queue filled: further connects
  * get no answer, so a dial to it waits until its deadline. */
 typedef struct {
@@ -235,12 +321,12 @@ static void pool_block_start(uv_loop_t *loop, pool_block *pb) {
     uv_sem_wait(&pb->started);
 }
 
-static void pool_block_release(pool_block *pb) {
+/* Lets the blocked pool go and ends the test's loop (loop_end), which waits
+ * for the blocking work to finish. */
+static void pool_block_end(pool_block *pb, uv_loop_t *loop, int64_t start_bytes) {
   for (int i = 0; i < POOL_SIZE; i++)
     uv_sem_post(&pb->release);
-}
-
-static void pool_block_dispose(pool_block *pb) {
+  loop_end(loop, start_bytes);
   uv_sem_destroy(&pb->release);
   uv_sem_destroy(&pb->started);
 }
@@ -248,24 +334,14 @@ static void pool_block_dispose(pool_block *pb) {
 /* ---- Tests ---- */
 
 TEST(tcp_success) {
-  int64_t start_bytes = rd_alloc_bytes();
   uv_loop_t loop;
-  uv_loop_init(&loop);
+  int64_t start_bytes = loop_begin(&loop);
   server srv;
-  CHECK_EQ_INT(tcp_server(&loop, &srv, "127.0.0.1"), 0);
   char addr[64];
-  snprintf(addr, sizeof addr, "127.0.0.1:%d", srv.port);
-  result r = {0};
-  rd_dial *d = start(&loop, "tcp", addr, 5000, &r);
-  CHECK(d != NULL);
-  CHECK_EQ_INT(r.calls, 0);
-  run_until_called(&loop, &r);
-  CHECK_EQ_INT(r.calls, 1);
-  CHECK_EQ_INT(r.status, 0);
-  CHECK(r.stream != NULL);
-  CHECK_STR(r.error, "");
+  open_tcp_server(&loop, &srv, "127.0.0.1", addr, sizeof addr);
+  result r;
+  check_dial_connects(&loop, "tcp", addr, 5000, &r, UV_TCP);
   if (r.stream != NULL) {
-    CHECK(r.stream->type == UV_TCP);
     uv_os_fd_t fd;
     int one = 0;
     socklen_t len = sizeof one;
@@ -275,173 +351,116 @@ TEST(tcp_success) {
   }
   drop_stream(&r);
   close_server(&srv);
-  finish_loop(&loop);
-  CHECK_EQ_INT(r.calls, 1);
-  CHECK_EQ_INT(r.called_inside_api, 0);
-  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+  loop_end(&loop, start_bytes);
+  check_called_once(&r);
 }
 
 TEST(tcp_refused) {
-  int64_t start_bytes = rd_alloc_bytes();
-  uv_loop_t loop;
-  uv_loop_init(&loop);
-  result r = {0};
-  CHECK(start(&loop, "tcp", "127.0.0.1:1", 5000, &r) != NULL);
-  run_until_called(&loop, &r);
-  CHECK_EQ_INT(r.status, UV_ECONNREFUSED);
-  CHECK(r.stream == NULL);
-  CHECK_STR(r.error, "dial tcp 127.0.0.1:1: connect: connection refused");
-  finish_loop(&loop);
-  CHECK_EQ_INT(r.calls, 1);
-  CHECK_EQ_INT(r.called_inside_api, 0);
-  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+  check_lone_dial_fails("tcp", "127.0.0.1:1", UV_ECONNREFUSED,
+                        "dial tcp 127.0.0.1:1: connect: connection refused");
 }
 
 TEST(lookup_failure) {
-  int64_t start_bytes = rd_alloc_bytes();
   uv_loop_t loop;
-  uv_loop_init(&loop);
-  result r = {0};
-  CHECK(start(&loop, "tcp", "nonexistent.invalid:80", 5000, &r) != NULL);
-  run_until_called(&loop, &r);
+  int64_t start_bytes = loop_begin(&loop);
+  result r;
+  CHECK(dial_and_wait(&loop, "tcp", "nonexistent.invalid:80", 5000, &r));
   CHECK(r.status < 0);
   CHECK(r.stream == NULL);
+  /* The resolver's wording varies; only "no such host" is Go's exact text. */
   CHECK_PREFIX(r.error, "dial tcp: lookup nonexistent.invalid: ");
   if (r.status == UV_EAI_NONAME)
     CHECK_STR(r.error, "dial tcp: lookup nonexistent.invalid: no such host");
-  finish_loop(&loop);
-  CHECK_EQ_INT(r.calls, 1);
-  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+  loop_end(&loop, start_bytes);
+  check_called_once(&r);
 }
 
 TEST(localhost_by_name) {
-  int64_t start_bytes = rd_alloc_bytes();
   uv_loop_t loop;
-  uv_loop_init(&loop);
+  int64_t start_bytes = loop_begin(&loop);
   server srv;
-  CHECK_EQ_INT(tcp_server(&loop, &srv, "127.0.0.1"), 0);
   char addr[64];
-  snprintf(addr, sizeof addr, "localhost:%d", srv.port);
-  result r = {0};
-  CHECK(start(&loop, "tcp", addr, 5000, &r) != NULL);
-  run_until_called(&loop, &r);
-  CHECK_EQ_INT(r.status, 0);
-  CHECK(r.stream != NULL);
+  open_tcp_server(&loop, &srv, "localhost", addr, sizeof addr);
+  result r;
+  check_dial_connects(&loop, "tcp", addr, 5000, &r, UV_TCP);
   drop_stream(&r);
 
   /* A refused name dial reports the resolved address tried first. */
-  result r2 = {0};
-  CHECK(start(&loop, "tcp4", "localhost:1", 5000, &r2) != NULL);
-  run_until_called(&loop, &r2);
-  CHECK_EQ_INT(r2.status, UV_ECONNREFUSED);
-  CHECK_STR(r2.error, "dial tcp4 127.0.0.1:1: connect: connection refused");
+  CHECK(dial_and_wait(&loop, "tcp4", "localhost:1", 5000, &r));
+  check_failed(&r, UV_ECONNREFUSED, "dial tcp4 127.0.0.1:1: connect: connection refused");
 
   /* Empty host: the local system, printed as Go prints it. */
   snprintf(addr, sizeof addr, ":%d", srv.port);
-  result r3 = {0};
-  CHECK(start(&loop, "tcp", addr, 0, &r3) != NULL);
-  run_until_called(&loop, &r3);
-  CHECK_EQ_INT(r3.status, 0);
-  drop_stream(&r3);
-  result r4 = {0};
-  CHECK(start(&loop, "tcp", ":1", 0, &r4) != NULL);
-  run_until_called(&loop, &r4);
-  CHECK_STR(r4.error, "dial tcp :1: connect: connection refused");
+  check_dial_connects(&loop, "tcp", addr, 0, &r, UV_TCP);
+  drop_stream(&r);
+  CHECK(dial_and_wait(&loop, "tcp", ":1", 0, &r));
+  check_failed(&r, ANY_FAILURE, "dial tcp :1: connect: connection refused");
 
   close_server(&srv);
-  finish_loop(&loop);
+  loop_end(&loop, start_bytes);
   CHECK(srv.accepted >= 1);
-  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
 }
 
 TEST(named_ports) {
-  int64_t start_bytes = rd_alloc_bytes();
-  uv_loop_t loop;
-  uv_loop_init(&loop);
-  result r = {0};
-  CHECK(start(&loop, "tcp", "127.0.0.1:nosuchservice", 5000, &r) != NULL);
-  run_until_called(&loop, &r);
-  CHECK(r.status < 0);
-  CHECK_STR(r.error, "dial tcp: lookup tcp/nosuchservice: unknown port");
-  finish_loop(&loop);
-  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+  check_lone_dial_fails("tcp", "127.0.0.1:nosuchservice", ANY_FAILURE,
+                        "dial tcp: lookup tcp/nosuchservice: unknown port");
 }
 
 TEST(ipv6) {
-  int64_t start_bytes = rd_alloc_bytes();
   uv_loop_t loop;
-  uv_loop_init(&loop);
+  int64_t start_bytes = loop_begin(&loop);
   server srv;
+  result r;
   if (tcp_server(&loop, &srv, "::1") == 0) {
-    char addr[64];
+    char addr[64], want[128];
     snprintf(addr, sizeof addr, "[::1]:%d", srv.port);
-    result r = {0};
-    CHECK(start(&loop, "tcp6", addr, 5000, &r) != NULL);
-    run_until_called(&loop, &r);
-    CHECK_EQ_INT(r.status, 0);
+    check_dial_connects(&loop, "tcp6", addr, 5000, &r, UV_TCP);
     drop_stream(&r);
     close_server(&srv);
     /* The listener is gone: the text brackets the host. */
-    result r2 = {0};
-    CHECK(start(&loop, "tcp", addr, 5000, &r2) != NULL);
-    run_until_called(&loop, &r2);
-    char want[128];
+    CHECK(dial_and_wait(&loop, "tcp", addr, 5000, &r));
     snprintf(want, sizeof want, "dial tcp [::1]:%d: connect: connection refused", srv.port);
-    CHECK_STR(r2.error, want);
+    check_failed(&r, ANY_FAILURE, want);
   } else {
     fprintf(stderr, "ipv6: no ::1 here, skipping the connect part\n");
   }
-  /* A literal of the wrong family: decided in start, reported later. */
-  result r3 = {0};
-  CHECK(start(&loop, "tcp4", "[::1]:80", 5000, &r3) != NULL);
-  CHECK_EQ_INT(r3.calls, 0);
-  run_until_called(&loop, &r3);
-  CHECK_STR(r3.error, "dial tcp4: address ::1: no suitable address found");
-  result r4 = {0};
-  CHECK(start(&loop, "tcp6", "127.0.0.1:80", 5000, &r4) != NULL);
-  run_until_called(&loop, &r4);
-  CHECK_STR(r4.error, "dial tcp6: address 127.0.0.1: no suitable address found");
-  CHECK_EQ_INT(r3.called_inside_api + r4.called_inside_api, 0);
-  finish_loop(&loop);
-  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+  /* A literal of the wrong family: decided in start, reported later (which
+   * dial_and_wait checks). */
+  CHECK(dial_and_wait(&loop, "tcp4", "[::1]:80", 5000, &r));
+  check_failed(&r, ANY_FAILURE, "dial tcp4: address ::1: no suitable address found");
+  check_called_once(&r);
+  CHECK(dial_and_wait(&loop, "tcp6", "127.0.0.1:80", 5000, &r));
+  check_failed(&r, ANY_FAILURE, "dial tcp6: address 127.0.0.1: no suitable address found");
+  check_called_once(&r);
+  loop_end(&loop, start_bytes);
 }
 
 TEST(unix_socket) {
-  int64_t start_bytes = rd_alloc_bytes();
   uv_loop_t loop;
-  uv_loop_init(&loop);
-  char path[64], missing[64];
+  int64_t start_bytes = loop_begin(&loop);
+  char path[64], missing[64], want[128];
   snprintf(path, sizeof path, "/tmp/rd_test_dialer_%d.sock", (int)getpid());
   snprintf(missing, sizeof missing, "/tmp/rd_test_dialer_%d.missing", (int)getpid());
   unlink(missing);
   server srv;
   CHECK_EQ_INT(unix_server(&loop, &srv, path), 0);
-  result r = {0};
-  CHECK(start(&loop, "unix", path, 5000, &r) != NULL);
-  run_until_called(&loop, &r);
-  CHECK_EQ_INT(r.status, 0);
-  CHECK(r.stream != NULL && r.stream->type == UV_NAMED_PIPE);
+  result r;
+  check_dial_connects(&loop, "unix", path, 5000, &r, UV_NAMED_PIPE);
   drop_stream(&r);
 
-  result r2 = {0};
-  CHECK(start(&loop, "unix", missing, 5000, &r2) != NULL);
-  run_until_called(&loop, &r2);
-  CHECK_EQ_INT(r2.status, UV_ENOENT);
-  char want[128];
+  CHECK(dial_and_wait(&loop, "unix", missing, 5000, &r));
   snprintf(want, sizeof want, "dial unix %s: connect: no such file or directory", missing);
-  CHECK_STR(r2.error, want);
-  CHECK_EQ_INT(r2.called_inside_api, 0);
+  check_failed(&r, UV_ENOENT, want);
+  check_called_once(&r);
 
   close_server(&srv);
-  finish_loop(&loop);
+  loop_end(&loop, start_bytes);
   unlink(path);
-  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
 }
 
 TEST(bad_arguments) {
-  int64_t start_bytes = rd_alloc_bytes();
   uv_loop_t loop;
-  uv_loop_init(&loop);
+  int64_t start_bytes = loop_begin(&loop);
   static const struct {
     const char *proto, *addr, *want;
   } cases[] = {
@@ -485,44 +504,30 @@ TEST(bad_arguments) {
   CHECK_EQ_INT(strlen(err), 7); /* truncated to the buffer, NUL-terminated */
   CHECK(rd_dial_start(&loop, "tcp", "127.0.0.1", 0, dial_cb, &r, NULL, NULL, 0) == NULL);
   rd_dial_cancel(NULL);
-  finish_loop(&loop);
+  loop_end(&loop, start_bytes);
   CHECK_EQ_INT(r.calls, 0);
-  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
 }
 
 TEST(cancel_while_resolving) {
-  int64_t start_bytes = rd_alloc_bytes();
   uv_loop_t loop;
-  uv_loop_init(&loop);
+  int64_t start_bytes = loop_begin(&loop);
   pool_block pb;
   pool_block_start(&loop, &pb);
-  result r = {0};
-  rd_dial *d = start(&loop, "tcp", "localhost:1", 5000, &r);
-  CHECK(d != NULL);
-  cancel(d, &r);
-  CHECK_EQ_INT(r.calls, 0);
-  run_until_called(&loop, &r);
-  CHECK_EQ_INT(r.status, UV_ECANCELED);
-  CHECK_STR(r.error, "operation was canceled");
-  CHECK(r.stream == NULL);
-  pool_block_release(&pb);
-  finish_loop(&loop);
-  pool_block_dispose(&pb);
-  CHECK_EQ_INT(r.calls, 1);
-  CHECK_EQ_INT(r.called_inside_api, 0);
-  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+  result r;
+  CHECK(start_and_cancel(&loop, "tcp", "localhost:1", 5000, &r));
+  check_failed(&r, UV_ECANCELED, "operation was canceled");
+  pool_block_end(&pb, &loop, start_bytes);
+  check_called_once(&r);
 }
 
 /* With the pool free, getaddrinfo may be queued, running or done when the
  * cancel comes; every case ends the same way. */
 TEST(cancel_right_after_start) {
-  int64_t start_bytes = rd_alloc_bytes();
   uv_loop_t loop;
-  uv_loop_init(&loop);
+  int64_t start_bytes = loop_begin(&loop);
   server srv;
-  CHECK_EQ_INT(tcp_server(&loop, &srv, "127.0.0.1"), 0);
   char byname[64], bynum[64];
-  snprintf(byname, sizeof byname, "localhost:%d", srv.port);
+  open_tcp_server(&loop, &srv, "localhost", byname, sizeof byname);
   snprintf(bynum, sizeof bynum, "127.0.0.1:%d", srv.port);
   for (int i = 0; i < 20; i++) {
     result r = {0};
@@ -533,58 +538,47 @@ TEST(cancel_right_after_start) {
     if (r.calls == 0)
       cancel(d, &r);
     run_until_called(&loop, &r);
-    CHECK_EQ_INT(r.calls, 1);
+    check_called_once(&r);
     CHECK(r.status == UV_ECANCELED || r.status == 0);
     drop_stream(&r);
-    CHECK_EQ_INT(r.called_inside_api, 0);
   }
   close_server(&srv);
-  finish_loop(&loop);
-  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+  loop_end(&loop, start_bytes);
 }
 
 TEST(lookup_timeout) {
-  int64_t start_bytes = rd_alloc_bytes();
   uv_loop_t loop;
-  uv_loop_init(&loop);
+  int64_t start_bytes = loop_begin(&loop);
   pool_block pb;
   pool_block_start(&loop, &pb);
-  result r = {0};
   uint64_t t0 = uv_hrtime();
-  CHECK(start(&loop, "tcp", "localhost:1", 50, &r) != NULL);
-  run_until_called(&loop, &r);
+  result r;
+  CHECK(dial_and_wait(&loop, "tcp", "localhost:1", 50, &r));
   uint64_t ms = (uv_hrtime() - t0) / 1000000;
   CHECK(ms >= 45);
-  CHECK_EQ_INT(r.status, UV_ETIMEDOUT);
-  CHECK_STR(r.error, "dial tcp: lookup localhost: i/o timeout");
-  pool_block_release(&pb);
-  finish_loop(&loop);
-  pool_block_dispose(&pb);
-  CHECK_EQ_INT(r.calls, 1);
-  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+  check_failed(&r, UV_ETIMEDOUT, "dial tcp: lookup localhost: i/o timeout");
+  pool_block_end(&pb, &loop, start_bytes);
+  check_called_once(&r);
 }
 
 TEST(connect_timeout) {
-  int64_t start_bytes = rd_alloc_bytes();
+  /* The black hole first: the loop's clock starts at loop_begin, and the
+   * deadline counts from it. */
   black_hole b;
   CHECK_EQ_INT(black_hole_open(&b), 0);
   uv_loop_t loop;
-  uv_loop_init(&loop);
-  char addr[64];
+  int64_t start_bytes = loop_begin(&loop);
+  char addr[64], want[128];
   snprintf(addr, sizeof addr, "127.0.0.1:%d", b.port);
-  result r = {0};
   uint64_t t0 = uv_hrtime();
-  CHECK(start(&loop, "tcp", addr, 300, &r) != NULL);
-  run_until_called(&loop, &r);
+  result r;
+  CHECK(dial_and_wait(&loop, "tcp", addr, 300, &r));
   uint64_t ms = (uv_hrtime() - t0) / 1000000;
   CHECK(ms >= 290 && ms < 3000);
-  CHECK_EQ_INT(r.status, UV_ETIMEDOUT);
-  char want[128];
   snprintf(want, sizeof want, "dial tcp 127.0.0.1:%d: i/o timeout", b.port);
-  CHECK_STR(r.error, want);
-  finish_loop(&loop);
+  check_failed(&r, UV_ETIMEDOUT, want);
+  loop_end(&loop, start_bytes);
   black_hole_close(&b);
-  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
 }
 
 typedef struct {
@@ -599,11 +593,10 @@ static void cancel_timer_cb(uv_timer_t *t) {
 }
 
 TEST(cancel_while_connecting) {
-  int64_t start_bytes = rd_alloc_bytes();
   black_hole b;
   CHECK_EQ_INT(black_hole_open(&b), 0);
   uv_loop_t loop;
-  uv_loop_init(&loop);
+  int64_t start_bytes = loop_begin(&loop);
   char addr[64];
   snprintf(addr, sizeof addr, "127.0.0.1:%d", b.port);
 
@@ -616,24 +609,20 @@ TEST(cancel_while_connecting) {
   t.data = &cl;
   uv_timer_start(&t, cancel_timer_cb, 50, 0);
   run_until_called(&loop, &r);
-  CHECK_EQ_INT(r.status, UV_ECANCELED);
-  CHECK_STR(r.error, "operation was canceled");
+  check_failed(&r, UV_ECANCELED, "operation was canceled");
   CHECK_EQ_INT(r.called_inside_api, 0);
 
   /* A failure already decided but not yet delivered is reported as the
    * cancel. */
-  result r2 = {0};
-  rd_dial *d2 = start(&loop, "tcp4", "[::1]:80", 0, &r2);
-  cancel(d2, &r2);
-  run_until_called(&loop, &r2);
+  result r2;
+  CHECK(start_and_cancel(&loop, "tcp4", "[::1]:80", 0, &r2));
   CHECK_EQ_INT(r2.status, UV_ECANCELED);
   CHECK_EQ_INT(r2.called_inside_api, 0);
 
-  finish_loop(&loop);
-  CHECK_EQ_INT(r.calls, 1);
-  CHECK_EQ_INT(r2.calls, 1);
+  loop_end(&loop, start_bytes);
+  check_called_once(&r);
+  check_called_once(&r2);
   black_hole_close(&b);
-  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
 }
 
 typedef struct {
@@ -648,9 +637,8 @@ static void self_cancel_cb(void *ctx, int status, uv_stream_t *stream, const cha
 }
 
 TEST(cancel_inside_callback) {
-  int64_t start_bytes = rd_alloc_bytes();
   uv_loop_t loop;
-  uv_loop_init(&loop);
+  int64_t start_bytes = loop_begin(&loop);
   self_cancel sc = {{0}, NULL};
   int status;
   char err[256];
@@ -659,21 +647,18 @@ TEST(cancel_inside_callback) {
   CHECK(sc.d != NULL);
   run_until_called(&loop, &sc.r);
   CHECK_EQ_INT(sc.r.status, UV_ECONNREFUSED);
-  finish_loop(&loop);
+  loop_end(&loop, start_bytes);
   CHECK_EQ_INT(sc.r.calls, 1);
-  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
 }
 
 /* Fails the i-th allocation for every i, through name resolution and
  * connect: each run ends with success or RD_ENOMEM, and nothing leaks. */
 TEST(failing_allocations) {
-  int64_t start_bytes = rd_alloc_bytes();
   uv_loop_t loop;
-  uv_loop_init(&loop);
+  int64_t start_bytes = loop_begin(&loop);
   server srv;
-  CHECK_EQ_INT(tcp_server(&loop, &srv, "127.0.0.1"), 0);
   char addr[64];
-  snprintf(addr, sizeof addr, "localhost:%d", srv.port);
+  open_tcp_server(&loop, &srv, "localhost", addr, sizeof addr);
   int failures = 0;
   for (int64_t nth = 0;; nth++) {
     int64_t before = rd_alloc_bytes();
@@ -704,8 +689,7 @@ TEST(failing_allocations) {
   }
   CHECK(failures >= 3);
   close_server(&srv);
-  finish_loop(&loop);
-  CHECK_EQ_INT(rd_alloc_bytes(), start_bytes);
+  loop_end(&loop, start_bytes);
 }
 
 RD_TEST_MAIN(T(tcp_success), T(tcp_refused), T(lookup_failure), T(localhost_by_name),

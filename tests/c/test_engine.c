@@ -61,6 +61,20 @@ static void nap(void) {
   nanosleep(&ts, NULL);
 }
 
+/* Polls get() until it returns want or WAIT_MS passes; 1 if it did. */
+static int wait_value(int64_t (*get)(void), int64_t want, const char *what) {
+  uint64_t deadline = now_ms() + WAIT_MS;
+  int64_t got;
+  while ((got = get()) != want) {
+    if (now_ms() >= deadline) {
+      fprintf(stderr, "  %s %lld, want %lld\n", what, (long long)got, (long long)want);
+      return 0;
+    }
+    nap();
+  }
+  return 1;
+}
+
 /* Waits for events on fd until deadline (ms on now_ms's clock); 1 if ready. */
 static int wait_fd(int fd, short events, uint64_t deadline) {
   for (;;) {
@@ -145,17 +159,39 @@ static int reads_eof(int fd) {
   return n == 0 && err == 0;
 }
 
+static struct sockaddr_in loopback_addr(int port) {
+  struct sockaddr_in a;
+  memset(&a, 0, sizeof a);
+  a.sin_family = AF_INET;
+  a.sin_port = htons((uint16_t)port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  return a;
+}
+
+/* A socket listening on a free loopback port (flags: extra socket type
+ * flags); -1 on failure. */
+static int listen_loopback(int flags, int backlog, int *port) {
+  struct sockaddr_in a = loopback_addr(0);
+  socklen_t len = sizeof a;
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | flags, 0);
+  if (fd < 0)
+    return -1;
+  if (bind(fd, (struct sockaddr *)&a, sizeof a) != 0 || listen(fd, backlog) != 0 ||
+      getsockname(fd, (struct sockaddr *)&a, &len) != 0) {
+    close(fd);
+    return -1;
+  }
+  *port = ntohs(a.sin_port);
+  return fd;
+}
+
 /* A loopback connection; rcvbuf > 0 fixes the receive buffer (set before
  * connecting, so the window never autotunes past it). */
 static int tcp_connect_rcvbuf(int port, int rcvbuf) {
   int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd >= 0 && rcvbuf > 0)
     setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
-  struct sockaddr_in a;
-  memset(&a, 0, sizeof a);
-  a.sin_family = AF_INET;
-  a.sin_port = htons((uint16_t)port);
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  struct sockaddr_in a = loopback_addr(port);
   if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
     close(fd);
     return -1;
@@ -175,17 +211,11 @@ typedef struct {
 } black_hole;
 
 static int black_hole_open(black_hole *b) {
-  struct sockaddr_in a;
-  socklen_t len = sizeof a;
   memset(b, 0, sizeof *b);
-  memset(&a, 0, sizeof a);
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  b->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (b->lfd < 0 || bind(b->lfd, (struct sockaddr *)&a, sizeof a) != 0 || listen(b->lfd, 0) != 0 ||
-      getsockname(b->lfd, (struct sockaddr *)&a, &len) != 0)
+  b->lfd = listen_loopback(0, 0, &b->port);
+  if (b->lfd < 0)
     return -1;
-  b->port = ntohs(a.sin_port);
+  struct sockaddr_in a = loopback_addr(b->port);
   /* Connect until one connect is left hanging: the queue is then full. */
   while (b->nfill < (int)RD_ARRAY_SIZE(b->fill)) {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -395,17 +425,9 @@ static int ts_start(tserver *ts, int mode) {
   memset(ts, 0, sizeof *ts);
   ts->mode = mode;
   pthread_mutex_init(&ts->lock, NULL);
-  struct sockaddr_in a;
-  socklen_t len = sizeof a;
-  memset(&a, 0, sizeof a);
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ts->lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (ts->lfd < 0 || bind(ts->lfd, (struct sockaddr *)&a, sizeof a) != 0 ||
-      listen(ts->lfd, 1024) != 0 || getsockname(ts->lfd, (struct sockaddr *)&a, &len) != 0 ||
-      pipe2(ts->wake, O_CLOEXEC) != 0)
+  ts->lfd = listen_loopback(SOCK_NONBLOCK, 1024, &ts->port);
+  if (ts->lfd < 0 || pipe2(ts->wake, O_CLOEXEC) != 0)
     return -1;
-  ts->port = ntohs(a.sin_port);
   if (pthread_create(&ts->thread, NULL, ts_main, ts) != 0)
     return -1;
   ts->running = 1;
@@ -446,36 +468,72 @@ static void client_config(rd_client_config *cfg) {
   cfg->session.sync_interval_ms = 50;
 }
 
+static int server_new(int port, const rd_server_config *cfg, uint64_t *handle, int *port_out) {
+  char err[256] = "";
+  int rc = rd_api_server_new("127.0.0.1", port, cfg, handle, port_out, err, sizeof err);
+  if (rc != RD_OK)
+    fprintf(stderr, "  server_new(port %d): %d %s\n", port, rc, err);
+  return rc;
+}
+
 static int start_server_timeout(int port, uint64_t *handle, int *port_out,
                                 uint64_t handshake_timeout_ms) {
   rd_server_config cfg;
   rd_server_config_default(&cfg);
   if (handshake_timeout_ms)
     cfg.handshake_timeout_ms = handshake_timeout_ms;
-  char err[256] = "";
-  int rc = rd_api_server_new("127.0.0.1", port, &cfg, handle, port_out, err, sizeof err);
-  if (rc != RD_OK)
-    fprintf(stderr, "  server_new(port %d): %d %s\n", port, rc, err);
-  return rc;
+  return server_new(port, &cfg, handle, port_out);
 }
 
 static int start_server(int port, uint64_t *handle, int *port_out) {
   return start_server_timeout(port, handle, port_out, 0);
 }
 
-static int start_client_cfg(const char *key, const rd_client_config *cfg, uint64_t *handle) {
+/* A server of a test's own on a free port; url gets where agents connect. */
+static int start_own_server(const rd_server_config *cfg, uint64_t *handle, char *url,
+                            size_t urllen) {
+  int port = 0;
+  int rc = server_new(0, cfg, handle, &port);
+  snprintf(url, urllen, "ws://127.0.0.1:%d/connect", port);
+  return rc;
+}
+
+static int start_client_at(const char *url, const char *key, const rd_client_config *cfg,
+                           uint64_t *handle) {
   char headers[128], err[256] = "";
   snprintf(headers, sizeof headers, "X-Tunnel-ID: %s\r\n", key);
-  int rc = rd_api_client_new(g_url, headers, cfg, handle, err, sizeof err);
+  int rc = rd_api_client_new(url, headers, cfg, handle, err, sizeof err);
   if (rc != RD_OK)
     fprintf(stderr, "  client_new: %d %s\n", rc, err);
   return rc;
+}
+
+static int start_client_cfg(const char *key, const rd_client_config *cfg, uint64_t *handle) {
+  return start_client_at(g_url, key, cfg, handle);
 }
 
 static int start_client(const char *key, uint64_t *handle) {
   rd_client_config cfg;
   client_config(&cfg);
   return start_client_cfg(key, &cfg, handle);
+}
+
+/* Waits for cli to connect; returns whether it did (the wait itself must
+ * succeed). */
+static int wait_connected(uint64_t cli) {
+  int connected = 0;
+  CHECK_EQ_INT(rd_api_client_wait_connected(cli, WAIT_MS, &connected), RD_OK);
+  return connected;
+}
+
+/* Starts the shared server (g_srv on g_port; clients dial g_url) and agent-1
+ * on it (g_cli); returns whether the agent connected. */
+static int start_server_and_agent(void) {
+  CHECK_EQ_INT(start_server(0, &g_srv, &g_port), RD_OK);
+  CHECK(g_port > 0);
+  snprintf(g_url, sizeof g_url, "ws://127.0.0.1:%d/connect", g_port);
+  CHECK_EQ_INT(start_client("agent-1", &g_cli), RD_OK);
+  return wait_connected(g_cli);
 }
 
 /* A connection dialed through the server. */
@@ -519,6 +577,23 @@ static int echo_once(int fd, const char *msg) {
   return 1;
 }
 
+/* Dials addr through the shared server's agent-1, which must succeed; 1
+ * when c got a socket. */
+static int dial_agent1(const char *addr, tconn *c) {
+  CHECK_EQ_INT(dial(g_srv, "agent-1", addr, c), RD_OK);
+  return c->fd >= 0;
+}
+
+/* Dials the echo server through srv's session for key, checks one echo and
+ * closes. A failed dial is reported by dial() and left to later checks. */
+static void echo_through(uint64_t srv, const char *key, const char *msg) {
+  tconn c;
+  if (dial(srv, key, g_echo_addr, &c) == RD_OK) {
+    CHECK(echo_once(c.fd, msg));
+    tconn_close(&c);
+  }
+}
+
 static int find_sample(const rd_sample_list *l, const char *family, const rd_sample *like) {
   for (size_t i = 0; i < l->count; i++) {
     const rd_sample *s = &l->items[i];
@@ -545,6 +620,23 @@ static double sample_value(uint64_t h, const char *family, const char *v0, const
   double v = i >= 0 ? l.items[i].value : 0;
   rd_sample_list_free(&l);
   return v;
+}
+
+/* The per-key counters the tests read most (Go's metric names). */
+static double conns_added(uint64_t h, const char *key, const char *addr) {
+  return sample_value(h, "session_server_total_add_connections", key, "tcp", addr);
+}
+
+static double conns_removed(uint64_t h, const char *key, const char *addr) {
+  return sample_value(h, "session_server_total_remove_connections", key, "tcp", addr);
+}
+
+static double sessions_added(uint64_t h, const char *key) {
+  return sample_value(h, "session_server_total_add_websocket_session", key, "false", NULL);
+}
+
+static double sessions_removed(uint64_t h, const char *key) {
+  return sample_value(h, "session_server_total_remove_websocket_session", key, "false", NULL);
 }
 
 /* 1 when every label set of add_connections has a remove_connections
@@ -601,18 +693,19 @@ static int wait_balanced(uint64_t h, const char *what) {
   return 0;
 }
 
-/* Waits until the engine has no open connection left (both sides). */
-static int wait_no_open_conns(void) {
-  uint64_t deadline = now_ms() + WAIT_MS;
-  while (rd_engine_counts_get().open_connections != 0) {
-    if (now_ms() >= deadline) {
-      fprintf(stderr, "  open_connections stuck at %lld\n",
-              (long long)rd_engine_counts_get().open_connections);
-      return 0;
-    }
-    nap();
-  }
-  return 1;
+static int64_t open_conns(void) { return rd_engine_counts_get().open_connections; }
+
+/* Waits until the engine counts n open connections (both sides). */
+static int wait_open_conns(int64_t n) { return wait_value(open_conns, n, "open_connections"); }
+
+static int wait_no_open_conns(void) { return wait_open_conns(0); }
+
+/* The shared server and agent: their connection counters balance and no
+ * connection is left open, as after every test that dials. */
+static void check_settled(void) {
+  CHECK(wait_balanced(g_srv, "server"));
+  CHECK(wait_balanced(g_cli, "client"));
+  CHECK(wait_no_open_conns());
 }
 
 static int wait_status_ended(rd_dial_status *st) {
@@ -623,6 +716,15 @@ static int wait_status_ended(rd_dial_status *st) {
     nap();
   }
   return 1;
+}
+
+/* c's connection ends from the far side: its fd reads EOF and its status
+ * ends with error. Closes c. */
+static void check_conn_ends(tconn *c, const char *error) {
+  CHECK(reads_eof(c->fd));
+  CHECK(wait_status_ended(c->st));
+  CHECK_STR(c->st->error, error);
+  tconn_close(c);
 }
 
 /* The server's client keys, joined with ",". */
@@ -663,16 +765,7 @@ static int64_t loop_handles(void) {
 /* Waits until the loop holds `want` handles again (what a test opened on
  * the engine's side has closed). */
 static int wait_loop_handles(int64_t want) {
-  uint64_t deadline = now_ms() + WAIT_MS;
-  int64_t got;
-  while ((got = loop_handles()) != want) {
-    if (now_ms() >= deadline) {
-      fprintf(stderr, "  loop handles %lld, want %lld\n", (long long)got, (long long)want);
-      return 0;
-    }
-    nap();
-  }
-  return 1;
+  return wait_value(loop_handles, want, "loop handles");
 }
 
 /* A thread blocked in rd_api_client_wait_connected. */
@@ -680,6 +773,7 @@ typedef struct {
   uint64_t cli;
   int rc, connected;
   _Atomic int done;
+  pthread_t thread;
 } waiter_job;
 
 static void *waiter_main(void *arg) {
@@ -687,6 +781,31 @@ static void *waiter_main(void *arg) {
   w->rc = rd_api_client_wait_connected(w->cli, 60000, &w->connected);
   atomic_store(&w->done, 1);
   return NULL;
+}
+
+static void waiter_start(waiter_job *w, uint64_t cli) {
+  *w = (waiter_job){.cli = cli, .rc = -1, .connected = -1};
+  CHECK_EQ_INT(pthread_create(&w->thread, NULL, waiter_main, w), 0);
+}
+
+/* The waiter returns within WAIT_MS, not connected. */
+static void waiter_check_released(waiter_job *w) {
+  uint64_t deadline = now_ms() + WAIT_MS;
+  while (!atomic_load(&w->done) && now_ms() < deadline)
+    nap();
+  CHECK(atomic_load(&w->done));
+  if (atomic_load(&w->done)) {
+    pthread_join(w->thread, NULL);
+    CHECK_EQ_INT(w->connected, 0);
+  }
+}
+
+/* After a shutdown: no session, connection or buffered byte is left. */
+static void check_engine_empty(void) {
+  rd_engine_counts counts = rd_engine_counts_get();
+  CHECK_EQ_INT(counts.open_sessions, 0);
+  CHECK_EQ_INT(counts.open_connections, 0);
+  CHECK_EQ_INT(counts.buffered_bytes, 0);
 }
 
 /* ---- 0. shutdown with everything open (in a child process) ---- */
@@ -701,12 +820,7 @@ static int shutdown_child(void) {
   CHECK_EQ_INT(ts_start(&echo, TS_ECHO), 0);
   char addr[32];
   snprintf(addr, sizeof addr, "127.0.0.1:%d", echo.port);
-  CHECK_EQ_INT(start_server(0, &g_srv, &g_port), RD_OK);
-  snprintf(g_url, sizeof g_url, "ws://127.0.0.1:%d/connect", g_port);
-  CHECK_EQ_INT(start_client("agent-1", &g_cli), RD_OK);
-  int connected = 0;
-  CHECK_EQ_INT(rd_api_client_wait_connected(g_cli, WAIT_MS, &connected), RD_OK);
-  CHECK(connected);
+  CHECK(start_server_and_agent());
   uint64_t fwd = 0;
   int fport = 0;
   char err[256] = "";
@@ -738,25 +852,14 @@ static int shutdown_child(void) {
    * the waiter's timer time to appear on the loop (if it does not, the
    * waiter meets a stopped engine instead, which must release it too). */
   int64_t handles0 = loop_handles();
-  waiter_job wj = {lost, -1, -1, 0};
-  pthread_t wt;
-  CHECK_EQ_INT(pthread_create(&wt, NULL, waiter_main, &wj), 0);
+  waiter_job wj;
+  waiter_start(&wj, lost);
   uint64_t deadline = now_ms() + 500;
   while (loop_handles() <= handles0 && now_ms() < deadline)
     nap();
   rd_engine_shutdown();
-  deadline = now_ms() + WAIT_MS;
-  while (!atomic_load(&wj.done) && now_ms() < deadline)
-    nap();
-  CHECK(atomic_load(&wj.done));
-  if (atomic_load(&wj.done)) {
-    pthread_join(wt, NULL);
-    CHECK_EQ_INT(wj.connected, 0);
-  }
-  rd_engine_counts counts = rd_engine_counts_get();
-  CHECK_EQ_INT(counts.open_sessions, 0);
-  CHECK_EQ_INT(counts.open_connections, 0);
-  CHECK_EQ_INT(counts.buffered_bytes, 0);
+  waiter_check_released(&wj);
+  check_engine_empty();
   if (c.fd >= 0) {
     char buf[4096];
     int e;
@@ -791,13 +894,7 @@ TEST(test_connect) {
   snprintf(g_echo_addr, sizeof g_echo_addr, "127.0.0.1:%d", g_echo.port);
   CHECK_EQ_INT(black_hole_open(&g_hole), 0);
   snprintf(g_hole_addr, sizeof g_hole_addr, "127.0.0.1:%d", g_hole.port);
-  CHECK_EQ_INT(start_server(0, &g_srv, &g_port), RD_OK);
-  CHECK(g_port > 0);
-  snprintf(g_url, sizeof g_url, "ws://127.0.0.1:%d/connect", g_port);
-  CHECK_EQ_INT(start_client("agent-1", &g_cli), RD_OK);
-  int connected = 0;
-  CHECK_EQ_INT(rd_api_client_wait_connected(g_cli, WAIT_MS, &connected), RD_OK);
-  CHECK(connected);
+  CHECK(start_server_and_agent());
   char keys[256];
   server_clients(g_srv, keys, sizeof keys);
   CHECK_STR(keys, "agent-1");
@@ -807,15 +904,12 @@ TEST(test_connect) {
   CHECK_EQ_INT(rd_api_server_has_session(g_srv, "nope", &has), RD_OK);
   CHECK_EQ_INT(has, 0);
   char last[160] = "x";
+  int connected = 0;
   CHECK_EQ_INT(rd_api_client_state(g_cli, &connected, last, sizeof last), RD_OK);
   CHECK_EQ_INT(connected, 1);
   CHECK_STR(last, "");
-  CHECK_EQ_INT(sample_value(g_srv, "session_server_total_add_websocket_session", "agent-1",
-                            "false", NULL),
-               1);
-  CHECK_EQ_INT(sample_value(g_cli, "session_server_total_add_websocket_session", "client",
-                            "false", NULL),
-               1);
+  CHECK_EQ_INT(sessions_added(g_srv, "agent-1"), 1);
+  CHECK_EQ_INT(sessions_added(g_cli, "client"), 1);
   CHECK_EQ_INT(rd_engine_counts_get().open_sessions, 2);
 }
 
@@ -896,18 +990,7 @@ static int64_t heap_in_use(void) {
 
 /* Waits until the heap in use is back to `want` (keepalives allocate and
  * free small blocks meanwhile). */
-static int wait_heap(int64_t want) {
-  uint64_t deadline = now_ms() + WAIT_MS;
-  int64_t got;
-  while ((got = heap_in_use()) != want) {
-    if (now_ms() >= deadline) {
-      fprintf(stderr, "  heap in use %lld, want %lld\n", (long long)got, (long long)want);
-      return 0;
-    }
-    nap();
-  }
-  return 1;
-}
+static int wait_heap(int64_t want) { return wait_value(heap_in_use, want, "heap in use"); }
 
 TEST(test_bad_arguments) {
   int64_t heap = heap_in_use();
@@ -976,16 +1059,11 @@ TEST(test_client_failures) {
   CHECK_EQ_INT(rd_api_client_wait_connected(rejected, 50, &connected), RD_OK);
   CHECK_EQ_INT(connected, 0);
   /* A listener that never answers the handshake. */
-  int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  struct sockaddr_in a;
-  socklen_t len = sizeof a;
-  memset(&a, 0, sizeof a);
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  CHECK(lfd >= 0 && bind(lfd, (struct sockaddr *)&a, sizeof a) == 0 && listen(lfd, 64) == 0 &&
-        getsockname(lfd, (struct sockaddr *)&a, &len) == 0);
+  int mute_port = 0;
+  int lfd = listen_loopback(0, 64, &mute_port);
+  CHECK(lfd >= 0);
   char url[64];
-  snprintf(url, sizeof url, "ws://127.0.0.1:%d/connect", ntohs(a.sin_port));
+  snprintf(url, sizeof url, "ws://127.0.0.1:%d/connect", mute_port);
   uint64_t mute = 0;
   CHECK_EQ_INT(rd_api_client_new(url, "X-Tunnel-ID: mute\r\n", &cfg, &mute, err, sizeof err),
                RD_OK);
@@ -999,21 +1077,13 @@ TEST(test_client_failures) {
   snprintf(want, sizeof want, "dial tcp %s: i/o timeout", g_hole_addr);
   CHECK(wait_last_error(lost, want));
   /* Closing releases whoever waits for it to connect. */
-  waiter_job wj = {lost, -1, -1, 0};
-  pthread_t wt;
-  CHECK_EQ_INT(pthread_create(&wt, NULL, waiter_main, &wj), 0);
+  waiter_job wj;
+  waiter_start(&wj, lost);
   /* Closed in whatever state they are in: dialing, handshaking or waiting. */
   CHECK_EQ_INT(rd_api_close(rejected), RD_OK);
   CHECK_EQ_INT(rd_api_close(mute), RD_OK);
   CHECK_EQ_INT(rd_api_close(lost), RD_OK);
-  uint64_t deadline = now_ms() + WAIT_MS;
-  while (!atomic_load(&wj.done) && now_ms() < deadline)
-    nap();
-  CHECK(atomic_load(&wj.done));
-  if (atomic_load(&wj.done)) {
-    pthread_join(wt, NULL);
-    CHECK_EQ_INT(wj.connected, 0);
-  }
+  waiter_check_released(&wj);
   close(lfd);
   char keys[256];
   server_clients(g_srv, keys, sizeof keys);
@@ -1025,8 +1095,7 @@ TEST(test_client_failures) {
 
 TEST(test_dial_echo) {
   tconn c;
-  CHECK_EQ_INT(dial(g_srv, "agent-1", g_echo_addr, &c), RD_OK);
-  if (c.fd < 0)
+  if (!dial_agent1(g_echo_addr, &c))
     return;
   CHECK_EQ_INT(c.id, 2); /* the Go server's first connection id */
   CHECK(c.st != NULL);
@@ -1045,17 +1114,11 @@ TEST(test_dial_echo) {
   rd_conn_list_free(&conns);
   close(c.fd);
   c.fd = -1;
-  CHECK(wait_balanced(g_srv, "server"));
-  CHECK(wait_balanced(g_cli, "client"));
-  CHECK(wait_no_open_conns());
+  check_settled();
   CHECK(wait_status_ended(c.st));
   CHECK_STR(c.st->error, ""); /* a clean close */
-  CHECK_EQ_INT(sample_value(g_srv, "session_server_total_add_connections", "agent-1", "tcp",
-                            g_echo_addr),
-               1);
-  CHECK_EQ_INT(sample_value(g_cli, "session_server_total_add_connections", "client", "tcp",
-                            g_echo_addr),
-               1);
+  CHECK_EQ_INT(conns_added(g_srv, "agent-1", g_echo_addr), 1);
+  CHECK_EQ_INT(conns_added(g_cli, "client", g_echo_addr), 1);
   tconn_close(&c);
 }
 
@@ -1139,9 +1202,7 @@ TEST(test_far_side_closes) {
     CHECK(big_response_ok(resp, n, BIG));
     close(fd);
   }
-  CHECK(wait_balanced(g_srv, "server"));
-  CHECK(wait_balanced(g_cli, "client"));
-  CHECK(wait_no_open_conns());
+  check_settled();
 }
 
 /* ---- 2c. SIGPIPE left at its default (in a child process) ---- */
@@ -1160,13 +1221,8 @@ static int sigpipe_child(void) {
   CHECK_EQ_INT(ts_start(&http, TS_HTTP), 0);
   char addr[32], req[128];
   snprintf(addr, sizeof addr, "127.0.0.1:%d", http.port);
-  CHECK_EQ_INT(start_server(0, &g_srv, &g_port), RD_OK);
-  snprintf(g_url, sizeof g_url, "ws://127.0.0.1:%d/connect", g_port);
-  CHECK_EQ_INT(start_client("agent-1", &g_cli), RD_OK);
-  int connected = 0;
-  CHECK_EQ_INT(rd_api_client_wait_connected(g_cli, WAIT_MS, &connected), RD_OK);
   tconn c;
-  if (connected && dial(g_srv, "agent-1", addr, &c) == RD_OK) {
+  if (start_server_and_agent() && dial(g_srv, "agent-1", addr, &c) == RD_OK) {
     /* The target answers 16 MiB and reads nothing after the head. */
     snprintf(req, sizeof req, "GET /big/%u HTTP/1.1\r\n\r\n", 16u << 20);
     CHECK_EQ_INT(write_all(c.fd, req, strlen(req), WAIT_MS), 0);
@@ -1235,34 +1291,21 @@ TEST(test_sigpipe_default) { run_in_child(sigpipe_child, "SIGPIPE at its default
 
 TEST(test_dial_refused) {
   tconn c;
-  CHECK_EQ_INT(dial(g_srv, "agent-1", "127.0.0.1:1", &c), RD_OK);
-  if (c.fd < 0)
+  if (!dial_agent1("127.0.0.1:1", &c))
     return;
-  CHECK(reads_eof(c.fd));
-  CHECK(wait_status_ended(c.st));
-  CHECK_STR(c.st->error, "dial tcp 127.0.0.1:1: connect: connection refused");
-  tconn_close(&c);
-  CHECK(wait_balanced(g_srv, "server"));
-  CHECK(wait_balanced(g_cli, "client"));
-  CHECK(wait_no_open_conns());
-  CHECK_EQ_INT(sample_value(g_srv, "session_server_total_remove_connections", "agent-1", "tcp",
-                            "127.0.0.1:1"),
-               1);
+  check_conn_ends(&c, "dial tcp 127.0.0.1:1: connect: connection refused");
+  check_settled();
+  CHECK_EQ_INT(conns_removed(g_srv, "agent-1", "127.0.0.1:1"), 1);
   /* A unix socket that is not there. */
   char err[256] = "";
   int rc = rd_api_server_dial(g_srv, "agent-1", "unix", "/nonexistent/rd-test.sock", 0, &c.fd,
                               &c.id, &c.st, err, sizeof err);
   CHECK_EQ_INT(rc, RD_OK);
   if (rc == RD_OK) {
-    CHECK(reads_eof(c.fd));
-    CHECK(wait_status_ended(c.st));
-    CHECK_STR(c.st->error,
-              "dial unix /nonexistent/rd-test.sock: connect: no such file or directory");
-    tconn_close(&c);
+    check_conn_ends(&c,
+                    "dial unix /nonexistent/rd-test.sock: connect: no such file or directory");
   }
-  CHECK(wait_balanced(g_srv, "server"));
-  CHECK(wait_balanced(g_cli, "client"));
-  CHECK(wait_no_open_conns());
+  check_settled();
 }
 
 /* ---- 4. dial an unknown client ---- */
@@ -1278,9 +1321,7 @@ TEST(test_dial_unknown_key) {
   CHECK_STR(err, "failed to find Session for client nope");
   CHECK_EQ_INT(fd, -1);
   CHECK(st == NULL);
-  CHECK_EQ_INT(sample_value(g_srv, "session_server_total_add_connections", "nope", "tcp",
-                            g_echo_addr),
-               0);
+  CHECK_EQ_INT(conns_added(g_srv, "nope", g_echo_addr), 0);
 }
 
 /* ---- 4b. two sessions for one key; the agent's connect patterns ---- */
@@ -1288,44 +1329,24 @@ TEST(test_dial_unknown_key) {
 TEST(test_shared_key) {
   uint64_t cli3 = 0;
   CHECK_EQ_INT(start_client("agent-1", &cli3), RD_OK);
-  int connected = 0;
-  CHECK_EQ_INT(rd_api_client_wait_connected(cli3, WAIT_MS, &connected), RD_OK);
-  CHECK(connected);
+  CHECK(wait_connected(cli3));
   /* The key is listed once; dials use the oldest session. */
   CHECK(wait_clients(g_srv, "agent-1"));
-  double before = sample_value(g_cli, "session_server_total_add_connections", "client", "tcp",
-                               g_echo_addr);
-  tconn c;
-  if (dial(g_srv, "agent-1", g_echo_addr, &c) == RD_OK) {
-    CHECK(echo_once(c.fd, "oldest session"));
-    tconn_close(&c);
-  }
-  CHECK_EQ_INT(sample_value(g_cli, "session_server_total_add_connections", "client", "tcp",
-                            g_echo_addr),
-               before + 1);
-  CHECK_EQ_INT(sample_value(cli3, "session_server_total_add_connections", "client", "tcp",
-                            g_echo_addr),
-               0);
+  double before = conns_added(g_cli, "client", g_echo_addr);
+  echo_through(g_srv, "agent-1", "oldest session");
+  CHECK_EQ_INT(conns_added(g_cli, "client", g_echo_addr), before + 1);
+  CHECK_EQ_INT(conns_added(cli3, "client", g_echo_addr), 0);
   CHECK_EQ_INT(rd_api_close(cli3), RD_OK);
   /* The first session still serves the key. */
   uint64_t deadline = now_ms() + WAIT_MS;
-  while (sample_value(g_srv, "session_server_total_remove_websocket_session", "agent-1", "false",
-                      NULL) != 1 &&
-         now_ms() < deadline)
+  while (sessions_removed(g_srv, "agent-1") != 1 && now_ms() < deadline)
     nap();
-  CHECK_EQ_INT(sample_value(g_srv, "session_server_total_remove_websocket_session", "agent-1",
-                            "false", NULL),
-               1);
+  CHECK_EQ_INT(sessions_removed(g_srv, "agent-1"), 1);
   int has = 0;
   CHECK_EQ_INT(rd_api_server_has_session(g_srv, "agent-1", &has), RD_OK);
   CHECK_EQ_INT(has, 1);
-  if (dial(g_srv, "agent-1", g_echo_addr, &c) == RD_OK) {
-    CHECK(echo_once(c.fd, "still served"));
-    tconn_close(&c);
-  }
-  CHECK(wait_balanced(g_srv, "server"));
-  CHECK(wait_balanced(g_cli, "client"));
-  CHECK(wait_no_open_conns());
+  echo_through(g_srv, "agent-1", "still served");
+  check_settled();
 }
 
 TEST(test_connect_patterns) {
@@ -1339,25 +1360,14 @@ TEST(test_connect_patterns) {
   cfg.npatterns = 1;
   uint64_t cli3 = 0;
   CHECK_EQ_INT(start_client_cfg("agent-3", &cfg, &cli3), RD_OK);
-  int connected = 0;
-  CHECK_EQ_INT(rd_api_client_wait_connected(cli3, WAIT_MS, &connected), RD_OK);
-  CHECK(connected);
+  CHECK(wait_connected(cli3));
   tconn c;
-  if (dial(g_srv, "agent-3", g_echo_addr, &c) == RD_OK) {
-    CHECK(echo_once(c.fd, "allowed"));
-    tconn_close(&c);
-  }
+  echo_through(g_srv, "agent-3", "allowed");
   /* Refused: that connection alone ends, the session stays. */
   if (dial(g_srv, "agent-3", g_hole_addr, &c) == RD_OK) {
-    CHECK(reads_eof(c.fd));
-    CHECK(wait_status_ended(c.st));
-    CHECK_STR(c.st->error, "connect not allowed");
-    tconn_close(&c);
+    check_conn_ends(&c, "connect not allowed");
   }
-  if (dial(g_srv, "agent-3", g_echo_addr, &c) == RD_OK) {
-    CHECK(echo_once(c.fd, "allowed again"));
-    tconn_close(&c);
-  }
+  echo_through(g_srv, "agent-3", "allowed again");
   CHECK(wait_balanced(g_srv, "server"));
   CHECK(wait_balanced(cli3, "patterned client"));
   CHECK(wait_no_open_conns());
@@ -1376,16 +1386,11 @@ TEST(test_abrupt_closes) {
     tconn_close(&c);
   }
   /* The target resets its end. */
-  int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  struct sockaddr_in a;
-  socklen_t len = sizeof a;
-  memset(&a, 0, sizeof a);
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  CHECK(lfd >= 0 && bind(lfd, (struct sockaddr *)&a, sizeof a) == 0 && listen(lfd, 4) == 0 &&
-        getsockname(lfd, (struct sockaddr *)&a, &len) == 0);
+  int port = 0;
+  int lfd = listen_loopback(0, 4, &port);
+  CHECK(lfd >= 0);
   char addr[32];
-  snprintf(addr, sizeof addr, "127.0.0.1:%d", ntohs(a.sin_port));
+  snprintf(addr, sizeof addr, "127.0.0.1:%d", port);
   if (dial(g_srv, "agent-1", addr, &c) == RD_OK) {
     CHECK_EQ_INT(write_all(c.fd, "doomed", 6, WAIT_MS), 0);
     CHECK(wait_fd(lfd, POLLIN, now_ms() + WAIT_MS));
@@ -1404,9 +1409,7 @@ TEST(test_abrupt_closes) {
     tconn_close(&c);
   }
   close(lfd);
-  CHECK(wait_balanced(g_srv, "server"));
-  CHECK(wait_balanced(g_cli, "client"));
-  CHECK(wait_no_open_conns());
+  check_settled();
 }
 
 TEST(test_idle_timeout) {
@@ -1433,9 +1436,7 @@ TEST(test_idle_timeout) {
   CHECK(wait_status_ended(c.st));
   CHECK_STR(c.st->error, "idle timeout");
   tconn_close(&c);
-  CHECK(wait_balanced(g_srv, "server"));
-  CHECK(wait_balanced(g_cli, "client"));
-  CHECK(wait_no_open_conns());
+  check_settled();
 }
 
 /* ---- 4d. connection limits on either side ---- */
@@ -1447,24 +1448,16 @@ TEST(test_connection_limits) {
   /* A cap below the PAUSE mark: a reader that stops hits the cap first. */
   scfg.session.max_buffer = 1 << 20;
   scfg.session.hard_cap = 256 << 10;
-  uint64_t srv2 = 0;
-  int port2 = 0;
+  uint64_t srv2 = 0, cli4 = 0, cli5 = 0;
   char err[256] = "", url[64];
-  CHECK_EQ_INT(rd_api_server_new("127.0.0.1", 0, &scfg, &srv2, &port2, err, sizeof err), RD_OK);
-  snprintf(url, sizeof url, "ws://127.0.0.1:%d/connect", port2);
+  CHECK_EQ_INT(start_own_server(&scfg, &srv2, url, sizeof url), RD_OK);
   rd_client_config ccfg;
   client_config(&ccfg);
-  uint64_t cli4 = 0, cli5 = 0;
-  CHECK_EQ_INT(rd_api_client_new(url, "X-Tunnel-ID: agent-4\r\n", &ccfg, &cli4, err, sizeof err),
-               RD_OK);
+  CHECK_EQ_INT(start_client_at(url, "agent-4", &ccfg, &cli4), RD_OK);
   ccfg.session.max_connections = 1;
-  CHECK_EQ_INT(rd_api_client_new(url, "X-Tunnel-ID: agent-5\r\n", &ccfg, &cli5, err, sizeof err),
-               RD_OK);
-  int connected = 0;
-  CHECK_EQ_INT(rd_api_client_wait_connected(cli4, WAIT_MS, &connected), RD_OK);
-  CHECK(connected);
-  CHECK_EQ_INT(rd_api_client_wait_connected(cli5, WAIT_MS, &connected), RD_OK);
-  CHECK(connected);
+  CHECK_EQ_INT(start_client_at(url, "agent-5", &ccfg, &cli5), RD_OK);
+  CHECK(wait_connected(cli4));
+  CHECK(wait_connected(cli5));
   /* The server's limit: the third dial fails at once. */
   tconn c[3];
   for (int i = 0; i < 2; i++) {
@@ -1492,9 +1485,7 @@ TEST(test_connection_limits) {
   if (dial(srv2, "agent-5", g_echo_addr, &c[0]) == RD_OK)
     CHECK(echo_once(c[0].fd, "agent-5"));
   if (dial(srv2, "agent-5", g_echo_addr, &c[1]) == RD_OK) {
-    CHECK(reads_eof(c[1].fd));
-    CHECK(wait_status_ended(c[1].st));
-    CHECK_STR(c[1].st->error, "too many connections");
+    check_conn_ends(&c[1], "too many connections");
   }
   tconn_close(&c[0]);
   tconn_close(&c[1]);
@@ -1526,42 +1517,28 @@ TEST(test_read_deadline) {
   rd_server_config scfg;
   rd_server_config_default(&scfg);
   scfg.session.read_timeout_ms = 300;
-  uint64_t srv3 = 0;
-  int port3 = 0;
-  char err[256] = "", url[64];
-  CHECK_EQ_INT(rd_api_server_new("127.0.0.1", 0, &scfg, &srv3, &port3, err, sizeof err), RD_OK);
-  snprintf(url, sizeof url, "ws://127.0.0.1:%d/connect", port3);
+  uint64_t srv3 = 0, chatty = 0, silent = 0;
+  char url[64];
+  CHECK_EQ_INT(start_own_server(&scfg, &srv3, url, sizeof url), RD_OK);
   rd_client_config ccfg;
   client_config(&ccfg);
-  uint64_t chatty = 0, silent = 0;
-  CHECK_EQ_INT(rd_api_client_new(url, "X-Tunnel-ID: chatty\r\n", &ccfg, &chatty, err, sizeof err),
-               RD_OK);
+  CHECK_EQ_INT(start_client_at(url, "chatty", &ccfg, &chatty), RD_OK);
+  /* No pings or syncs: nothing reaches the server between dials. */
   ccfg.session.ping_interval_ms = 0;
   ccfg.session.sync_interval_ms = 0;
-  CHECK_EQ_INT(rd_api_client_new(url, "X-Tunnel-ID: silent\r\n", &ccfg, &silent, err, sizeof err),
-               RD_OK);
-  int connected = 0;
-  CHECK_EQ_INT(rd_api_client_wait_connected(chatty, WAIT_MS, &connected), RD_OK);
-  CHECK(connected);
-  CHECK_EQ_INT(rd_api_client_wait_connected(silent, WAIT_MS, &connected), RD_OK);
-  CHECK(connected);
+  CHECK_EQ_INT(start_client_at(url, "silent", &ccfg, &silent), RD_OK);
+  CHECK(wait_connected(chatty));
+  CHECK(wait_connected(silent));
   tconn c;
   CHECK_EQ_INT(dial(srv3, "silent", g_echo_addr, &c), RD_OK);
   if (c.fd >= 0) {
     CHECK(echo_once(c.fd, "soon cut off"));
     /* Silence past the deadline ends the session and its connection. */
-    CHECK(reads_eof(c.fd));
-    CHECK(wait_status_ended(c.st));
-    CHECK_STR(c.st->error, "tunnel disconnect");
-    tconn_close(&c);
+    check_conn_ends(&c, "tunnel disconnect");
   }
-  CHECK_EQ_INT(sample_value(srv3, "session_server_total_remove_websocket_session", "silent",
-                            "false", NULL) >= 1,
-               1);
+  CHECK_EQ_INT(sessions_removed(srv3, "silent") >= 1, 1);
   /* Pings kept the other one alive all along. */
-  CHECK_EQ_INT(sample_value(srv3, "session_server_total_remove_websocket_session", "chatty",
-                            "false", NULL),
-               0);
+  CHECK_EQ_INT(sessions_removed(srv3, "chatty"), 0);
   CHECK(wait_balanced(srv3, "deadline server"));
   CHECK(wait_balanced(silent, "silent client"));
   CHECK_EQ_INT(rd_api_close(silent), RD_OK);
@@ -1603,8 +1580,7 @@ TEST(test_concurrent_dials) {
   static size_t got[NCONC];
   static char buf[NCONC][48];
   int ok = 1;
-  double removed = sample_value(g_srv, "session_server_total_remove_connections", "agent-1", "tcp",
-                                g_echo_addr);
+  double removed = conns_removed(g_srv, "agent-1", g_echo_addr);
   for (int i = 0; i < NCONC; i++) {
     c[i] = (tconn){-1, 0, NULL};
     got[i] = 0;
@@ -1671,12 +1647,8 @@ TEST(test_concurrent_dials) {
   rd_conn_list_free(&conns);
   for (int i = 0; i < NCONC; i++)
     tconn_close(&c[i]);
-  CHECK(wait_balanced(g_srv, "server"));
-  CHECK(wait_balanced(g_cli, "client"));
-  CHECK(wait_no_open_conns());
-  CHECK_EQ_INT(sample_value(g_srv, "session_server_total_remove_connections", "agent-1", "tcp",
-                            g_echo_addr),
-               removed + NCONC);
+  check_settled();
+  CHECK_EQ_INT(conns_removed(g_srv, "agent-1", g_echo_addr), removed + NCONC);
 }
 
 /* ---- 6. 64 MiB both ways ---- */
@@ -1734,8 +1706,7 @@ static void *bulk_writer_main(void *arg) {
 
 TEST(test_bulk_64mib) {
   tconn c;
-  CHECK_EQ_INT(dial(g_srv, "agent-1", g_echo_addr, &c), RD_OK);
-  if (c.fd < 0)
+  if (!dial_agent1(g_echo_addr, &c))
     return;
   bulk_writer w = {c.fd, 0, 0};
   pthread_t t;
@@ -1768,9 +1739,7 @@ TEST(test_bulk_64mib) {
   CHECK(fnv == w.fnv);
   CHECK(rd_engine_counts_get().buffered_bytes >= 0);
   tconn_close(&c);
-  CHECK(wait_balanced(g_srv, "server"));
-  CHECK(wait_balanced(g_cli, "client"));
-  CHECK(wait_no_open_conns());
+  check_settled();
   CHECK_EQ_INT(rd_engine_counts_get().buffered_bytes, 0);
   /* Both sides counted every payload byte they delivered locally. */
   CHECK(sample_value(g_srv, "session_server_total_receive_bytes", "agent-1", NULL, NULL) >= BULK);
@@ -1824,8 +1793,7 @@ static void *push_writer_main(void *arg) {
 
 TEST(test_backpressure) {
   tconn c;
-  CHECK_EQ_INT(dial(g_srv, "agent-1", g_echo_addr, &c), RD_OK);
-  if (c.fd < 0)
+  if (!dial_agent1(g_echo_addr, &c))
     return;
   CHECK(echo_once(c.fd, "warm up"));
   int64_t heap0 = heap_in_use(), peak = heap0;
@@ -1898,9 +1866,7 @@ TEST(test_backpressure) {
   }
   rd_conn_list_free(&conns);
   tconn_close(&c);
-  CHECK(wait_balanced(g_srv, "server"));
-  CHECK(wait_balanced(g_cli, "client"));
-  CHECK(wait_no_open_conns());
+  check_settled();
   CHECK_EQ_INT(rd_engine_counts_get().buffered_bytes, 0);
 }
 
@@ -1951,26 +1917,10 @@ static void open_set_check_ended(open_set *o) {
   }
 }
 
-/* Waits until the engine counts n open connections (both sides). */
-static int wait_open_conns(int64_t n) {
-  uint64_t deadline = now_ms() + WAIT_MS;
-  while (rd_engine_counts_get().open_connections != n) {
-    if (now_ms() >= deadline) {
-      fprintf(stderr, "  open_connections %lld, want %lld\n",
-              (long long)rd_engine_counts_get().open_connections, (long long)n);
-      return 0;
-    }
-    nap();
-  }
-  return 1;
-}
-
 TEST(test_client_close_with_open_conns) {
   uint64_t cli2 = 0;
   CHECK_EQ_INT(start_client("agent-2", &cli2), RD_OK);
-  int connected = 0;
-  CHECK_EQ_INT(rd_api_client_wait_connected(cli2, WAIT_MS, &connected), RD_OK);
-  CHECK(connected);
+  CHECK(wait_connected(cli2));
   CHECK(wait_clients(g_srv, "agent-1,agent-2"));
   open_set o;
   open_set_dial(&o, g_srv, "agent-2");
@@ -1984,25 +1934,15 @@ TEST(test_client_close_with_open_conns) {
   CHECK_EQ_INT(has, 0);
   CHECK(wait_balanced(g_srv, "server"));
   CHECK(wait_no_open_conns());
-  CHECK_EQ_INT(sample_value(g_srv, "session_server_total_add_connections", "agent-2", "tcp",
-                            g_echo_addr),
-               4);
-  CHECK_EQ_INT(sample_value(g_srv, "session_server_total_remove_websocket_session", "agent-2",
-                            "false", NULL),
-               1);
+  CHECK_EQ_INT(conns_added(g_srv, "agent-2", g_echo_addr), 4);
+  CHECK_EQ_INT(sessions_removed(g_srv, "agent-2"), 1);
   /* The closed client is gone: its handle no longer answers. */
   rd_sample_list l;
   CHECK_EQ_INT(rd_api_metrics(cli2, &l), RD_ECLOSED);
   CHECK_EQ_INT(rd_api_close(cli2), RD_OK); /* idempotent */
   /* The other agent was not disturbed. */
-  tconn d;
-  if (dial(g_srv, "agent-1", g_echo_addr, &d) == RD_OK) {
-    CHECK(echo_once(d.fd, "agent-1 still here"));
-    tconn_close(&d);
-  }
-  CHECK(wait_balanced(g_srv, "server"));
-  CHECK(wait_balanced(g_cli, "client"));
-  CHECK(wait_no_open_conns());
+  echo_through(g_srv, "agent-1", "agent-1 still here");
+  check_settled();
 }
 
 /* ---- 8. the server closes; the agent finds a new one on the same port ---- */
@@ -2049,20 +1989,11 @@ TEST(test_server_restart) {
   int port = 0;
   CHECK_EQ_INT(start_server_timeout(g_port, &g_srv, &port, 300), RD_OK);
   CHECK_EQ_INT(port, g_port);
-  CHECK_EQ_INT(rd_api_client_wait_connected(g_cli, WAIT_MS, &connected), RD_OK);
-  CHECK(connected);
+  CHECK(wait_connected(g_cli));
   CHECK(wait_clients(g_srv, "agent-1"));
-  CHECK_EQ_INT(sample_value(g_cli, "session_server_total_add_websocket_session", "client",
-                            "false", NULL),
-               2);
-  CHECK_EQ_INT(sample_value(g_cli, "session_server_total_remove_websocket_session", "client",
-                            "false", NULL),
-               1);
-  tconn d;
-  if (dial(g_srv, "agent-1", g_echo_addr, &d) == RD_OK) {
-    CHECK(echo_once(d.fd, "after restart"));
-    tconn_close(&d);
-  }
+  CHECK_EQ_INT(sessions_added(g_cli, "client"), 2);
+  CHECK_EQ_INT(sessions_removed(g_cli, "client"), 1);
+  echo_through(g_srv, "agent-1", "after restart");
   /* This server gives a request head 300 ms. */
   half = tcp_connect(g_port);
   CHECK(half >= 0);
@@ -2082,6 +2013,20 @@ TEST(test_server_restart) {
 
 /* ---- 9. port forward ---- */
 
+/* Connects to port and checks that the connection ends with no data;
+ * returns the errno of the ending read (0 for a clean EOF). */
+static int connect_expect_no_data(int port) {
+  int fd = tcp_connect(port);
+  CHECK(fd >= 0);
+  if (fd < 0)
+    return 0;
+  char buf[64];
+  int e = 0;
+  CHECK_EQ_INT(read_to_eof(fd, buf, sizeof buf, WAIT_MS, &e), 0);
+  close(fd);
+  return e;
+}
+
 TEST(test_forward) {
   uint64_t fwd = 0;
   int fport = 0;
@@ -2099,9 +2044,7 @@ TEST(test_forward) {
     CHECK(echo_once(fd, "twice"));
     close(fd);
   }
-  CHECK(wait_balanced(g_srv, "server"));
-  CHECK(wait_balanced(g_cli, "client"));
-  CHECK(wait_no_open_conns());
+  check_settled();
   CHECK_EQ_INT(rd_api_close(fwd), RD_OK);
   /* The forward's port is closed with it. */
   int fd = tcp_connect(fport);
@@ -2112,32 +2055,16 @@ TEST(test_forward) {
   CHECK_EQ_INT(rd_api_server_forward(g_srv, "agent-1", "tcp", "127.0.0.1:1", "127.0.0.1", 0, &fwd,
                                      &fport, err, sizeof err),
                RD_OK);
-  fd = tcp_connect(fport);
-  CHECK(fd >= 0);
-  if (fd >= 0) {
-    char buf[64];
-    int e = 0;
-    CHECK_EQ_INT(read_to_eof(fd, buf, sizeof buf, WAIT_MS, &e), 0);
-    CHECK(e == 0 || e == ECONNRESET);
-    close(fd);
-  }
+  int e = connect_expect_no_data(fport);
+  CHECK(e == 0 || e == ECONNRESET);
   /* A forward for an agent that is not there: the same. */
   uint64_t fwd2 = 0;
   int fport2 = 0;
   CHECK_EQ_INT(rd_api_server_forward(g_srv, "nope", "tcp", g_echo_addr, "127.0.0.1", 0, &fwd2,
                                      &fport2, err, sizeof err),
                RD_OK);
-  fd = tcp_connect(fport2);
-  CHECK(fd >= 0);
-  if (fd >= 0) {
-    char buf[64];
-    int e = 0;
-    CHECK_EQ_INT(read_to_eof(fd, buf, sizeof buf, WAIT_MS, &e), 0);
-    close(fd);
-  }
-  CHECK(wait_balanced(g_srv, "server"));
-  CHECK(wait_balanced(g_cli, "client"));
-  CHECK(wait_no_open_conns());
+  connect_expect_no_data(fport2);
+  check_settled();
   CHECK_EQ_INT(rd_api_close(fwd), RD_OK);
   CHECK_EQ_INT(rd_api_close(fwd2), RD_OK);
 }
@@ -2199,13 +2126,9 @@ TEST(test_proxy_route) {
   CHECK(strncmp(resp, "HTTP/1.1 500 ", 13) == 0);
   CHECK_STR(http_body(resp), "failed to find Session for client nope");
 
-  CHECK(wait_balanced(g_srv, "server"));
-  CHECK(wait_balanced(g_cli, "client"));
-  CHECK(wait_no_open_conns());
+  check_settled();
   /* One from test_dial_refused, one here. */
-  CHECK_EQ_INT(sample_value(g_srv, "session_server_total_add_connections", "agent-1", "tcp",
-                            "127.0.0.1:1"),
-               2);
+  CHECK_EQ_INT(conns_added(g_srv, "agent-1", "127.0.0.1:1"), 2);
 }
 
 /* ---- 11. close everything, shut down, nothing left ---- */
@@ -2222,10 +2145,7 @@ TEST(test_shutdown_frees_everything) {
     nap();
   CHECK_EQ_INT(st.loop_handles, 1);
   rd_engine_shutdown();
-  rd_engine_counts counts = rd_engine_counts_get();
-  CHECK_EQ_INT(counts.open_sessions, 0);
-  CHECK_EQ_INT(counts.open_connections, 0);
-  CHECK_EQ_INT(counts.buffered_bytes, 0);
+  check_engine_empty();
   /* The engine stays down. */
   uint64_t h = 0;
   int port = 0;

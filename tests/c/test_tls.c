@@ -117,39 +117,39 @@ static void make_certs(void) {
   X509 *ca = make_cert(ca_key, "rd test CA", NULL, NULL, 1, NULL, NULL, -DAY, 3650 * DAY);
   X509 *ca2 = make_cert(ca2_key, "rd other CA", NULL, NULL, 1, NULL, NULL, -DAY, 3650 * DAY);
   X509 *inter = make_cert(int_key, "rd intermediate", ca, ca_key, 1, NULL, NULL, -DAY, 365 * DAY);
+  /* Leaves that stand alone in <name>.pem, each with its key in <name>.key;
+   * a NULL issuer makes the leaf self-signed. */
+  struct {
+    const char *name, *cn, *san, *eku;
+    EVP_PKEY *key, *ikey;
+    X509 *issuer;
+    long from, to;
+  } leaves[] = {
+      {"server", "localhost", local, "serverAuth", key, ca_key, ca, -DAY, 365 * DAY},
+      {"wronghost", "example.com", "DNS:example.com,DNS:www.example.com", "serverAuth", key,
+       ca_key, ca, -DAY, 365 * DAY},
+      {"expired", "localhost", local, "serverAuth", key, ca_key, ca, -30 * DAY, -DAY},
+      {"future", "localhost", local, "serverAuth", key, ca_key, ca, 30 * DAY, 60 * DAY},
+      {"selfsigned", "localhost", local, "serverAuth", key, NULL, NULL, -DAY, 365 * DAY},
+      {"server2", "localhost", local, "serverAuth", key, ca2_key, ca2, -DAY, 365 * DAY},
+      {"client", "agent-1", NULL, "clientAuth", other_key, ca_key, ca, -DAY, 365 * DAY},
+      {"client2", "agent-2", NULL, "clientAuth", other_key, ca2_key, ca2, -DAY, 365 * DAY},
+  };
   X509 *c[2];
 
   write_pem("ca", &ca, 1, ca_key);
   write_pem("ca2", &ca2, 1, ca2_key);
-  c[0] = make_cert(key, "localhost", ca, ca_key, 0, local, "serverAuth", -DAY, 365 * DAY);
-  write_pem("server", c, 1, key);
-  X509_free(c[0]);
+  for (size_t i = 0; i < RD_ARRAY_SIZE(leaves); i++) {
+    c[0] = make_cert(leaves[i].key, leaves[i].cn, leaves[i].issuer, leaves[i].ikey, 0,
+                     leaves[i].san, leaves[i].eku, leaves[i].from, leaves[i].to);
+    write_pem(leaves[i].name, c, 1, leaves[i].key);
+    X509_free(c[0]);
+  }
+  /* The intermediate's leaf, with and without the intermediate after it. */
   c[0] = make_cert(key, "localhost", inter, int_key, 0, local, "serverAuth", -DAY, 365 * DAY);
   c[1] = inter;
   write_pem("chain", c, 2, key);
   write_pem("leafonly", c, 1, key);
-  X509_free(c[0]);
-  c[0] = make_cert(key, "example.com", ca, ca_key, 0, "DNS:example.com,DNS:www.example.com",
-                   "serverAuth", -DAY, 365 * DAY);
-  write_pem("wronghost", c, 1, key);
-  X509_free(c[0]);
-  c[0] = make_cert(key, "localhost", ca, ca_key, 0, local, "serverAuth", -30 * DAY, -DAY);
-  write_pem("expired", c, 1, key);
-  X509_free(c[0]);
-  c[0] = make_cert(key, "localhost", ca, ca_key, 0, local, "serverAuth", 30 * DAY, 60 * DAY);
-  write_pem("future", c, 1, key);
-  X509_free(c[0]);
-  c[0] = make_cert(key, "localhost", NULL, NULL, 0, local, "serverAuth", -DAY, 365 * DAY);
-  write_pem("selfsigned", c, 1, key);
-  X509_free(c[0]);
-  c[0] = make_cert(key, "localhost", ca2, ca2_key, 0, local, "serverAuth", -DAY, 365 * DAY);
-  write_pem("server2", c, 1, key);
-  X509_free(c[0]);
-  c[0] = make_cert(other_key, "agent-1", ca, ca_key, 0, NULL, "clientAuth", -DAY, 365 * DAY);
-  write_pem("client", c, 1, other_key);
-  X509_free(c[0]);
-  c[0] = make_cert(other_key, "agent-2", ca2, ca2_key, 0, NULL, "clientAuth", -DAY, 365 * DAY);
-  write_pem("client2", c, 1, other_key);
   X509_free(c[0]);
   /* A key that does not match server.pem, and an encrypted one. */
   FILE *fp = fopen(P("other.key"), "w");
@@ -322,14 +322,19 @@ typedef struct pair {
   end c, s;
 } pair;
 
-/* A client/server pair, handshaken with `piece`-byte feeding. */
-static void connect_pair(pair *p, rd_tls_ctx *cctx, rd_tls_ctx *sctx, const char *name,
-                         size_t piece) {
+/* A client/server pair that has not started its handshake. */
+static void new_pair(pair *p, rd_tls_ctx *cctx, rd_tls_ctx *sctx, const char *name) {
   memset(p, 0, sizeof *p);
   sink_init(&p->c.got);
   sink_init(&p->s.got);
   p->c.t = new_tls(cctx, name);
   p->s.t = new_tls(sctx, NULL);
+}
+
+/* A client/server pair, handshaken with `piece`-byte feeding. */
+static void connect_pair(pair *p, rd_tls_ctx *cctx, rd_tls_ctx *sctx, const char *name,
+                         size_t piece) {
+  new_pair(p, cctx, sctx, name);
   if (p->c.t == NULL || p->s.t == NULL)
     return;
   drive(&p->c, &p->s, piece);
@@ -349,10 +354,15 @@ static void begin(void) {
   heap_start = rd_alloc_bytes();
 }
 
-static void finish(void) {
+/* No block in use and the heap back where it was at `start`. */
+static void check_nothing_held(int64_t start) {
   CHECK_EQ_INT(rd_block_in_use(), 0);
   rd_block_pool_trim();
-  CHECK_EQ_INT(rd_alloc_bytes(), heap_start);
+  CHECK_EQ_INT(rd_alloc_bytes(), start);
+}
+
+static void finish(void) {
+  check_nothing_held(heap_start);
   CHECK_EQ_INT(ERR_peek_error(), 0); /* nothing left on OpenSSL's queue */
 }
 
@@ -386,109 +396,123 @@ static void check_ok(pair *p) {
     fprintf(stderr, "client: %s / server: %s\n", rd_tls_error(p->c.t), rd_tls_error(p->s.t));
 }
 
+/* Expects e to have stopped with `status` and an error that says `text`. */
+static void check_stopped(end *e, int status, const char *text) {
+  CHECK_EQ_INT(e->status, status);
+  CHECK(contains(rd_tls_error(e->t), text));
+}
+
+/* A handshake to `name` that must verify; the connection is then dropped. */
+static void expect_connects(rd_tls_ctx *cctx, rd_tls_ctx *sctx, const char *name) {
+  pair p;
+  connect_pair(&p, cctx, sctx, name, 0);
+  check_ok(&p);
+  free_pair(&p);
+}
+
+/* A test's contexts and the connection it works on. */
+typedef struct fixture {
+  rd_tls_ctx *sctx, *cctx;
+  pair p;
+} fixture;
+
+/* begin(), then the usual contexts: the server presents server.pem and asks
+ * for no client certificate; the client trusts ca.pem and has none. */
+static void setup(fixture *f) {
+  begin();
+  f->sctx = server_ctx("server.pem", "server.key", NULL);
+  f->cctx = client_ctx("ca.pem", 0, NULL, NULL);
+}
+
+/* setup(), then a verified handshake to localhost in f->p, returned. */
+static pair *setup_connected(fixture *f) {
+  setup(f);
+  connect_pair(&f->p, f->cctx, f->sctx, "localhost", 0);
+  check_ok(&f->p);
+  return &f->p;
+}
+
+static void teardown(fixture *f) {
+  free_pair(&f->p);
+  rd_tls_ctx_unref(f->cctx);
+  rd_tls_ctx_unref(f->sctx);
+  finish();
+}
+
 /* ---- tests -------------------------------------------------------------- */
 
 TEST(handshake_and_echo) {
-  begin();
-  rd_tls_ctx *sctx = server_ctx("server.pem", "server.key", NULL);
-  rd_tls_ctx *cctx = client_ctx("ca.pem", 0, NULL, NULL);
-  pair p;
-  connect_pair(&p, cctx, sctx, "localhost", 0);
-  check_ok(&p);
-  CHECK(strcmp(rd_tls_version(p.c.t), "TLSv1.3") == 0);
-  CHECK(strcmp(rd_tls_version(p.s.t), "TLSv1.3") == 0);
-  CHECK(rd_tls_cipher(p.c.t)[0] != '\0');
-  CHECK(strcmp(rd_tls_error(p.c.t), "") == 0);
-  say(&p.c, &p.s, "GET / HTTP/1.1\r\n\r\n");
-  say(&p.s, &p.c, "HTTP/1.1 101 Switching Protocols\r\n\r\n");
-  CHECK_EQ_INT(rd_tls_write(p.c.t, "", 0), 0);
-  CHECK_EQ_INT(rd_tls_read(p.c.t, (uint8_t *)"", 0), 0);
-  CHECK_EQ_INT(rd_tls_read(p.c.t, (uint8_t[8]){0}, 8), RD_EPARTIAL);
+  fixture f;
+  pair *p = setup_connected(&f);
+  CHECK(strcmp(rd_tls_version(p->c.t), "TLSv1.3") == 0);
+  CHECK(strcmp(rd_tls_version(p->s.t), "TLSv1.3") == 0);
+  CHECK(rd_tls_cipher(p->c.t)[0] != '\0');
+  CHECK(strcmp(rd_tls_error(p->c.t), "") == 0);
+  say(&p->c, &p->s, "GET / HTTP/1.1\r\n\r\n");
+  say(&p->s, &p->c, "HTTP/1.1 101 Switching Protocols\r\n\r\n");
+  CHECK_EQ_INT(rd_tls_write(p->c.t, "", 0), 0);
+  CHECK_EQ_INT(rd_tls_read(p->c.t, (uint8_t *)"", 0), 0);
+  CHECK_EQ_INT(rd_tls_read(p->c.t, (uint8_t[8]){0}, 8), RD_EPARTIAL);
   /* Idle connections hold no I/O buffers. */
   CHECK_EQ_INT(rd_block_in_use(), 0);
-  free_pair(&p);
-  rd_tls_ctx_unref(cctx);
-  rd_tls_ctx_unref(sctx);
-  finish();
+  teardown(&f);
 }
 
 TEST(write_before_handshake) {
-  begin();
-  rd_tls_ctx *sctx = server_ctx("server.pem", "server.key", NULL);
-  rd_tls_ctx *cctx = client_ctx("ca.pem", 0, NULL, NULL);
-  pair p;
-  memset(&p, 0, sizeof p);
-  p.c.t = new_tls(cctx, "localhost");
-  p.s.t = new_tls(sctx, NULL);
+  fixture f;
+  setup(&f);
+  pair *p = &f.p;
+  new_pair(p, f.cctx, f.sctx, "localhost");
   /* Nothing written, but the ClientHello is out. */
-  CHECK_EQ_INT(rd_tls_write(p.c.t, "x", 1), RD_EPARTIAL);
-  CHECK(rd_tls_output_pending(p.c.t) > 0);
-  CHECK(strcmp(rd_tls_version(p.c.t), "") == 0);
-  CHECK(strcmp(rd_tls_cipher(p.c.t), "") == 0);
-  drive(&p.c, &p.s, 0);
-  check_ok(&p);
-  say(&p.c, &p.s, "now");
-  free_pair(&p);
-  rd_tls_ctx_unref(cctx);
-  rd_tls_ctx_unref(sctx);
-  finish();
+  CHECK_EQ_INT(rd_tls_write(p->c.t, "x", 1), RD_EPARTIAL);
+  CHECK(rd_tls_output_pending(p->c.t) > 0);
+  CHECK(strcmp(rd_tls_version(p->c.t), "") == 0);
+  CHECK(strcmp(rd_tls_cipher(p->c.t), "") == 0);
+  drive(&p->c, &p->s, 0);
+  check_ok(p);
+  say(&p->c, &p->s, "now");
+  teardown(&f);
 }
 
 TEST(handshake_one_byte_at_a_time) {
+  fixture f;
   begin();
-  rd_tls_ctx *sctx = server_ctx("chain.pem", "chain.key", "ca.pem");
-  rd_tls_ctx *cctx = client_ctx("ca.pem", 0, "client.pem", "client.key");
-  pair p;
-  connect_pair(&p, cctx, sctx, "localhost", 1);
-  check_ok(&p);
-  say(&p.c, &p.s, "hello, one byte at a time");
+  f.sctx = server_ctx("chain.pem", "chain.key", "ca.pem");
+  f.cctx = client_ctx("ca.pem", 0, "client.pem", "client.key");
+  pair *p = &f.p;
+  connect_pair(p, f.cctx, f.sctx, "localhost", 1);
+  check_ok(p);
+  say(&p->c, &p->s, "hello, one byte at a time");
   /* Application data one byte at a time too. */
-  CHECK_EQ_INT(rd_tls_write(p.s.t, "0123456789", 10), 0);
-  move(&p.s, &p.c, 1);
-  CHECK_EQ_INT(p.c.got.bytes, 10);
-  free_pair(&p);
-  rd_tls_ctx_unref(cctx);
-  rd_tls_ctx_unref(sctx);
-  finish();
+  CHECK_EQ_INT(rd_tls_write(p->s.t, "0123456789", 10), 0);
+  move(&p->s, &p->c, 1);
+  CHECK_EQ_INT(p->c.got.bytes, 10);
+  teardown(&f);
 }
 
 TEST(ip_address_names) {
-  begin();
-  rd_tls_ctx *sctx = server_ctx("server.pem", "server.key", NULL);
-  rd_tls_ctx *cctx = client_ctx("ca.pem", 0, NULL, NULL);
+  fixture f;
+  setup(&f);
   const char *good[] = {"127.0.0.1", "::1", "[::1]", "LOCALHOST"};
-  for (size_t i = 0; i < RD_ARRAY_SIZE(good); i++) {
-    pair p;
-    connect_pair(&p, cctx, sctx, good[i], 0);
-    check_ok(&p);
-    free_pair(&p);
-  }
-  pair p;
-  connect_pair(&p, cctx, sctx, "127.0.0.2", 0);
-  CHECK_EQ_INT(p.c.status, RD_ETLS);
-  CHECK(contains(rd_tls_error(p.c.t), "tls: failed to verify certificate: x509: certificate is "
-                                      "valid for localhost, 127.0.0.1, ::1, not 127.0.0.2"));
-  CHECK_EQ_INT(p.s.status, RD_ETLS);
-  CHECK(contains(rd_tls_error(p.s.t), "remote error: tls: "));
-  free_pair(&p);
-  rd_tls_ctx_unref(cctx);
-  rd_tls_ctx_unref(sctx);
-  finish();
+  for (size_t i = 0; i < RD_ARRAY_SIZE(good); i++)
+    expect_connects(f.cctx, f.sctx, good[i]);
+  connect_pair(&f.p, f.cctx, f.sctx, "127.0.0.2", 0);
+  check_stopped(&f.p.c, RD_ETLS,
+                "tls: failed to verify certificate: x509: certificate is valid for localhost, "
+                "127.0.0.1, ::1, not 127.0.0.2");
+  check_stopped(&f.p.s, RD_ETLS, "remote error: tls: ");
+  teardown(&f);
 }
 
 TEST(bulk_8mib_each_way) {
-  begin();
-  rd_tls_ctx *sctx = server_ctx("server.pem", "server.key", NULL);
-  rd_tls_ctx *cctx = client_ctx("ca.pem", 0, NULL, NULL);
-  pair p;
-  connect_pair(&p, cctx, sctx, "localhost", 0);
-  check_ok(&p);
+  fixture f;
+  pair *p = setup_connected(&f);
   const uint64_t total = 8u << 20;
   static uint8_t buf[200000];
   uint64_t sent[2] = {0, 0}, hash[2];
   uint64_t gen[2] = {1, 2};
   hash[0] = hash[1] = 1469598103934665603ull;
-  end *from[2] = {&p.c, &p.s}, *to[2] = {&p.s, &p.c};
+  end *from[2] = {&p->c, &p->s}, *to[2] = {&p->s, &p->c};
   int rounds = 0;
   while ((sent[0] < total || sent[1] < total) && rounds++ < 100000) {
     for (int d = 0; d < 2; d++) {
@@ -509,88 +533,74 @@ TEST(bulk_8mib_each_way) {
         move(from[d], to[d], rand_in(0, 3) == 0 ? rand_in(1, 40000) : 0);
     }
   }
-  move(&p.c, &p.s, 0);
-  move(&p.s, &p.c, 0);
-  CHECK_EQ_INT(p.s.got.bytes, total);
-  CHECK_EQ_INT(p.c.got.bytes, total);
-  CHECK(p.s.got.hash == hash[0]);
-  CHECK(p.c.got.hash == hash[1]);
-  CHECK_EQ_INT(p.c.status, 0);
-  CHECK_EQ_INT(p.s.status, 0);
-  free_pair(&p);
-  rd_tls_ctx_unref(cctx);
-  rd_tls_ctx_unref(sctx);
-  finish();
+  move(&p->c, &p->s, 0);
+  move(&p->s, &p->c, 0);
+  CHECK_EQ_INT(p->s.got.bytes, total);
+  CHECK_EQ_INT(p->c.got.bytes, total);
+  CHECK(p->s.got.hash == hash[0]);
+  CHECK(p->c.got.hash == hash[1]);
+  CHECK_EQ_INT(p->c.status, 0);
+  CHECK_EQ_INT(p->s.status, 0);
+  teardown(&f);
 }
 
 TEST(output_chunks) {
-  begin();
-  rd_tls_ctx *sctx = server_ctx("server.pem", "server.key", NULL);
-  rd_tls_ctx *cctx = client_ctx("ca.pem", 0, NULL, NULL);
-  pair p;
-  connect_pair(&p, cctx, sctx, "localhost", 0);
-  check_ok(&p);
+  fixture f;
+  pair *p = setup_connected(&f);
   /* A small record comes out in an exact-size block. */
-  CHECK_EQ_INT(rd_tls_write(p.c.t, "ping", 4), 0);
-  size_t pend = rd_tls_output_pending(p.c.t), len;
+  CHECK_EQ_INT(rd_tls_write(p->c.t, "ping", 4), 0);
+  size_t pend = rd_tls_output_pending(p->c.t), len;
   CHECK(pend > 4 && pend < 100);
-  rd_block *b = rd_tls_take_output(p.c.t, &len);
+  rd_block *b = rd_tls_take_output(p->c.t, &len);
   CHECK(b != NULL);
   CHECK_EQ_INT(len, pend);
   CHECK_EQ_INT(rd_block_payload_cap(b), len);
-  CHECK_EQ_INT(rd_tls_output_pending(p.c.t), 0);
-  CHECK(rd_tls_take_output(p.c.t, &len) == NULL);
+  CHECK_EQ_INT(rd_tls_output_pending(p->c.t), 0);
+  CHECK(rd_tls_take_output(p->c.t, &len) == NULL);
   CHECK_EQ_INT(len, 0);
-  CHECK_EQ_INT(rd_tls_feed(p.s.t, rd_block_payload(b), pend), 0);
+  CHECK_EQ_INT(rd_tls_feed(p->s.t, rd_block_payload(b), pend), 0);
   rd_block_unref(b);
   uint8_t got[16];
-  CHECK_EQ_INT(rd_tls_read(p.s.t, got, sizeof got), 4);
+  CHECK_EQ_INT(rd_tls_read(p->s.t, got, sizeof got), 4);
   CHECK(memcmp(got, "ping", 4) == 0);
   /* 1 MiB in one write: chunks fill pooled blocks and add up. */
   size_t big = 1u << 20;
   uint8_t *data = calloc(1, big);
-  CHECK_EQ_INT(rd_tls_write(p.c.t, data, big), 0);
-  pend = rd_tls_output_pending(p.c.t);
+  CHECK_EQ_INT(rd_tls_write(p->c.t, data, big), 0);
+  pend = rd_tls_output_pending(p->c.t);
   CHECK(pend > big && pend < big + big / 50);
   size_t sum = 0;
-  while ((b = rd_tls_take_output(p.c.t, &len)) != NULL) {
+  while ((b = rd_tls_take_output(p->c.t, &len)) != NULL) {
     CHECK(len <= RD_BLOCK_SIZE);
     sum += len;
     rd_block_unref(b);
   }
   CHECK_EQ_INT(sum, pend);
   free(data);
-  free_pair(&p);
-  rd_tls_ctx_unref(cctx);
-  rd_tls_ctx_unref(sctx);
-  finish();
+  teardown(&f);
 }
 
 TEST(input_grows_when_not_drained) {
-  begin();
-  rd_tls_ctx *sctx = server_ctx("server.pem", "server.key", NULL);
-  rd_tls_ctx *cctx = client_ctx("ca.pem", 0, NULL, NULL);
-  pair p;
-  connect_pair(&p, cctx, sctx, "localhost", 0);
-  check_ok(&p);
+  fixture f;
+  pair *p = setup_connected(&f);
   size_t big = 300000;
   uint8_t *data = malloc(big);
   for (size_t i = 0; i < big; i++)
     data[i] = (uint8_t)(i * 7);
-  CHECK_EQ_INT(rd_tls_write(p.c.t, data, big), 0);
+  CHECK_EQ_INT(rd_tls_write(p->c.t, data, big), 0);
   /* Feed everything through rd_tls_in_buf without reading any of it. */
   size_t len;
   rd_block *b;
-  while ((b = rd_tls_take_output(p.c.t, &len)) != NULL) {
+  while ((b = rd_tls_take_output(p->c.t, &len)) != NULL) {
     size_t off = 0;
     while (off < len) {
       uint8_t *dst;
       size_t room;
-      CHECK_EQ_INT(rd_tls_in_buf(p.s.t, &dst, &room), 0);
+      CHECK_EQ_INT(rd_tls_in_buf(p->s.t, &dst, &room), 0);
       CHECK(room >= 4096);
       size_t n = room < len - off ? room : len - off;
       memcpy(dst, rd_block_payload(b) + off, n);
-      rd_tls_in_commit(p.s.t, n);
+      rd_tls_in_commit(p->s.t, n);
       off += n;
     }
     rd_block_unref(b);
@@ -598,17 +608,14 @@ TEST(input_grows_when_not_drained) {
   uint8_t *out = malloc(big + 1);
   size_t got = 0;
   int64_t n;
-  while ((n = rd_tls_read(p.s.t, out + got, big + 1 - got)) > 0)
+  while ((n = rd_tls_read(p->s.t, out + got, big + 1 - got)) > 0)
     got += (size_t)n;
   CHECK_EQ_INT(n, RD_EPARTIAL);
   CHECK_EQ_INT(got, big);
   CHECK(memcmp(out, data, big) == 0);
   free(out);
   free(data);
-  free_pair(&p);
-  rd_tls_ctx_unref(cctx);
-  rd_tls_ctx_unref(sctx);
-  finish();
+  teardown(&f);
 }
 
 /* Handshakes a client (ca, name) against a server cert and expects the
@@ -619,10 +626,8 @@ static void expect_verify_failure(const char *ca, const char *cert, const char *
   rd_tls_ctx *cctx = client_ctx(ca, 0, NULL, NULL);
   pair p;
   connect_pair(&p, cctx, sctx, name, 0);
-  CHECK_EQ_INT(p.c.status, RD_ETLS);
-  CHECK(contains(rd_tls_error(p.c.t), client_text));
-  CHECK_EQ_INT(p.s.status, RD_ETLS);
-  CHECK(contains(rd_tls_error(p.s.t), "remote error: tls: "));
+  check_stopped(&p.c, RD_ETLS, client_text);
+  check_stopped(&p.s, RD_ETLS, "remote error: tls: ");
   /* Failures are sticky. */
   CHECK_EQ_INT(rd_tls_handshake(p.c.t), RD_ETLS);
   CHECK_EQ_INT(rd_tls_read(p.c.t, (uint8_t[4]){0}, 4), RD_ETLS);
@@ -689,37 +694,41 @@ TEST(insecure_accepts_anything) {
 TEST(client_certificates) {
   begin();
   rd_tls_ctx *sctx = server_ctx("server.pem", "server.key", "ca.pem");
-  /* Missing: both ends say so. */
-  rd_tls_ctx *cctx = client_ctx("ca.pem", 0, NULL, NULL);
-  pair p;
-  connect_pair(&p, cctx, sctx, "localhost", 0);
-  CHECK_EQ_INT(p.s.status, RD_ETLS);
-  CHECK(contains(rd_tls_error(p.s.t), "tls: client certificate required"));
-  CHECK_EQ_INT(p.c.status, RD_ETLS);
-  CHECK(contains(rd_tls_error(p.c.t), "remote error: tls: certificate required (the server "
-                                      "requires a client certificate)"));
-  free_pair(&p);
-  rd_tls_ctx_unref(cctx);
-  /* From a CA the server does not trust. */
-  cctx = client_ctx("ca.pem", 0, "client2.pem", "client2.key");
-  connect_pair(&p, cctx, sctx, "localhost", 0);
-  CHECK_EQ_INT(p.s.status, RD_ETLS);
-  CHECK(contains(rd_tls_error(p.s.t), "tls: failed to verify client certificate: x509: "
-                                      "certificate signed by unknown authority"));
-  CHECK_EQ_INT(p.c.status, RD_ETLS);
-  CHECK(contains(rd_tls_error(p.c.t), "remote error: tls: "));
-  free_pair(&p);
-  rd_tls_ctx_unref(cctx);
+  /* Refused client certificates: the server says why, the client hears. */
+  struct {
+    const char *cert, *key, *server_text, *client_text;
+  } refused[] = {
+      /* Missing: both ends say so. */
+      {NULL, NULL, "tls: client certificate required",
+       "remote error: tls: certificate required (the server requires a client certificate)"},
+      /* From a CA the server does not trust. */
+      {"client2.pem", "client2.key",
+       "tls: failed to verify client certificate: x509: certificate signed by unknown authority",
+       "remote error: tls: "},
+  };
+  for (size_t i = 0; i < RD_ARRAY_SIZE(refused); i++) {
+    rd_tls_ctx *cctx = client_ctx("ca.pem", 0, refused[i].cert, refused[i].key);
+    pair p;
+    connect_pair(&p, cctx, sctx, "localhost", 0);
+    check_stopped(&p.s, RD_ETLS, refused[i].server_text);
+    check_stopped(&p.c, RD_ETLS, refused[i].client_text);
+    free_pair(&p);
+    rd_tls_ctx_unref(cctx);
+  }
   /* Good. */
-  cctx = client_ctx("ca.pem", 0, "client.pem", "client.key");
-  connect_pair(&p, cctx, sctx, "localhost", 0);
-  check_ok(&p);
-  say(&p.c, &p.s, "with a certificate");
-  say(&p.s, &p.c, "welcome");
-  free_pair(&p);
-  rd_tls_ctx_unref(cctx);
-  rd_tls_ctx_unref(sctx);
-  finish();
+  fixture f = {.sctx = sctx, .cctx = client_ctx("ca.pem", 0, "client.pem", "client.key")};
+  connect_pair(&f.p, f.cctx, f.sctx, "localhost", 0);
+  check_ok(&f.p);
+  say(&f.p.c, &f.p.s, "with a certificate");
+  say(&f.p.s, &f.p.c, "welcome");
+  teardown(&f);
+}
+
+/* rd_tls_ctx_reload_server with files named as in the temporary directory. */
+static int reload(rd_tls_ctx *ctx, const char *cert, const char *key, const char *client_ca,
+                  char *err, size_t errlen) {
+  return rd_tls_ctx_reload_server(ctx, P(cert), P(key), client_ca ? P(client_ca) : NULL, err,
+                                  errlen);
 }
 
 TEST(reload_server) {
@@ -732,34 +741,22 @@ TEST(reload_server) {
   connect_pair(&old, ca1, sctx, "localhost", 0);
   check_ok(&old);
   /* A failed reload changes nothing. */
-  CHECK_EQ_INT(rd_tls_ctx_reload_server(sctx, P("missing.pem"), P("server2.key"), NULL, err,
-                                        sizeof err),
-               RD_ETLS);
+  CHECK_EQ_INT(reload(sctx, "missing.pem", "server2.key", NULL, err, sizeof err), RD_ETLS);
   CHECK(contains(err, "missing.pem"));
-  CHECK_EQ_INT(rd_tls_ctx_reload_server(sctx, P("server2.pem"), P("server.key"), P("ca.pem"),
-                                        err, sizeof err),
-               0);
+  CHECK_EQ_INT(reload(sctx, "server2.pem", "server.key", "ca.pem", err, sizeof err), 0);
   CHECK(strcmp(err, "") == 0);
   /* server.key happens to be server2.pem's key too; now a mismatched one. */
-  CHECK_EQ_INT(rd_tls_ctx_reload_server(sctx, P("server.pem"), P("other.key"), NULL, err,
-                                        sizeof err),
-               RD_ETLS);
+  CHECK_EQ_INT(reload(sctx, "server.pem", "other.key", NULL, err, sizeof err), RD_ETLS);
   CHECK(contains(err, "does not match"));
   /* The reload above (server2 + client CA) took effect for new connections. */
   rd_tls_ctx *ca2c = client_ctx("ca2.pem", 0, "client.pem", "client.key");
+  expect_connects(ca2c, sctx, "localhost");
   pair p;
-  connect_pair(&p, ca2c, sctx, "localhost", 0);
-  check_ok(&p);
-  free_pair(&p);
   connect_pair(&p, ca1, sctx, "localhost", 0);
   CHECK(contains(rd_tls_error(p.c.t), "signed by unknown authority"));
   free_pair(&p);
-  CHECK_EQ_INT(rd_tls_ctx_reload_server(sctx, P("server2.pem"), P("server2.key"), NULL, err,
-                                        sizeof err),
-               0);
-  connect_pair(&p, ca2, sctx, "localhost", 0);
-  check_ok(&p);
-  free_pair(&p);
+  CHECK_EQ_INT(reload(sctx, "server2.pem", "server2.key", NULL, err, sizeof err), 0);
+  expect_connects(ca2, sctx, "localhost");
   /* The old connection keeps working on its old certificate. */
   say(&old.c, &old.s, "still here");
   say(&old.s, &old.c, "me too");
@@ -768,9 +765,7 @@ TEST(reload_server) {
   say(&old.c, &old.s, "context gone");
   free_pair(&old);
   /* Only servers reload. */
-  CHECK_EQ_INT(rd_tls_ctx_reload_server(ca1, P("server.pem"), P("server.key"), NULL, err,
-                                        sizeof err),
-               RD_ETLS);
+  CHECK_EQ_INT(reload(ca1, "server.pem", "server.key", NULL, err, sizeof err), RD_ETLS);
   CHECK(contains(err, "only a server context"));
   rd_tls_ctx_unref(ca1);
   rd_tls_ctx_unref(ca2);
@@ -890,72 +885,101 @@ TEST(garbage_to_client) {
 }
 
 TEST(corrupted_record) {
-  begin();
-  rd_tls_ctx *sctx = server_ctx("server.pem", "server.key", NULL);
-  rd_tls_ctx *cctx = client_ctx("ca.pem", 0, NULL, NULL);
-  pair p;
-  connect_pair(&p, cctx, sctx, "localhost", 0);
-  check_ok(&p);
-  CHECK_EQ_INT(rd_tls_write(p.c.t, "secret", 6), 0);
+  fixture f;
+  pair *p = setup_connected(&f);
+  CHECK_EQ_INT(rd_tls_write(p->c.t, "secret", 6), 0);
   size_t len;
-  rd_block *b = rd_tls_take_output(p.c.t, &len);
+  rd_block *b = rd_tls_take_output(p->c.t, &len);
   CHECK(b != NULL);
   rd_block_payload(b)[len - 3] ^= 0x40;
-  CHECK_EQ_INT(rd_tls_feed(p.s.t, rd_block_payload(b), len), 0);
+  CHECK_EQ_INT(rd_tls_feed(p->s.t, rd_block_payload(b), len), 0);
   rd_block_unref(b);
   uint8_t buf[64];
-  CHECK_EQ_INT(rd_tls_read(p.s.t, buf, sizeof buf), RD_ETLS);
-  CHECK(contains(rd_tls_error(p.s.t), "tls: read failure: "));
-  CHECK_EQ_INT(rd_tls_read(p.s.t, buf, sizeof buf), RD_ETLS);
-  CHECK_EQ_INT(rd_tls_write(p.s.t, "x", 1), RD_ETLS);
+  CHECK_EQ_INT(rd_tls_read(p->s.t, buf, sizeof buf), RD_ETLS);
+  CHECK(contains(rd_tls_error(p->s.t), "tls: read failure: "));
+  CHECK_EQ_INT(rd_tls_read(p->s.t, buf, sizeof buf), RD_ETLS);
+  CHECK_EQ_INT(rd_tls_write(p->s.t, "x", 1), RD_ETLS);
   /* The server's alert tells the client. */
-  move(&p.s, &p.c, 0);
-  CHECK_EQ_INT(p.c.status, RD_ETLS);
-  CHECK(contains(rd_tls_error(p.c.t), "remote error: tls: "));
-  free_pair(&p);
-  rd_tls_ctx_unref(cctx);
-  rd_tls_ctx_unref(sctx);
-  finish();
+  move(&p->s, &p->c, 0);
+  check_stopped(&p->c, RD_ETLS, "remote error: tls: ");
+  teardown(&f);
 }
 
 TEST(close_notify) {
-  begin();
-  rd_tls_ctx *sctx = server_ctx("server.pem", "server.key", NULL);
-  rd_tls_ctx *cctx = client_ctx("ca.pem", 0, NULL, NULL);
-  pair p;
-  connect_pair(&p, cctx, sctx, "localhost", 0);
-  check_ok(&p);
+  fixture f;
+  pair *p = setup_connected(&f);
   /* Data and close_notify in one flight: data first, then the close. */
-  CHECK_EQ_INT(rd_tls_write(p.c.t, "bye", 3), 0);
-  CHECK_EQ_INT(rd_tls_shutdown(p.c.t), 0);
-  CHECK_EQ_INT(rd_tls_shutdown(p.c.t), 0);
-  CHECK_EQ_INT(rd_tls_write(p.c.t, "more", 4), RD_ECLOSED);
+  CHECK_EQ_INT(rd_tls_write(p->c.t, "bye", 3), 0);
+  CHECK_EQ_INT(rd_tls_shutdown(p->c.t), 0);
+  CHECK_EQ_INT(rd_tls_shutdown(p->c.t), 0);
+  CHECK_EQ_INT(rd_tls_write(p->c.t, "more", 4), RD_ECLOSED);
   size_t len;
   rd_block *b;
-  while ((b = rd_tls_take_output(p.c.t, &len)) != NULL) {
-    CHECK_EQ_INT(rd_tls_feed(p.s.t, rd_block_payload(b), len), 0);
+  while ((b = rd_tls_take_output(p->c.t, &len)) != NULL) {
+    CHECK_EQ_INT(rd_tls_feed(p->s.t, rd_block_payload(b), len), 0);
     rd_block_unref(b);
   }
   uint8_t buf[64];
-  CHECK_EQ_INT(rd_tls_read(p.s.t, buf, sizeof buf), 3);
-  CHECK_EQ_INT(rd_tls_read(p.s.t, buf, sizeof buf), RD_ECLOSED);
-  CHECK_EQ_INT(rd_tls_read(p.s.t, buf, sizeof buf), RD_ECLOSED);
-  CHECK(contains(rd_tls_error(p.s.t), "close_notify"));
+  CHECK_EQ_INT(rd_tls_read(p->s.t, buf, sizeof buf), 3);
+  CHECK_EQ_INT(rd_tls_read(p->s.t, buf, sizeof buf), RD_ECLOSED);
+  CHECK_EQ_INT(rd_tls_read(p->s.t, buf, sizeof buf), RD_ECLOSED);
+  CHECK(contains(rd_tls_error(p->s.t), "close_notify"));
   /* The server may still answer, then close its side. */
-  say(&p.s, &p.c, "last words");
-  CHECK_EQ_INT(rd_tls_shutdown(p.s.t), 0);
-  move(&p.s, &p.c, 0);
-  CHECK_EQ_INT(p.c.status, RD_ECLOSED);
-  CHECK_EQ_INT(rd_tls_read(p.c.t, buf, sizeof buf), RD_ECLOSED);
-  free_pair(&p);
+  say(&p->s, &p->c, "last words");
+  CHECK_EQ_INT(rd_tls_shutdown(p->s.t), 0);
+  move(&p->s, &p->c, 0);
+  CHECK_EQ_INT(p->c.status, RD_ECLOSED);
+  CHECK_EQ_INT(rd_tls_read(p->c.t, buf, sizeof buf), RD_ECLOSED);
   /* Shutdown before the handshake just marks the connection. */
-  rd_tls *t = new_tls(cctx, "localhost");
+  rd_tls *t = new_tls(f.cctx, "localhost");
   CHECK_EQ_INT(rd_tls_shutdown(t), 0);
   CHECK_EQ_INT(rd_tls_write(t, "x", 1), RD_ECLOSED);
   rd_tls_free(t);
-  rd_tls_ctx_unref(cctx);
-  rd_tls_ctx_unref(sctx);
-  finish();
+  teardown(&f);
+}
+
+/* A plain OpenSSL peer talking through memory BIOs: it reads from rb and
+ * writes to wb. */
+typedef struct openssl_peer {
+  SSL_CTX *ctx;
+  SSL *ssl;
+  BIO *rb, *wb;
+} openssl_peer;
+
+static void openssl_peer_start(openssl_peer *o, SSL_CTX *ctx) {
+  o->ctx = ctx;
+  o->ssl = SSL_new(ctx);
+  o->rb = BIO_new(BIO_s_mem());
+  o->wb = BIO_new(BIO_s_mem());
+  SSL_set_bio(o->ssl, o->rb, o->wb);
+}
+
+/* Everything the peer has written, into t. */
+static void openssl_to_tls(openssl_peer *o, rd_tls *t) {
+  char buf[16384];
+  int n;
+  while ((n = BIO_read(o->wb, buf, sizeof buf)) > 0)
+    rd_tls_feed(t, (uint8_t *)buf, (size_t)n);
+}
+
+/* Everything t has to send, to the peer. */
+static void tls_to_openssl(rd_tls *t, openssl_peer *o) {
+  size_t len;
+  rd_block *b;
+  while ((b = rd_tls_take_output(t, &len)) != NULL) {
+    BIO_write(o->rb, rd_block_payload(b), (int)len);
+    rd_block_unref(b);
+  }
+}
+
+/* Copies t's error out, then frees t and the peer; OpenSSL's own errors on
+ * the peer's side are expected and cleared. */
+static void openssl_peer_end(openssl_peer *o, rd_tls *t, char *err, size_t errlen) {
+  snprintf(err, errlen, "%s", rd_tls_error(t));
+  rd_tls_free(t);
+  SSL_free(o->ssl);
+  SSL_CTX_free(o->ctx);
+  ERR_clear_error();
 }
 
 /* A plain OpenSSL client with memory BIOs limited to one protocol version,
@@ -967,39 +991,26 @@ static int versioned_client(int version, rd_tls_ctx *sctx, char *server_err, siz
   SSL_CTX_set_min_proto_version(c, version);
   SSL_CTX_set_max_proto_version(c, version);
   SSL_CTX_set_verify(c, SSL_VERIFY_NONE, NULL);
-  SSL *ssl = SSL_new(c);
-  BIO *rb = BIO_new(BIO_s_mem()), *wb = BIO_new(BIO_s_mem());
-  SSL_set_bio(ssl, rb, wb);
-  SSL_set_connect_state(ssl);
+  openssl_peer o;
+  openssl_peer_start(&o, c);
+  SSL_set_connect_state(o.ssl);
   rd_tls *t = new_tls(sctx, NULL);
   int rc = RD_EPARTIAL;
   for (int i = 0; i < 20; i++) {
-    SSL_do_handshake(ssl);
-    char buf[16384];
-    int n;
-    while ((n = BIO_read(wb, buf, sizeof buf)) > 0)
-      rd_tls_feed(t, (uint8_t *)buf, (size_t)n);
+    SSL_do_handshake(o.ssl);
+    openssl_to_tls(&o, t);
     rc = rd_tls_handshake(t);
-    size_t len;
-    rd_block *b;
-    while ((b = rd_tls_take_output(t, &len)) != NULL) {
-      BIO_write(rb, rd_block_payload(b), (int)len);
-      rd_block_unref(b);
-    }
-    if (rc != RD_EPARTIAL && SSL_is_init_finished(ssl))
+    tls_to_openssl(t, &o);
+    if (rc != RD_EPARTIAL && SSL_is_init_finished(o.ssl))
       break;
     if (rc == RD_ETLS)
       break;
   }
   if (rc == 0) {
-    CHECK(SSL_is_init_finished(ssl));
-    CHECK_EQ_INT(SSL_version(ssl), version);
+    CHECK(SSL_is_init_finished(o.ssl));
+    CHECK_EQ_INT(SSL_version(o.ssl), version);
   }
-  snprintf(server_err, errlen, "%s", rd_tls_error(t));
-  rd_tls_free(t);
-  SSL_free(ssl);
-  SSL_CTX_free(c);
-  ERR_clear_error();
+  openssl_peer_end(&o, t, server_err, errlen);
   return rc;
 }
 
@@ -1016,25 +1027,16 @@ static int versioned_server(int version, int want_cert, rd_tls_ctx *cctx, char *
     SSL_CTX_load_verify_locations(c, P("ca.pem"), NULL);
     SSL_CTX_set_verify(c, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
   }
-  SSL *ssl = SSL_new(c);
-  BIO *rb = BIO_new(BIO_s_mem()), *wb = BIO_new(BIO_s_mem());
-  SSL_set_bio(ssl, rb, wb);
-  SSL_set_accept_state(ssl);
+  openssl_peer o;
+  openssl_peer_start(&o, c);
+  SSL_set_accept_state(o.ssl);
   rd_tls *t = new_tls(cctx, "localhost");
   int rc = RD_EPARTIAL;
   for (int i = 0; i < 20 && rc == RD_EPARTIAL; i++) {
     rc = rd_tls_handshake(t);
-    size_t len;
-    rd_block *b;
-    while ((b = rd_tls_take_output(t, &len)) != NULL) {
-      BIO_write(rb, rd_block_payload(b), (int)len);
-      rd_block_unref(b);
-    }
-    SSL_do_handshake(ssl);
-    char buf[16384];
-    int n;
-    while ((n = BIO_read(wb, buf, sizeof buf)) > 0)
-      rd_tls_feed(t, (uint8_t *)buf, (size_t)n);
+    tls_to_openssl(t, &o);
+    SSL_do_handshake(o.ssl);
+    openssl_to_tls(&o, t);
   }
   if (rc == 0) {
     uint8_t tmp[16];
@@ -1046,11 +1048,7 @@ static int versioned_server(int version, int want_cert, rd_tls_ctx *cctx, char *
     CHECK(strcmp(rd_tls_version(t), version == TLS1_2_VERSION ? "TLSv1.2" : "TLSv1.3") == 0);
     CHECK_EQ_INT(rd_tls_write(t, "hi", 2), 0);
   }
-  snprintf(client_err, errlen, "%s", rd_tls_error(t));
-  rd_tls_free(t);
-  SSL_free(ssl);
-  SSL_CTX_free(c);
-  ERR_clear_error();
+  openssl_peer_end(&o, t, client_err, errlen);
   return rc;
 }
 
@@ -1143,9 +1141,7 @@ TEST(failing_allocations) {
       CHECK_EQ_INT(p.c.got.bytes, sizeof data);
     }
     free_pair(&p);
-    CHECK_EQ_INT(rd_block_in_use(), 0);
-    rd_block_pool_trim();
-    CHECK_EQ_INT(rd_alloc_bytes(), before);
+    check_nothing_held(before);
     ERR_clear_error();
     if (done)
       break;
