@@ -121,15 +121,19 @@ static void vformat(char *out, size_t len, const char *fmt, va_list ap) {
   vsnprintf(out, len, fmt, ap);
 }
 
+static void set_error_v(rd_dial *d, int status, const char *fmt, va_list ap) {
+  vformat(d->error, sizeof d->error, fmt, ap);
+  d->status = status;
+}
+
 #if defined(__GNUC__)
 __attribute__((format(printf, 3, 4)))
 #endif
 static void set_error(rd_dial *d, int status, const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
-  vformat(d->error, sizeof d->error, fmt, ap);
+  set_error_v(d, status, fmt, ap);
   va_end(ap);
-  d->status = status;
 }
 
 /* Keeps the first failure: with several addresses Go reports the first. */
@@ -141,9 +145,8 @@ static void record_error(rd_dial *d, int status, const char *fmt, ...) {
     return;
   va_list ap;
   va_start(ap, fmt);
-  vformat(d->error, sizeof d->error, fmt, ap);
+  set_error_v(d, status, fmt, ap);
   va_end(ap);
-  d->status = status;
 }
 
 #if defined(__GNUC__)
