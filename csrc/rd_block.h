@@ -7,6 +7,8 @@
 #ifndef RD_BLOCK_H
 #define RD_BLOCK_H
 
+#include <stddef.h>
+
 #include "rd_common.h"
 
 /* Room before the payload: WebSocket header (14) + tunnel header (40). */
@@ -42,6 +44,10 @@ void rd_block_unref(rd_block *b);
 /* Payload start (after headroom) and capacity. */
 static inline uint8_t *rd_block_payload(rd_block *b) { return b->data + RD_BLOCK_HEADROOM; }
 static inline size_t rd_block_payload_cap(const rd_block *b) { return b->cap - RD_BLOCK_HEADROOM; }
+/* The block whose payload starts at base (a buffer handed out for a read). */
+static inline rd_block *rd_block_of_payload(const char *base) {
+  return (rd_block *)(base - RD_BLOCK_HEADROOM - offsetof(rd_block, data));
+}
 /* Frees every pooled block (at engine shutdown, and to return memory). */
 void rd_block_pool_trim(void);
 /* Blocks in use (handed out and not yet released). */

@@ -4,6 +4,7 @@
 #include "rd_http.h"
 
 #include <limits.h>
+#include <stdio.h>
 #include <string.h>
 
 /* tchar (RFC 9110 section 5.6.2): the characters of methods and header
@@ -287,4 +288,13 @@ int rd_http_has_token(const char *value, size_t value_len, const char *token) {
     i++; /* past the comma, or past the end to stop */
   }
   return 0;
+}
+
+size_t rd_http_error_head(char *out, size_t cap, size_t body_len) {
+  int n = snprintf(out, cap,
+                   "HTTP/1.1 500 Internal Server Error\r\n"
+                   "Content-Type: text/plain; charset=utf-8\r\n"
+                   "Content-Length: %zu\r\nConnection: close\r\n\r\n",
+                   body_len);
+  return n < 0 ? 0 : (size_t)n < cap ? (size_t)n : cap - 1;
 }

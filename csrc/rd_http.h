@@ -57,6 +57,11 @@ const rd_http_header *rd_http_find_header(const rd_http_header *h, size_t n, con
  * case-insensitive), e.g. "keep-alive, Upgrade" has "upgrade". */
 int rd_http_has_token(const char *value, size_t value_len, const char *token);
 
+/* The head of the 500 answer that carries a tunnel error as its text/plain
+ * body of body_len bytes (what the Go example server sends), into out.
+ * Returns its length (< cap; out always NUL-terminated). */
+size_t rd_http_error_head(char *out, size_t cap, size_t body_len);
+
 /* Nonzero when a == b[0..len) ignoring ASCII case. */
 int rd_http_ieq(const char *a, const char *b, size_t len);
 

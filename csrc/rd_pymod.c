@@ -231,11 +231,33 @@ static PyObject *py_server_new(PyObject *module, PyObject *args) {
     PyErr_SetString(PyExc_ValueError, "tls_client_ca needs tls_cert and tls_key");
     return NULL;
   }
+  const char *proxy_ca;
+  int proxy_insecure = 0;
+  if (opt_cstr(opts, "proxy_ca_file", &proxy_ca) < 0 ||
+      opt_bool(opts, "proxy_insecure", &proxy_insecure) < 0) {
+    rd_tokens_free(cfg.tokens);
+    if (cfg.tls != NULL)
+      rd_tls_ctx_unref(cfg.tls);
+    return NULL;
+  }
+  if (proxy_ca != NULL || proxy_insecure) {
+    Py_BEGIN_ALLOW_THREADS
+    cfg.proxy_tls = rd_tls_ctx_new_client(proxy_ca, proxy_insecure, NULL, NULL, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    if (cfg.proxy_tls == NULL) {
+      rd_tokens_free(cfg.tokens);
+      if (cfg.tls != NULL)
+        rd_tls_ctx_unref(cfg.tls);
+      return raise_rc(module, RD_ETLS, err);
+    }
+  }
   Py_BEGIN_ALLOW_THREADS
   rc = rd_api_server_new(host, port, &cfg, &handle, &bound, err, sizeof err);
   Py_END_ALLOW_THREADS
   if (cfg.tls != NULL)
     rd_tls_ctx_unref(cfg.tls); /* the server holds its own reference */
+  if (cfg.proxy_tls != NULL)
+    rd_tls_ctx_unref(cfg.proxy_tls);
   if (rc != RD_OK)
     return raise_rc(module, rc, err);
   return Py_BuildValue("(Ki)", (unsigned long long)handle, bound);

@@ -16,6 +16,7 @@
 #include "rd_block.h"
 #include "rd_http.h"
 #include "rd_io.h"
+#include "rd_relay.h"
 #include "rd_stats.h"
 #include "rd_ws.h"
 
@@ -90,6 +91,8 @@ static void server_unref(rd_server *srv) {
     return;
   if (srv->cfg.tls != NULL)
     rd_tls_ctx_unref(srv->cfg.tls);
+  if (srv->cfg.proxy_tls != NULL)
+    rd_tls_ctx_unref(srv->cfg.proxy_tls);
   rd_tokens_free(srv->cfg.tokens);
   rd_metrics_free(srv->metrics);
   rd_map_dispose(&srv->clients);
@@ -583,6 +586,74 @@ static int is_hop_header(const rd_http_header *h) {
   return 0;
 }
 
+static int dial_pair(rd_session *s, const char *proto, const char *address, int *fd_out,
+                     rd_dial_status **st_out, rd_conn **c_out, char *err, size_t errlen);
+
+/* The client context for https targets; the system store's is made at the
+ * first such request. NULL with err on failure. */
+static rd_tls_ctx *proxy_tls_ctx(rd_server *srv, char *err, size_t errlen) {
+  if (srv->cfg.proxy_tls == NULL)
+    srv->cfg.proxy_tls = rd_tls_ctx_new_client(NULL, 0, NULL, NULL, err, errlen);
+  return srv->cfg.proxy_tls;
+}
+
+/* The name an https target's certificate must match: host without its port
+ * ("[::1]" keeps its brackets, which rd_tls_new accepts). */
+static void target_name(const char *host, char *out, size_t cap) {
+  const char *colon = strrchr(host, ':');
+  const char *bracket = strrchr(host, ']');
+  size_t len = strlen(host);
+  if (colon != NULL && (bracket == NULL || colon > bracket) &&
+      (host[0] == '[' || strchr(host, ':') == colon))
+    len = (size_t)(colon - host);
+  snprintf(out, cap, "%.*s", (int)len, host);
+}
+
+/* The https leg: a TLS client over a socket pair whose other end is the
+ * tunneled connection; rd_relay joins it to the client's connection. */
+static void proxy_https(httpconn *hc, rd_session *s, const char *host, const char *address,
+                        const char *request, size_t len, uint64_t timeout_ms) {
+  char err[256], name[272];
+  rd_tls_ctx *ctx = proxy_tls_ctx(hc->srv, err, sizeof err);
+  if (ctx == NULL) {
+    respond_text(hc, 500, "Internal Server Error", err);
+    return;
+  }
+  target_name(host, name, sizeof name);
+  rd_tls *tls = rd_tls_new(ctx, name, err, sizeof err);
+  uv_pipe_t *pipe = rd_malloc(sizeof(uv_tcp_t) > sizeof(uv_pipe_t) ? sizeof(uv_tcp_t) : sizeof(uv_pipe_t));
+  if (tls == NULL || pipe == NULL) {
+    rd_tls_free(tls);
+    rd_free(pipe);
+    respond_text(hc, 500, "Internal Server Error", tls == NULL ? err : "out of memory");
+    return;
+  }
+  int fd;
+  rd_dial_status *st;
+  rd_conn *c;
+  if (dial_pair(s, "tcp", address, &fd, &st, &c, err, sizeof err) != RD_OK) {
+    rd_tls_free(tls);
+    rd_free(pipe);
+    respond_text(hc, 500, "Internal Server Error", err);
+    return;
+  }
+  rd_conn_set_deadline(c, timeout_ms);
+  uv_pipe_init(rd_loop(), pipe, 0);
+  int rc = uv_pipe_open(pipe, fd);
+  rd_io *backend = rc == 0 ? rd_io_new((uv_stream_t *)pipe, tls) : NULL;
+  if (backend == NULL) {
+    if (rc != 0) {
+      close(fd);
+      rd_tls_free(tls);
+      uv_close((uv_handle_t *)pipe, tcp_free_cb);
+    }
+    rd_dial_status_unref(st);
+    respond_text(hc, 500, "Internal Server Error", "out of memory");
+    return;
+  }
+  rd_relay_start(httpconn_take_stream(hc), backend, st, request, len);
+}
+
 /* /client/{id}/{scheme}/{host}{path}: relays the request through client id's
  * tunnel to scheme://host/path and streams the response back. The request
  * is rewritten with "Connection: close", so the backend ends the exchange
@@ -619,15 +690,16 @@ static void handle_proxy(httpconn *hc, rd_http_request *req) {
   scheme[seglen[1]] = '\0';
   memcpy(host, seg[2], seglen[2]);
   host[seglen[2]] = '\0';
-  if (strcmp(scheme, "http") != 0) {
-    respond_text(hc, 400, "Bad Request", "unsupported scheme (only http)");
+  int https = strcmp(scheme, "https") == 0;
+  if (!https && strcmp(scheme, "http") != 0) {
+    respond_text(hc, 400, "Bad Request", "unsupported scheme (http or https)");
     return;
   }
   char address[280];
   const char *colon = strrchr(host, ':');
   const char *bracket = strrchr(host, ']');
   if (colon == NULL || (bracket != NULL && colon < bracket))
-    snprintf(address, sizeof address, "%s:80", host);
+    snprintf(address, sizeof address, "%s:%d", host, https ? 443 : 80);
   else
     snprintf(address, sizeof address, "%s", host);
   /* ?timeout=N (seconds) bounds the exchange, as in the Go example. */
@@ -673,6 +745,11 @@ static void handle_proxy(httpconn *hc, rd_http_request *req) {
   len += (size_t)snprintf(head + len, cap - len, "Connection: close\r\n\r\n");
   memcpy(head + len, hc->buf + hc->head_len, body);
   len += body;
+  if (https) {
+    proxy_https(hc, s, host, address, head, len, timeout_ms);
+    rd_free(head);
+    return;
+  }
   rd_io *io = httpconn_take_stream(hc);
   int err = 0;
   rd_conn *c = rd_session_dial(s, "tcp", address, io, (const uint8_t *)head,
@@ -822,14 +899,11 @@ static void on_accept(uv_stream_t *listener, int status) {
 
 /* ---- dialing ---- */
 
-int rd_server_dial(rd_server *srv, const char *client_key, const char *proto,
-                   const char *address, uint64_t idle_timeout_ms, int *fd_out, int64_t *conn_id,
-                   rd_dial_status **status_out, char *err, size_t errlen) {
-  rd_session *s = session_for(srv, client_key);
-  if (s == NULL) {
-    snprintf(err, errlen, "failed to find Session for client %s", client_key);
-    return RD_ENOSESSION;
-  }
+/* Dials proto/address through s with one end of a fresh socket pair as the
+ * connection's local end: *fd_out is the other end, *st_out a referenced
+ * status, *c_out the connection. 0 or a negative code with err. */
+static int dial_pair(rd_session *s, const char *proto, const char *address, int *fd_out,
+                     rd_dial_status **st_out, rd_conn **c_out, char *err, size_t errlen) {
   int fds[2];
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
     int e = -errno;
@@ -871,9 +945,29 @@ int rd_server_dial(rd_server *srv, const char *client_key, const char *proto,
     snprintf(err, errlen, "dial through session failed: %s", rd_strerror(e));
     return e;
   }
+  *fd_out = fds[1];
+  *st_out = st;
+  *c_out = c;
+  return RD_OK;
+}
+
+int rd_server_dial(rd_server *srv, const char *client_key, const char *proto,
+                   const char *address, uint64_t idle_timeout_ms, int *fd_out, int64_t *conn_id,
+                   rd_dial_status **status_out, char *err, size_t errlen) {
+  rd_session *s = session_for(srv, client_key);
+  if (s == NULL) {
+    snprintf(err, errlen, "failed to find Session for client %s", client_key);
+    return RD_ENOSESSION;
+  }
+  int fd;
+  rd_dial_status *st;
+  rd_conn *c;
+  int rc = dial_pair(s, proto, address, &fd, &st, &c, err, errlen);
+  if (rc != RD_OK)
+    return rc;
   if (idle_timeout_ms > 0)
     rd_conn_set_idle_timeout(c, idle_timeout_ms);
-  *fd_out = fds[1];
+  *fd_out = fd;
   *conn_id = rd_conn_id(c);
   *status_out = st;
   return RD_OK;
@@ -1047,6 +1141,8 @@ int rd_server_start(const char *host, int port, const rd_server_config *cfg, rd_
   srv->cfg = *cfg;
   if (srv->cfg.tls != NULL)
     rd_tls_ctx_ref(srv->cfg.tls);
+  if (srv->cfg.proxy_tls != NULL)
+    rd_tls_ctx_ref(srv->cfg.proxy_tls);
   rd_map_init(&srv->clients);
   uv_tcp_init(rd_loop(), &srv->listener);
   srv->listener.data = srv;

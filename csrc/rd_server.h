@@ -24,6 +24,10 @@ typedef struct rd_server_config {
   size_t max_head;
   size_t max_headers;
   rd_tls_ctx *tls;      /* wss: the server takes its own reference; NULL = plain */
+  /* Client context for https targets of the proxy route (the server takes
+   * its own reference); NULL: verify against the system store, made at the
+   * first such request. */
+  rd_tls_ctx *proxy_tls;
   rd_tokens *tokens;    /* RD_AUTH_TOKEN: ownership passes to the server at start */
   size_t max_sessions;  /* all sessions; past it upgrades get 503 */
   size_t max_sessions_per_key; /* past it upgrades for that key get 429 */

@@ -19,6 +19,7 @@
 #include "rd_alloc.h"
 #include "rd_block.h"
 #include "rd_dialer.h"
+#include "rd_http.h"
 #include "rd_io.h"
 #include "rd_loop.h"
 #include "rd_map.h"
@@ -515,13 +516,9 @@ static void local_alloc_cb(rd_io *io, size_t suggested, uv_buf_t *buf) {
   *buf = uv_buf_init((char *)rd_block_payload(b), RD_BLOCK_SIZE);
 }
 
-static rd_block *block_of_payload(const char *base) {
-  return (rd_block *)(base - RD_BLOCK_HEADROOM - offsetof(rd_block, data));
-}
-
 static void local_read_cb(rd_io *io, ssize_t nread, const uv_buf_t *buf) {
   rd_conn *c = rd_io_data(io);
-  rd_block *b = buf->base != NULL ? block_of_payload(buf->base) : NULL;
+  rd_block *b = buf->base != NULL ? rd_block_of_payload(buf->base) : NULL;
   if (nread > 0 && c->state == CONN_OPEN) {
     rd_session *s = c->s;
     c->tx_bytes += (uint64_t)nread;
@@ -611,17 +608,13 @@ static void conn_attach_local(rd_conn *c, rd_io *local) {
 static void write_http_error(rd_conn *c, const char *err) {
   char head[160];
   size_t elen = strlen(err);
-  int hlen = snprintf(head, sizeof head,
-                      "HTTP/1.1 500 Internal Server Error\r\n"
-                      "Content-Type: text/plain; charset=utf-8\r\n"
-                      "Content-Length: %zu\r\nConnection: close\r\n\r\n",
-                      elen);
-  rd_block *b = rd_block_get_small((size_t)hlen + elen);
+  size_t hlen = rd_http_error_head(head, sizeof head, elen);
+  rd_block *b = rd_block_get_small(hlen + elen);
   if (b == NULL)
     return;
-  memcpy(rd_block_payload(b), head, (size_t)hlen);
+  memcpy(rd_block_payload(b), head, hlen);
   memcpy(rd_block_payload(b) + hlen, err, elen);
-  conn_write_local(c, b, rd_block_payload(b), (size_t)hlen + elen);
+  conn_write_local(c, b, rd_block_payload(b), hlen + elen);
   rd_block_unref(b);
 }
 

@@ -99,6 +99,8 @@ SERVER_OPTIONS: dict[str, Callable[[str, Any], Any]] = {
     **_SESSION_OPTIONS,
     "auth_header": header_name,      # the trusted header when authorizer is None
     "proxy_route": boolean,          # serve /client/{id}/{scheme}/{host}/{path}
+    "proxy_ca_file": path,           # https targets: trust these CAs, not the system store
+    "proxy_insecure": boolean,       # https targets: skip certificate verification
     "metrics_route": boolean,        # serve /metrics
     "debug_route": boolean,          # serve /debug/connections (off by default)
     "handshake_timeout": duration,   # HTTP request head + upgrade

@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--tls-key", metavar="PEM", default=None, help="private key for --tls-cert")
     srv.add_argument("--tls-client-ca", metavar="PEM", default=None,
                      help="require client certificates signed by this CA")
+    srv.add_argument("--proxy-ca-file", metavar="PEM", default=None,
+                     help="https targets of /client/...: trust these CAs instead of the "
+                          "system store")
+    srv.add_argument("--proxy-insecure", action="store_true",
+                     help="https targets of /client/...: skip certificate verification")
     srv.add_argument("--tokens", metavar="FILE", default=None,
                      help="authorize agents by 'Authorization: Bearer TOKEN' from FILE "
                           "(lines 'TOKEN CLIENT_KEY'; re-read on SIGHUP) instead of "
@@ -216,6 +221,10 @@ def run_server(args: argparse.Namespace) -> int:
         tls = {"tls_cert": args.tls_cert, "tls_key": args.tls_key}
         if args.tls_client_ca:
             tls["tls_client_ca"] = args.tls_client_ca
+    if args.proxy_ca_file:
+        tls["proxy_ca_file"] = args.proxy_ca_file
+    if args.proxy_insecure:
+        tls["proxy_insecure"] = True
     try:
         authorizer = TokenAuthorizer(args.tokens) if args.tokens else None
         # The Go example server's /client/... route stays on, as in Go; with

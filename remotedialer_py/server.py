@@ -276,7 +276,8 @@ class Server(_Handle):
       ``hard_cap`` (per-connection buffer that ends it), ``sync_grace``,
       ``auth_header`` ("X-Tunnel-ID"), ``proxy_route`` (True with the
       default header authorizer, False otherwise: the route itself is not
-      authorized),
+      authorized), ``proxy_ca_file`` (PEM CAs for https targets of the
+      route; default: the system store), ``proxy_insecure`` (False),
       ``metrics_route`` (True), ``debug_route`` (False: serve
       ``/debug/connections``). An unknown name raises TypeError, a bad
       value ValueError.

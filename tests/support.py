@@ -6,6 +6,7 @@ to let something happen."""
 
 import gc
 import hashlib
+import http.client
 import http.server
 import os
 import random
@@ -769,3 +770,49 @@ def read_until_closed(sock, timeout=TIMEOUT):
     except ConnectionResetError:
         pass
     return bytes(data), time.monotonic() - start
+
+
+# ---------------------------------------------------------------------------
+# The command line as a subprocess (see conftest.run_cli)
+
+
+def cli_server(run_cli, *extra):
+    """Starts `remotedialer-py server` on a free port; returns (proc, port)."""
+    proc = run_cli("server", "--listen", "127.0.0.1:0", *extra, ready=r"listening")
+    m = proc.wait_line(r"listening on (ws://\S+)")
+    port = urlsplit(m.group(1)).port
+    assert port, m.group(0)
+    return proc, port
+
+
+def get(port, path, method="GET", body=None, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read(), resp
+    finally:
+        conn.close()
+
+
+def served_metrics(port):
+    status, body, _ = get(port, "/metrics")
+    assert status == 200
+    return exposition_metrics(body.decode())
+
+
+def wait_agent(port, client_key):
+    """Waits until the CLI server has a session for client_key (seen in its
+    /metrics: added and not removed)."""
+    label = key(clientkey=client_key, peer="false")
+
+    def up():
+        m = served_metrics(port)
+        return (family(m, ADD_SESSION).get(label, 0)
+                > family(m, REMOVE_SESSION).get(label, 0))
+
+    wait_for(up, 60, f"agent {client_key} to connect to the CLI server")
+
+
+def wait_served_balanced(port):
+    return wait_balanced(lambda: served_metrics(port))

@@ -3,7 +3,6 @@ the server's /client/{id}/{scheme}/{host}/{path} route with curl and
 http.client. The server's /metrics must balance at the end of each test."""
 
 import hashlib
-import http.client
 import shutil
 import socket
 import subprocess
@@ -12,49 +11,8 @@ import urllib.parse
 import pytest
 
 import support
-from support import ADD_CONN, AGENT_KEY, REMOVE_CONN, TIMEOUT, key, recv_exact, wait_for
-
-
-def cli_server(run_cli, *extra):
-    """Starts `remotedialer-py server` on a free port; returns (proc, port)."""
-    proc = run_cli("server", "--listen", "127.0.0.1:0", *extra, ready=r"listening")
-    m = proc.wait_line(r"listening on (ws://\S+)")
-    port = urllib.parse.urlsplit(m.group(1)).port
-    assert port, m.group(0)
-    return proc, port
-
-
-def get(port, path, method="GET", body=None, headers=None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.read(), resp
-    finally:
-        conn.close()
-
-
-def served_metrics(port):
-    status, body, _ = get(port, "/metrics")
-    assert status == 200
-    return support.exposition_metrics(body.decode())
-
-
-def wait_agent(port, client_key):
-    """Waits until the CLI server has a session for client_key (seen in its
-    /metrics: added and not removed)."""
-    label = key(clientkey=client_key, peer="false")
-
-    def up():
-        m = served_metrics(port)
-        return (support.family(m, support.ADD_SESSION).get(label, 0)
-                > support.family(m, support.REMOVE_SESSION).get(label, 0))
-
-    wait_for(up, 60, f"agent {client_key} to connect to the CLI server")
-
-
-def wait_served_balanced(port):
-    return support.wait_balanced(lambda: served_metrics(port))
+from support import (ADD_CONN, AGENT_KEY, REMOVE_CONN, TIMEOUT, cli_server, get, key,
+                     recv_exact, served_metrics, wait_agent, wait_for, wait_served_balanced)
 
 
 @pytest.fixture

@@ -745,3 +745,184 @@ def test_reload_tls_can_require_client_certificates(rd, tunnel_leak_check, pki):
                 anon, srv, "remote error: tls: certificate required (the server requires a "
                            "client certificate)", key="anonymous")
         assert cli.connected and srv.list_clients() == [KEY]
+
+
+# ---------------------------------------------------------------------------
+# https targets of the /client/ proxy route
+
+
+class HttpsBackend:
+    """An https service behind the agent: GET answers its path, POST echoes
+    its body. Each response closes its connection."""
+
+    def __init__(self, ident):
+        import http.server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path == "/big":
+                    self._reply(b"x" * (16 << 20))
+                else:
+                    self._reply(f"hello over tls {self.path}".encode())
+
+            def do_POST(self):
+                self._reply(self.rfile.read(int(self.headers["Content-Length"])))
+
+            def _reply(self, body):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt, *args):
+                pass
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(ident.cert, ident.key)
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(TIMEOUT)
+
+
+@pytest.fixture
+def https_backend(pki):
+    backend = HttpsBackend(pki.server)
+    yield backend
+    backend.close()
+
+
+def proxy_request(port, target, method="GET", body=None):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        conn.request(method, target, body=body)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def proxy_pair(rd, **options):
+    srv = rd.Server(listen="127.0.0.1:0", proxy_route=True, **options).start()
+    cli = rd.Client(srv.url, headers={"X-Tunnel-ID": KEY}).start()
+    cli.wait_connected(TIMEOUT)
+    wait_for(lambda: srv.has_session(KEY), what="the agent's session")
+    return srv, cli
+
+
+def proxy_settled(srv, cli):
+    wait_for(lambda: srv.connections() == [], what="the proxied connections to end")
+    support.check_balanced(srv)
+    support.check_balanced(cli)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_proxy_route_to_an_https_target(rd, tunnel_leak_check, pki, https_backend, host):
+    srv, cli = proxy_pair(rd, proxy_ca_file=pki.root)
+    try:
+        base = f"/client/{KEY}/https/{host}:{https_backend.port}"
+        assert proxy_request(srv.port, base + "/hello?x=1") == (200, b"hello over tls /hello?x=1")
+        # A body both ways, larger than any buffer on the path.
+        body = os.urandom(3 << 20)
+        status, echoed = proxy_request(srv.port, base + "/echo", "POST", body)
+        assert status == 200
+        assert hashlib.sha256(echoed).digest() == hashlib.sha256(body).digest()
+        proxy_settled(srv, cli)
+    finally:
+        cli.close()
+        srv.close()
+
+
+@pytest.mark.parametrize("case", ["untrusted", "wrong_name", "refused"])
+def test_proxy_route_https_failures_answer_500(rd, tunnel_leak_check, pki, case):
+    # untrusted: the system store does not know the private CA; wrong_name:
+    # a trusted certificate for other.example only; refused: a closed port.
+    backend = HttpsBackend(pki.other if case == "wrong_name" else pki.server)
+    options = {} if case == "untrusted" else {"proxy_ca_file": pki.root}
+    srv, cli = proxy_pair(rd, **options)
+    try:
+        port = support.closed_port() if case == "refused" else backend.port
+        status, body = proxy_request(srv.port, f"/client/{KEY}/https/127.0.0.1:{port}/x")
+        text = body.decode()
+        assert status == 500, text
+        assert text == {
+            "untrusted": "tls: failed to verify certificate: x509: certificate signed by "
+                         "unknown authority",
+            "wrong_name": "tls: failed to verify certificate: x509: certificate is valid for "
+                          "other.example, not 127.0.0.1",
+            "refused": f"dial tcp 127.0.0.1:{port}: connect: connection refused"}[case]
+        proxy_settled(srv, cli)
+    finally:
+        cli.close()
+        srv.close()
+        backend.close()
+
+
+def test_proxy_route_https_client_leaves_mid_response(rd, tunnel_leak_check, pki,
+                                                       https_backend):
+    srv, cli = proxy_pair(rd, proxy_ca_file=pki.root)
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT) as s:
+            s.sendall(f"GET /client/{KEY}/https/127.0.0.1:{https_backend.port}/big HTTP/1.1\r\n"
+                      f"Host: x\r\n\r\n".encode())
+            got = b""
+            while len(got) < 256 << 10:
+                chunk = s.recv(65536)
+                assert chunk, got[:200]
+                got += chunk
+            assert got.startswith(b"HTTP/1.0 200 ")
+        # The rest of the 16 MiB has nowhere to go: everything ends.
+        proxy_settled(srv, cli)
+    finally:
+        cli.close()
+        srv.close()
+
+
+def test_proxy_route_https_insecure_accepts_self_signed(rd, tunnel_leak_check, pki):
+    backend = HttpsBackend(pki.self_signed)
+    srv, cli = proxy_pair(rd, proxy_insecure=True)
+    try:
+        status, body = proxy_request(srv.port, f"/client/{KEY}/https/127.0.0.1:{backend.port}/s")
+        assert (status, body) == (200, b"hello over tls /s")
+        proxy_settled(srv, cli)
+    finally:
+        cli.close()
+        srv.close()
+        backend.close()
+
+
+def test_proxy_ca_file_that_does_not_load_is_refused_at_once(rd, tmp_path):
+    srv = rd.Server(listen="127.0.0.1:0", proxy_ca_file=str(tmp_path / "missing.pem"))
+    with pytest.raises(rd.TunnelError, match="missing.pem"):
+        srv.start()
+    srv.close()
+
+
+def test_cli_proxy_route_to_https_with_curl(run_cli, pki, https_backend, tmp_path):
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl not installed")
+    _, port = support.cli_server(run_cli, "--proxy-ca-file", pki.root)
+    run_cli("client", "--connect", f"ws://127.0.0.1:{port}/connect", "--id", "foo", ready=None)
+    support.wait_agent(port, "foo")
+    base = f"http://127.0.0.1:{port}/client/foo/https/localhost:{https_backend.port}"
+    out = tmp_path / "body"
+    upload = tmp_path / "upload"
+    upload.write_bytes(os.urandom(1 << 20))
+    for args, want in ((["-G", f"{base}/hi"], b"hello over tls /hi"),
+                       (["--data-binary", f"@{upload}", f"{base}/echo"], upload.read_bytes())):
+        r = subprocess.run([curl, "-sS", "--max-time", str(int(TIMEOUT)), "-o", str(out),
+                            "-w", "%{http_code}", *args], capture_output=True, text=True,
+                           timeout=TIMEOUT + 10)
+        assert r.returncode == 0, r.stderr
+        assert (int(r.stdout), out.read_bytes()) == (200, want)
+    support.wait_served_balanced(port)
