@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Callable, Optional, TextIO
 
-from .soak import BODY, Service  # the same small HTTP service
+from .soak import BODY, Service, engine_figures  # the same small HTTP service
 
 SETTLE_SECONDS = 10.0
 ADD = "session_server_total_add_connections"
@@ -133,7 +133,7 @@ def run(n: int = 2000, concurrency: int = 8, out: TextIO = sys.stdout) -> int:
                     done[0] += 1
 
         rss_before = rss_bytes()
-        heap_before = engine_stats().get("heap_bytes")
+        heap_before = engine_figures()["heap_bytes"]
         tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
         started = time.monotonic()
         threads = [threading.Thread(target=worker, name=f"demo-{k}", daemon=True)
@@ -173,8 +173,10 @@ def run(n: int = 2000, concurrency: int = 8, out: TextIO = sys.stdout) -> int:
         say(f"  agent counters:  added {a_added}, removed {a_removed}")
         say(f"  open connections: {stats['open_connections']}"
             + ("" if settled else f" (after waiting {SETTLE_SECONDS:g} s)"))
-        if heap_before is not None:
-            say(f"  engine heap: before {_mib(heap_before)}, after {_mib(stats.get('heap_bytes'))}")
+        after = engine_figures()
+        say(f"  engine heap in use: before {heap_before / 1024:,.1f} KiB, after "
+            f"{after['heap_bytes'] / 1024:,.1f} KiB (plus {after['pool_bytes'] / 1024:,.0f} KiB "
+            "of idle I/O buffers kept for reuse)")
         say(f"  RSS: before {_mib(rss_before)}, after {_mib(rss_after)}")
     finally:
         if cli is not None:
