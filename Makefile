@@ -21,7 +21,7 @@ CLANG ?= clang
 .NOTPARALLEL:
 .DEFAULT_GOAL := help
 
-DEB_PACKAGES := libuv1-dev libssl-dev pkg-config gcc make curl ca-certificates prometheus
+DEB_PACKAGES := libuv1-dev libssl-dev pkg-config gcc make curl ca-certificates prometheus valgrind
 # For the fuzz targets only (`make fuzz-deps`): clang and its libFuzzer
 # runtime (libclang-rt-dev names the default version's, e.g. 14 on Debian 12).
 FUZZ_DEB_PACKAGES := clang libclang-rt-dev
@@ -88,7 +88,7 @@ asan-test: build testdeps
 	RD_SANITIZE=1 $(PY) setup.py -q build_ext --inplace
 	@status=0; \
 	$(ASAN_PYTEST_ENV) $(PY) -m pytest -q -p no:cacheprovider --ignore=tests/test_codec_vectors.py \
-	  -k "not curl and not promtool and not soak and not churn" || status=$$?; \
+	  -k "not curl and not promtool and not soak and not churn and not valgrind" || status=$$?; \
 	if ls build/asan-report.* >/dev/null 2>&1; then cat build/asan-report.*; status=1; fi; \
 	$(PY) setup.py -q build_ext --inplace; \
 	exit $$status
