@@ -241,14 +241,19 @@ static void handshake_done(rd_client *cli, size_t head_len) {
   cli->state = CLI_CONNECTED;
   cli->attempt = 0;
   cli->last_error[0] = '\0';
-  cli->session = rd_session_new(io, RD_ROLE_CLIENT, "client", 0, cli->metrics,
-                                &cli->cfg.session, &client_session_ops, cli,
-                                (const uint8_t *)cli->resp + head_len, cli->resp_len - head_len);
-  if (cli->session == NULL) {
+  rd_session *s = rd_session_new(io, RD_ROLE_CLIENT, "client", 0, cli->metrics,
+                                 &cli->cfg.session, &client_session_ops, cli,
+                                 (const uint8_t *)cli->resp + head_len, cli->resp_len - head_len);
+  if (s == NULL) {
     client_unref(cli);
     schedule_retry(cli, "out of memory");
     return;
   }
+  /* Ended while reading the bytes that came with the upgrade: its on_end has
+   * run (and scheduled the retry); keeping it would leave a dangling pointer. */
+  if (rd_session_is_ended(s))
+    return;
+  cli->session = s;
   if (cli->state == CLI_CONNECTED)
     waiters_finish(cli, 1);
 }

@@ -491,6 +491,29 @@ def test_connect_refused_by_callable(tunnel, echo_server, http_service):
 # Our Client against a raw server
 
 
+@pytest.mark.parametrize("then", ["text", "close"])
+def test_client_session_ended_by_bytes_that_came_with_the_upgrade(rd, tunnel_leak_check, then):
+    """The 101 and a message that ends the session arrive in one segment: the
+    session ends while it is being made. The client must not keep it (a
+    dangling pointer that its close would use), and retries as usual."""
+    frame = (wsraw.encode_frame(wsraw.OP_TEXT, b"not a tunnel message", mask=False)
+             if then == "text" else
+             wsraw.encode_frame(wsraw.OP_CLOSE, wsraw.close_payload(1001, "bye"), mask=False))
+    with wsraw.WSListener() as listener:
+        cli = rd.Client(listener.url, headers={"X-Tunnel-ID": "agent-u"}, backoff_min=30,
+                        backoff_max=30)
+        try:
+            cli.start()
+            ws, _ = listener.accept(timeout=TIMEOUT, then=frame)
+            wait_for(lambda: cli.last_error, what="the client to give up on that session")
+            assert not cli.connected
+            assert rd.engine_stats()["open_sessions"] == 0
+            ws.abort()
+        finally:
+            cli.close()  # with the session gone, while the retry waits
+    wait_engine_idle(rd)
+
+
 def test_client_drops_session_on_text_message_and_reconnects(rd, tunnel_leak_check, echo_server):
     with wsraw.WSListener() as listener:
         cli = rd.Client(listener.url, headers={"X-Tunnel-ID": "agent-r"})

@@ -707,8 +707,9 @@ class WSListener:
         self.port = self.sock.getsockname()[1]
         self.url = f"ws://{host}:{self.port}/connect"
 
-    def accept(self, timeout=DEFAULT_TIMEOUT):
-        """Waits for a client, reads its upgrade request and answers 101.
+    def accept(self, timeout=DEFAULT_TIMEOUT, then=b""):
+        """Waits for a client, reads its upgrade request and answers 101
+        (with `then` in the same write: bytes that arrive with the upgrade).
         Returns (WSConn in the server role, Request)."""
         deadline = time.monotonic() + timeout
         self.sock.settimeout(timeout)
@@ -726,7 +727,7 @@ class WSListener:
                 "HTTP/1.1 101 Switching Protocols\r\n"
                 "Upgrade: websocket\r\n"
                 "Connection: Upgrade\r\n"
-                f"Sec-WebSocket-Accept: {accept_key(key)}\r\n\r\n").encode())
+                f"Sec-WebSocket-Accept: {accept_key(key)}\r\n\r\n").encode() + then)
             return WSConn(conn, client=False, leftover=rest), Request(method, path, headers)
         except BaseException:
             conn.close()
