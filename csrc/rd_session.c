@@ -809,12 +809,16 @@ rd_conn *rd_session_dial(rd_session *s, const char *proto, const char *address,
   memcpy(rd_block_payload(b), proto, plen);
   rd_block_payload(b)[plen] = '/';
   memcpy(rd_block_payload(b) + plen + 1, address, alen);
+  /* A write that fails at once ends the session, and c with it: hold c. */
+  c->refs++;
   session_send_block(s, RD_MSG_CONNECT, id, b, plen + 1 + alen);
   if (preface_len > 0 && c->state != CONN_ENDED) {
     c->tx_bytes += preface_len;
     session_send_msg(s, RD_MSG_DATA, id, preface, preface_len);
   }
-  if (c->state == CONN_ENDED) { /* the session died while writing */
+  int ended = c->state == CONN_ENDED;
+  conn_unref(c);
+  if (ended) { /* the session died while writing */
     rd_io_close(local, NULL);
     *err = RD_ECLOSED;
     return NULL;

@@ -469,6 +469,33 @@ def test_peer_sends_close_then_resets(rd, tunnel_leak_check, echo_server):
     wait_engine_idle(rd)
 
 
+def test_dial_into_a_session_whose_peer_just_reset(rd, tunnel_leak_check):
+    """A dial races the agent's reset: the session may be gone (the dial
+    raises), or its CONNECT write may fail at once and end the session inside
+    the dial (the socket reads EOF with the reason). Never a crash, and
+    everything balances."""
+    with rd.Server(listen="127.0.0.1:0") as srv:
+        srv.start()
+        for i in range(30):
+            ws = raw_session(srv, f"raw-gone-{i}")
+            ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            ws.sock.close()
+            try:
+                sock = srv.dial(f"raw-gone-{i}", "tcp", "127.0.0.1:9", timeout=TIMEOUT)
+            except rd.TunnelError:
+                continue
+            sock.settimeout(TIMEOUT)
+            try:
+                support.recv_until_eof(sock, timeout=TIMEOUT)
+            except ConnectionResetError:
+                pass
+            assert sock.tunnel_error is not None
+            sock.close()
+        wait_for(lambda: srv.list_clients() == [], what="every reset session to end")
+        check_balanced(srv, sessions=True)
+    wait_engine_idle(rd)
+
+
 def test_idle_sessions_hold_no_read_block(tunnel, stream_server):
     """A session reads into a 1 MiB pooled block; once its socket is drained
     and no partial frame waits, the block goes back, so a server with many
