@@ -28,6 +28,7 @@ typedef struct {
 } relay_write;
 
 static void relay_end(rd_relay *r, const char *err, int user_alive);
+static const char *backend_error(const rd_relay *r, ssize_t code);
 
 static rd_io *other_end(const rd_relay *r, const rd_io *io) {
   return io == r->user ? r->backend : r->user;
@@ -75,7 +76,10 @@ static void write_cb(uv_write_t *req, int status) {
   if (r->ended)
     return;
   if (status < 0) {
-    relay_end(r, NULL, dst != r->user);
+    if (dst == r->user)
+      relay_end(r, NULL, 0); /* the client went away */
+    else
+      relay_end(r, backend_error(r, status), 1);
     return;
   }
   update_reading(r, other_end(r, dst));
@@ -101,7 +105,10 @@ static void write_to(rd_relay *r, rd_io *dst, rd_block *b, const uint8_t *data, 
     rd_free(w);
   }
   rd_block_unref(b);
-  relay_end(r, dst == r->user ? NULL : "write to the backend failed", dst != r->user);
+  if (dst == r->user)
+    relay_end(r, NULL, 0);
+  else
+    relay_end(r, backend_error(r, sent < 0 ? sent : UV_EPIPE), 1);
 }
 
 /* The tunnel's reason for ending the connection, or NULL. */
