@@ -760,8 +760,8 @@ class HttpsBackend:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
-                if self.path == "/big":
-                    self._reply(b"x" * (16 << 20))
+                if self.path.startswith("/big/"):
+                    self._reply(b"x" * (int(self.path[5:]) << 20))
                 else:
                     self._reply(f"hello over tls {self.path}".encode())
 
@@ -872,7 +872,7 @@ def test_proxy_route_https_client_leaves_mid_response(rd, tunnel_leak_check, pki
     srv, cli = proxy_pair(rd, proxy_ca_file=pki.root)
     try:
         with socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT) as s:
-            s.sendall(f"GET /client/{KEY}/https/127.0.0.1:{https_backend.port}/big HTTP/1.1\r\n"
+            s.sendall(f"GET /client/{KEY}/https/127.0.0.1:{https_backend.port}/big/16 HTTP/1.1\r\n"
                       f"Host: x\r\n\r\n".encode())
             got = b""
             while len(got) < 256 << 10:
@@ -881,6 +881,45 @@ def test_proxy_route_https_client_leaves_mid_response(rd, tunnel_leak_check, pki
                 got += chunk
             assert got.startswith(b"HTTP/1.0 200 ")
         # The rest of the 16 MiB has nowhere to go: everything ends.
+        proxy_settled(srv, cli)
+    finally:
+        cli.close()
+        srv.close()
+
+
+def test_proxy_route_https_slow_client_bounds_memory(rd, tunnel_leak_check, pki,
+                                                     https_backend):
+    """A client that stops reading a 64 MiB https response: the relay stops
+    reading the TLS side, the tunnel pauses, and what the engine holds (both
+    ends run here) stays at the PAUSE bounds, far below the response; then
+    every byte arrives."""
+    srv, cli = proxy_pair(rd, proxy_ca_file=pki.root)
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+            s.sendall(f"GET /client/{KEY}/https/127.0.0.1:{https_backend.port}/big/64 HTTP/1.1\r\n"
+                      f"Host: x\r\n\r\n".encode())
+            wait_for(lambda: any(c["paused"] for c in srv.connections()),
+                     what="PAUSE on the tunneled connection")
+            # Watch the engine while nobody reads: unbounded, the 64 MiB would
+            # pour in within this window (loopback TLS moves hundreds of MB/s).
+            peak, until = 0, time.monotonic() + 2.0
+            while time.monotonic() < until:
+                stats = rd.engine_stats()
+                peak = max(peak, stats["heap_bytes"] - stats["pool_bytes"])
+                time.sleep(0.01)
+            # max_buffer (2 MiB) on each side, the agent's write queue bound
+            # (4 MiB) and the relay's 1 MiB mark: about 10 MiB at most.
+            assert peak < 16 << 20, peak
+            got = bytearray()
+            while True:
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    break
+                got += chunk
+        head, _, body = bytes(got).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200 ")
+        assert body == b"x" * (64 << 20)
         proxy_settled(srv, cli)
     finally:
         cli.close()
