@@ -186,6 +186,33 @@ static const rd_session_owner server_session_ops = {session_on_end, session_on_f
 
 static void tcp_free_cb(uv_handle_t *h) { rd_free(h); }
 
+/* A stream io on one end of a socket pair (plain when tls is NULL). Takes fd
+ * and tls in every case: on failure both are released, and the code and err
+ * say why. */
+static int io_on_fd(int fd, rd_tls *tls, rd_io **out, char *err, size_t errlen) {
+  uv_pipe_t *pipe = rd_malloc(sizeof(uv_tcp_t) > sizeof(uv_pipe_t) ? sizeof(uv_tcp_t) : sizeof(uv_pipe_t));
+  if (pipe == NULL) {
+    close(fd);
+    rd_tls_free(tls);
+    snprintf(err, errlen, "out of memory");
+    return RD_ENOMEM;
+  }
+  uv_pipe_init(rd_loop(), pipe, 0);
+  int rc = uv_pipe_open(pipe, fd);
+  if (rc != 0) {
+    close(fd);
+    rd_tls_free(tls);
+    uv_close((uv_handle_t *)pipe, tcp_free_cb);
+    snprintf(err, errlen, "pipe: %s", rd_strerror(rc));
+    return rc;
+  }
+  if ((*out = rd_io_new((uv_stream_t *)pipe, tls)) == NULL) {
+    snprintf(err, errlen, "out of memory");
+    return RD_ENOMEM;
+  }
+  return RD_OK;
+}
+
 static void httpconn_free_if_closed(httpconn *hc) {
   if (--hc->handles_open > 0)
     return;
@@ -621,11 +648,8 @@ static void proxy_https(httpconn *hc, rd_session *s, const char *host, const cha
   }
   target_name(host, name, sizeof name);
   rd_tls *tls = rd_tls_new(ctx, name, err, sizeof err);
-  uv_pipe_t *pipe = rd_malloc(sizeof(uv_tcp_t) > sizeof(uv_pipe_t) ? sizeof(uv_tcp_t) : sizeof(uv_pipe_t));
-  if (tls == NULL || pipe == NULL) {
-    rd_tls_free(tls);
-    rd_free(pipe);
-    respond_text(hc, 500, "Internal Server Error", tls == NULL ? err : "out of memory");
+  if (tls == NULL) {
+    respond_text(hc, 500, "Internal Server Error", err);
     return;
   }
   int fd;
@@ -633,22 +657,14 @@ static void proxy_https(httpconn *hc, rd_session *s, const char *host, const cha
   rd_conn *c;
   if (dial_pair(s, "tcp", address, &fd, &st, &c, err, sizeof err) != RD_OK) {
     rd_tls_free(tls);
-    rd_free(pipe);
     respond_text(hc, 500, "Internal Server Error", err);
     return;
   }
   rd_conn_set_deadline(c, timeout_ms);
-  uv_pipe_init(rd_loop(), pipe, 0);
-  int rc = uv_pipe_open(pipe, fd);
-  rd_io *backend = rc == 0 ? rd_io_new((uv_stream_t *)pipe, tls) : NULL;
-  if (backend == NULL) {
-    if (rc != 0) {
-      close(fd);
-      rd_tls_free(tls);
-      uv_close((uv_handle_t *)pipe, tcp_free_cb);
-    }
-    rd_dial_status_unref(st);
-    respond_text(hc, 500, "Internal Server Error", "out of memory");
+  rd_io *backend;
+  if (io_on_fd(fd, tls, &backend, err, sizeof err) != RD_OK) {
+    rd_dial_status_unref(st); /* the connection sees its local end close */
+    respond_text(hc, 500, "Internal Server Error", err);
     return;
   }
   rd_relay_start(httpconn_take_stream(hc), backend, st, request, len);
@@ -910,30 +926,16 @@ static int dial_pair(rd_session *s, const char *proto, const char *address, int 
     snprintf(err, errlen, "socketpair: %s", rd_strerror(e));
     return e;
   }
-  uv_pipe_t *pipe = rd_malloc(sizeof(uv_tcp_t) > sizeof(uv_pipe_t) ? sizeof(uv_tcp_t) : sizeof(uv_pipe_t));
-  rd_dial_status *st = rd_dial_status_new();
-  if (pipe == NULL || st == NULL) {
-    rd_free(pipe);
-    rd_free(st);
-    close(fds[0]);
+  rd_io *io;
+  int rc = io_on_fd(fds[0], NULL, &io, err, errlen);
+  if (rc != RD_OK) {
     close(fds[1]);
-    snprintf(err, errlen, "out of memory");
-    return RD_ENOMEM;
-  }
-  uv_pipe_init(rd_loop(), pipe, 0);
-  int rc = uv_pipe_open(pipe, fds[0]);
-  if (rc != 0) {
-    close(fds[0]);
-    close(fds[1]);
-    uv_close((uv_handle_t *)pipe, tcp_free_cb);
-    rd_dial_status_unref(st);
-    snprintf(err, errlen, "pipe: %s", rd_strerror(rc));
     return rc;
   }
-  rd_io *io = rd_io_new((uv_stream_t *)pipe, NULL);
-  if (io == NULL) {
+  rd_dial_status *st = rd_dial_status_new();
+  if (st == NULL) {
+    rd_io_close(io, NULL);
     close(fds[1]);
-    rd_dial_status_unref(st);
     snprintf(err, errlen, "out of memory");
     return RD_ENOMEM;
   }
