@@ -11,34 +11,17 @@ balance and nothing stays open.
 
 from __future__ import annotations
 
-import http.client
-import itertools
 import sys
-import threading
 import time
 from typing import Callable, Optional, TextIO
 
-from .soak import BODY, Service, engine_figures  # the same small HTTP service
+from .soak import ADD, REMOVE, Load, Service, engine_figures  # the soak's pieces
 
 SETTLE_SECONDS = 10.0
-ADD = "session_server_total_add_connections"
-REMOVE = "session_server_total_remove_connections"
 
 
-def rss_bytes() -> Optional[int]:
-    """Resident set size from /proc/self/status (None where unavailable)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _mib(n: Optional[int]) -> str:
-    return "n/a" if n is None else f"{n / (1 << 20):.1f} MiB"
+def _mib(n: int) -> str:
+    return "n/a" if n < 0 else f"{n / (1 << 20):.1f} MiB"
 
 
 def counter_sum(metrics: dict, name: str) -> int:
@@ -56,23 +39,14 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         time.sleep(interval)
 
 
-def _check_response(resp: http.client.HTTPResponse, what: str) -> None:
-    body = resp.read()
-    if resp.status != 200 or body != BODY:
-        raise RuntimeError(f"{what}: HTTP {resp.status}, body {body[:80]!r}")
-
-
 def run(n: int = 2000, concurrency: int = 8, out: TextIO = sys.stdout) -> int:
     from . import Client, Server, engine_stats
 
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)
 
-    service = Service()
-    svc_port = service.server_address[1]
-    svc_thread = threading.Thread(target=service.serve_forever, kwargs={"poll_interval": 0.1},
-                                  name="demo-service", daemon=True)
-    svc_thread.start()
+    service = Service()  # serves on its own thread from here on
+    svc_port = service.port
     srv = Server(listen="127.0.0.1:0")
     cli: Optional[Client] = None
     try:
@@ -88,77 +62,31 @@ def run(n: int = 2000, concurrency: int = 8, out: TextIO = sys.stdout) -> int:
         say(f"  service  http://127.0.0.1:{svc_port}/")
         say(f"  server   {srv.url}   agent \"demo\" connected")
 
-        target = f"127.0.0.1:{svc_port}"
-
-        def via_dial(i: int) -> None:
-            sock = srv.dial("demo", "tcp", target, timeout=10)
-            conn = http.client.HTTPConnection("127.0.0.1", svc_port, timeout=10)
-            conn.sock = sock  # http.client uses a preset socket instead of connecting
-            try:
-                conn.request("GET", f"/dial/{i}")
-                with conn.getresponse() as resp:
-                    _check_response(resp, f"dial request {i}")
-            except Exception as exc:
-                if sock.tunnel_error:
-                    raise RuntimeError(f"dial request {i}: {sock.tunnel_error}") from exc
-                raise
-            finally:
-                conn.close()
-
-        def via_route(i: int) -> None:
-            conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
-            try:
-                conn.request("GET", f"/client/demo/http/{target}/route/{i}")
-                with conn.getresponse() as resp:
-                    _check_response(resp, f"route request {i}")
-            finally:
-                conn.close()
-
-        counter = itertools.count()
-        lock = threading.Lock()
-        done = [0]
-        errors: list[str] = []
-
-        def worker() -> None:
-            while True:
-                i = next(counter)
-                if i >= n:
-                    return
-                try:
-                    (via_dial if i % 2 == 0 else via_route)(i)
-                except Exception as exc:  # noqa: BLE001 - counted and reported
-                    with lock:
-                        errors.append(f"{type(exc).__name__}: {exc}")
-                with lock:
-                    done[0] += 1
-
-        rss_before = rss_bytes()
-        heap_before = engine_figures()["heap_bytes"]
+        before = engine_figures()
         tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
         started = time.monotonic()
-        threads = [threading.Thread(target=worker, name=f"demo-{k}", daemon=True)
-                   for k in range(min(concurrency, n))]
-        for t in threads:
-            t.start()
+        load = Load(srv, svc_port, client_key="demo", timeout=10)
+        load.start(n, concurrency)
         last_report = 0
-        while any(t.is_alive() for t in threads):
+        while load.running:
             time.sleep(0.1)
-            with lock:
-                count, failed = done[0], len(errors)
+            progress = load.figures()
+            count, failed = progress["done"], progress["errors"]
             if tty:
                 sys.stderr.write(f"\r  {count}/{n} requests, {failed} failed ")
                 sys.stderr.flush()
             elif count - last_report >= max(1, n // 4):
                 last_report = count
                 say(f"  {count}/{n} requests, {failed} failed")
-        for t in threads:
-            t.join()
+        load.join()
         elapsed = time.monotonic() - started
+        result = load.figures()
+        failed = result["errors"]
         if tty:
             sys.stderr.write("\r" + " " * 60 + "\r")
         say(f"  done: {n} requests in {elapsed:.2f} s = {n / elapsed:,.0f} requests/s "
-            f"({(n + 1) // 2} via dial, {n // 2} via /client/), {len(errors)} failed")
-        for text in errors[:5]:
+            f"({(n + 1) // 2} via dial, {n // 2} via /client/), {failed} failed")
+        for text in result["error_texts"]:
             say(f"    error: {text}")
 
         # Connections end asynchronously after the last response: wait for the
@@ -168,27 +96,25 @@ def run(n: int = 2000, concurrency: int = 8, out: TextIO = sys.stdout) -> int:
         server_metrics, agent_metrics = srv.metrics(), cli.metrics()
         added, removed = counter_sum(server_metrics, ADD), counter_sum(server_metrics, REMOVE)
         a_added, a_removed = counter_sum(agent_metrics, ADD), counter_sum(agent_metrics, REMOVE)
-        rss_after = rss_bytes()
         say(f"  server counters: added {added}, removed {removed}")
         say(f"  agent counters:  added {a_added}, removed {a_removed}")
         say(f"  open connections: {stats['open_connections']}"
             + ("" if settled else f" (after waiting {SETTLE_SECONDS:g} s)"))
         after = engine_figures()
-        say(f"  engine heap in use: before {heap_before / 1024:,.1f} KiB, after "
+        say(f"  engine heap in use: before {before['heap_bytes'] / 1024:,.1f} KiB, after "
             f"{after['heap_bytes'] / 1024:,.1f} KiB (plus {after['pool_bytes'] / 1024:,.0f} KiB "
             "of idle I/O buffers kept for reuse)")
-        say(f"  RSS: before {_mib(rss_before)}, after {_mib(rss_after)}")
+        say(f"  RSS: before {_mib(before['rss_bytes'])}, after {_mib(after['rss_bytes'])}")
     finally:
         if cli is not None:
             cli.close()
         srv.close()
-        service.shutdown()
-        service.server_close()
+        service.close()
 
     sessions_left = engine_stats()["open_sessions"]
     problems = []
-    if errors:
-        problems.append(f"{len(errors)} of {n} requests failed")
+    if failed:
+        problems.append(f"{failed} of {n} requests failed")
     if added != removed:
         problems.append(f"server counters do not balance (added {added}, removed {removed})")
     if a_added != a_removed:

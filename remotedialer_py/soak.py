@@ -141,9 +141,12 @@ def trim() -> None:
 class Load:
     """N requests at concurrency C through a server in this process."""
 
-    def __init__(self, srv: Any, service_port: int) -> None:
+    def __init__(self, srv: Any, service_port: int, client_key: str = CLIENT_KEY,
+                 timeout: float = REQUEST_TIMEOUT) -> None:
         self.srv = srv
         self.target = f"127.0.0.1:{service_port}"
+        self.client_key = client_key
+        self.timeout = timeout
         self._lock = threading.Lock()
         self.done = 0
         self.errors = 0
@@ -151,9 +154,9 @@ class Load:
         self._threads: list[threading.Thread] = []
 
     def _dial(self, i: int) -> None:
-        sock = self.srv.dial(CLIENT_KEY, "tcp", self.target, timeout=REQUEST_TIMEOUT)
-        conn = http.client.HTTPConnection("127.0.0.1", timeout=REQUEST_TIMEOUT)
-        sock.settimeout(REQUEST_TIMEOUT)
+        sock = self.srv.dial(self.client_key, "tcp", self.target, timeout=self.timeout)
+        conn = http.client.HTTPConnection("127.0.0.1", timeout=self.timeout)
+        sock.settimeout(self.timeout)
         conn.sock = sock  # http.client uses a preset socket instead of connecting
         try:
             conn.request("GET", f"/dial/{i}")
@@ -170,9 +173,9 @@ class Load:
             conn.close()
 
     def _route(self, i: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.srv.port, timeout=REQUEST_TIMEOUT)
+        conn = http.client.HTTPConnection("127.0.0.1", self.srv.port, timeout=self.timeout)
         try:
-            conn.request("GET", f"/client/{CLIENT_KEY}/http/{self.target}/route/{i}")
+            conn.request("GET", f"/client/{self.client_key}/http/{self.target}/route/{i}")
             with conn.getresponse() as resp:
                 body = resp.read()
                 if resp.status != 200 or body != BODY:
