@@ -94,6 +94,21 @@ def recv_exact(sock, n, timeout=TIMEOUT):
     return bytes(buf)
 
 
+def round_trip(sock, payload=b"round trip", timeout=TIMEOUT):
+    """Sends payload on a socket to an echo service and reads it back."""
+    sock.sendall(payload)
+    assert recv_exact(sock, len(payload), timeout) == payload
+
+
+def dial_round_trip(srv, client_key, address, payload=b"round trip"):
+    """Dials address through client_key's session, echoes payload, closes."""
+    s = srv.dial(client_key, "tcp", address, timeout=TIMEOUT)
+    try:
+        round_trip(s, payload)
+    finally:
+        s.close()
+
+
 def recv_until_eof(sock, timeout=TIMEOUT, limit=1 << 30):
     """Reads until EOF and returns everything read; TimeoutError if the
     stream is still open at the deadline."""

@@ -14,7 +14,8 @@ import pytest
 
 import support
 import wsraw
-from support import TIMEOUT, check_balanced, key, recv_exact, wait_engine_idle, wait_for
+from support import (TIMEOUT, check_balanced, key, recv_exact, round_trip, wait_engine_idle,
+                     wait_for)
 
 
 def raw_session(srv, client_key="raw-1"):
@@ -31,10 +32,6 @@ def expect_end(sock, error):
     assert sock.tunnel_error == error
     assert not sock.tunnel_open
 
-
-def round_trip(sock, payload=b"still alive"):
-    sock.sendall(payload)
-    assert recv_exact(sock, len(payload)) == payload
 
 
 def session_gone(srv, client_key="raw-1"):

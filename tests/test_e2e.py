@@ -22,12 +22,8 @@ import pytest
 import support
 from support import AGENT_KEY, check_balanced, make_client, wait_engine_idle
 from support import (ADD_CONN, ADD_SESSION, GO_FAMILIES, RECEIVE, REMOVE_CONN, REMOVE_SESSION,
-                     TIMEOUT, TRANSMIT, TRANSMIT_ERROR, key, recv_exact, wait_for)
+                     TIMEOUT, TRANSMIT, TRANSMIT_ERROR, key, round_trip, wait_for)
 
-
-def echo_round_trip(sock, payload=b"hello through the tunnel"):
-    sock.sendall(payload)
-    assert recv_exact(sock, len(payload)) == payload
 
 
 def test_dial_echo_close(tunnel, echo_server):
@@ -35,7 +31,7 @@ def test_dial_echo_close(tunnel, echo_server):
     assert isinstance(sock, socket.socket)
     assert sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM
     for size in (1, 1000, 100_000):
-        echo_round_trip(sock, random.randbytes(size))
+        round_trip(sock, random.randbytes(size))
     assert sock.tunnel_error is None
     sock.close()
     (done,) = echo_server.wait_finished(1)
@@ -193,7 +189,7 @@ def test_forward(tunnel, echo_server, http_service):
                  for _ in range(20)]
         try:
             for i, c in enumerate(conns):
-                echo_round_trip(c, f"forwarded {i} ".encode() * 100)
+                round_trip(c, f"forwarded {i} ".encode() * 100)
         finally:
             for c in conns:
                 c.close()
@@ -246,7 +242,7 @@ def test_list_clients_and_has_session(tunnel):
 def test_metrics_label_sets_and_exposition(tunnel, echo_server):
     srv = tunnel.srv
     sock = tunnel.dial(echo_server.port)
-    echo_round_trip(sock, b"x" * 100)
+    round_trip(sock, b"x" * 100)
     sock.close()
     closed = support.closed_port()
     refused = tunnel.dial(closed)
@@ -300,7 +296,7 @@ def test_promtool_check_metrics(tunnel, echo_server):
     if promtool is None:
         pytest.skip("promtool not installed (Debian package prometheus)")
     sock = tunnel.dial(echo_server.port)
-    echo_round_trip(sock)
+    round_trip(sock)
     sock.close()
     refused = tunnel.dial(support.closed_port())
     assert refused.recv(1) == b""
@@ -321,7 +317,7 @@ def test_promtool_check_metrics(tunnel, echo_server):
 
 def test_get_metrics_over_http(tunnel, echo_server):
     sock = tunnel.dial(echo_server.port)
-    echo_round_trip(sock)
+    round_trip(sock)
     sock.close()
     support.wait_balanced(tunnel.srv)
     conn = http.client.HTTPConnection("127.0.0.1", tunnel.srv.port, timeout=TIMEOUT)
@@ -349,7 +345,7 @@ def test_get_metrics_over_http(tunnel, echo_server):
 
 def test_dropped_socket_is_collected_and_ends_connection(tunnel, echo_server):
     sock = tunnel.dial(echo_server.port)
-    echo_round_trip(sock)
+    round_trip(sock)
     ref = weakref.ref(sock)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
@@ -394,7 +390,7 @@ def test_server_close_ends_sessions_and_connections(rd, tunnel_leak_check, echo_
                  for _ in range(3)]
         for s in socks:
             s.settimeout(TIMEOUT)
-            echo_round_trip(s)
+            round_trip(s)
         echo_server.wait_open(3)
         _closes_concurrently(srv.close)
         for s in socks:
@@ -424,7 +420,7 @@ def test_client_close_ends_its_session(rd, tunnel_leak_check, echo_server):
                      for _ in range(3)]
             for s in socks:
                 s.settimeout(TIMEOUT)
-                echo_round_trip(s)
+                round_trip(s)
             _closes_concurrently(cli.close)
         finally:
             cli.close()

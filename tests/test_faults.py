@@ -15,14 +15,10 @@ import pytest
 import support
 import wsraw
 from support import (ADD_SESSION, AGENT_KEY, REMOVE_SESSION, TIMEOUT, check_balanced, key,
-                     make_client, recv_exact, wait_engine_idle, wait_for)
+                     make_client, recv_exact, round_trip, wait_engine_idle, wait_for)
 
 VECTORS = json.loads((Path(__file__).resolve().parent / "vectors.json").read_text())
 
-
-def echo_round_trip(sock, payload=b"still working"):
-    sock.sendall(payload)
-    assert recv_exact(sock, len(payload)) == payload
 
 
 def still_serving(tunnel, echo_server, n=3):
@@ -30,7 +26,7 @@ def still_serving(tunnel, echo_server, n=3):
     for i in range(n):
         s = tunnel.dial(echo_server.port)
         try:
-            echo_round_trip(s, f"still serving {i}".encode())
+            round_trip(s, f"still serving {i}".encode())
         finally:
             s.close()
 
@@ -147,7 +143,7 @@ def test_server_restart_client_reconnects(rd, tunnel_leak_check, echo_server):
         cli = make_client(rd, srv1.url, AGENT_KEY)
         s = srv1.dial(AGENT_KEY, "tcp", echo_server.address, timeout=TIMEOUT)
         s.settimeout(TIMEOUT)
-        echo_round_trip(s)
+        round_trip(s)
         srv1.close()
         assert s.recv(1) == b""
         s.close()
@@ -158,7 +154,7 @@ def test_server_restart_client_reconnects(rd, tunnel_leak_check, echo_server):
         cli.wait_connected(timeout=TIMEOUT)
         s = srv2.dial(AGENT_KEY, "tcp", echo_server.address, timeout=TIMEOUT)
         s.settimeout(TIMEOUT)
-        echo_round_trip(s)
+        round_trip(s)
         s.close()
         check_balanced(srv2)
         check_balanced(cli)
@@ -236,7 +232,7 @@ def test_authorizer_picks_the_client_key(rd, tunnel_leak_check, echo_server):
             assert remote.startswith("127.0.0.1:")
             s = srv.dial("tenant-42", "tcp", echo_server.address, timeout=TIMEOUT)
             s.settimeout(TIMEOUT)
-            echo_round_trip(s)
+            round_trip(s)
             s.close()
             check_balanced(srv)
             check_balanced(cli)
@@ -272,7 +268,7 @@ def test_garbage_and_half_sent_handshake(tunnel, echo_server):
         still_serving(tunnel, echo_server, n=5)
         tunnel.add_client("agent-2")
         s = tunnel.dial(echo_server.port, key="agent-2")
-        echo_round_trip(s)
+        round_trip(s)
         s.close()
         assert "half" not in tunnel.srv.list_clients()
         mid.abort()
@@ -458,7 +454,7 @@ def test_connect_refused_by_allow_list(tunnel, echo_server, http_service):
         sock.close()
     # Only that connection was refused; the session lives on.
     ok = tunnel.dial(echo_server.port, key="agent-allow")
-    echo_round_trip(ok)
+    round_trip(ok)
     ok.close()
     m = tunnel.srv.metrics()
     assert m[ADD_SESSION][key(clientkey="agent-allow", peer="false")] == 1
@@ -481,7 +477,7 @@ def test_connect_refused_by_callable(tunnel, echo_server, http_service):
     assert sock.tunnel_error == "connect not allowed"
     sock.close()
     ok = tunnel.dial(echo_server.port, key="agent-fn")
-    echo_round_trip(ok)
+    round_trip(ok)
     ok.close()
     assert asked == [("tcp", http_service.address), ("tcp", echo_server.address)]
     assert tunnel.srv.has_session("agent-fn")

@@ -47,13 +47,7 @@ class Traffic:
             payload = f"bystander round trip {i}".encode()
             i += 1
             try:
-                s = self.srv.dial(self.client_key, "tcp", self.address, timeout=TIMEOUT)
-                try:
-                    s.settimeout(TIMEOUT)
-                    s.sendall(payload)
-                    assert recv_exact(s, len(payload)) == payload
-                finally:
-                    s.close()
+                support.dial_round_trip(self.srv, self.client_key, self.address, payload)
                 self.count += 1
                 # Paced: steady traffic, not a load test of its own.
                 self._stop.wait(0.01)

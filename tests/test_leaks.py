@@ -28,14 +28,10 @@ import pytest
 import support
 import wsraw
 from support import (ADD_CONN, ADD_SESSION, AGENT_KEY, REMOVE_CONN, REMOVE_SESSION, TIMEOUT,
-                     check_balanced, key, recv_exact, wait_engine_idle, wait_for)
+                     check_balanced, key, recv_exact, round_trip, wait_engine_idle, wait_for)
 
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
-
-def round_trip(sock, payload=b"ping"):
-    sock.sendall(payload)
-    assert recv_exact(sock, len(payload)) == payload
 
 
 def expect_end(sock, error=None, pattern=None, timeout=TIMEOUT):

@@ -328,14 +328,9 @@ class Arena:
         wait_for(lambda: self.srv.has_session(GOOD), what="the good agent's session")
         self.kept = self.srv.dial(GOOD, "tcp", self.kept_echo.address, timeout=WAIT)
         self.kept.settimeout(WAIT)
-        self.round_trip(self.kept, b"first")
+        support.round_trip(self.kept, b"first", WAIT)
         self.baseline = None
         self.examples = 0
-
-    @staticmethod
-    def round_trip(sock, payload):
-        sock.sendall(payload)
-        assert recv_exact(sock, len(payload), WAIT) == payload
 
     def unbalanced(self, source):
         """Counter label sets that do not balance, but for the good agent's
@@ -468,11 +463,11 @@ def test_random_frames_from_several_clients(arena, rd, example):
                 check_dead(srv, raw)
         # Nobody else noticed.
         assert srv.has_session(GOOD) and arena.good.connected
-        arena.round_trip(arena.kept, b"kept %d" % arena.examples)
+        support.round_trip(arena.kept, b"kept %d" % arena.examples, WAIT)
         fresh = srv.dial(GOOD, "tcp", arena.echo.address, timeout=WAIT)
         fresh.settimeout(WAIT)
         try:
-            arena.round_trip(fresh, b"fresh")
+            support.round_trip(fresh, b"fresh", WAIT)
         finally:
             fresh.close()
     finally:

@@ -226,14 +226,8 @@ def assert_never_connects(cli, srv, expected_error, key=KEY):
     assert key not in srv.list_clients()
 
 
-def echo_round_trip(srv, echo_server, key=KEY, payload=b"through the encrypted tunnel"):
-    s = srv.dial(key, "tcp", echo_server.address, timeout=TIMEOUT)
-    try:
-        s.settimeout(TIMEOUT)
-        s.sendall(payload)
-        assert recv_exact(s, len(payload)) == payload
-    finally:
-        s.close()
+def echo_round_trip(srv, echo_server, key=KEY):
+    support.dial_round_trip(srv, key, echo_server.address, b"through the encrypted tunnel")
 
 
 def peer_cert(port, cafile, server_hostname="localhost", **ctx_options):
