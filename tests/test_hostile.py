@@ -373,14 +373,19 @@ def test_max_sessions_503(hostile):
             ws.close()
 
 
+def _open_sessions(srv, client_key, n, held):
+    """n accepted upgrades for client_key, appended to held (closed by the caller)."""
+    for _ in range(n):
+        status, body, ws = raw_upgrade(srv.port, upgrade_bytes(srv.port, client_key))
+        assert status == 101, body
+        held.append(ws)
+
+
 def test_max_sessions_per_key_429(hostile):
     srv, traffic = hostile(max_sessions_per_key=2)
     held = []
     try:
-        for _ in range(2):
-            status, body, ws = raw_upgrade(srv.port, upgrade_bytes(srv.port, "greedy"))
-            assert status == 101, body
-            held.append(ws)
+        _open_sessions(srv, "greedy", 2, held)
         status, body, _ = raw_upgrade(srv.port, upgrade_bytes(srv.port, "greedy"))
         assert (status, body) == (429, b"too many sessions for client greedy")
         # Other keys are not affected, the bystander included.
@@ -411,10 +416,7 @@ def test_default_max_sessions_per_key_is_64(hostile):
     srv, traffic = hostile()
     held = []
     try:
-        for _ in range(64):
-            status, body, ws = raw_upgrade(srv.port, upgrade_bytes(srv.port, "greedy"))
-            assert status == 101, body
-            held.append(ws)
+        _open_sessions(srv, "greedy", 64, held)
         status, body, _ = raw_upgrade(srv.port, upgrade_bytes(srv.port, "greedy"))
         assert (status, body) == (429, b"too many sessions for client greedy")
     finally:
