@@ -190,7 +190,7 @@ fuzz-deps:
 	echo "fuzz-deps: $(CLANG) cannot build libFuzzer targets; install the Debian packages $(FUZZ_DEB_PACKAGES)"; \
 	exit 1
 
-build/fuzz/%: fuzz/%.c $(ENGINE_SRC) $(HEADERS)
+build/fuzz/%: fuzz/%.c fuzz/fuzz.h $(ENGINE_SRC) $(HEADERS)
 	@mkdir -p $(@D)
 	$(CLANG) -std=gnu11 -g -O1 -fsanitize=fuzzer,address,undefined -fno-omit-frame-pointer \
 	  -Icsrc $< $(ENGINE_SRC) $(LIBS) -o $@

@@ -7,12 +7,7 @@
 #include <string.h>
 
 #include "rd_http.h"
-
-#define FUZZ_ASSERT(c)                                                                \
-  do {                                                                                \
-    if (!(c))                                                                         \
-      abort();                                                                        \
-  } while (0)
+#include "fuzz.h"
 
 static const size_t head_limits[8] = {0, 1, 16, 64, 256, 1024, 8192, 65536};
 static const size_t header_limits[4] = {0, 3, 64, 1000};

@@ -6,12 +6,7 @@
 #include <string.h>
 
 #include "rd_msg.h"
-
-#define FUZZ_ASSERT(c)                                                                \
-  do {                                                                                \
-    if (!(c))                                                                         \
-      abort();                                                                        \
-  } while (0)
+#include "fuzz.h"
 
 static void check_varint(const uint8_t *data, size_t size) {
   int64_t v;

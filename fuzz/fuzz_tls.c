@@ -33,14 +33,7 @@
 #include "rd_alloc.h"
 #include "rd_block.h"
 #include "rd_tls.h"
-
-#define FUZZ_ASSERT(c)                                                                \
-  do {                                                                                \
-    if (!(c)) {                                                                       \
-      fprintf(stderr, "%s:%d: FUZZ_ASSERT(%s) failed\n", __FILE__, __LINE__, #c);   \
-      abort();                                                                        \
-    }                                                                                 \
-  } while (0)
+#include "fuzz.h"
 
 /* The CA: signs both certificates below. */
 static const char CA_PEM[] =

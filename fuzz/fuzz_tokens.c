@@ -21,14 +21,7 @@
 
 #include "rd_alloc.h"
 #include "rd_tokens.h"
-
-#define FUZZ_ASSERT(c)                                                                \
-  do {                                                                                \
-    if (!(c)) {                                                                       \
-      fprintf(stderr, "%s:%d: FUZZ_ASSERT(%s) failed\n", __FILE__, __LINE__, #c);   \
-      abort();                                                                        \
-    }                                                                                 \
-  } while (0)
+#include "fuzz.h"
 
 #define MAX_ENTRIES 4096
 

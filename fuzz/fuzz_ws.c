@@ -10,12 +10,7 @@
 
 #include "rd_alloc.h"
 #include "rd_ws.h"
-
-#define FUZZ_ASSERT(c)                                                                \
-  do {                                                                                \
-    if (!(c))                                                                         \
-      abort();                                                                        \
-  } while (0)
+#include "fuzz.h"
 
 /* A running digest of everything delivered, in order. */
 typedef struct digest {
