@@ -253,15 +253,20 @@ def agent_processes():
         p.kill()
 
 
+def live_sockets(srv, client_key, address, n):
+    """n connections dialed through client_key, each proven by a round trip."""
+    socks = [srv.dial(client_key, "tcp", address, timeout=TIMEOUT) for _ in range(n)]
+    for s in socks:
+        s.settimeout(TIMEOUT)
+        round_trip(s)
+    return socks
+
+
 def test_agent_process_sigkilled(rd, tunnel_leak_check, echo_server, agent_processes):
     with rd.Server(listen="127.0.0.1:0") as srv:
         agent = agent_processes(srv.url, "agent-k")
         agent.call("wait_connected")
-        socks = [srv.dial("agent-k", "tcp", echo_server.address, timeout=TIMEOUT)
-                 for _ in range(4)]
-        for s in socks:
-            s.settimeout(TIMEOUT)
-            round_trip(s)
+        socks = live_sockets(srv, "agent-k", echo_server.address, 4)
         agent.signal(signal.SIGKILL)
         assert agent.wait() == -signal.SIGKILL
         for s in socks:
@@ -281,11 +286,7 @@ def test_ping_timeout_of_a_stopped_agent(rd, tunnel_leak_check, echo_server, age
         agent = agent_processes(srv.url, "agent-p", ping_interval=0.2, backoff_min=0.1,
                                 backoff_max=0.5)
         agent.call("wait_connected")
-        socks = [srv.dial("agent-p", "tcp", echo_server.address, timeout=TIMEOUT)
-                 for _ in range(3)]
-        for s in socks:
-            s.settimeout(TIMEOUT)
-            round_trip(s)
+        socks = live_sockets(srv, "agent-p", echo_server.address, 3)
         agent.signal(signal.SIGSTOP)
         try:
             started = time.monotonic()
@@ -552,11 +553,7 @@ def test_interpreter_exit_with_everything_open(rd, tunnel_leak_check, echo_serve
     with rd.Server(listen="127.0.0.1:0") as srv:
         agent = agent_processes(srv.url, "agent-x")
         agent.call("wait_connected")
-        socks = [srv.dial("agent-x", "tcp", echo_server.address, timeout=TIMEOUT)
-                 for _ in range(3)]
-        for s in socks:
-            s.settimeout(TIMEOUT)
-            round_trip(s)
+        socks = live_sockets(srv, "agent-x", echo_server.address, 3)
         assert agent.call("own", echo_server.address, 3)["open"] == 3 * 2 + 3
         echo_server.wait_open(6)
         started = time.monotonic()
