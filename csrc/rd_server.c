@@ -624,16 +624,17 @@ static rd_tls_ctx *proxy_tls_ctx(rd_server *srv, char *err, size_t errlen) {
   return srv->cfg.proxy_tls;
 }
 
-/* The name an https target's certificate must match: host without its port
- * ("[::1]" keeps its brackets, which rd_tls_new accepts). */
-static void target_name(const char *host, char *out, size_t cap) {
+/* The ':' before the port in a route's host segment, or NULL when it names
+ * none: "h:80" and "[::1]:80" have one; "h", "[::1]" and a bare "::1" not. */
+static const char *host_port_colon(const char *host) {
   const char *colon = strrchr(host, ':');
-  const char *bracket = strrchr(host, ']');
-  size_t len = strlen(host);
-  if (colon != NULL && (bracket == NULL || colon > bracket) &&
-      (host[0] == '[' || strchr(host, ':') == colon))
-    len = (size_t)(colon - host);
-  snprintf(out, cap, "%.*s", (int)len, host);
+  if (colon == NULL)
+    return NULL;
+  if (host[0] == '[') {
+    const char *bracket = strrchr(host, ']');
+    return bracket != NULL && colon > bracket ? colon : NULL;
+  }
+  return strchr(host, ':') == colon ? colon : NULL;
 }
 
 /* The https leg: a TLS client over a socket pair whose other end is the
@@ -646,7 +647,10 @@ static void proxy_https(httpconn *hc, rd_session *s, const char *host, const cha
     respond_text(hc, 500, "Internal Server Error", err);
     return;
   }
-  target_name(host, name, sizeof name);
+  /* The name the certificate must match: the host without its port. */
+  const char *colon = host_port_colon(host);
+  snprintf(name, sizeof name, "%.*s", (int)(colon != NULL ? (size_t)(colon - host) : strlen(host)),
+           host);
   rd_tls *tls = rd_tls_new(ctx, name, err, sizeof err);
   if (tls == NULL) {
     respond_text(hc, 500, "Internal Server Error", err);
@@ -712,12 +716,12 @@ static void handle_proxy(httpconn *hc, rd_http_request *req) {
     return;
   }
   char address[280];
-  const char *colon = strrchr(host, ':');
-  const char *bracket = strrchr(host, ']');
-  if (colon == NULL || (bracket != NULL && colon < bracket))
-    snprintf(address, sizeof address, "%s:%d", host, https ? 443 : 80);
-  else
+  if (host_port_colon(host) != NULL)
     snprintf(address, sizeof address, "%s", host);
+  else if (host[0] != '[' && strchr(host, ':') != NULL) /* a bare IPv6 address */
+    snprintf(address, sizeof address, "[%s]:%d", host, https ? 443 : 80);
+  else
+    snprintf(address, sizeof address, "%s:%d", host, https ? 443 : 80);
   /* ?timeout=N (seconds) bounds the exchange, as in the Go example. */
   uint64_t timeout_ms = 0;
   if (q != NULL) {
