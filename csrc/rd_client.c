@@ -215,8 +215,8 @@ static void session_on_connect(rd_session *s, void *owner, rd_conn *c) {
   }
 }
 
-static const rd_session_owner client_session_ops = {session_on_end, session_on_freed,
-                                                    session_on_connect};
+static const rd_session_owner client_session_ops = {
+    .on_end = session_on_end, .on_freed = session_on_freed, .on_connect = session_on_connect};
 
 static void stream_free_cb(uv_handle_t *h) { rd_free(h); }
 

@@ -21,6 +21,7 @@ enum {
   RD_EREFUSED = -20009,     /* the connect authorizer refused */
   RD_EUNAUTHORIZED = -20010, /* the server authorizer refused */
   RD_ETOOMANY = -20011,      /* a configured limit was reached */
+  RD_EINVAL = -20012,        /* a call that does not fit the object's state */
   RD_ETLS = -20030           /* TLS failed: handshake, verification or record */
 };
 

@@ -31,6 +31,8 @@ const char *rd_strerror(int code) {
     return "unauthorized";
   case RD_ETOOMANY:
     return "too many connections";
+  case RD_EINVAL:
+    return "not allowed in this state";
   case RD_ETLS:
     return "TLS failure";
   }

@@ -180,7 +180,10 @@ static void session_on_end(rd_session *s, void *owner, const char *reason) {
 
 static void session_on_freed(void *owner) { server_unref(owner); }
 
-static const rd_session_owner server_session_ops = {session_on_end, session_on_freed, NULL};
+/* Agents' CONNECTs are refused (on_connect unset): a server dials, it is not
+ * dialed. */
+static const rd_session_owner server_session_ops = {.on_end = session_on_end,
+                                                    .on_freed = session_on_freed};
 
 /* ---- HTTP connections before the upgrade ---- */
 
