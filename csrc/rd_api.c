@@ -78,11 +78,7 @@ int rd_api_close(uint64_t handle) { return api_call(close_fn, &handle, NULL, 0);
 
 typedef struct {
   uint64_t handle;
-  const char *key, *proto, *address;
-  uint64_t idle_ms;
-  int fd;
-  int64_t conn_id;
-  rd_dial_status *status;
+  rd_server_dial_req req;
 } dial_ctx;
 
 static void dial_fn(api_cmd *a, void *p) {
@@ -92,20 +88,20 @@ static void dial_fn(api_cmd *a, void *p) {
     finish_closed(a);
     return;
   }
-  char err[256] = "";
-  int rc = rd_server_dial(srv, c->key, c->proto, c->address, c->idle_ms, &c->fd, &c->conn_id, &c->status, err,
-                          sizeof err);
-  rd_cmd_finish(&a->cmd, rc, err);
+  c->req.cmd = &a->cmd;
+  rd_server_dial(srv, &c->req);
 }
 
 int rd_api_server_dial(uint64_t handle, const char *client_key, const char *proto,
-                       const char *address, uint64_t idle_timeout_ms, int *fd, int64_t *conn_id,
-                       rd_dial_status **status, char *err, size_t errlen) {
-  dial_ctx c = {handle, client_key, proto, address, idle_timeout_ms, -1, 0, NULL};
+                       const char *address, uint64_t timeout_ms, uint64_t idle_timeout_ms,
+                       int *fd, int64_t *conn_id, rd_dial_status **status, char *err,
+                       size_t errlen) {
+  dial_ctx c = {handle, {.client_key = client_key, .proto = proto, .address = address,
+                         .idle_timeout_ms = idle_timeout_ms, .timeout_ms = timeout_ms, .fd = -1}};
   int rc = api_call(dial_fn, &c, err, errlen);
-  *fd = c.fd;
-  *conn_id = c.conn_id;
-  *status = c.status;
+  *fd = c.req.fd;
+  *conn_id = c.req.conn_id;
+  *status = c.req.status;
   return rc;
 }
 

@@ -18,9 +18,12 @@ int rd_api_server_new(const char *host, int port, const rd_server_config *cfg,
  * Unknown handles succeed (close is idempotent). */
 int rd_api_close(uint64_t handle);
 
+/* Dials through client_key's session (rd_server_dial): waits up to
+ * timeout_ms for room on a session whose queue toward the agent is full. */
 int rd_api_server_dial(uint64_t handle, const char *client_key, const char *proto,
-                       const char *address, uint64_t idle_timeout_ms, int *fd, int64_t *conn_id, rd_dial_status **status,
-                       char *err, size_t errlen);
+                       const char *address, uint64_t timeout_ms, uint64_t idle_timeout_ms,
+                       int *fd, int64_t *conn_id, rd_dial_status **status, char *err,
+                       size_t errlen);
 int rd_api_server_forward(uint64_t handle, const char *client_key, const char *proto,
                           const char *address, const char *host, int port, uint64_t *fhandle,
                           int *port_out, char *err, size_t errlen);

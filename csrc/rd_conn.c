@@ -15,6 +15,7 @@
 #include "rd_conn.h"
 
 #include <poll.h>
+#include <sys/socket.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -618,8 +619,12 @@ static void stream_free_cb(uv_handle_t *h) { rd_free(h); }
 /* An initialised stream around fd (a TCP or unix stream socket), or NULL
  * with *rc set (fd is then still the caller's). */
 static uv_stream_t *fd_stream(int fd, int *rc) {
+  /* libuv calls a pipe(2) or FIFO a "named pipe" too: ask the kernel. */
+  int type = 0;
+  socklen_t len = sizeof type;
   uv_handle_type kind = uv_guess_handle(fd);
-  if (kind != UV_TCP && kind != UV_NAMED_PIPE) {
+  if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_STREAM ||
+      (kind != UV_TCP && kind != UV_NAMED_PIPE)) {
     *rc = UV_ENOTSOCK;
     return NULL;
   }

@@ -26,8 +26,11 @@ rd_dial_status *rd_dial_status_new(void);
 void rd_dial_status_unref(rd_dial_status *st);
 
 /* Local ends. Each takes a connection that has none yet (a fresh one from
- * rd_session_open, or one an owner's on_connect accepted) and returns RD_OK,
- * or an error code after which the connection has ended with that error. */
+ * rd_session_open, or one an owner's on_connect accepted) and returns RD_OK;
+ * RD_EINVAL when a connection already has a local end (or, for a splice,
+ * both are on one session), leaving the connections as they were; or
+ * another error code after which the connection has ended with it
+ * (RD_ECLOSED: it had ended already). */
 /* A connected stream; ownership passes to the connection, also on failure. */
 int rd_conn_attach_io(rd_conn *c, rd_io *io);
 /* A connected socket descriptor (TCP or unix stream); the connection owns it

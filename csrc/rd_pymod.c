@@ -18,6 +18,7 @@ typedef struct {
   PyObject *TunnelError;
   PyObject *ClientNotFoundError;
   PyObject *ClosedError;
+  PyObject *TunnelTimeoutError;
 } module_state;
 
 static module_state *get_state(PyObject *module) { return PyModule_GetState(module); }
@@ -30,6 +31,8 @@ static PyObject *raise_rc(PyObject *module, int rc, const char *message) {
     type = st->ClientNotFoundError;
   else if (rc == RD_ECLOSED)
     type = st->ClosedError;
+  else if (rc == RD_ETIMEDOUT)
+    type = st->TunnelTimeoutError;
   PyErr_SetString(type, message != NULL && message[0] != '\0' ? message : rd_strerror(rc));
   return NULL;
 }
@@ -314,8 +317,9 @@ static PyObject *py_server_dial(PyObject *module, PyObject *args) {
   if (!PyArg_ParseTuple(args, "Ksss|dd:server_dial", &handle, &key, &proto, &address, &timeout,
                         &idle))
     return NULL;
-  if (idle < 0) {
-    PyErr_SetString(PyExc_ValueError, "idle_timeout must not be negative");
+  if (idle < 0 || timeout < 0) {
+    PyErr_SetString(PyExc_ValueError, idle < 0 ? "idle_timeout must not be negative"
+                                               : "timeout must not be negative");
     return NULL;
   }
   int fd = -1, rc;
@@ -323,7 +327,8 @@ static PyObject *py_server_dial(PyObject *module, PyObject *args) {
   rd_dial_status *st = NULL;
   char err[256];
   Py_BEGIN_ALLOW_THREADS
-  rc = rd_api_server_dial(handle, key, proto, address, (uint64_t)(idle * 1000.0), &fd, &conn_id, &st, err, sizeof err);
+  rc = rd_api_server_dial(handle, key, proto, address, (uint64_t)(timeout * 1000.0),
+                          (uint64_t)(idle * 1000.0), &fd, &conn_id, &st, err, sizeof err);
   Py_END_ALLOW_THREADS
   if (rc != RD_OK)
     return raise_rc(module, rc, err);
@@ -772,7 +777,7 @@ static PyObject *py_shutdown(PyObject *module, PyObject *noargs) {
 static PyMethodDef engine_methods[] = {
     {"server_new", py_server_new, METH_VARARGS, "server_new(host, port, options) -> (handle, port)"},
     {"server_dial", py_server_dial, METH_VARARGS,
-     "server_dial(handle, key, proto, address[, timeout]) -> (fd, conn_id, status)"},
+     "server_dial(handle, key, proto, address[, timeout[, idle_timeout]]) -> (fd, conn_id, status)"},
     {"dial_status", py_dial_status, METH_O, "dial_status(status) -> (open, error)"},
     {"server_forward", py_server_forward, METH_VARARGS,
      "server_forward(handle, key, proto, address, host, port) -> (handle, port)"},
@@ -820,6 +825,17 @@ static int engine_exec(PyObject *module) {
                                               "The object is closed.", st->TunnelError, NULL);
   if (st->ClosedError == NULL || PyModule_AddObjectRef(module, "ClosedError", st->ClosedError) < 0)
     return -1;
+  /* Both a TunnelError and the built-in TimeoutError, so either catches it. */
+  PyObject *bases = PyTuple_Pack(2, st->TunnelError, PyExc_TimeoutError);
+  if (bases == NULL)
+    return -1;
+  st->TunnelTimeoutError = PyErr_NewExceptionWithDoc(
+      "remotedialer_py._engine.TunnelTimeoutError", "A tunnel operation ran out of time.", bases,
+      NULL);
+  Py_DECREF(bases);
+  if (st->TunnelTimeoutError == NULL ||
+      PyModule_AddObjectRef(module, "TunnelTimeoutError", st->TunnelTimeoutError) < 0)
+    return -1;
   return 0;
 }
 
@@ -828,6 +844,7 @@ static int engine_traverse(PyObject *module, visitproc visit, void *arg) {
   Py_VISIT(st->TunnelError);
   Py_VISIT(st->ClientNotFoundError);
   Py_VISIT(st->ClosedError);
+  Py_VISIT(st->TunnelTimeoutError);
   return 0;
 }
 
@@ -836,6 +853,7 @@ static int engine_clear(PyObject *module) {
   Py_CLEAR(st->TunnelError);
   Py_CLEAR(st->ClientNotFoundError);
   Py_CLEAR(st->ClosedError);
+  Py_CLEAR(st->TunnelTimeoutError);
   return 0;
 }
 

@@ -31,8 +31,11 @@ struct client_entry {
   size_t count, cap;
 };
 
+typedef struct room_wait room_wait;
+
 struct rd_server {
   rd_object obj;
+  room_wait *room_waits; /* dials waiting for room on their session */
   rd_server_config cfg;
   uv_tcp_t listener;
   rd_metrics *metrics;
@@ -173,17 +176,21 @@ static rd_session *session_for(rd_server *srv, const char *key) {
   return e != NULL && e->count > 0 ? e->sessions[0] : NULL;
 }
 
+static void room_waits_wake(rd_server *srv, rd_session *s, int ended);
+static void session_on_room(rd_session *s, void *owner);
+
 static void session_on_end(rd_session *s, void *owner, const char *reason) {
   (void)reason;
   client_remove(owner, s);
+  room_waits_wake(owner, s, 1);
 }
 
 static void session_on_freed(void *owner) { server_unref(owner); }
 
 /* Agents' CONNECTs are refused (on_connect unset): a server dials, it is not
  * dialed. */
-static const rd_session_owner server_session_ops = {.on_end = session_on_end,
-                                                    .on_freed = session_on_freed};
+static const rd_session_owner server_session_ops = {
+    .on_end = session_on_end, .on_freed = session_on_freed, .on_room = session_on_room};
 
 /* ---- HTTP connections before the upgrade ---- */
 
@@ -960,26 +967,118 @@ static int dial_pair(rd_session *s, const char *proto, const char *address, int 
   return RD_OK;
 }
 
-int rd_server_dial(rd_server *srv, const char *client_key, const char *proto,
-                   const char *address, uint64_t idle_timeout_ms, int *fd_out, int64_t *conn_id,
-                   rd_dial_status **status_out, char *err, size_t errlen) {
-  rd_session *s = session_for(srv, client_key);
-  if (s == NULL) {
-    snprintf(err, errlen, "failed to find Session for client %s", client_key);
-    return RD_ENOSESSION;
-  }
-  int fd;
-  rd_dial_status *st;
+static void dial_now(rd_session *s, rd_server_dial_req *req) {
+  char err[256] = "";
   rd_conn *c;
-  int rc = dial_pair(s, proto, address, &fd, &st, &c, err, errlen);
-  if (rc != RD_OK)
-    return rc;
-  if (idle_timeout_ms > 0)
-    rd_conn_set_idle_timeout(c, idle_timeout_ms);
-  *fd_out = fd;
-  *conn_id = rd_conn_id(c);
-  *status_out = st;
-  return RD_OK;
+  int rc = dial_pair(s, req->proto, req->address, &req->fd, &req->status, &c, err, sizeof err);
+  if (rc == RD_OK) {
+    if (req->idle_timeout_ms > 0)
+      rd_conn_set_idle_timeout(c, req->idle_timeout_ms);
+    req->conn_id = rd_conn_id(c);
+  }
+  rd_cmd_finish(req->cmd, rc, err);
+}
+
+static void dial_no_session(rd_server_dial_req *req) {
+  rd_cmd_finishf(req->cmd, RD_ENOSESSION, "failed to find Session for client %s",
+                 req->client_key);
+}
+
+/* ---- dials that wait for room ----
+ * Go bounds a dial by a deadline on writing its CONNECT. Here a dial waits
+ * while its session's queue toward the agent is over write_high (the agent
+ * is not keeping up), and fails past the caller's timeout. */
+
+struct room_wait {
+  room_wait *prev, *next;
+  rd_server *srv;
+  rd_session *s;
+  uv_timer_t timer;
+  rd_server_dial_req *req; /* NULL once finished */
+};
+
+static void room_wait_closed_cb(uv_handle_t *h) {
+  room_wait *w = h->data;
+  rd_server *srv = w->srv;
+  rd_free(w);
+  server_unref(srv);
+}
+
+/* Unlinks w and frees it (once its timer has closed). */
+static void room_wait_drop(room_wait *w) {
+  if (w->prev != NULL)
+    w->prev->next = w->next;
+  else
+    w->srv->room_waits = w->next;
+  if (w->next != NULL)
+    w->next->prev = w->prev;
+  w->req = NULL;
+  uv_close((uv_handle_t *)&w->timer, room_wait_closed_cb);
+}
+
+static void room_wait_timeout_cb(uv_timer_t *t) {
+  room_wait *w = t->data;
+  rd_cmd_finishf(w->req->cmd, RD_ETIMEDOUT,
+                 "dial timeout: the session of client %s had no room for the connection",
+                 w->req->client_key);
+  room_wait_drop(w);
+}
+
+static void room_wait_start(rd_server *srv, rd_session *s, rd_server_dial_req *req) {
+  room_wait *w = rd_calloc(1, sizeof *w);
+  if (w == NULL) {
+    rd_cmd_finish(req->cmd, RD_ENOMEM, NULL);
+    return;
+  }
+  w->srv = srv;
+  w->s = s;
+  w->req = req;
+  srv->refs++;
+  uv_timer_init(rd_loop(), &w->timer);
+  w->timer.data = w;
+  uv_timer_start(&w->timer, room_wait_timeout_cb, req->timeout_ms, 0);
+  w->next = srv->room_waits;
+  if (w->next != NULL)
+    w->next->prev = w;
+  srv->room_waits = w;
+}
+
+/* Session s has room again (ended: no longer exists): its waiting dials go
+ * on, oldest first, while the room lasts. */
+static void room_waits_wake(rd_server *srv, rd_session *s, int ended) {
+  room_wait *oldest = NULL;
+  for (room_wait *w = srv->room_waits; w != NULL; w = w->next)
+    if (w->s == s)
+      oldest = w;
+  for (room_wait *w = oldest, *prev; w != NULL; w = prev) {
+    prev = w->prev;
+    if (w->s != s)
+      continue;
+    if (!ended && !rd_session_has_room(s))
+      return;
+    rd_server_dial_req *req = w->req;
+    room_wait_drop(w);
+    if (ended)
+      dial_no_session(req);
+    else
+      dial_now(s, req);
+  }
+}
+
+static void session_on_room(rd_session *s, void *owner) { room_waits_wake(owner, s, 0); }
+
+void rd_server_dial(rd_server *srv, rd_server_dial_req *req) {
+  rd_session *s = session_for(srv, req->client_key);
+  if (s == NULL)
+    dial_no_session(req);
+  else if (rd_session_has_room(s))
+    dial_now(s, req);
+  else if (req->timeout_ms == 0)
+    rd_cmd_finishf(req->cmd, RD_ETIMEDOUT,
+                   "dial timeout: the session of client %s had no room for the connection",
+                   req->client_key);
+  else
+    room_wait_start(srv, s, req);
 }
 
 /* ---- forwards ---- */

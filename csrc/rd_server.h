@@ -47,13 +47,26 @@ int rd_server_start(const char *host, int port, const rd_server_config *cfg, rd_
 uint64_t rd_server_handle(const rd_server *srv);
 rd_metrics *rd_server_metrics(rd_server *srv);
 
-/* Dials through the oldest live session of client_key: returns 0 and the
- * caller's end of a socket pair in *fd_out (the engine keeps the other),
- * with the connection id and a referenced status; or a negative code and a
- * message (RD_ENOSESSION: "failed to find Session for client KEY"). */
-int rd_server_dial(rd_server *srv, const char *client_key, const char *proto,
-                   const char *address, uint64_t idle_timeout_ms, int *fd_out, int64_t *conn_id,
-                   rd_dial_status **status_out, char *err, size_t errlen);
+/* A dial through the oldest live session of a client key. The strings stay
+ * valid until cmd is finished. */
+typedef struct rd_server_dial_req {
+  rd_cmd *cmd; /* finished with the outcome */
+  const char *client_key, *proto, *address;
+  uint64_t idle_timeout_ms;
+  /* How long the dial may wait for room on a session whose queue toward the
+   * agent is full (Go's deadline on writing CONNECT); 0: not at all. */
+  uint64_t timeout_ms;
+  /* Results: the caller's end of a socket pair (the engine keeps the other),
+   * the connection id and a referenced status. */
+  int fd;
+  int64_t conn_id;
+  rd_dial_status *status;
+} rd_server_dial_req;
+
+/* Finishes req->cmd with RD_OK and the results, or an error: RD_ENOSESSION
+ * ("failed to find Session for client KEY", also when the session ends while
+ * the dial waits), RD_ETIMEDOUT (no room within timeout_ms), RD_ECLOSED. */
+void rd_server_dial(rd_server *srv, rd_server_dial_req *req);
 
 /* Starts a port forward: each TCP connection accepted on host:port is dialed
  * through client_key's session to proto/address. */

@@ -107,8 +107,11 @@ static void queue_shrank(rd_session *s) {
     if (!s->peer_blocked && rd_session_can_send(s))
       rd_io_read_start(s->io, session_alloc_cb, session_read_cb);
   }
-  if (s->write_blocked && rd_session_can_send(s) && q <= s->cfg.write_high / 4)
+  if (s->write_blocked && rd_session_can_send(s) && q <= s->cfg.write_high / 4) {
     session_block_writes(s, 0);
+    if (s->ops.on_room != NULL)
+      s->ops.on_room(s, s->owner);
+  }
 }
 
 static void session_write_cb(uv_write_t *req, int status) {
@@ -666,6 +669,7 @@ const char *rd_session_client_key(const rd_session *s) { return s->client_key; }
 int64_t rd_session_key(const rd_session *s) { return s->session_key; }
 int rd_session_is_ended(const rd_session *s) { return s->ended; }
 size_t rd_session_conn_count(const rd_session *s) { return s->conns.count; }
+int rd_session_has_room(const rd_session *s) { return rd_session_can_send(s) && !s->write_blocked; }
 
 typedef struct {
   rd_session *s;

@@ -46,6 +46,8 @@ typedef struct rd_session_owner {
    * decides, now or later: rd_conn_dial_local, an rd_conn_attach_*, or
    * rd_conn_refuse. NULL: every CONNECT is refused. */
   void (*on_connect)(rd_session *s, void *owner, rd_conn *c);
+  /* The queue toward the peer went back under write_high (NULL: not told). */
+  void (*on_room)(rd_session *s, void *owner);
   /* ADD_CLIENT / REMOVE_CLIENT from a peer (NULL: ignored). */
   void (*on_add_client)(rd_session *s, void *owner, const char *client_key);
   void (*on_remove_client)(rd_session *s, void *owner, const char *client_key);
@@ -70,6 +72,9 @@ const char *rd_session_client_key(const rd_session *s);
 int64_t rd_session_key(const rd_session *s);
 int rd_session_is_ended(const rd_session *s);
 size_t rd_session_conn_count(const rd_session *s);
+/* Whether the queue toward the peer has room (under write_high) and the
+ * session is not ending: a new connection's bytes would move now. */
+int rd_session_has_room(const rd_session *s);
 
 /* Opens a connection through the session to proto/address: sends CONNECT
  * and returns it connecting (what the far side sends is held until a local

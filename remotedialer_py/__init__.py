@@ -28,6 +28,7 @@ __all__ = [
     "TunnelError",
     "ClientNotFoundError",
     "ClosedError",
+    "TunnelTimeoutError",
     "errors",
     "engine_stats",
     "engine_trim",
@@ -45,6 +46,7 @@ _LAZY = {
     "TunnelError": ("errors", "TunnelError"),
     "ClientNotFoundError": ("errors", "ClientNotFoundError"),
     "ClosedError": ("errors", "ClosedError"),
+    "TunnelTimeoutError": ("errors", "TunnelTimeoutError"),
     "errors": ("errors", None),
     "engine_stats": ("_runtime", "engine_stats"),
 }
@@ -53,7 +55,7 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see plain imports
     from . import errors
     from ._runtime import engine_stats
     from .client import Client
-    from .errors import ClientNotFoundError, ClosedError, TunnelError
+    from .errors import ClientNotFoundError, ClosedError, TunnelError, TunnelTimeoutError
     from .server import Forward, Request, Server, TokenAuthorizer
     from .tunnel_socket import TunnelSocket
 

@@ -11,6 +11,9 @@ engine and one raised by the Python wrapper are the same classes:
   ``failed to find Session for client KEY``.
 - ``ClosedError(TunnelError)``: the Server, Client or Forward was already
   closed.
+- ``TunnelTimeoutError(TunnelError, TimeoutError)``: ``Server.dial`` waited
+  its ``timeout`` for room on an agent's session whose queue toward the agent
+  stayed full; no connection was made.
 
 Bad arguments raise the usual ``TypeError``/``ValueError``; a
 ``Client.wait_connected`` that runs out of time raises the built-in
@@ -18,6 +21,6 @@ Bad arguments raise the usual ``TypeError``/``ValueError``; a
 EOF and ``TunnelSocket.tunnel_error`` holds the far side's error text.
 """
 
-from ._engine import ClientNotFoundError, ClosedError, TunnelError
+from ._engine import ClientNotFoundError, ClosedError, TunnelError, TunnelTimeoutError
 
-__all__ = ["TunnelError", "ClientNotFoundError", "ClosedError"]
+__all__ = ["TunnelError", "ClientNotFoundError", "ClosedError", "TunnelTimeoutError"]

@@ -407,7 +407,12 @@ class Server(_Handle):
         Returns a connected socket as soon as the CONNECT message is sent. A
         failure on the far side (refused, unreachable, not allowed) shows up
         as EOF on the socket, with the text in ``sock.tunnel_error``. Raises
-        ClientNotFoundError at once when the key has no session.
+        ClientNotFoundError at once when the key has no session (or when it
+        ends while the dial waits).
+        ``timeout`` (seconds; None: no limit) bounds the wait for room on a
+        session whose queue toward the agent is full (the agent is not
+        keeping up): past it, TunnelTimeoutError (also a TimeoutError) and no
+        connection. Go's server bounds the write of CONNECT the same way.
         ``idle_timeout`` ends this connection after that many idle seconds
         (None: the server's ``idle_timeout`` option, off by default).
         """

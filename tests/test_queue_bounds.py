@@ -232,3 +232,77 @@ def support_raw_agent(srv, client_key):
     ws = wsraw.WSConn.connect("127.0.0.1", srv.port, headers={"X-Tunnel-ID": client_key})
     wait_for(lambda: srv.has_session(client_key), what=f"{client_key}'s session")
     return ws
+
+
+def saturate(rd, srv, client_key):
+    """A raw agent that does not read, and a dialed connection pushing bytes
+    toward it until the session's queue is over write_high. Returns (ws,
+    the dialed socket, the sender thread)."""
+    ws = small_rcvbuf_upgrade(srv.port, client_key)
+    wait_for(lambda: srv.has_session(client_key), what=f"{client_key}'s session")
+    sock = srv.dial(client_key, "tcp", "10.0.0.1:80")
+    assert ws.recv_tunnel().type == wsraw.CONNECT
+    sender = Sender(sock, bytes(32 * MiB))
+    sender.start()
+    wait_for(lambda: rd.engine_stats()["buffered_to_tunnel"] > WRITE_HIGH,
+             what="the queue toward the agent to pass write_high")
+    return ws, sock, sender
+
+
+def test_dial_waits_for_room_on_a_full_session(rd, tunnel_leak_check):
+    srv = rd.Server(listen="127.0.0.1:0").start()
+    try:
+        ws, sock, sender = saturate(rd, srv, "slow")
+        with pytest.raises(rd.TunnelTimeoutError, match="had no room"):
+            srv.dial("slow", "tcp", "late:1", timeout=0.2)
+        with pytest.raises(TimeoutError):  # the built-in catches it too
+            srv.dial("slow", "tcp", "late:1", timeout=0.01)
+        result = {}
+        waiter = threading.Thread(
+            target=lambda: result.setdefault("sock", srv.dial("slow", "tcp", "late:2",
+                                                              timeout=TIMEOUT)))
+        waiter.start()
+        # The agent reads: the queue drains, and the waiting dial goes through.
+        while True:
+            m = ws.recv_tunnel()
+            if m.type == wsraw.CONNECT:
+                assert m.address == "late:2", "a dial that timed out was sent anyway"
+                break
+        waiter.join(TIMEOUT)
+        assert "sock" in result, "the waiting dial did not return"
+        result["sock"].close()
+        sock.close()
+        ws.abort()
+        sender.join(TIMEOUT)
+        wait_for(lambda: not srv.has_session("slow"), what="the session to end")
+        check_balanced(srv, sessions=True)
+    finally:
+        srv.close()
+    wait_engine_idle(rd)
+
+
+def test_dial_waiting_for_room_fails_when_the_session_ends(rd, tunnel_leak_check):
+    srv = rd.Server(listen="127.0.0.1:0").start()
+    try:
+        ws, sock, sender = saturate(rd, srv, "doomed")
+        errors = []
+
+        def dial():
+            try:
+                srv.dial("doomed", "tcp", "late:3", timeout=TIMEOUT).close()
+            except Exception as e:  # noqa: BLE001 - checked below
+                errors.append(e)
+
+        waiter = threading.Thread(target=dial)
+        waiter.start()
+        wait_for(lambda: rd.engine_stats()["loop_handles"] > 0, what="the engine")
+        ws.abort()
+        waiter.join(TIMEOUT)
+        assert not waiter.is_alive()
+        assert len(errors) == 1 and isinstance(errors[0], rd.ClientNotFoundError), errors
+        sock.close()
+        sender.join(TIMEOUT)
+        check_balanced(srv, sessions=True)
+    finally:
+        srv.close()
+    wait_engine_idle(rd)

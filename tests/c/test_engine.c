@@ -46,6 +46,7 @@ __attribute__((constructor)) static void ignore_sigpipe(void) { signal(SIGPIPE, 
   } while (0)
 
 #define WAIT_MS 5000 /* the bound of every wait for something the engine does */
+#define DIAL_WAIT_MS 10000 /* a dial's wait for room on a full session */
 
 /* ---- time and blocking-socket helpers ---- */
 
@@ -545,7 +546,7 @@ typedef struct {
 
 static int dial(uint64_t srv, const char *key, const char *addr, tconn *c) {
   char err[256] = "";
-  int rc = rd_api_server_dial(srv, key, "tcp", addr, 0, &c->fd, &c->id, &c->st, err, sizeof err);
+  int rc = rd_api_server_dial(srv, key, "tcp", addr, DIAL_WAIT_MS, 0, &c->fd, &c->id, &c->st, err, sizeof err);
   if (rc != RD_OK) {
     fprintf(stderr, "  dial %s %s: %d %s\n", key, addr, rc, err);
     c->fd = -1;
@@ -1016,7 +1017,7 @@ TEST(test_bad_arguments) {
   CHECK(strncmp(err, want, strlen(want)) == 0);
   /* Handles that name nothing, or an object of another kind. */
   tconn x;
-  CHECK_EQ_INT(rd_api_server_dial(999999, "agent-1", "tcp", g_echo_addr, 0, &x.fd, &x.id, &x.st,
+  CHECK_EQ_INT(rd_api_server_dial(999999, "agent-1", "tcp", g_echo_addr, DIAL_WAIT_MS, 0, &x.fd, &x.id, &x.st,
                                   err, sizeof err),
                RD_ECLOSED);
   rd_sample_list l;
@@ -1298,7 +1299,7 @@ TEST(test_dial_refused) {
   CHECK_EQ_INT(conns_removed(g_srv, "agent-1", "127.0.0.1:1"), 1);
   /* A unix socket that is not there. */
   char err[256] = "";
-  int rc = rd_api_server_dial(g_srv, "agent-1", "unix", "/nonexistent/rd-test.sock", 0, &c.fd,
+  int rc = rd_api_server_dial(g_srv, "agent-1", "unix", "/nonexistent/rd-test.sock", DIAL_WAIT_MS, 0, &c.fd,
                               &c.id, &c.st, err, sizeof err);
   CHECK_EQ_INT(rc, RD_OK);
   if (rc == RD_OK) {
@@ -1316,7 +1317,7 @@ TEST(test_dial_unknown_key) {
   int64_t id = 7;
   rd_dial_status *st = (rd_dial_status *)&fd;
   char err[256] = "";
-  int rc = rd_api_server_dial(g_srv, "nope", "tcp", g_echo_addr, 0, &fd, &id, &st, err, sizeof err);
+  int rc = rd_api_server_dial(g_srv, "nope", "tcp", g_echo_addr, DIAL_WAIT_MS, 0, &fd, &id, &st, err, sizeof err);
   CHECK_EQ_INT(rc, RD_ENOSESSION);
   CHECK_STR(err, "failed to find Session for client nope");
   CHECK_EQ_INT(fd, -1);
@@ -1415,7 +1416,7 @@ TEST(test_abrupt_closes) {
 TEST(test_idle_timeout) {
   tconn c;
   char err[256] = "";
-  int rc = rd_api_server_dial(g_srv, "agent-1", "tcp", g_echo_addr, 300, &c.fd, &c.id, &c.st, err,
+  int rc = rd_api_server_dial(g_srv, "agent-1", "tcp", g_echo_addr, DIAL_WAIT_MS, 300, &c.fd, &c.id, &c.st, err,
                               sizeof err);
   CHECK_EQ_INT(rc, RD_OK);
   if (rc != RD_OK)
@@ -1465,7 +1466,7 @@ TEST(test_connection_limits) {
     if (c[i].fd >= 0)
       CHECK(echo_once(c[i].fd, "within the limit"));
   }
-  int rc = rd_api_server_dial(srv2, "agent-4", "tcp", g_echo_addr, 0, &c[2].fd, &c[2].id, &c[2].st,
+  int rc = rd_api_server_dial(srv2, "agent-4", "tcp", g_echo_addr, DIAL_WAIT_MS, 0, &c[2].fd, &c[2].id, &c[2].st,
                               err, sizeof err);
   CHECK_EQ_INT(rc, RD_ETOOMANY);
   CHECK_STR(err, "dial through session failed: too many connections");
@@ -1968,7 +1969,7 @@ TEST(test_server_restart) {
   /* The closed server's handle is dead; closing again is harmless. */
   tconn x;
   char err[256] = "";
-  CHECK_EQ_INT(rd_api_server_dial(old, "agent-1", "tcp", g_echo_addr, 0, &x.fd, &x.id, &x.st,
+  CHECK_EQ_INT(rd_api_server_dial(old, "agent-1", "tcp", g_echo_addr, DIAL_WAIT_MS, 0, &x.fd, &x.id, &x.st,
                                   err, sizeof err),
                RD_ECLOSED);
   CHECK_EQ_INT(rd_api_close(old), RD_OK);
