@@ -1,13 +1,17 @@
 /* The loop thread. Commands arrive on a mutex-protected list; the async
- * handle is signalled only when the list goes from empty to non-empty. */
+ * handle is signalled only when the list goes from empty to non-empty, and
+ * each command's completion on the eventfd its poster gave. */
 #include "rd_loop.h"
 
+#include <assert.h>
+#include <errno.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
 #include "rd_alloc.h"
 #include "rd_block.h"
@@ -61,11 +65,24 @@ rd_engine_counts rd_engine_counts_get(void) {
   return c;
 }
 
+/* Signals completion. The fd is read before _done is set: from then on the
+ * poster may free cmd (or, for a private eventfd, close the fd only after
+ * reading it, so the write below never lands on a reused descriptor). */
+static void cmd_signal(rd_cmd *cmd) {
+  int fd = cmd->_notify_fd;
+  atomic_store_explicit(&cmd->_done, 1, memory_order_release);
+  if (fd >= 0) {
+    uint64_t one = 1;
+    while (write(fd, &one, sizeof one) < 0 && errno == EINTR) {
+    }
+  }
+}
+
 void rd_cmd_finish(rd_cmd *cmd, int status, const char *error) {
   cmd->status = status;
   if (error != NULL)
     snprintf(cmd->error, sizeof cmd->error, "%s", error);
-  uv_sem_post(&cmd->done);
+  cmd_signal(cmd);
 }
 
 void rd_cmd_finishf(rd_cmd *cmd, int status, const char *fmt, ...) {
@@ -74,8 +91,10 @@ void rd_cmd_finishf(rd_cmd *cmd, int status, const char *fmt, ...) {
   vsnprintf(cmd->error, sizeof cmd->error, fmt, ap);
   va_end(ap);
   cmd->status = status;
-  uv_sem_post(&cmd->done);
+  cmd_signal(cmd);
 }
+
+int rd_cmd_done(rd_cmd *cmd) { return atomic_load_explicit(&cmd->_done, memory_order_acquire); }
 
 /* ---- objects ---- */
 
@@ -148,8 +167,8 @@ static void wake_cb(uv_async_t *h) {
   eng.head = eng.tail = NULL;
   uv_mutex_unlock(&eng.lock);
   while (c != NULL) {
-    rd_cmd *next = c->next;
-    if (c->run == NULL) { /* the shutdown command */
+    rd_cmd *next = c->next; /* c may be freed once run completes it */
+    if (c->run == NULL) {   /* the shutdown command */
       eng.shutdown_waiter = c;
       if (!eng.stopping)
         begin_shutdown();
@@ -207,14 +226,9 @@ static int ensure_started_locked(void) {
   return eng.state;
 }
 
-static int post(rd_cmd *cmd) {
-  uv_once(&eng.once, engine_init_once);
-  uv_mutex_lock(&eng.lock);
-  int state = ensure_started_locked();
-  if (state != ENGINE_RUNNING) {
-    uv_mutex_unlock(&eng.lock);
-    return state == ENGINE_NEW ? RD_ENOMEM : RD_ECLOSED;
-  }
+/* Appends cmd to the list (eng.lock held, engine running); returns 1 when
+ * the list was empty, i.e. the loop thread needs a wake-up. */
+static int enqueue_locked(rd_cmd *cmd) {
   int was_empty = eng.head == NULL;
   cmd->next = NULL;
   if (eng.tail != NULL)
@@ -224,27 +238,62 @@ static int post(rd_cmd *cmd) {
   eng.tail = cmd;
   if (cmd->run == NULL)
     eng.state = ENGINE_STOPPED; /* no command after the shutdown */
+  return was_empty;
+}
+
+static int post(rd_cmd *cmd, int notify_fd) {
+  cmd->status = RD_OK;
+  cmd->error[0] = '\0';
+  cmd->_notify_fd = notify_fd;
+  atomic_store(&cmd->_done, 0);
+  uv_once(&eng.once, engine_init_once);
+  uv_mutex_lock(&eng.lock);
+  int state = ensure_started_locked();
+  if (state != ENGINE_RUNNING) {
+    uv_mutex_unlock(&eng.lock);
+    cmd->status = state == ENGINE_NEW ? RD_ENOMEM : RD_ECLOSED;
+    snprintf(cmd->error, sizeof cmd->error, "%s", rd_strerror(cmd->status));
+    return cmd->status;
+  }
+  int was_empty = enqueue_locked(cmd);
   uv_mutex_unlock(&eng.lock);
   if (was_empty)
     uv_async_send(&eng.wake);
   return RD_OK;
 }
 
-int rd_engine_call(rd_cmd *cmd) {
-  cmd->status = RD_OK;
-  cmd->error[0] = '\0';
-  if (uv_sem_init(&cmd->done, 0) != 0)
-    return RD_ENOMEM;
-  int rc = post(cmd);
-  if (rc != RD_OK) {
-    uv_sem_destroy(&cmd->done);
-    cmd->status = rc;
-    snprintf(cmd->error, sizeof cmd->error, "%s", rd_strerror(rc));
-    return rc;
+int rd_engine_post(rd_cmd *cmd, int notify_fd) {
+  assert(cmd->run != NULL); /* run NULL is the engine's own shutdown */
+  return post(cmd, notify_fd);
+}
+
+/* Blocks until the loop thread has signalled fd. Reading the count, not
+ * rd_cmd_done, is what ends the wait: the fd is closed afterwards, and the
+ * loop thread's write must have happened by then. */
+static void wait_signalled(int fd) {
+  uint64_t n;
+  while (read(fd, &n, sizeof n) != (ssize_t)sizeof n) {
+    /* EINTR: an eventfd read fails for nothing else */
   }
-  uv_sem_wait(&cmd->done);
-  uv_sem_destroy(&cmd->done);
+}
+
+static int engine_call(rd_cmd *cmd) {
+  int fd = eventfd(0, EFD_CLOEXEC);
+  if (fd < 0) {
+    cmd->status = -errno; /* libuv's codes are negated errnos */
+    snprintf(cmd->error, sizeof cmd->error, "%s", rd_strerror(cmd->status));
+    return cmd->status;
+  }
+  int rc = post(cmd, fd);
+  if (rc == RD_OK)
+    wait_signalled(fd);
+  close(fd);
   return cmd->status;
+}
+
+int rd_engine_call(rd_cmd *cmd) {
+  assert(cmd->run != NULL);
+  return engine_call(cmd);
 }
 
 void rd_engine_shutdown(void) {
@@ -262,9 +311,10 @@ void rd_engine_shutdown(void) {
   }
   eng.shutting_down = 1;
   uv_mutex_unlock(&eng.lock);
-  rd_cmd cmd = {0};
+  rd_cmd cmd;
+  memset(&cmd, 0, sizeof cmd);
   cmd.run = NULL;
-  if (rd_engine_call(&cmd) == RD_OK) {
+  if (engine_call(&cmd) == RD_OK) {
     uv_thread_join(&eng.thread);
     uv_loop_close(&eng.loop);
   }

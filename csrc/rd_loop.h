@@ -4,29 +4,44 @@
 #ifndef RD_LOOP_H
 #define RD_LOOP_H
 
+#include <stdatomic.h>
 #include <uv.h>
 
 #include "rd_common.h"
 #include "rd_map.h"
 
 /* A command posted from any thread to run on the loop thread. The caller
- * embeds it in a struct of its own (arguments and results), calls
- * rd_engine_call and is woken when the loop thread calls rd_cmd_finish,
- * which may happen inside run or later (a close that waits for handles). */
+ * embeds it in a struct of its own (arguments and results) and posts it; the
+ * loop thread completes it with rd_cmd_finish, inside run or later (a close
+ * that waits for handles). Posting never waits: completion is signalled on
+ * an eventfd, so a caller can block on it (rd_engine_call) or poll it beside
+ * other work (an event loop's reader) without a thread per call. */
 typedef struct rd_cmd rd_cmd;
 struct rd_cmd {
   rd_cmd *next;
   void (*run)(rd_cmd *cmd);
-  uv_sem_t done;
+  int _notify_fd;   /* eventfd signalled at completion, or -1 */
+  atomic_int _done; /* set (release) before _notify_fd is signalled */
   int status;
   char error[256];
 };
 
-/* Runs cmd on the loop thread (starting it on first use) and waits for it.
- * Returns cmd->status; RD_ECLOSED without running it after shutdown. Must
- * not be called from the loop thread. */
+/* Queues cmd for the loop thread, starting the thread on first use, and
+ * returns at once. Returns RD_OK when queued: the loop thread then completes
+ * cmd exactly once, setting status and error, then rd_cmd_done, then adding
+ * 1 to notify_fd (an eventfd the caller owns and keeps open until then; -1
+ * for none; commands may share one, a reader checks rd_cmd_done on each).
+ * cmd must stay valid until rd_cmd_done. Returns RD_ECLOSED after shutdown
+ * or RD_ENOMEM when the thread cannot start: nothing is queued or signalled. */
+int rd_engine_post(rd_cmd *cmd, int notify_fd);
+/* 1 once cmd is complete (its status and error are then readable). */
+int rd_cmd_done(rd_cmd *cmd);
+/* Posts cmd with a private eventfd and blocks until it completes. Returns
+ * cmd->status, or the code that kept it from being posted (also in status
+ * and error). Must not be called from the loop thread. */
 int rd_engine_call(rd_cmd *cmd);
-/* Completes a command (loop thread). error may be NULL. */
+/* Completes a command (loop thread). error may be NULL. cmd must not be
+ * touched afterwards: its owner may free it as soon as it is done. */
 void rd_cmd_finish(rd_cmd *cmd, int status, const char *error);
 void rd_cmd_finishf(rd_cmd *cmd, int status, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
