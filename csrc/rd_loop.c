@@ -137,13 +137,30 @@ static void close_any_handle_cb(uv_handle_t *h, void *arg) {
     uv_close(h, NULL);
 }
 
+static rd_request *request_of(rd_map_node *n) {
+  return (rd_request *)((char *)n - offsetof(rd_request, node));
+}
+
+static void request_unref(rd_request *req) {
+  int before = atomic_fetch_sub(&req->_refs, 1);
+  assert(before > 0);
+  if (before == 1)
+    rd_request_free(req);
+}
+
+/* Ends the engine's part in a pending request: the asker hears the verdict,
+ * the pending set's reference goes. The queue or the Python-side thread may
+ * still hold theirs; the request is freed with the last. */
+static void request_settle(rd_request *req, rd_verdict verdict, const char *value) {
+  rd_map_remove(&eng.req_pending, &req->node);
+  if (req->target != NULL && req->on_answer != NULL)
+    req->on_answer(req, verdict, value);
+  request_unref(req);
+}
+
 static void drop_pending_request_cb(rd_map_node *n, void *ctx) {
   (void)ctx;
-  rd_request *req = (rd_request *)((char *)n - offsetof(rd_request, node));
-  rd_map_remove(&eng.req_pending, n);
-  if (req->target != NULL && req->on_answer != NULL)
-    req->on_answer(req, -1, NULL);
-  rd_request_free(req);
+  request_settle(request_of(n), RD_VERDICT_CLOSED, NULL);
 }
 
 static void begin_shutdown(void) {
@@ -151,9 +168,15 @@ static void begin_shutdown(void) {
   rd_map_foreach(&eng.objects, close_object_cb, NULL);
   uv_mutex_lock(&eng.req_lock);
   eng.req_closed = 1;
+  rd_request *queued = eng.req_head;
   eng.req_head = eng.req_tail = NULL;
   uv_cond_broadcast(&eng.req_cond);
   uv_mutex_unlock(&eng.req_lock);
+  while (queued != NULL) { /* the queue's references */
+    rd_request *next = queued->next;
+    request_unref(queued);
+    queued = next;
+  }
   rd_map_foreach(&eng.req_pending, drop_pending_request_cb, NULL);
   uv_close((uv_handle_t *)&eng.wake, NULL);
 }
@@ -326,24 +349,44 @@ void rd_engine_shutdown(void) {
 
 /* ---- requests ---- */
 
+rd_request *rd_request_new(rd_request_kind kind) {
+  rd_request *req = rd_calloc(1, sizeof *req);
+  if (req != NULL)
+    req->kind = kind;
+  return req;
+}
+
 void rd_request_free(rd_request *req) {
-  rd_free(req->s1);
-  rd_free(req->s2);
-  rd_free(req->s3);
-  rd_free(req->headers);
-  rd_free(req->value);
+  if (req->kind == RD_REQ_AUTH) {
+    rd_free(req->auth.method);
+    rd_free(req->auth.path);
+    rd_free(req->auth.remote);
+    rd_free(req->auth.headers);
+  } else if (req->kind == RD_REQ_CONNECT) {
+    rd_free(req->connect.proto);
+    rd_free(req->connect.address);
+  }
   rd_free(req);
 }
 
+int rd_verdict_fits(rd_request_kind kind, int verdict) {
+  if (kind == RD_REQ_AUTH)
+    return verdict == RD_VERDICT_ACCEPT || verdict == RD_VERDICT_UNAUTHORIZED ||
+           verdict == RD_VERDICT_ERROR;
+  return verdict == RD_VERDICT_ALLOW || verdict == RD_VERDICT_REFUSE;
+}
+
 void rd_request_post(rd_request *req) {
+  assert(req->kind == RD_REQ_AUTH || req->kind == RD_REQ_CONNECT);
   req->id = ++eng.next_req;
   req->next = NULL;
   if (eng.stopping || rd_map_insert(&eng.req_pending, &req->node, rd_hash_u64(req->id)) != RD_OK) {
     if (req->on_answer != NULL)
-      req->on_answer(req, -1, NULL);
+      req->on_answer(req, RD_VERDICT_CLOSED, NULL);
     rd_request_free(req);
     return;
   }
+  atomic_store(&req->_refs, 2); /* pending and queued */
   uv_mutex_lock(&eng.req_lock);
   if (eng.req_tail != NULL)
     eng.req_tail->next = req;
@@ -363,15 +406,18 @@ rd_request *rd_request_next(int64_t timeout_ms) {
     if (now >= deadline || uv_cond_timedwait(&eng.req_cond, &eng.req_lock, deadline - now) != 0)
       break;
   }
-  rd_request *req = eng.req_head;
+  rd_request *req = eng.req_head; /* the queue's reference passes to the caller */
   if (req != NULL) {
     eng.req_head = req->next;
     if (eng.req_head == NULL)
       eng.req_tail = NULL;
+    req->next = NULL;
   }
   uv_mutex_unlock(&eng.req_lock);
   return req;
 }
+
+void rd_request_release(rd_request *req) { request_unref(req); }
 
 typedef struct {
   rd_cmd cmd;
@@ -384,20 +430,21 @@ static void answer_run(rd_cmd *c) {
   answer_cmd *a = (answer_cmd *)c;
   for (rd_map_node *n = rd_map_find(&eng.req_pending, rd_hash_u64(a->id)); n != NULL;
        n = rd_map_next_same(n)) {
-    rd_request *req = (rd_request *)((char *)n - offsetof(rd_request, node));
+    rd_request *req = request_of(n);
     if (req->id != a->id)
       continue;
-    rd_map_remove(&eng.req_pending, n);
-    if (req->target != NULL && req->on_answer != NULL)
-      req->on_answer(req, a->verdict, a->value != NULL ? a->value : "");
-    rd_request_free(req);
+    if (rd_verdict_fits(req->kind, a->verdict))
+      request_settle(req, (rd_verdict)a->verdict, a->value != NULL ? a->value : "");
+    else /* not an answer to this question: the safe one */
+      request_settle(req, req->kind == RD_REQ_AUTH ? RD_VERDICT_UNAUTHORIZED : RD_VERDICT_REFUSE,
+                     "");
     break;
   }
   rd_cmd_finish(c, RD_OK, NULL);
 }
 
-void rd_request_answer(uint64_t req_id, int verdict, const char *value) {
+int rd_request_answer(uint64_t req_id, int verdict, const char *value) {
   answer_cmd a = {.id = req_id, .verdict = verdict, .value = value};
   a.cmd.run = answer_run;
-  rd_engine_call(&a.cmd);
+  return rd_engine_call(&a.cmd);
 }

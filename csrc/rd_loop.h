@@ -84,39 +84,71 @@ void rd_object_unregister(rd_object *obj);
 /* The object with this handle and kind (kind 0 = any), or NULL. */
 rd_object *rd_object_find(uint64_t handle, int kind);
 
-/* A decision asked of Python: an authorizer call. Created and freed on the
- * loop thread; the Python-side thread reads its immutable fields between
- * rd_request_next and rd_request_answer. */
-enum { RD_REQ_AUTH = 1, RD_REQ_CONNECT = 2 };
+/* A decision asked of Python: an authorizer call. Created on the loop thread
+ * and reference counted, because two threads hold it: the engine until it is
+ * answered (or shut down) and the Python-side thread from rd_request_next
+ * until rd_request_release. Its kind's fields are immutable once posted. */
+typedef enum rd_request_kind { RD_REQ_AUTH = 1, RD_REQ_CONNECT = 2 } rd_request_kind;
+
+/* Python's answers, named so that neither side guesses at integers. Each
+ * kind has its own; one of another kind counts as a refusal. */
+typedef enum rd_verdict {
+  RD_VERDICT_CLOSED = -1,      /* engine only: shut down before an answer */
+  RD_VERDICT_ACCEPT = 0,       /* AUTH: upgrade; value is the client key */
+  RD_VERDICT_UNAUTHORIZED = 1, /* AUTH: 401 */
+  RD_VERDICT_ERROR = 2,        /* AUTH: 400 with value as its text */
+  RD_VERDICT_ALLOW = 3,        /* CONNECT: dial the address */
+  RD_VERDICT_REFUSE = 4,       /* CONNECT: refuse the connection */
+} rd_verdict;
+
+/* An upgrade request for the server's authorizer. */
+typedef struct rd_auth_request {
+  char *method, *path, *remote;
+  char *headers; /* "name\0value\0" pairs, headers_len bytes in all */
+  size_t headers_len;
+} rd_auth_request;
+
+/* A connect request for the client's authorizer. */
+typedef struct rd_connect_request {
+  char *proto, *address;
+} rd_connect_request;
+
 typedef struct rd_request rd_request;
 struct rd_request {
-  rd_request *next;
-  rd_map_node node;
+  rd_request *next; /* on the queue for Python */
+  rd_map_node node; /* among the engine's pending requests */
   uint64_t id;
   uint64_t owner; /* handle of the server or client */
-  int kind;
-  /* AUTH: method, path, remote, headers as NUL-separated "name\0value\0".
-   * CONNECT: proto, address. */
-  char *s1, *s2, *s3;
-  char *headers;
-  size_t headers_len;
-  /* Loop thread: called with the verdict; target NULL means the asker is
-   * gone and the answer is dropped. */
-  void (*on_answer)(rd_request *req, int verdict, const char *value);
+  rd_request_kind kind;
+  union { /* by kind; strings rd_malloc'ed, freed with the request */
+    rd_auth_request auth;
+    rd_connect_request connect;
+  };
+  /* Loop thread: called once with the verdict. The asker sets target NULL
+   * when it goes away first; the answer is then dropped. */
+  void (*on_answer)(rd_request *req, rd_verdict verdict, const char *value);
   void *target;
-  int answered;
-  int verdict;
-  char *value;
+  atomic_int _refs; /* the pending set, the queue, the taker */
 };
-/* Queues req for Python (loop thread); takes ownership. */
+/* A zeroed request of this kind (NULL when out of memory). Loop thread. */
+rd_request *rd_request_new(rd_request_kind kind);
+/* Queues req for Python (loop thread); takes ownership. After shutdown the
+ * request is answered RD_VERDICT_CLOSED at once. */
 void rd_request_post(rd_request *req);
 /* Frees a request that was never posted (loop thread). */
 void rd_request_free(rd_request *req);
+/* 1 when verdict is one of kind's answers. */
+int rd_verdict_fits(rd_request_kind kind, int verdict);
 /* Python-side thread: waits up to timeout_ms for a request; NULL on timeout
- * or shutdown. The request stays valid until answered. */
+ * or shutdown. The caller holds a reference: the request stays readable,
+ * even across shutdown, until rd_request_release. */
 rd_request *rd_request_next(int64_t timeout_ms);
-/* Python-side thread: answers; the engine calls on_answer on the loop thread
- * and frees the request. */
-void rd_request_answer(uint64_t req_id, int verdict, const char *value);
+/* Drops the reference rd_request_next gave; the last holder frees. */
+void rd_request_release(rd_request *req);
+/* Any thread but the loop thread: answers by id (value is copied or used
+ * before the call returns). The engine calls on_answer on the loop thread.
+ * Returns RD_OK, or RD_ECLOSED when the engine has stopped (the request was
+ * answered RD_VERDICT_CLOSED then). An unknown id is ignored. */
+int rd_request_answer(uint64_t req_id, int verdict, const char *value);
 
 #endif

@@ -14,6 +14,7 @@ decision, so authorizers should be quick.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import threading
 import time
@@ -36,8 +37,17 @@ _stopping = False
 _PENDING_WAIT = 10.0
 _POLL = 0.5
 
-AUTH_ACCEPT, AUTH_UNAUTHORIZED, AUTH_ERROR = 0, 1, 2
-CONNECT_ALLOW, CONNECT_REFUSE = 0, 1
+
+class Verdict(enum.IntEnum):
+    """An owner's answer, by the engine's names (rd_verdict). A server
+    authorizer answers ACCEPT (value: the client key), UNAUTHORIZED (401) or
+    ERROR (400, value: the text); a connect authorizer ALLOW or REFUSE."""
+
+    ACCEPT = _engine.VERDICT_ACCEPT
+    UNAUTHORIZED = _engine.VERDICT_UNAUTHORIZED
+    ERROR = _engine.VERDICT_ERROR
+    ALLOW = _engine.VERDICT_ALLOW
+    REFUSE = _engine.VERDICT_REFUSE
 
 
 @contextlib.contextmanager
@@ -105,10 +115,10 @@ def _lookup(owner_handle: int) -> Any:
     return ref() if ref is not None else None
 
 
-def _refusal(kind: str) -> tuple[int, str]:
+def _refusal(kind: str) -> tuple[Verdict, str]:
     if kind == "auth":
-        return AUTH_UNAUTHORIZED, ""
-    return CONNECT_REFUSE, ""
+        return Verdict.UNAUTHORIZED, ""
+    return Verdict.REFUSE, ""
 
 
 def _handle(request: Any) -> None:

@@ -1,5 +1,6 @@
 /* Tests of the loop thread's own contracts (rd_loop.h): posting without
- * waiting and completion on an eventfd. The engine is a process-wide singleton,
+ * waiting and completion on an eventfd, and the lifetime of a request
+ * Python holds across shutdown. The engine is a process-wide singleton,
  * so every test runs in a child process of its own (as libuv runs its
  * tests) and ends with the engine shut down and every allocation returned.
  * Synchronisation is on real events: eventfds, poll, waitpid. */
@@ -134,4 +135,178 @@ static int post_child(void) {
 
 TEST(test_post_signals_eventfd) { run_in_child(post_child, "post"); }
 
-RD_TEST_MAIN(T(test_post_signals_eventfd))
+/* ---- requests ---- */
+
+typedef struct {
+  rd_cmd cmd;
+  rd_request_kind kind;
+  int answers;
+  rd_verdict verdict;
+  char value[64];
+} ask_cmd;
+
+static void ask_answer_cb(rd_request *req, rd_verdict verdict, const char *value) {
+  ask_cmd *a = req->target;
+  a->answers++;
+  a->verdict = verdict;
+  snprintf(a->value, sizeof a->value, "%s", value != NULL ? value : "(null)");
+}
+
+/* Loop thread: posts one request of a->kind whose answer lands in a. */
+static void ask_run(rd_cmd *c) {
+  ask_cmd *a = (ask_cmd *)c;
+  rd_request *r = rd_request_new(a->kind);
+  if (r == NULL) {
+    rd_cmd_finish(c, RD_ENOMEM, NULL);
+    return;
+  }
+  if (a->kind == RD_REQ_CONNECT) {
+    r->connect.proto = rd_strndup("tcp", 3);
+    r->connect.address = rd_strndup("10.0.0.1:80", 11);
+  } else {
+    r->auth.method = rd_strndup("GET", 3);
+    r->auth.path = rd_strndup("/connect", 8);
+    r->auth.remote = rd_strndup("127.0.0.1:1", 11);
+    r->auth.headers = rd_malloc(4);
+    memcpy(r->auth.headers, "a\0b\0", 4);
+    r->auth.headers_len = 4;
+  }
+  r->owner = 42;
+  r->on_answer = ask_answer_cb;
+  r->target = a;
+  rd_request_post(r);
+  rd_cmd_finish(c, RD_OK, NULL);
+}
+
+static void ask(ask_cmd *a, rd_request_kind kind) {
+  memset(a, 0, sizeof *a);
+  a->cmd.run = ask_run;
+  a->kind = kind;
+  CHECK_EQ_INT(rd_engine_call(&a->cmd), RD_OK);
+}
+
+/* Loop thread reads what ask_answer_cb wrote: a command orders it. */
+static void nop_run(rd_cmd *c) { rd_cmd_finish(c, RD_OK, NULL); }
+static void sync_loop(void) {
+  rd_cmd c;
+  memset(&c, 0, sizeof c);
+  c.run = nop_run;
+  CHECK_EQ_INT(rd_engine_call(&c), RD_OK);
+}
+
+static int request_child(void) {
+  int before = rd_test_failed_checks;
+  ask_cmd a;
+  ask(&a, RD_REQ_AUTH);
+  rd_request *r = rd_request_next(WAIT_MS);
+  CHECK(r != NULL);
+  if (r == NULL)
+    return 1;
+  CHECK_EQ_INT(r->kind, RD_REQ_AUTH);
+  CHECK_EQ_INT(r->owner, 42);
+  CHECK(strcmp(r->auth.method, "GET") == 0 && strcmp(r->auth.path, "/connect") == 0);
+  uint64_t id = r->id;
+  rd_request_release(r);
+  /* Released before the answer: the engine's reference keeps it. */
+  CHECK_EQ_INT(rd_request_answer(id, RD_VERDICT_ACCEPT, "tenant"), RD_OK);
+  sync_loop();
+  CHECK_EQ_INT(a.answers, 1);
+  CHECK_EQ_INT(a.verdict, RD_VERDICT_ACCEPT);
+  CHECK(strcmp(a.value, "tenant") == 0);
+  /* A second answer to the same id finds nothing. */
+  CHECK_EQ_INT(rd_request_answer(id, RD_VERDICT_ERROR, "late"), RD_OK);
+  sync_loop();
+  CHECK_EQ_INT(a.answers, 1);
+  /* Another kind's verdict is a refusal; answered before the release. */
+  ask(&a, RD_REQ_CONNECT);
+  r = rd_request_next(WAIT_MS);
+  CHECK(r != NULL && r->kind == RD_REQ_CONNECT);
+  if (r != NULL) {
+    CHECK_EQ_INT(rd_request_answer(r->id, RD_VERDICT_ACCEPT, ""), RD_OK);
+    CHECK(strcmp(r->connect.address, "10.0.0.1:80") == 0); /* still ours */
+    rd_request_release(r);
+  }
+  sync_loop();
+  CHECK_EQ_INT(a.verdict, RD_VERDICT_REFUSE);
+  /* An answer that comes while the request is still queued: the queue's
+   * reference keeps it for the taker, whose own answer is then dropped. */
+  ask(&a, RD_REQ_CONNECT);
+  uint64_t next_id = id + 2;
+  CHECK_EQ_INT(rd_request_answer(next_id, RD_VERDICT_ALLOW, ""), RD_OK);
+  sync_loop();
+  CHECK_EQ_INT(a.verdict, RD_VERDICT_ALLOW);
+  r = rd_request_next(WAIT_MS);
+  CHECK(r != NULL && r->id == next_id && strcmp(r->connect.proto, "tcp") == 0);
+  if (r != NULL) {
+    CHECK_EQ_INT(rd_request_answer(r->id, RD_VERDICT_REFUSE, ""), RD_OK);
+    rd_request_release(r);
+  }
+  sync_loop();
+  CHECK_EQ_INT(a.answers, 1);
+  CHECK_EQ_INT(a.verdict, RD_VERDICT_ALLOW);
+  check_engine_freed();
+  return rd_test_failed_checks - before;
+}
+
+TEST(test_request_answers) { run_in_child(request_child, "request answers"); }
+
+/* The Python-side thread takes a request, then the engine shuts down (at
+ * exit, or close from another thread) before it has read the fields. The
+ * request must stay readable until released; the asker hears CLOSED once.
+ * Before requests were counted, shutdown freed it here (ASan: use after
+ * free on the reads below). */
+typedef struct {
+  rd_request *req;
+  int taken_fd, shutdown_fd; /* eventfds: the taker's progress */
+  char address[64];
+  int answer_rc;
+} taker;
+
+static void *taker_main(void *arg) {
+  taker *t = arg;
+  uint64_t one = 1;
+  t->req = rd_request_next(WAIT_MS);
+  (void)!write(t->taken_fd, &one, sizeof one);
+  if (t->req == NULL || !readable(t->shutdown_fd))
+    return NULL;
+  snprintf(t->address, sizeof t->address, "%s/%s", t->req->connect.proto, t->req->connect.address);
+  t->answer_rc = rd_request_answer(t->req->id, RD_VERDICT_ALLOW, "");
+  rd_request_release(t->req);
+  return NULL;
+}
+
+static int held_across_shutdown_child(void) {
+  int before = rd_test_failed_checks;
+  ask_cmd a, queued;
+  ask(&a, RD_REQ_CONNECT);
+  taker t = {NULL, eventfd(0, EFD_CLOEXEC), eventfd(0, EFD_CLOEXEC), "", 0};
+  pthread_t th;
+  CHECK_EQ_INT(pthread_create(&th, NULL, taker_main, &t), 0);
+  CHECK(readable(t.taken_fd));
+  CHECK(t.req != NULL);
+  ask(&queued, RD_REQ_AUTH); /* one never taken: the queue drops it */
+  rd_engine_shutdown();
+  CHECK_EQ_INT(a.answers, 1); /* the loop thread has been joined */
+  CHECK_EQ_INT(a.verdict, RD_VERDICT_CLOSED);
+  CHECK_EQ_INT(queued.answers, 1);
+  CHECK_EQ_INT(queued.verdict, RD_VERDICT_CLOSED);
+  CHECK(rd_alloc_objects() > 0); /* the taken request, not yet released */
+  uint64_t one = 1;
+  (void)!write(t.shutdown_fd, &one, sizeof one);
+  pthread_join(th, NULL);
+  CHECK(strcmp(t.address, "tcp/10.0.0.1:80") == 0);
+  CHECK_EQ_INT(t.answer_rc, RD_ECLOSED);
+  CHECK_EQ_INT(a.answers, 1);
+  CHECK(rd_request_next(0) == NULL);
+  close(t.taken_fd);
+  close(t.shutdown_fd);
+  check_engine_freed();
+  return rd_test_failed_checks - before;
+}
+
+TEST(test_request_held_across_shutdown) {
+  run_in_child(held_across_shutdown_child, "request held across shutdown");
+}
+
+RD_TEST_MAIN(T(test_post_signals_eventfd), T(test_request_answers),
+             T(test_request_held_across_shutdown))
