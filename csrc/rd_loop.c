@@ -1,6 +1,13 @@
 /* The loop thread. Commands arrive on a mutex-protected list; the async
  * handle is signalled only when the list goes from empty to non-empty, and
- * each command's completion on the eventfd its poster gave. */
+ * each command's completion on the eventfd its poster gave.
+ *
+ * Fork: the child has no loop thread, only a copy of its memory and of its
+ * descriptors, which it shares with the parent's live sessions. Before a
+ * fork the loop thread is parked at a command boundary, so the copy is
+ * consistent; the child then closes the loop's descriptors (close(2) only,
+ * nothing is written or shut down) and forgets every object, and the next
+ * call starts a fresh loop thread. */
 #include "rd_loop.h"
 
 #include <assert.h>
@@ -41,6 +48,14 @@ static struct {
   rd_map req_pending;             /* loop thread: posted, not yet answered */
   uint64_t next_req;
   int req_closed;
+  /* fork */
+  uv_mutex_t fork_lock; /* held from prepare to the parent's or child's handler */
+  uv_mutex_t park_lock;
+  uv_cond_t park_cond;
+  int parked, resume; /* under park_lock: the loop thread's stay in park_run */
+  int fork_parks;     /* under fork_lock: this fork parked the loop thread */
+  rd_cmd park_cmd;
+  _Atomic uint64_t stale_below; /* handles below this are a parent's */
 } eng = {.once = UV_ONCE_INIT};
 
 static _Atomic int64_t count_sessions, count_connections, count_buffered, count_tunnel_queued;
@@ -109,6 +124,8 @@ void rd_object_unregister(rd_object *obj) {
     rd_map_remove(&eng.objects, &obj->node);
   obj->handle = 0;
 }
+
+int rd_handle_is_stale(uint64_t handle) { return handle != 0 && handle < atomic_load(&eng.stale_below); }
 
 rd_object *rd_object_find(uint64_t handle, int kind) {
   for (rd_map_node *n = rd_map_find(&eng.objects, rd_hash_u64(handle)); n != NULL;
@@ -223,14 +240,26 @@ static void loop_main(void *arg) {
     rd_cmd_finish(eng.shutdown_waiter, RD_OK, NULL);
 }
 
-static void engine_init_once(void) {
+static void fork_prepare(void);
+static void fork_parent(void);
+static void fork_child(void);
+
+static void engine_locks_init(void) {
   uv_mutex_init(&eng.lock);
   uv_mutex_init(&eng.req_lock);
+  uv_mutex_init(&eng.fork_lock);
+  uv_mutex_init(&eng.park_lock);
   uv_cond_init(&eng.req_cond);
   uv_cond_init(&eng.joined_cond);
+  uv_cond_init(&eng.park_cond);
+}
+
+static void engine_init_once(void) {
+  engine_locks_init();
   rd_map_init(&eng.objects);
   rd_map_init(&eng.req_pending);
   eng.state = ENGINE_NEW;
+  pthread_atfork(fork_prepare, fork_parent, fork_child);
 }
 
 /* Starts the thread on first use; returns the state after. Holds eng.lock. */
@@ -345,6 +374,122 @@ void rd_engine_shutdown(void) {
   eng.joined = 1;
   uv_cond_broadcast(&eng.joined_cond);
   uv_mutex_unlock(&eng.lock);
+}
+
+/* ---- fork ---- */
+
+/* Loop thread: stays at this command boundary until the fork is done, so
+ * that the child's copy of the loop, the objects and the pools is whole. */
+static void park_run(rd_cmd *c) {
+  (void)c;
+  uv_mutex_lock(&eng.park_lock);
+  eng.parked = 1;
+  uv_cond_signal(&eng.park_cond);
+  while (!eng.resume)
+    uv_cond_wait(&eng.park_cond, &eng.park_lock);
+  eng.parked = eng.resume = 0;
+  uv_mutex_unlock(&eng.park_lock);
+}
+
+static void fork_prepare(void) {
+  uv_mutex_lock(&eng.fork_lock);
+  uv_mutex_lock(&eng.lock);
+  /* A child must not inherit a loop half torn down: let a shutdown end. */
+  while (eng.shutting_down && !eng.joined)
+    uv_cond_wait(&eng.joined_cond, &eng.lock);
+  uv_thread_t self = uv_thread_self();
+  eng.fork_parks = eng.state == ENGINE_RUNNING && !uv_thread_equal(&self, &eng.thread);
+  int wake = 0;
+  if (eng.fork_parks) {
+    memset(&eng.park_cmd, 0, sizeof eng.park_cmd);
+    eng.park_cmd.run = park_run;
+    eng.park_cmd._notify_fd = -1;
+    wake = enqueue_locked(&eng.park_cmd);
+  }
+  uv_mutex_unlock(&eng.lock);
+  if (wake)
+    uv_async_send(&eng.wake);
+  if (eng.fork_parks) {
+    uv_mutex_lock(&eng.park_lock);
+    while (!eng.parked)
+      uv_cond_wait(&eng.park_cond, &eng.park_lock);
+    uv_mutex_unlock(&eng.park_lock);
+  }
+  /* Held across the fork so that the child's lists are not mid-update. */
+  uv_mutex_lock(&eng.lock);
+  uv_mutex_lock(&eng.req_lock);
+}
+
+static void fork_parent(void) {
+  uv_mutex_unlock(&eng.req_lock);
+  uv_mutex_unlock(&eng.lock);
+  if (eng.fork_parks) {
+    uv_mutex_lock(&eng.park_lock);
+    eng.resume = 1;
+    uv_cond_signal(&eng.park_cond);
+    uv_mutex_unlock(&eng.park_lock);
+  }
+  uv_mutex_unlock(&eng.fork_lock);
+}
+
+static void close_handle_fd_cb(uv_handle_t *h, void *arg) {
+  (void)arg;
+  uv_os_fd_t fd;
+  if (uv_fileno(h, &fd) == 0)
+    close(fd);
+}
+
+static void close_fd(int fd) {
+  if (fd >= 0)
+    close(fd);
+}
+
+/* Child: closes the inherited loop's descriptors, its handles' and libuv's
+ * own (the epoll instance, the async eventfd, the signal pipe, the spare
+ * kept for EMFILE), without a libuv call that would act on them. The parent
+ * keeps its copies open. */
+static void forget_loop_fds(uv_loop_t *loop) {
+  uv_walk(loop, close_handle_fd_cb, NULL);
+  close_fd(uv_backend_fd(loop));
+  close_fd(loop->async_io_watcher.fd);
+  if (loop->async_wfd != loop->async_io_watcher.fd)
+    close_fd(loop->async_wfd);
+  close_fd(loop->signal_pipefd[0]);
+  close_fd(loop->signal_pipefd[1]);
+  close_fd(loop->emfile_fd);
+#ifdef __linux__
+  close_fd(loop->inotify_fd);
+#endif
+}
+
+/* Child: only this thread exists. The locks may have been held by threads
+ * that are gone, so they are made anew. A running engine is forgotten, not
+ * freed: its memory belongs to objects the parent still runs. Handles keep
+ * counting up, so the parent's never name a child's object. */
+static void fork_child(void) {
+  /* A loop exists unless the engine never started or was shut down and
+   * joined; a shutdown the parent began is the parent's own. */
+  int had_loop = eng.state != ENGINE_NEW && !eng.joined;
+  engine_locks_init();
+  eng.parked = eng.resume = eng.fork_parks = 0;
+  if (!had_loop)
+    return;
+  forget_loop_fds(&eng.loop);
+  memset(&eng.loop, 0, sizeof eng.loop);
+  eng.state = ENGINE_NEW;
+  eng.shutting_down = eng.joined = 0;
+  eng.head = eng.tail = NULL;
+  eng.stopping = 0;
+  eng.shutdown_waiter = NULL;
+  rd_map_init(&eng.objects);
+  rd_map_init(&eng.req_pending);
+  eng.req_head = eng.req_tail = NULL;
+  eng.req_closed = 0;
+  atomic_store(&eng.stale_below, eng.next_handle + 1);
+  atomic_store(&count_sessions, 0);
+  atomic_store(&count_connections, 0);
+  atomic_store(&count_buffered, 0);
+  atomic_store(&count_tunnel_queued, 0);
 }
 
 /* ---- requests ---- */

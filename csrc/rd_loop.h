@@ -32,7 +32,9 @@ struct rd_cmd {
  * 1 to notify_fd (an eventfd the caller owns and keeps open until then; -1
  * for none; commands may share one, a reader checks rd_cmd_done on each).
  * cmd must stay valid until rd_cmd_done. Returns RD_ECLOSED after shutdown
- * or RD_ENOMEM when the thread cannot start: nothing is queued or signalled. */
+ * or RD_ENOMEM when the thread cannot start: nothing is queued or signalled.
+ * Commands still queued in a process forked from this one never complete
+ * there. */
 int rd_engine_post(rd_cmd *cmd, int notify_fd);
 /* 1 once cmd is complete (its status and error are then readable). */
 int rd_cmd_done(rd_cmd *cmd);
@@ -83,6 +85,10 @@ int rd_object_register(rd_object *obj, int kind);
 void rd_object_unregister(rd_object *obj);
 /* The object with this handle and kind (kind 0 = any), or NULL. */
 rd_object *rd_object_find(uint64_t handle, int kind);
+/* 1 for a handle made in a process this one was forked from (any thread).
+ * Such objects belong to the parent's loop, which the child forgot: closing
+ * one is a no-op, so the child never touches the parent's sessions. */
+int rd_handle_is_stale(uint64_t handle);
 
 /* A decision asked of Python: an authorizer call. Created on the loop thread
  * and reference counted, because two threads hold it: the engine until it is

@@ -1,6 +1,6 @@
 /* Tests of the loop thread's own contracts (rd_loop.h): posting without
- * waiting and completion on an eventfd, and the lifetime of a request
- * Python holds across shutdown. The engine is a process-wide singleton,
+ * waiting and completion on an eventfd, the lifetime of a request Python
+ * holds across shutdown, and fork. The engine is a process-wide singleton,
  * so every test runs in a child process of its own (as libuv runs its
  * tests) and ends with the engine shut down and every allocation returned.
  * Synchronisation is on real events: eventfds, poll, waitpid. */
@@ -308,5 +308,88 @@ TEST(test_request_held_across_shutdown) {
   run_in_child(held_across_shutdown_child, "request held across shutdown");
 }
 
+/* ---- fork ---- */
+
+static int wait_connected(uint64_t cli) {
+  int connected = 0;
+  CHECK_EQ_INT(rd_api_client_wait_connected(cli, WAIT_MS, &connected), RD_OK);
+  return connected;
+}
+
+/* A server and an agent connected to it; 1 on success. */
+static int start_pair(uint64_t *srv, uint64_t *cli, int *port) {
+  rd_server_config scfg;
+  rd_server_config_default(&scfg);
+  char err[256] = "";
+  if (rd_api_server_new("127.0.0.1", 0, &scfg, srv, port, err, sizeof err) != RD_OK) {
+    fprintf(stderr, "server: %s\n", err);
+    return 0;
+  }
+  rd_client_config ccfg;
+  rd_client_config_default(&ccfg);
+  char url[64];
+  snprintf(url, sizeof url, "ws://127.0.0.1:%d/connect", *port);
+  if (rd_api_client_new(url, "X-Tunnel-ID: agent\r\n", &ccfg, cli, err, sizeof err) != RD_OK) {
+    fprintf(stderr, "client: %s\n", err);
+    return 0;
+  }
+  return wait_connected(*cli);
+}
+
+static int has_agent(uint64_t srv) {
+  int has = 0;
+  return rd_api_server_has_session(srv, "agent", &has) == RD_OK && has;
+}
+
+static uint64_t g_srv, g_cli;
+
+/* The grandchild: the parent's objects are stale and closing them is a
+ * no-op; a pair of its own works on a fresh loop thread, and gives back all
+ * it took. It leaves with _exit: the copy of the parent's objects it forgot
+ * is not its to free, so LeakSanitizer has nothing to say about it. */
+static int forked_body(void) {
+  int before = rd_test_failed_checks;
+  int64_t heap0 = rd_alloc_bytes();
+  CHECK(rd_handle_is_stale(g_srv) && rd_handle_is_stale(g_cli));
+  CHECK_EQ_INT(rd_engine_counts_get().open_sessions, 0);
+  CHECK_EQ_INT(rd_api_close(g_cli), RD_OK);
+  CHECK_EQ_INT(rd_api_close(g_srv), RD_OK);
+  uint64_t srv = 0, cli = 0;
+  int port = 0;
+  CHECK(start_pair(&srv, &cli, &port));
+  CHECK(!rd_handle_is_stale(srv) && srv > g_cli);
+  CHECK(has_agent(srv));
+  CHECK(!has_agent(g_srv)); /* not the parent's server: unknown here */
+  CHECK_EQ_INT(rd_api_close(cli), RD_OK);
+  CHECK_EQ_INT(rd_api_close(srv), RD_OK);
+  rd_engine_shutdown();
+  CHECK(rd_alloc_bytes() <= heap0); /* shutdown may trim inherited idle pools too */
+  fflush(stderr);
+  _exit(rd_test_failed_checks == before ? 0 : 1);
+}
+
+static int fork_child_body(void) {
+  int before = rd_test_failed_checks;
+  int port = 0;
+  CHECK(start_pair(&g_srv, &g_cli, &port));
+  int64_t sessions = rd_engine_counts_get().open_sessions;
+  CHECK_EQ_INT(sessions, 2); /* both ends in this process */
+  for (int i = 0; i < 3; i++) /* again: the loop resumes after each fork */
+    run_in_child(forked_body, "forked from a running engine");
+  /* The parent's pair is untouched: same session, same counts. */
+  CHECK(has_agent(g_srv));
+  CHECK_EQ_INT(rd_engine_counts_get().open_sessions, sessions);
+  int connected = 0;
+  char last[160];
+  CHECK_EQ_INT(rd_api_client_state(g_cli, &connected, last, sizeof last), RD_OK);
+  CHECK(connected);
+  CHECK_EQ_INT(rd_api_close(g_cli), RD_OK);
+  CHECK_EQ_INT(rd_api_close(g_srv), RD_OK);
+  check_engine_freed();
+  return rd_test_failed_checks - before;
+}
+
+TEST(test_fork_with_running_engine) { run_in_child(fork_child_body, "fork"); }
+
 RD_TEST_MAIN(T(test_post_signals_eventfd), T(test_request_answers),
-             T(test_request_held_across_shutdown))
+             T(test_request_held_across_shutdown), T(test_fork_with_running_engine))
