@@ -74,7 +74,11 @@ static void close_fn(api_cmd *a, void *p) {
     obj->close(obj, &a->cmd);
 }
 
-int rd_api_close(uint64_t handle) { return api_call(close_fn, &handle, NULL, 0); }
+int rd_api_close(uint64_t handle) {
+  if (rd_handle_is_stale(handle))
+    return RD_OK; /* the parent's object: the parent closes it */
+  return api_call(close_fn, &handle, NULL, 0);
+}
 
 typedef struct {
   uint64_t handle;

@@ -15,7 +15,8 @@
 int rd_api_server_new(const char *host, int port, const rd_server_config *cfg,
                       uint64_t *handle, int *port_out, char *err, size_t errlen);
 /* Closes any object by handle and waits until it is fully closed.
- * Unknown handles succeed (close is idempotent). */
+ * Unknown handles succeed (close is idempotent), and so do handles inherited
+ * across fork, at once and without starting a loop (rd_handle_is_stale). */
 int rd_api_close(uint64_t handle);
 
 /* Dials through client_key's session (rd_server_dial): waits up to

@@ -177,11 +177,11 @@ static int allowed_by_pattern(rd_client *cli, rd_conn *c) {
   return 0;
 }
 
-static void connect_answer_cb(rd_request *req, int verdict, const char *value) {
+static void connect_answer_cb(rd_request *req, rd_verdict verdict, const char *value) {
   (void)value;
   rd_conn *c = req->target;
   *rd_conn_owner_slot(c) = NULL;
-  if (verdict == 0)
+  if (verdict == RD_VERDICT_ALLOW)
     rd_conn_dial_local(c);
   else
     rd_conn_refuse(c, "connect not allowed");
@@ -198,15 +198,15 @@ static void session_on_connect(rd_session *s, void *owner, rd_conn *c) {
     else
       rd_conn_refuse(c, "connect not allowed");
   } else {
-    rd_request *r = rd_calloc(1, sizeof *r);
-    if (r == NULL || (r->s1 = rd_strndup(rd_conn_proto(c), strlen(rd_conn_proto(c)))) == NULL ||
-        (r->s2 = rd_strndup(rd_conn_address(c), strlen(rd_conn_address(c)))) == NULL) {
+    rd_request *r = rd_request_new(RD_REQ_CONNECT);
+    if (r == NULL ||
+        (r->connect.proto = rd_strndup(rd_conn_proto(c), strlen(rd_conn_proto(c)))) == NULL ||
+        (r->connect.address = rd_strndup(rd_conn_address(c), strlen(rd_conn_address(c)))) == NULL) {
       if (r != NULL)
         rd_request_free(r);
       rd_conn_refuse(c, "out of memory");
       return;
     }
-    r->kind = RD_REQ_CONNECT;
     r->owner = cli->obj.handle;
     r->on_answer = connect_answer_cb;
     r->target = c;

@@ -1,13 +1,24 @@
 /* The loop thread. Commands arrive on a mutex-protected list; the async
- * handle is signalled only when the list goes from empty to non-empty. */
+ * handle is signalled only when the list goes from empty to non-empty, and
+ * each command's completion on the eventfd its poster gave.
+ *
+ * Fork: the child has no loop thread, only a copy of its memory and of its
+ * descriptors, which it shares with the parent's live sessions. Before a
+ * fork the loop thread is parked at a command boundary, so the copy is
+ * consistent; the child then closes the loop's descriptors (close(2) only,
+ * nothing is written or shut down) and forgets every object, and the next
+ * call starts a fresh loop thread. */
 #include "rd_loop.h"
 
+#include <assert.h>
+#include <errno.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
 #include "rd_alloc.h"
 #include "rd_block.h"
@@ -37,6 +48,14 @@ static struct {
   rd_map req_pending;             /* loop thread: posted, not yet answered */
   uint64_t next_req;
   int req_closed;
+  /* fork */
+  uv_mutex_t fork_lock; /* held from prepare to the parent's or child's handler */
+  uv_mutex_t park_lock;
+  uv_cond_t park_cond;
+  int parked, resume; /* under park_lock: the loop thread's stay in park_run */
+  int fork_parks;     /* under fork_lock: this fork parked the loop thread */
+  rd_cmd park_cmd;
+  _Atomic uint64_t stale_below; /* handles below this are a parent's */
 } eng = {.once = UV_ONCE_INIT};
 
 static _Atomic int64_t count_sessions, count_connections, count_buffered, count_tunnel_queued;
@@ -61,11 +80,24 @@ rd_engine_counts rd_engine_counts_get(void) {
   return c;
 }
 
+/* Signals completion. The fd is read before _done is set: from then on the
+ * poster may free cmd (or, for a private eventfd, close the fd only after
+ * reading it, so the write below never lands on a reused descriptor). */
+static void cmd_signal(rd_cmd *cmd) {
+  int fd = cmd->_notify_fd;
+  atomic_store_explicit(&cmd->_done, 1, memory_order_release);
+  if (fd >= 0) {
+    uint64_t one = 1;
+    while (write(fd, &one, sizeof one) < 0 && errno == EINTR) {
+    }
+  }
+}
+
 void rd_cmd_finish(rd_cmd *cmd, int status, const char *error) {
   cmd->status = status;
   if (error != NULL)
     snprintf(cmd->error, sizeof cmd->error, "%s", error);
-  uv_sem_post(&cmd->done);
+  cmd_signal(cmd);
 }
 
 void rd_cmd_finishf(rd_cmd *cmd, int status, const char *fmt, ...) {
@@ -74,8 +106,10 @@ void rd_cmd_finishf(rd_cmd *cmd, int status, const char *fmt, ...) {
   vsnprintf(cmd->error, sizeof cmd->error, fmt, ap);
   va_end(ap);
   cmd->status = status;
-  uv_sem_post(&cmd->done);
+  cmd_signal(cmd);
 }
+
+int rd_cmd_done(rd_cmd *cmd) { return atomic_load_explicit(&cmd->_done, memory_order_acquire); }
 
 /* ---- objects ---- */
 
@@ -90,6 +124,8 @@ void rd_object_unregister(rd_object *obj) {
     rd_map_remove(&eng.objects, &obj->node);
   obj->handle = 0;
 }
+
+int rd_handle_is_stale(uint64_t handle) { return handle != 0 && handle < atomic_load(&eng.stale_below); }
 
 rd_object *rd_object_find(uint64_t handle, int kind) {
   for (rd_map_node *n = rd_map_find(&eng.objects, rd_hash_u64(handle)); n != NULL;
@@ -118,13 +154,30 @@ static void close_any_handle_cb(uv_handle_t *h, void *arg) {
     uv_close(h, NULL);
 }
 
+static rd_request *request_of(rd_map_node *n) {
+  return (rd_request *)((char *)n - offsetof(rd_request, node));
+}
+
+static void request_unref(rd_request *req) {
+  int before = atomic_fetch_sub(&req->_refs, 1);
+  assert(before > 0);
+  if (before == 1)
+    rd_request_free(req);
+}
+
+/* Ends the engine's part in a pending request: the asker hears the verdict,
+ * the pending set's reference goes. The queue or the Python-side thread may
+ * still hold theirs; the request is freed with the last. */
+static void request_settle(rd_request *req, rd_verdict verdict, const char *value) {
+  rd_map_remove(&eng.req_pending, &req->node);
+  if (req->target != NULL && req->on_answer != NULL)
+    req->on_answer(req, verdict, value);
+  request_unref(req);
+}
+
 static void drop_pending_request_cb(rd_map_node *n, void *ctx) {
   (void)ctx;
-  rd_request *req = (rd_request *)((char *)n - offsetof(rd_request, node));
-  rd_map_remove(&eng.req_pending, n);
-  if (req->target != NULL && req->on_answer != NULL)
-    req->on_answer(req, -1, NULL);
-  rd_request_free(req);
+  request_settle(request_of(n), RD_VERDICT_CLOSED, NULL);
 }
 
 static void begin_shutdown(void) {
@@ -132,9 +185,15 @@ static void begin_shutdown(void) {
   rd_map_foreach(&eng.objects, close_object_cb, NULL);
   uv_mutex_lock(&eng.req_lock);
   eng.req_closed = 1;
+  rd_request *queued = eng.req_head;
   eng.req_head = eng.req_tail = NULL;
   uv_cond_broadcast(&eng.req_cond);
   uv_mutex_unlock(&eng.req_lock);
+  while (queued != NULL) { /* the queue's references */
+    rd_request *next = queued->next;
+    request_unref(queued);
+    queued = next;
+  }
   rd_map_foreach(&eng.req_pending, drop_pending_request_cb, NULL);
   uv_close((uv_handle_t *)&eng.wake, NULL);
 }
@@ -148,8 +207,8 @@ static void wake_cb(uv_async_t *h) {
   eng.head = eng.tail = NULL;
   uv_mutex_unlock(&eng.lock);
   while (c != NULL) {
-    rd_cmd *next = c->next;
-    if (c->run == NULL) { /* the shutdown command */
+    rd_cmd *next = c->next; /* c may be freed once run completes it */
+    if (c->run == NULL) {   /* the shutdown command */
       eng.shutdown_waiter = c;
       if (!eng.stopping)
         begin_shutdown();
@@ -181,14 +240,26 @@ static void loop_main(void *arg) {
     rd_cmd_finish(eng.shutdown_waiter, RD_OK, NULL);
 }
 
-static void engine_init_once(void) {
+static void fork_prepare(void);
+static void fork_parent(void);
+static void fork_child(void);
+
+static void engine_locks_init(void) {
   uv_mutex_init(&eng.lock);
   uv_mutex_init(&eng.req_lock);
+  uv_mutex_init(&eng.fork_lock);
+  uv_mutex_init(&eng.park_lock);
   uv_cond_init(&eng.req_cond);
   uv_cond_init(&eng.joined_cond);
+  uv_cond_init(&eng.park_cond);
+}
+
+static void engine_init_once(void) {
+  engine_locks_init();
   rd_map_init(&eng.objects);
   rd_map_init(&eng.req_pending);
   eng.state = ENGINE_NEW;
+  pthread_atfork(fork_prepare, fork_parent, fork_child);
 }
 
 /* Starts the thread on first use; returns the state after. Holds eng.lock. */
@@ -207,14 +278,9 @@ static int ensure_started_locked(void) {
   return eng.state;
 }
 
-static int post(rd_cmd *cmd) {
-  uv_once(&eng.once, engine_init_once);
-  uv_mutex_lock(&eng.lock);
-  int state = ensure_started_locked();
-  if (state != ENGINE_RUNNING) {
-    uv_mutex_unlock(&eng.lock);
-    return state == ENGINE_NEW ? RD_ENOMEM : RD_ECLOSED;
-  }
+/* Appends cmd to the list (eng.lock held, engine running); returns 1 when
+ * the list was empty, i.e. the loop thread needs a wake-up. */
+static int enqueue_locked(rd_cmd *cmd) {
   int was_empty = eng.head == NULL;
   cmd->next = NULL;
   if (eng.tail != NULL)
@@ -224,27 +290,62 @@ static int post(rd_cmd *cmd) {
   eng.tail = cmd;
   if (cmd->run == NULL)
     eng.state = ENGINE_STOPPED; /* no command after the shutdown */
+  return was_empty;
+}
+
+static int post(rd_cmd *cmd, int notify_fd) {
+  cmd->status = RD_OK;
+  cmd->error[0] = '\0';
+  cmd->_notify_fd = notify_fd;
+  atomic_store(&cmd->_done, 0);
+  uv_once(&eng.once, engine_init_once);
+  uv_mutex_lock(&eng.lock);
+  int state = ensure_started_locked();
+  if (state != ENGINE_RUNNING) {
+    uv_mutex_unlock(&eng.lock);
+    cmd->status = state == ENGINE_NEW ? RD_ENOMEM : RD_ECLOSED;
+    snprintf(cmd->error, sizeof cmd->error, "%s", rd_strerror(cmd->status));
+    return cmd->status;
+  }
+  int was_empty = enqueue_locked(cmd);
   uv_mutex_unlock(&eng.lock);
   if (was_empty)
     uv_async_send(&eng.wake);
   return RD_OK;
 }
 
-int rd_engine_call(rd_cmd *cmd) {
-  cmd->status = RD_OK;
-  cmd->error[0] = '\0';
-  if (uv_sem_init(&cmd->done, 0) != 0)
-    return RD_ENOMEM;
-  int rc = post(cmd);
-  if (rc != RD_OK) {
-    uv_sem_destroy(&cmd->done);
-    cmd->status = rc;
-    snprintf(cmd->error, sizeof cmd->error, "%s", rd_strerror(rc));
-    return rc;
+int rd_engine_post(rd_cmd *cmd, int notify_fd) {
+  assert(cmd->run != NULL); /* run NULL is the engine's own shutdown */
+  return post(cmd, notify_fd);
+}
+
+/* Blocks until the loop thread has signalled fd. Reading the count, not
+ * rd_cmd_done, is what ends the wait: the fd is closed afterwards, and the
+ * loop thread's write must have happened by then. */
+static void wait_signalled(int fd) {
+  uint64_t n;
+  while (read(fd, &n, sizeof n) != (ssize_t)sizeof n) {
+    /* EINTR: an eventfd read fails for nothing else */
   }
-  uv_sem_wait(&cmd->done);
-  uv_sem_destroy(&cmd->done);
+}
+
+static int engine_call(rd_cmd *cmd) {
+  int fd = eventfd(0, EFD_CLOEXEC);
+  if (fd < 0) {
+    cmd->status = -errno; /* libuv's codes are negated errnos */
+    snprintf(cmd->error, sizeof cmd->error, "%s", rd_strerror(cmd->status));
+    return cmd->status;
+  }
+  int rc = post(cmd, fd);
+  if (rc == RD_OK)
+    wait_signalled(fd);
+  close(fd);
   return cmd->status;
+}
+
+int rd_engine_call(rd_cmd *cmd) {
+  assert(cmd->run != NULL);
+  return engine_call(cmd);
 }
 
 void rd_engine_shutdown(void) {
@@ -262,9 +363,10 @@ void rd_engine_shutdown(void) {
   }
   eng.shutting_down = 1;
   uv_mutex_unlock(&eng.lock);
-  rd_cmd cmd = {0};
+  rd_cmd cmd;
+  memset(&cmd, 0, sizeof cmd);
   cmd.run = NULL;
-  if (rd_engine_call(&cmd) == RD_OK) {
+  if (engine_call(&cmd) == RD_OK) {
     uv_thread_join(&eng.thread);
     uv_loop_close(&eng.loop);
   }
@@ -274,26 +376,162 @@ void rd_engine_shutdown(void) {
   uv_mutex_unlock(&eng.lock);
 }
 
+/* ---- fork ---- */
+
+/* Loop thread: stays at this command boundary until the fork is done, so
+ * that the child's copy of the loop, the objects and the pools is whole. */
+static void park_run(rd_cmd *c) {
+  (void)c;
+  uv_mutex_lock(&eng.park_lock);
+  eng.parked = 1;
+  uv_cond_signal(&eng.park_cond);
+  while (!eng.resume)
+    uv_cond_wait(&eng.park_cond, &eng.park_lock);
+  eng.parked = eng.resume = 0;
+  uv_mutex_unlock(&eng.park_lock);
+}
+
+static void fork_prepare(void) {
+  uv_mutex_lock(&eng.fork_lock);
+  uv_mutex_lock(&eng.lock);
+  /* A child must not inherit a loop half torn down: let a shutdown end. */
+  while (eng.shutting_down && !eng.joined)
+    uv_cond_wait(&eng.joined_cond, &eng.lock);
+  uv_thread_t self = uv_thread_self();
+  eng.fork_parks = eng.state == ENGINE_RUNNING && !uv_thread_equal(&self, &eng.thread);
+  int wake = 0;
+  if (eng.fork_parks) {
+    memset(&eng.park_cmd, 0, sizeof eng.park_cmd);
+    eng.park_cmd.run = park_run;
+    eng.park_cmd._notify_fd = -1;
+    wake = enqueue_locked(&eng.park_cmd);
+  }
+  uv_mutex_unlock(&eng.lock);
+  if (wake)
+    uv_async_send(&eng.wake);
+  if (eng.fork_parks) {
+    uv_mutex_lock(&eng.park_lock);
+    while (!eng.parked)
+      uv_cond_wait(&eng.park_cond, &eng.park_lock);
+    uv_mutex_unlock(&eng.park_lock);
+  }
+  /* Held across the fork so that the child's lists are not mid-update. */
+  uv_mutex_lock(&eng.lock);
+  uv_mutex_lock(&eng.req_lock);
+}
+
+static void fork_parent(void) {
+  uv_mutex_unlock(&eng.req_lock);
+  uv_mutex_unlock(&eng.lock);
+  if (eng.fork_parks) {
+    uv_mutex_lock(&eng.park_lock);
+    eng.resume = 1;
+    uv_cond_signal(&eng.park_cond);
+    uv_mutex_unlock(&eng.park_lock);
+  }
+  uv_mutex_unlock(&eng.fork_lock);
+}
+
+static void close_handle_fd_cb(uv_handle_t *h, void *arg) {
+  (void)arg;
+  uv_os_fd_t fd;
+  if (uv_fileno(h, &fd) == 0)
+    close(fd);
+}
+
+static void close_fd(int fd) {
+  if (fd >= 0)
+    close(fd);
+}
+
+/* Child: closes the inherited loop's descriptors, its handles' and libuv's
+ * own (the epoll instance, the async eventfd, the signal pipe, the spare
+ * kept for EMFILE), without a libuv call that would act on them. The parent
+ * keeps its copies open. */
+static void forget_loop_fds(uv_loop_t *loop) {
+  uv_walk(loop, close_handle_fd_cb, NULL);
+  close_fd(uv_backend_fd(loop));
+  close_fd(loop->async_io_watcher.fd);
+  if (loop->async_wfd != loop->async_io_watcher.fd)
+    close_fd(loop->async_wfd);
+  close_fd(loop->signal_pipefd[0]);
+  close_fd(loop->signal_pipefd[1]);
+  close_fd(loop->emfile_fd);
+#ifdef __linux__
+  close_fd(loop->inotify_fd);
+#endif
+}
+
+/* Child: only this thread exists. The locks may have been held by threads
+ * that are gone, so they are made anew. A running engine is forgotten, not
+ * freed: its memory belongs to objects the parent still runs. Handles keep
+ * counting up, so the parent's never name a child's object. */
+static void fork_child(void) {
+  /* A loop exists unless the engine never started or was shut down and
+   * joined; a shutdown the parent began is the parent's own. */
+  int had_loop = eng.state != ENGINE_NEW && !eng.joined;
+  engine_locks_init();
+  eng.parked = eng.resume = eng.fork_parks = 0;
+  if (!had_loop)
+    return;
+  forget_loop_fds(&eng.loop);
+  memset(&eng.loop, 0, sizeof eng.loop);
+  eng.state = ENGINE_NEW;
+  eng.shutting_down = eng.joined = 0;
+  eng.head = eng.tail = NULL;
+  eng.stopping = 0;
+  eng.shutdown_waiter = NULL;
+  rd_map_init(&eng.objects);
+  rd_map_init(&eng.req_pending);
+  eng.req_head = eng.req_tail = NULL;
+  eng.req_closed = 0;
+  atomic_store(&eng.stale_below, eng.next_handle + 1);
+  atomic_store(&count_sessions, 0);
+  atomic_store(&count_connections, 0);
+  atomic_store(&count_buffered, 0);
+  atomic_store(&count_tunnel_queued, 0);
+}
+
 /* ---- requests ---- */
 
+rd_request *rd_request_new(rd_request_kind kind) {
+  rd_request *req = rd_calloc(1, sizeof *req);
+  if (req != NULL)
+    req->kind = kind;
+  return req;
+}
+
 void rd_request_free(rd_request *req) {
-  rd_free(req->s1);
-  rd_free(req->s2);
-  rd_free(req->s3);
-  rd_free(req->headers);
-  rd_free(req->value);
+  if (req->kind == RD_REQ_AUTH) {
+    rd_free(req->auth.method);
+    rd_free(req->auth.path);
+    rd_free(req->auth.remote);
+    rd_free(req->auth.headers);
+  } else if (req->kind == RD_REQ_CONNECT) {
+    rd_free(req->connect.proto);
+    rd_free(req->connect.address);
+  }
   rd_free(req);
 }
 
+int rd_verdict_fits(rd_request_kind kind, int verdict) {
+  if (kind == RD_REQ_AUTH)
+    return verdict == RD_VERDICT_ACCEPT || verdict == RD_VERDICT_UNAUTHORIZED ||
+           verdict == RD_VERDICT_ERROR;
+  return verdict == RD_VERDICT_ALLOW || verdict == RD_VERDICT_REFUSE;
+}
+
 void rd_request_post(rd_request *req) {
+  assert(req->kind == RD_REQ_AUTH || req->kind == RD_REQ_CONNECT);
   req->id = ++eng.next_req;
   req->next = NULL;
   if (eng.stopping || rd_map_insert(&eng.req_pending, &req->node, rd_hash_u64(req->id)) != RD_OK) {
     if (req->on_answer != NULL)
-      req->on_answer(req, -1, NULL);
+      req->on_answer(req, RD_VERDICT_CLOSED, NULL);
     rd_request_free(req);
     return;
   }
+  atomic_store(&req->_refs, 2); /* pending and queued */
   uv_mutex_lock(&eng.req_lock);
   if (eng.req_tail != NULL)
     eng.req_tail->next = req;
@@ -313,15 +551,18 @@ rd_request *rd_request_next(int64_t timeout_ms) {
     if (now >= deadline || uv_cond_timedwait(&eng.req_cond, &eng.req_lock, deadline - now) != 0)
       break;
   }
-  rd_request *req = eng.req_head;
+  rd_request *req = eng.req_head; /* the queue's reference passes to the caller */
   if (req != NULL) {
     eng.req_head = req->next;
     if (eng.req_head == NULL)
       eng.req_tail = NULL;
+    req->next = NULL;
   }
   uv_mutex_unlock(&eng.req_lock);
   return req;
 }
+
+void rd_request_release(rd_request *req) { request_unref(req); }
 
 typedef struct {
   rd_cmd cmd;
@@ -334,20 +575,21 @@ static void answer_run(rd_cmd *c) {
   answer_cmd *a = (answer_cmd *)c;
   for (rd_map_node *n = rd_map_find(&eng.req_pending, rd_hash_u64(a->id)); n != NULL;
        n = rd_map_next_same(n)) {
-    rd_request *req = (rd_request *)((char *)n - offsetof(rd_request, node));
+    rd_request *req = request_of(n);
     if (req->id != a->id)
       continue;
-    rd_map_remove(&eng.req_pending, n);
-    if (req->target != NULL && req->on_answer != NULL)
-      req->on_answer(req, a->verdict, a->value != NULL ? a->value : "");
-    rd_request_free(req);
+    if (rd_verdict_fits(req->kind, a->verdict))
+      request_settle(req, (rd_verdict)a->verdict, a->value != NULL ? a->value : "");
+    else /* not an answer to this question: the safe one */
+      request_settle(req, req->kind == RD_REQ_AUTH ? RD_VERDICT_UNAUTHORIZED : RD_VERDICT_REFUSE,
+                     "");
     break;
   }
   rd_cmd_finish(c, RD_OK, NULL);
 }
 
-void rd_request_answer(uint64_t req_id, int verdict, const char *value) {
+int rd_request_answer(uint64_t req_id, int verdict, const char *value) {
   answer_cmd a = {.id = req_id, .verdict = verdict, .value = value};
   a.cmd.run = answer_run;
-  rd_engine_call(&a.cmd);
+  return rd_engine_call(&a.cmd);
 }

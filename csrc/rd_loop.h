@@ -4,29 +4,46 @@
 #ifndef RD_LOOP_H
 #define RD_LOOP_H
 
+#include <stdatomic.h>
 #include <uv.h>
 
 #include "rd_common.h"
 #include "rd_map.h"
 
 /* A command posted from any thread to run on the loop thread. The caller
- * embeds it in a struct of its own (arguments and results), calls
- * rd_engine_call and is woken when the loop thread calls rd_cmd_finish,
- * which may happen inside run or later (a close that waits for handles). */
+ * embeds it in a struct of its own (arguments and results) and posts it; the
+ * loop thread completes it with rd_cmd_finish, inside run or later (a close
+ * that waits for handles). Posting never waits: completion is signalled on
+ * an eventfd, so a caller can block on it (rd_engine_call) or poll it beside
+ * other work (an event loop's reader) without a thread per call. */
 typedef struct rd_cmd rd_cmd;
 struct rd_cmd {
   rd_cmd *next;
   void (*run)(rd_cmd *cmd);
-  uv_sem_t done;
+  int _notify_fd;   /* eventfd signalled at completion, or -1 */
+  atomic_int _done; /* set (release) before _notify_fd is signalled */
   int status;
   char error[256];
 };
 
-/* Runs cmd on the loop thread (starting it on first use) and waits for it.
- * Returns cmd->status; RD_ECLOSED without running it after shutdown. Must
- * not be called from the loop thread. */
+/* Queues cmd for the loop thread, starting the thread on first use, and
+ * returns at once. Returns RD_OK when queued: the loop thread then completes
+ * cmd exactly once, setting status and error, then rd_cmd_done, then adding
+ * 1 to notify_fd (an eventfd the caller owns and keeps open until then; -1
+ * for none; commands may share one, a reader checks rd_cmd_done on each).
+ * cmd must stay valid until rd_cmd_done. Returns RD_ECLOSED after shutdown
+ * or RD_ENOMEM when the thread cannot start: nothing is queued or signalled.
+ * Commands still queued in a process forked from this one never complete
+ * there. */
+int rd_engine_post(rd_cmd *cmd, int notify_fd);
+/* 1 once cmd is complete (its status and error are then readable). */
+int rd_cmd_done(rd_cmd *cmd);
+/* Posts cmd with a private eventfd and blocks until it completes. Returns
+ * cmd->status, or the code that kept it from being posted (also in status
+ * and error). Must not be called from the loop thread. */
 int rd_engine_call(rd_cmd *cmd);
-/* Completes a command (loop thread). error may be NULL. */
+/* Completes a command (loop thread). error may be NULL. cmd must not be
+ * touched afterwards: its owner may free it as soon as it is done. */
 void rd_cmd_finish(rd_cmd *cmd, int status, const char *error);
 void rd_cmd_finishf(rd_cmd *cmd, int status, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -68,40 +85,76 @@ int rd_object_register(rd_object *obj, int kind);
 void rd_object_unregister(rd_object *obj);
 /* The object with this handle and kind (kind 0 = any), or NULL. */
 rd_object *rd_object_find(uint64_t handle, int kind);
+/* 1 for a handle made in a process this one was forked from (any thread).
+ * Such objects belong to the parent's loop, which the child forgot: closing
+ * one is a no-op, so the child never touches the parent's sessions. */
+int rd_handle_is_stale(uint64_t handle);
 
-/* A decision asked of Python: an authorizer call. Created and freed on the
- * loop thread; the Python-side thread reads its immutable fields between
- * rd_request_next and rd_request_answer. */
-enum { RD_REQ_AUTH = 1, RD_REQ_CONNECT = 2 };
+/* A decision asked of Python: an authorizer call. Created on the loop thread
+ * and reference counted, because two threads hold it: the engine until it is
+ * answered (or shut down) and the Python-side thread from rd_request_next
+ * until rd_request_release. Its kind's fields are immutable once posted. */
+typedef enum rd_request_kind { RD_REQ_AUTH = 1, RD_REQ_CONNECT = 2 } rd_request_kind;
+
+/* Python's answers, named so that neither side guesses at integers. Each
+ * kind has its own; one of another kind counts as a refusal. */
+typedef enum rd_verdict {
+  RD_VERDICT_CLOSED = -1,      /* engine only: shut down before an answer */
+  RD_VERDICT_ACCEPT = 0,       /* AUTH: upgrade; value is the client key */
+  RD_VERDICT_UNAUTHORIZED = 1, /* AUTH: 401 */
+  RD_VERDICT_ERROR = 2,        /* AUTH: 400 with value as its text */
+  RD_VERDICT_ALLOW = 3,        /* CONNECT: dial the address */
+  RD_VERDICT_REFUSE = 4,       /* CONNECT: refuse the connection */
+} rd_verdict;
+
+/* An upgrade request for the server's authorizer. */
+typedef struct rd_auth_request {
+  char *method, *path, *remote;
+  char *headers; /* "name\0value\0" pairs, headers_len bytes in all */
+  size_t headers_len;
+} rd_auth_request;
+
+/* A connect request for the client's authorizer. */
+typedef struct rd_connect_request {
+  char *proto, *address;
+} rd_connect_request;
+
 typedef struct rd_request rd_request;
 struct rd_request {
-  rd_request *next;
-  rd_map_node node;
+  rd_request *next; /* on the queue for Python */
+  rd_map_node node; /* among the engine's pending requests */
   uint64_t id;
   uint64_t owner; /* handle of the server or client */
-  int kind;
-  /* AUTH: method, path, remote, headers as NUL-separated "name\0value\0".
-   * CONNECT: proto, address. */
-  char *s1, *s2, *s3;
-  char *headers;
-  size_t headers_len;
-  /* Loop thread: called with the verdict; target NULL means the asker is
-   * gone and the answer is dropped. */
-  void (*on_answer)(rd_request *req, int verdict, const char *value);
+  rd_request_kind kind;
+  union { /* by kind; strings rd_malloc'ed, freed with the request */
+    rd_auth_request auth;
+    rd_connect_request connect;
+  };
+  /* Loop thread: called once with the verdict. The asker sets target NULL
+   * when it goes away first; the answer is then dropped. */
+  void (*on_answer)(rd_request *req, rd_verdict verdict, const char *value);
   void *target;
-  int answered;
-  int verdict;
-  char *value;
+  atomic_int _refs; /* the pending set, the queue, the taker */
 };
-/* Queues req for Python (loop thread); takes ownership. */
+/* A zeroed request of this kind (NULL when out of memory). Loop thread. */
+rd_request *rd_request_new(rd_request_kind kind);
+/* Queues req for Python (loop thread); takes ownership. After shutdown the
+ * request is answered RD_VERDICT_CLOSED at once. */
 void rd_request_post(rd_request *req);
 /* Frees a request that was never posted (loop thread). */
 void rd_request_free(rd_request *req);
+/* 1 when verdict is one of kind's answers. */
+int rd_verdict_fits(rd_request_kind kind, int verdict);
 /* Python-side thread: waits up to timeout_ms for a request; NULL on timeout
- * or shutdown. The request stays valid until answered. */
+ * or shutdown. The caller holds a reference: the request stays readable,
+ * even across shutdown, until rd_request_release. */
 rd_request *rd_request_next(int64_t timeout_ms);
-/* Python-side thread: answers; the engine calls on_answer on the loop thread
- * and frees the request. */
-void rd_request_answer(uint64_t req_id, int verdict, const char *value);
+/* Drops the reference rd_request_next gave; the last holder frees. */
+void rd_request_release(rd_request *req);
+/* Any thread but the loop thread: answers by id (value is copied or used
+ * before the call returns). The engine calls on_answer on the loop thread.
+ * Returns RD_OK, or RD_ECLOSED when the engine has stopped (the request was
+ * answered RD_VERDICT_CLOSED then). An unknown id is ignored. */
+int rd_request_answer(uint64_t req_id, int verdict, const char *value);
 
 #endif

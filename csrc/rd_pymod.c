@@ -669,6 +669,27 @@ static PyObject *py_prometheus(PyObject *module, PyObject *args) {
 
 /* ---- requests for Python decisions ---- */
 
+/* The request's fields as Python values; NULL with an exception set. */
+static PyObject *request_payload(const rd_request *r) {
+  if (r->kind == RD_REQ_CONNECT)
+    return Py_BuildValue("(ss)", r->connect.proto, r->connect.address);
+  const rd_auth_request *a = &r->auth;
+  PyObject *headers = PyList_New(0);
+  for (const char *p = a->headers; headers != NULL && p < a->headers + a->headers_len;) {
+    const char *name = p;
+    const char *value = name + strlen(name) + 1;
+    p = value + strlen(value) + 1;
+    PyObject *pair = Py_BuildValue("(ss)", name, value);
+    if (pair == NULL || PyList_Append(headers, pair) < 0)
+      Py_CLEAR(headers);
+    Py_XDECREF(pair);
+  }
+  if (headers == NULL)
+    return NULL;
+  return Py_BuildValue("{s:s,s:s,s:N,s:s}", "method", a->method, "path", a->path, "headers",
+                       headers, "remote", a->remote);
+}
+
 static PyObject *py_next_request(PyObject *module, PyObject *args) {
   (void)module;
   double timeout;
@@ -680,37 +701,21 @@ static PyObject *py_next_request(PyObject *module, PyObject *args) {
   Py_END_ALLOW_THREADS
   if (r == NULL)
     Py_RETURN_NONE;
-  PyObject *payload;
-  const char *kind;
-  if (r->kind == RD_REQ_AUTH) {
-    kind = "auth";
-    PyObject *headers = PyList_New(0);
-    for (const char *p = r->headers; headers != NULL && p < r->headers + r->headers_len;) {
-      const char *name = p;
-      const char *value = name + strlen(name) + 1;
-      p = value + strlen(value) + 1;
-      PyObject *pair = Py_BuildValue("(ss)", name, value);
-      if (pair == NULL || PyList_Append(headers, pair) < 0)
-        Py_CLEAR(headers);
-      Py_XDECREF(pair);
-    }
-    payload = headers != NULL ? Py_BuildValue("{s:s,s:s,s:N,s:s}", "method", r->s1, "path", r->s2,
-                                              "headers", headers, "remote", r->s3)
-                              : NULL;
-  } else {
-    kind = "connect";
-    payload = Py_BuildValue("(ss)", r->s1, r->s2);
-  }
+  /* Our reference keeps r readable even if the engine shuts down meanwhile;
+   * everything Python needs is copied before it is dropped. */
+  uint64_t id = r->id, owner = r->owner;
+  const char *kind = r->kind == RD_REQ_AUTH ? "auth" : "connect";
+  rd_verdict refusal = r->kind == RD_REQ_AUTH ? RD_VERDICT_UNAUTHORIZED : RD_VERDICT_REFUSE;
+  PyObject *payload = request_payload(r);
+  rd_request_release(r);
   if (payload == NULL) {
     /* Never leave the engine waiting: refuse what we could not present. */
-    uint64_t id = r->id;
     Py_BEGIN_ALLOW_THREADS
-    rd_request_answer(id, 1, "");
+    rd_request_answer(id, refusal, "");
     Py_END_ALLOW_THREADS
     return NULL;
   }
-  return Py_BuildValue("(KKsN)", (unsigned long long)r->id, (unsigned long long)r->owner, kind,
-                       payload);
+  return Py_BuildValue("(KKsN)", (unsigned long long)id, (unsigned long long)owner, kind, payload);
 }
 
 static PyObject *py_answer(PyObject *module, PyObject *args) {
@@ -720,7 +725,12 @@ static PyObject *py_answer(PyObject *module, PyObject *args) {
   const char *value;
   if (!PyArg_ParseTuple(args, "Kis:answer", &id, &verdict, &value))
     return NULL;
-  /* value is copied by the loop thread before the call returns. */
+  if (verdict < RD_VERDICT_ACCEPT || verdict > RD_VERDICT_REFUSE) {
+    PyErr_Format(PyExc_ValueError, "unknown verdict %d", verdict);
+    return NULL;
+  }
+  /* value is used by the loop thread before the call returns. An engine
+   * that has stopped answered the request itself. */
   Py_BEGIN_ALLOW_THREADS
   rd_request_answer(id, verdict, value);
   Py_END_ALLOW_THREADS
@@ -801,7 +811,7 @@ static PyMethodDef engine_methods[] = {
     {"prometheus", py_prometheus, METH_VARARGS, "prometheus(handle) -> str"},
     {"next_request", py_next_request, METH_VARARGS,
      "next_request(timeout) -> None | (id, owner, kind, payload)"},
-    {"answer", py_answer, METH_VARARGS, "answer(id, verdict, value)"},
+    {"answer", py_answer, METH_VARARGS, "answer(id, verdict, value): verdict is a VERDICT_* constant"},
     {"engine_stats", py_engine_stats, METH_NOARGS, "engine_stats() -> dict"},
     {"heap", py_heap, METH_NOARGS, "heap() -> (bytes, objects) the engine holds (any time)"},
     {"trim", py_trim, METH_NOARGS, "trim(): return idle engine pools to the allocator"},
@@ -835,6 +845,13 @@ static int engine_exec(PyObject *module) {
   Py_DECREF(bases);
   if (st->TunnelTimeoutError == NULL ||
       PyModule_AddObjectRef(module, "TunnelTimeoutError", st->TunnelTimeoutError) < 0)
+    return -1;
+  /* Verdict names for answer(); _callbacks.Verdict mirrors them. */
+  if (PyModule_AddIntConstant(module, "VERDICT_ACCEPT", RD_VERDICT_ACCEPT) < 0 ||
+      PyModule_AddIntConstant(module, "VERDICT_UNAUTHORIZED", RD_VERDICT_UNAUTHORIZED) < 0 ||
+      PyModule_AddIntConstant(module, "VERDICT_ERROR", RD_VERDICT_ERROR) < 0 ||
+      PyModule_AddIntConstant(module, "VERDICT_ALLOW", RD_VERDICT_ALLOW) < 0 ||
+      PyModule_AddIntConstant(module, "VERDICT_REFUSE", RD_VERDICT_REFUSE) < 0)
     return -1;
   return 0;
 }

@@ -376,14 +376,14 @@ static void upgrade_accept(httpconn *hc, const char *client_key) {
     rd_session_end(s, RD_WS_CLOSE_GOING_AWAY, "out of memory");
 }
 
-static void auth_answer_cb(rd_request *req, int verdict, const char *value) {
+static void auth_answer_cb(rd_request *req, rd_verdict verdict, const char *value) {
   httpconn *hc = req->target;
   hc->auth = NULL;
-  if (verdict == 0 && value != NULL && value[0] != '\0')
+  if (verdict == RD_VERDICT_ACCEPT && value != NULL && value[0] != '\0')
     upgrade_accept(hc, value);
-  else if (verdict == 2)
+  else if (verdict == RD_VERDICT_ERROR)
     respond_text(hc, 400, "Bad Request", value != NULL ? value : "authorizer failed");
-  else if (verdict < 0)
+  else if (verdict == RD_VERDICT_CLOSED)
     respond_text(hc, 503, "Service Unavailable", "server closing");
   else
     respond_text(hc, 401, "Unauthorized", "failed authentication");
@@ -463,22 +463,22 @@ static void handle_upgrade(httpconn *hc, rd_http_request *req) {
     return;
   }
   /* Ask Python. The request carries copies: Python reads them on its thread. */
-  rd_request *r = rd_calloc(1, sizeof *r);
+  rd_request *r = rd_request_new(RD_REQ_AUTH);
   size_t hlen = 0;
   for (size_t i = 0; i < req->num_headers; i++)
     hlen += req->headers[i].name_len + req->headers[i].value_len + 2;
   char remote[80];
   format_remote((uv_tcp_t *)rd_io_stream(hc->io), remote, sizeof remote);
-  if (r == NULL || (r->s1 = rd_strndup(req->method, req->method_len)) == NULL ||
-      (r->s2 = rd_strndup(req->target, req->target_len)) == NULL ||
-      (r->s3 = rd_strndup(remote, strlen(remote))) == NULL ||
-      (r->headers = rd_malloc(hlen + 1)) == NULL) {
+  if (r == NULL || (r->auth.method = rd_strndup(req->method, req->method_len)) == NULL ||
+      (r->auth.path = rd_strndup(req->target, req->target_len)) == NULL ||
+      (r->auth.remote = rd_strndup(remote, strlen(remote))) == NULL ||
+      (r->auth.headers = rd_malloc(hlen + 1)) == NULL) {
     if (r != NULL)
       rd_request_free(r);
     respond_text(hc, 500, "Internal Server Error", "out of memory");
     return;
   }
-  char *p = r->headers;
+  char *p = r->auth.headers;
   for (size_t i = 0; i < req->num_headers; i++) {
     memcpy(p, req->headers[i].name, req->headers[i].name_len);
     p += req->headers[i].name_len;
@@ -487,8 +487,7 @@ static void handle_upgrade(httpconn *hc, rd_http_request *req) {
     p += req->headers[i].value_len;
     *p++ = '\0';
   }
-  r->headers_len = hlen;
-  r->kind = RD_REQ_AUTH;
+  r->auth.headers_len = hlen;
   r->owner = srv->obj.handle;
   r->on_answer = auth_answer_cb;
   r->target = hc;

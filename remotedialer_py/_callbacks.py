@@ -4,7 +4,9 @@ The engine's loop thread never takes the GIL. When it needs a decision from
 Python code (a server authorizer, a client's connect authorizer) it queues a
 request; this thread takes requests with ``_engine.next_request``, calls the
 owner's hook and posts the verdict with ``_engine.answer``. It starts when the
-first owner with a Python callable registers, and runs until shutdown.
+first owner with a Python callable registers, and runs until shutdown. In a
+forked child it starts again for the child's own owners: the parent's are
+forgotten, with the thread that served them.
 
 Owners are held by weak reference, so a dropped Server/Client can still be
 collected (its ``__del__`` closes it). A slow callable delays every other
@@ -14,7 +16,9 @@ decision, so authorizers should be quick.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
+import os
 import threading
 import time
 import weakref
@@ -36,8 +40,17 @@ _stopping = False
 _PENDING_WAIT = 10.0
 _POLL = 0.5
 
-AUTH_ACCEPT, AUTH_UNAUTHORIZED, AUTH_ERROR = 0, 1, 2
-CONNECT_ALLOW, CONNECT_REFUSE = 0, 1
+
+class Verdict(enum.IntEnum):
+    """An owner's answer, by the engine's names (rd_verdict). A server
+    authorizer answers ACCEPT (value: the client key), UNAUTHORIZED (401) or
+    ERROR (400, value: the text); a connect authorizer ALLOW or REFUSE."""
+
+    ACCEPT = _engine.VERDICT_ACCEPT
+    UNAUTHORIZED = _engine.VERDICT_UNAUTHORIZED
+    ERROR = _engine.VERDICT_ERROR
+    ALLOW = _engine.VERDICT_ALLOW
+    REFUSE = _engine.VERDICT_REFUSE
 
 
 @contextlib.contextmanager
@@ -105,10 +118,10 @@ def _lookup(owner_handle: int) -> Any:
     return ref() if ref is not None else None
 
 
-def _refusal(kind: str) -> tuple[int, str]:
+def _refusal(kind: str) -> tuple[Verdict, str]:
     if kind == "auth":
-        return AUTH_UNAUTHORIZED, ""
-    return CONNECT_REFUSE, ""
+        return Verdict.UNAUTHORIZED, ""
+    return Verdict.REFUSE, ""
 
 
 def _handle(request: Any) -> None:
@@ -126,6 +139,20 @@ def _handle(request: Any) -> None:
         _engine.answer(req_id, verdict, value)
     except Exception:  # noqa: BLE001 - the request may have expired meanwhile
         log.debug("remotedialer-py: answer to request %s not delivered", req_id, exc_info=True)
+
+
+def _after_fork_in_child() -> None:
+    # Only the forking thread survives: the lock may be held by a thread that
+    # is gone, the owners are the parent's (their handles are stale here).
+    global _cond, _pending, _thread
+    _cond = threading.Condition(threading.RLock())
+    _owners.clear()
+    _pending = 0
+    if _thread is not threading.current_thread():
+        _thread = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _run() -> None:

@@ -11,6 +11,7 @@ them (atexit is last-in, first-out) and they can still close their objects.
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 
 from . import _engine
@@ -41,4 +42,12 @@ def engine_stats() -> dict:
     return dict(_engine.engine_stats())
 
 
+def _after_fork_in_child() -> None:
+    # The lock may have been held by a thread the child does not have; the
+    # engine itself resets in the child (its own fork handler).
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(shutdown)

@@ -203,15 +203,15 @@ class Client(_Handle):
     def _answer_request(self, kind: str, payload: Any) -> Tuple[int, str]:
         fn = self._allow_fn
         if kind != "connect" or fn is None:
-            return _callbacks.CONNECT_REFUSE, ""
+            return _callbacks.Verdict.REFUSE, ""
         proto, address = payload
         try:
             allowed = bool(fn(proto, address))
         except Exception:  # noqa: BLE001 - a failing authorizer refuses
             log.warning("remotedialer-py: connect authorizer raised for %s/%s; refusing",
                         proto, address, exc_info=True)
-            return _callbacks.CONNECT_REFUSE, ""
-        return (_callbacks.CONNECT_ALLOW if allowed else _callbacks.CONNECT_REFUSE), ""
+            return _callbacks.Verdict.REFUSE, ""
+        return (_callbacks.Verdict.ALLOW if allowed else _callbacks.Verdict.REFUSE), ""
 
     def __repr__(self) -> str:
         if self._closing:

@@ -473,7 +473,7 @@ class Server(_Handle):
 
     def _answer_request(self, kind: str, payload: Any) -> Tuple[int, str]:
         if kind != "auth" or self._authorizer is None:
-            return _callbacks.AUTH_UNAUTHORIZED, ""
+            return _callbacks.Verdict.UNAUTHORIZED, ""
         request = Request(
             method=str(payload.get("method", "")),
             path=str(payload.get("path", "")),
@@ -485,19 +485,19 @@ class Server(_Handle):
         except Exception as exc:  # noqa: BLE001 - the authorizer's way to answer 400
             log.debug("remotedialer-py: authorizer raised for %s", request.remote_addr, exc_info=True)
             text = str(exc) or type(exc).__name__
-            return _callbacks.AUTH_ERROR, text[:4096]
+            return _callbacks.Verdict.ERROR, text[:4096]
         try:
             client_key, ok = result
         except (TypeError, ValueError):
             log.error("remotedialer-py: authorizer returned %r, expected (client_key, ok)", result)
-            return _callbacks.AUTH_ERROR, "authorizer error"
+            return _callbacks.Verdict.ERROR, "authorizer error"
         if not ok:
-            return _callbacks.AUTH_UNAUTHORIZED, ""
+            return _callbacks.Verdict.UNAUTHORIZED, ""
         if not isinstance(client_key, str) or not client_key:
             log.error("remotedialer-py: authorizer accepted with client key %r; expected a non-empty str",
                       client_key)
-            return _callbacks.AUTH_ERROR, "authorizer error"
-        return _callbacks.AUTH_ACCEPT, client_key
+            return _callbacks.Verdict.ERROR, "authorizer error"
+        return _callbacks.Verdict.ACCEPT, client_key
 
     def __repr__(self) -> str:
         if self._closing:
