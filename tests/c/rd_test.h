@@ -27,6 +27,26 @@ static int rd_test_failed_checks;
     }                                                                                 \
   } while (0)
 
+#define CHECK_STR(a, b)                                                               \
+  do {                                                                                \
+    const char *_a = (a), *_b = (b);                                                  \
+    if (_a == NULL || strcmp(_a, _b) != 0) {                                          \
+      fprintf(stderr, "%s:%d: %s == %s failed:\n  got  \"%s\"\n  want \"%s\"\n",        \
+              __FILE__, __LINE__, #a, #b, _a ? _a : "(null)", _b);                    \
+      rd_test_failed_checks++;                                                        \
+    }                                                                                 \
+  } while (0)
+
+#define CHECK_PREFIX(a, b)                                                            \
+  do {                                                                                \
+    const char *_a = (a), *_b = (b);                                                  \
+    if (_a == NULL || strncmp(_a, _b, strlen(_b)) != 0) {                             \
+      fprintf(stderr, "%s:%d: %s starts with %s failed:\n  got  \"%s\"\n", __FILE__, \
+              __LINE__, #a, #b, _a ? _a : "(null)");                                  \
+      rd_test_failed_checks++;                                                        \
+    }                                                                                 \
+  } while (0)
+
 typedef void (*rd_test_fn)(void);
 typedef struct {
   const char *name;

@@ -37,84 +37,15 @@
 #include "rd_msg.h"
 #include "rd_session.h"
 #include "rd_test.h"
+#include "rd_test_io.h"
 #include "rd_ws.h"
 
 /* Writing to a pipe the engine closed must fail, not kill the test. */
 __attribute__((constructor)) static void ignore_sigpipe(void) { signal(SIGPIPE, SIG_IGN); }
 
-#define CHECK_STR(a, b)                                                                      \
-  do {                                                                                       \
-    const char *_a = (a), *_b = (b);                                                         \
-    if (_a == NULL || strcmp(_a, _b) != 0) {                                                 \
-      fprintf(stderr, "%s:%d: %s == %s failed:\n  got  \"%s\"\n  want \"%s\"\n", __FILE__,  \
-              __LINE__, #a, #b, _a ? _a : "(null)", _b);                                     \
-      rd_test_failed_checks++;                                                               \
-    }                                                                                        \
-  } while (0)
-
-#define CHECK_PREFIX(a, b)                                                                   \
-  do {                                                                                       \
-    const char *_a = (a), *_b = (b);                                                         \
-    if (_a == NULL || strncmp(_a, _b, strlen(_b)) != 0) {                                    \
-      fprintf(stderr, "%s:%d: %s starts with %s failed:\n  got  \"%s\"\n", __FILE__,        \
-              __LINE__, #a, #b, _a ? _a : "(null)");                                         \
-      rd_test_failed_checks++;                                                               \
-    }                                                                                        \
-  } while (0)
-
 #define WAIT_MS 5000 /* the bound of every wait for something the engine does */
 
 /* ---- time and blocking-socket helpers ---- */
-
-static uint64_t now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
-/* Waits for events on fd until deadline (ms on now_ms's clock); 1 if ready. */
-static int wait_fd(int fd, short events, uint64_t deadline) {
-  for (;;) {
-    uint64_t now = now_ms();
-    if (now >= deadline)
-      return 0;
-    struct pollfd p = {fd, events, 0};
-    int n = poll(&p, 1, (int)(deadline - now));
-    if (n > 0)
-      return 1;
-    if (n < 0 && errno != EINTR)
-      return 0;
-  }
-}
-
-/* Reads exactly n bytes; returns how many arrived before EOF, error or timeout. */
-static size_t read_n(int fd, void *buf, size_t n) {
-  uint64_t deadline = now_ms() + WAIT_MS;
-  size_t got = 0;
-  while (got < n && wait_fd(fd, POLLIN, deadline)) {
-    ssize_t r = recv(fd, (char *)buf + got, n - got, MSG_DONTWAIT);
-    if (r > 0)
-      got += (size_t)r;
-    else if (r == 0 || (errno != EINTR && errno != EAGAIN))
-      break;
-  }
-  return got;
-}
-
-static int write_all(int fd, const void *buf, size_t n) {
-  uint64_t deadline = now_ms() + WAIT_MS;
-  size_t done = 0;
-  while (done < n) {
-    if (!wait_fd(fd, POLLOUT, deadline))
-      return -1;
-    ssize_t w = send(fd, (const char *)buf + done, n - done, MSG_NOSIGNAL | MSG_DONTWAIT);
-    if (w > 0)
-      done += (size_t)w;
-    else if (w < 0 && errno != EINTR && errno != EAGAIN)
-      return -1;
-  }
-  return 0;
-}
 
 /* 1 when fd reads a clean EOF (no data, no error) within WAIT_MS. */
 static int reads_eof(int fd) {
@@ -266,7 +197,7 @@ static void far_send_frame(far_side *f, int opcode, const uint8_t *head, size_t 
     memcpy(frame + wlen, head, hlen);
   if (len > 0)
     memcpy(frame + wlen + hlen, payload, len);
-  CHECK_EQ_INT(write_all(f->fd, frame, wlen + hlen + len), 0);
+  CHECK_EQ_INT(write_all(f->fd, frame, wlen + hlen + len, WAIT_MS), 0);
   free(frame);
 }
 
@@ -798,15 +729,15 @@ static void attach_roundtrip(int mode, int64_t id, const char *target) {
   if (fd < 0)
     return;
   CHECK_CONNS(&g_a, 1);
-  CHECK_EQ_INT(write_all(fd, "from-local", 10), 0);
+  CHECK_EQ_INT(write_all(fd, "from-local", 10, WAIT_MS), 0);
   EXPECT(&g_a.far, RD_MSG_DATA, id, "from-local");
   far_send_str(&g_a.far, RD_MSG_DATA, id, "to-local");
   char buf[8];
-  CHECK_EQ_INT(read_n(fd, buf, sizeof buf), sizeof buf);
+  CHECK_EQ_INT(read_n(fd, buf, sizeof buf, WAIT_MS), sizeof buf);
   CHECK(memcmp(buf, "to-local", sizeof buf) == 0);
   /* More than the socket takes at once: the rest waits in the engine. */
   far_send(&g_a.far, RD_MSG_DATA, id, big, sizeof big);
-  CHECK_EQ_INT(read_n(fd, got, sizeof got), sizeof got);
+  CHECK_EQ_INT(read_n(fd, got, sizeof got, WAIT_MS), sizeof got);
   CHECK(memcmp(got, big, sizeof big) == 0);
   close(fd);
   EXPECT(&g_a.far, RD_MSG_ERROR, id, "EOF");
@@ -847,7 +778,7 @@ TEST(test_attach_fd_later) {
   if (fd < 0)
     return;
   char buf[17];
-  CHECK_EQ_INT(read_n(fd, buf, sizeof buf), sizeof buf);
+  CHECK_EQ_INT(read_n(fd, buf, sizeof buf, WAIT_MS), sizeof buf);
   CHECK(memcmp(buf, "early,still early", sizeof buf) == 0);
   CHECK_EQ_INT(rd_engine_counts_get().buffered_bytes, 0);
   close(fd);
@@ -943,7 +874,7 @@ TEST(test_attach_twice) {
     return;
   CHECK(reads_eof(fd2));
   close(fd2);
-  CHECK_EQ_INT(write_all(fd1, "still here", 10), 0);
+  CHECK_EQ_INT(write_all(fd1, "still here", 10, WAIT_MS), 0);
   EXPECT(&g_a.far, RD_MSG_DATA, 35, "still here");
   close(fd1);
   EXPECT(&g_a.far, RD_MSG_ERROR, 35, "EOF");

@@ -21,26 +21,6 @@ __attribute__((constructor)) static void fix_pool_size(void) {
   setenv("UV_THREADPOOL_SIZE", "4", 1);
 }
 
-#define CHECK_STR(a, b)                                                                      \
-  do {                                                                                       \
-    const char *_a = (a), *_b = (b);                                                         \
-    if (strcmp(_a, _b) != 0) {                                                               \
-      fprintf(stderr, "%s:%d: %s == %s failed:\n  got  \"%s\"\n  want \"%s\"\n", __FILE__,  \
-              __LINE__, #a, #b, _a, _b);                                                     \
-      rd_test_failed_checks++;                                                               \
-    }                                                                                        \
-  } while (0)
-
-#define CHECK_PREFIX(a, b)                                                                   \
-  do {                                                                                       \
-    const char *_a = (a), *_b = (b);                                                         \
-    if (strncmp(_a, _b, strlen(_b)) != 0) {                                                  \
-      fprintf(stderr, "%s:%d: %s starts with %s failed:\n  got  \"%s\"\n", __FILE__,        \
-              __LINE__, #a, #b, _a);                                                         \
-      rd_test_failed_checks++;                                                               \
-    }                                                                                        \
-  } while (0)
-
 typedef struct {
   int calls;
   int status;

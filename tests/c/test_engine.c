@@ -30,31 +30,17 @@
 #include "rd_api.h"
 #include "rd_loop.h"
 #include "rd_test.h"
+#include "rd_test_io.h"
 
 /* Our own writes use MSG_NOSIGNAL; this keeps the main run alive whatever
  * the engine does (test_sigpipe_default checks the engine on its own). */
 __attribute__((constructor)) static void ignore_sigpipe(void) { signal(SIGPIPE, SIG_IGN); }
 
-#define CHECK_STR(a, b)                                                                      \
-  do {                                                                                       \
-    const char *_a = (a), *_b = (b);                                                         \
-    if (_a == NULL || strcmp(_a, _b) != 0) {                                                 \
-      fprintf(stderr, "%s:%d: %s == %s failed:\n  got  \"%s\"\n  want \"%s\"\n", __FILE__,  \
-              __LINE__, #a, #b, _a ? _a : "(null)", _b);                                     \
-      rd_test_failed_checks++;                                                               \
-    }                                                                                        \
-  } while (0)
-
+#define CHILD_SECONDS (4 * WAIT_MS / 1000) /* a test body in a child process */
 #define WAIT_MS 5000 /* the bound of every wait for something the engine does */
 #define DIAL_WAIT_MS 10000 /* a dial's wait for room on a full session */
 
 /* ---- time and blocking-socket helpers ---- */
-
-static uint64_t now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
 
 /* The poll interval inside deadline loops. */
 static void nap(void) {
@@ -74,50 +60,6 @@ static int wait_value(int64_t (*get)(void), int64_t want, const char *what) {
     nap();
   }
   return 1;
-}
-
-/* Waits for events on fd until deadline (ms on now_ms's clock); 1 if ready. */
-static int wait_fd(int fd, short events, uint64_t deadline) {
-  for (;;) {
-    uint64_t now = now_ms();
-    if (now >= deadline)
-      return 0;
-    struct pollfd p = {fd, events, 0};
-    int n = poll(&p, 1, (int)(deadline - now));
-    if (n > 0)
-      return 1;
-    if (n < 0 && errno != EINTR)
-      return 0;
-  }
-}
-
-/* Reads exactly n bytes; returns how many arrived before EOF, error or timeout. */
-static size_t read_n(int fd, void *buf, size_t n, uint64_t timeout_ms) {
-  uint64_t deadline = now_ms() + timeout_ms;
-  size_t got = 0;
-  while (got < n && wait_fd(fd, POLLIN, deadline)) {
-    ssize_t r = recv(fd, (char *)buf + got, n - got, MSG_DONTWAIT);
-    if (r > 0)
-      got += (size_t)r;
-    else if (r == 0 || (errno != EINTR && errno != EAGAIN))
-      break;
-  }
-  return got;
-}
-
-static int write_all(int fd, const void *buf, size_t n, uint64_t timeout_ms) {
-  uint64_t deadline = now_ms() + timeout_ms;
-  size_t done = 0;
-  while (done < n) {
-    if (!wait_fd(fd, POLLOUT, deadline))
-      return -1;
-    ssize_t w = send(fd, (const char *)buf + done, n - done, MSG_NOSIGNAL | MSG_DONTWAIT);
-    if (w > 0)
-      done += (size_t)w;
-    else if (w < 0 && errno != EINTR && errno != EAGAIN)
-      return -1;
-  }
-  return 0;
 }
 
 /* Reads until EOF into buf (NUL-terminated, excess dropped). Returns the
@@ -879,12 +821,10 @@ static int shutdown_child(void) {
   return rd_test_failed_checks - before;
 }
 
-static void run_in_child(int (*body)(void), const char *what);
-
 /* Must run first: the child needs an engine not yet started, and a parent
  * with no other thread to lose across fork. */
 TEST(test_shutdown_with_open_objects) {
-  run_in_child(shutdown_child, "shutdown with everything open");
+  run_in_child(shutdown_child, "shutdown with everything open", CHILD_SECONDS);
 }
 
 /* ---- 1. connect ---- */
@@ -1256,37 +1196,7 @@ static int sigpipe_child(void) {
   return rd_test_failed_checks - before;
 }
 
-/* Runs body in a child process and checks that it exited 0. Must happen
- * before the parent's engine starts (the child needs its own). */
-static void run_in_child(int (*body)(void), const char *what) {
-  fflush(stdout);
-  fflush(stderr);
-  pid_t pid = fork();
-  CHECK(pid >= 0);
-  if (pid < 0)
-    return;
-  if (pid == 0)
-    exit(body() == 0 ? 0 : 1);
-  int status = 0;
-  uint64_t deadline = now_ms() + 4 * WAIT_MS;
-  pid_t r;
-  while ((r = waitpid(pid, &status, WNOHANG)) == 0 && now_ms() < deadline)
-    nap();
-  if (r == 0) {
-    fprintf(stderr, "  %s: child hangs; killing it\n", what);
-    kill(pid, SIGKILL);
-    waitpid(pid, &status, 0);
-  }
-  if (WIFSIGNALED(status))
-    fprintf(stderr, "  %s: child killed by signal %d (%s)\n", what, WTERMSIG(status),
-            strsignal(WTERMSIG(status)));
-  CHECK(r == pid);
-  CHECK(WIFEXITED(status));
-  CHECK_EQ_INT(WIFEXITED(status) ? WEXITSTATUS(status) : -1, 0);
-  g_srv = g_cli = 0;
-}
-
-TEST(test_sigpipe_default) { run_in_child(sigpipe_child, "SIGPIPE at its default"); }
+TEST(test_sigpipe_default) { run_in_child(sigpipe_child, "SIGPIPE at its default", CHILD_SECONDS); }
 
 /* ---- 3. dial to a closed port ---- */
 

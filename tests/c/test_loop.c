@@ -20,7 +20,9 @@
 #include "rd_api.h"
 #include "rd_loop.h"
 #include "rd_test.h"
+#include "rd_test_io.h"
 
+#define CHILD_SECONDS (4 * WAIT_MS / 1000) /* a test body in a child process */
 #define WAIT_MS 5000 /* the bound of every wait */
 
 /* 1 when fd is readable within WAIT_MS. */
@@ -44,28 +46,6 @@ static void check_engine_freed(void) {
   rd_engine_shutdown();
   CHECK_EQ_INT(rd_alloc_bytes(), 0);
   CHECK_EQ_INT(rd_alloc_objects(), 0);
-}
-
-/* Runs body in a child process and checks that it exited 0 in time. */
-static void run_in_child(int (*body)(void), const char *what) {
-  fflush(stdout);
-  fflush(stderr);
-  pid_t pid = fork();
-  CHECK(pid >= 0);
-  if (pid < 0)
-    return;
-  if (pid == 0) {
-    alarm(4 * WAIT_MS / 1000); /* a hang fails the test, never the run */
-    exit(body() == 0 ? 0 : 1); /* LeakSanitizer runs at exit */
-  }
-  int status = 0;
-  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  if (WIFSIGNALED(status))
-    fprintf(stderr, "  %s: child killed by signal %d (%s)\n", what, WTERMSIG(status),
-            strsignal(WTERMSIG(status)));
-  CHECK(WIFEXITED(status));
-  CHECK_EQ_INT(WIFEXITED(status) ? WEXITSTATUS(status) : -1, 0);
 }
 
 /* ---- posting ---- */
@@ -133,7 +113,7 @@ static int post_child(void) {
   return rd_test_failed_checks - before;
 }
 
-TEST(test_post_signals_eventfd) { run_in_child(post_child, "post"); }
+TEST(test_post_signals_eventfd) { run_in_child(post_child, "post", CHILD_SECONDS); }
 
 /* ---- requests ---- */
 
@@ -248,7 +228,7 @@ static int request_child(void) {
   return rd_test_failed_checks - before;
 }
 
-TEST(test_request_answers) { run_in_child(request_child, "request answers"); }
+TEST(test_request_answers) { run_in_child(request_child, "request answers", CHILD_SECONDS); }
 
 /* The Python-side thread takes a request, then the engine shuts down (at
  * exit, or close from another thread) before it has read the fields. The
@@ -305,7 +285,7 @@ static int held_across_shutdown_child(void) {
 }
 
 TEST(test_request_held_across_shutdown) {
-  run_in_child(held_across_shutdown_child, "request held across shutdown");
+  run_in_child(held_across_shutdown_child, "request held across shutdown", CHILD_SECONDS);
 }
 
 /* ---- fork ---- */
@@ -375,7 +355,7 @@ static int fork_child_body(void) {
   int64_t sessions = rd_engine_counts_get().open_sessions;
   CHECK_EQ_INT(sessions, 2); /* both ends in this process */
   for (int i = 0; i < 3; i++) /* again: the loop resumes after each fork */
-    run_in_child(forked_body, "forked from a running engine");
+    run_in_child(forked_body, "forked from a running engine", CHILD_SECONDS);
   /* The parent's pair is untouched: same session, same counts. */
   CHECK(has_agent(g_srv));
   CHECK_EQ_INT(rd_engine_counts_get().open_sessions, sessions);
@@ -389,7 +369,7 @@ static int fork_child_body(void) {
   return rd_test_failed_checks - before;
 }
 
-TEST(test_fork_with_running_engine) { run_in_child(fork_child_body, "fork"); }
+TEST(test_fork_with_running_engine) { run_in_child(fork_child_body, "fork", CHILD_SECONDS); }
 
 RD_TEST_MAIN(T(test_post_signals_eventfd), T(test_request_answers),
              T(test_request_held_across_shutdown), T(test_fork_with_running_engine))

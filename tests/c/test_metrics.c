@@ -7,16 +7,6 @@
 #include "rd_metrics.h"
 #include "rd_test.h"
 
-#define CHECK_STR(a, b)                                                                      \
-  do {                                                                                       \
-    const char *_a = (a), *_b = (b);                                                         \
-    if (_a == NULL || strcmp(_a, _b) != 0) {                                                 \
-      fprintf(stderr, "%s:%d: %s == %s failed:\n--- got\n%s\n--- want\n%s\n", __FILE__,     \
-              __LINE__, #a, #b, _a ? _a : "(null)", _b);                                     \
-      rd_test_failed_checks++;                                                               \
-    }                                                                                        \
-  } while (0)
-
 /* What a Go server printed after one good request and one refused dial
  * through agent foo (PROTOCOL.md section 7). */
 static const char go_example[] =
