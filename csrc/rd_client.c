@@ -169,9 +169,25 @@ static void session_on_end(rd_session *s, void *owner, const char *reason) {
 
 static void session_on_freed(void *owner) { client_unref(owner); }
 
+/* The address an allow decision is made on: a unix path cleaned, as the
+ * dialer will dial it, so that "/run/ok/../secret.sock" is judged as the
+ * "/run/secret.sock" it names; others as given. Returns out, or NULL when a
+ * path does not fit (the dialer would refuse it too). */
+static const char *decision_address(rd_conn *c, char *out, size_t outlen) {
+  const char *address = rd_conn_address(c);
+  if (strcmp(rd_conn_proto(c), "unix") != 0)
+    return address;
+  return rd_addr_clean_path(address, strlen(address), out, outlen) < 0 ? NULL : out;
+}
+
 static int allowed_by_pattern(rd_client *cli, rd_conn *c) {
-  char target[400];
-  snprintf(target, sizeof target, "%s/%s", rd_conn_proto(c), rd_conn_address(c));
+  char target[400], clean[300];
+  const char *address = decision_address(c, clean, sizeof clean);
+  if (address == NULL)
+    return 0;
+  int n = snprintf(target, sizeof target, "%s/%s", rd_conn_proto(c), address);
+  if (n < 0 || (size_t)n >= sizeof target)
+    return 0; /* never judge a truncated target */
   for (size_t i = 0; i < cli->cfg.npatterns; i++)
     if (fnmatch(cli->cfg.patterns[i], target, 0) == 0)
       return 1;
@@ -199,10 +215,16 @@ static void session_on_connect(rd_session *s, void *owner, rd_conn *c) {
     else
       rd_conn_refuse(c, "connect not allowed");
   } else {
+    char clean[300];
+    const char *address = decision_address(c, clean, sizeof clean);
+    if (address == NULL) {
+      rd_conn_refuse(c, "connect not allowed");
+      return;
+    }
     rd_request *r = rd_request_new(RD_REQ_CONNECT);
     if (r == NULL ||
         (r->connect.proto = rd_strndup(rd_conn_proto(c), strlen(rd_conn_proto(c)))) == NULL ||
-        (r->connect.address = rd_strndup(rd_conn_address(c), strlen(rd_conn_address(c)))) == NULL) {
+        (r->connect.address = rd_strndup(address, strlen(address))) == NULL) {
       if (r != NULL)
         rd_request_free(r);
       rd_conn_refuse(c, "out of memory");

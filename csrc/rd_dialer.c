@@ -473,6 +473,9 @@ rd_dial *rd_dial_start(uv_loop_t *loop, const char *proto, const char *address,
   }
 
   rd_dial *d = rd_calloc(1, sizeof *d);
+  /* A unix path is dialed cleaned ("/a/./b/../c" is "/a/c"), the form the
+   * agent's allow patterns were matched against; it never grows, except ""
+   * to ".", which was refused above. */
   char *strings = rd_malloc(hostlen + 1 + portlen + 1);
   if (d == NULL || strings == NULL) {
     rd_free(d);
@@ -483,8 +486,12 @@ rd_dial *rd_dial_start(uv_loop_t *loop, const char *proto, const char *address,
       snprintf(error_out, errlen, "dial %s: cannot allocate memory", proto);
     return NULL;
   }
-  memcpy(strings, host, hostlen);
-  strings[hostlen] = '\0';
+  if (is_unix) {
+    rd_addr_clean_path(host, hostlen, strings, hostlen + 1);
+  } else {
+    memcpy(strings, host, hostlen);
+    strings[hostlen] = '\0';
+  }
   memcpy(strings + hostlen + 1, port, portlen);
   strings[hostlen + 1 + portlen] = '\0';
   d->host = strings;

@@ -94,6 +94,9 @@ class Client(_Handle):
       ``f(proto, address) -> bool`` decides each one (it runs on one shared
       Python thread; an exception counts as a refusal). A refused dial is
       answered with the error ``connect not allowed`` for that connection.
+      A unix socket path is judged, and dialed, cleaned ("." and ".."
+      resolved, "//" collapsed): ``"unix//run/ok/*"`` does not allow
+      ``/run/ok/../secret.sock``, and the callable sees ``/run/secret.sock``.
     - ``options`` (keywords, seconds as int or float): ``ping_interval``
       (5), ``read_timeout`` (60), ``sync_interval`` (60), ``backoff_min``
       (0.5), ``backoff_max`` (5), ``dial_timeout`` (60, local dials),
