@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "rd_addr.h"
 #include "rd_alloc.h"
 #include "rd_dialer.h"
 #include "rd_http.h"
@@ -168,9 +169,25 @@ static void session_on_end(rd_session *s, void *owner, const char *reason) {
 
 static void session_on_freed(void *owner) { client_unref(owner); }
 
+/* The address an allow decision is made on: a unix path cleaned, as the
+ * dialer will dial it, so that "/run/ok/../secret.sock" is judged as the
+ * "/run/secret.sock" it names; others as given. Returns out, or NULL when a
+ * path does not fit (the dialer would refuse it too). */
+static const char *decision_address(rd_conn *c, char *out, size_t outlen) {
+  const char *address = rd_conn_address(c);
+  if (strcmp(rd_conn_proto(c), "unix") != 0)
+    return address;
+  return rd_addr_clean_path(address, strlen(address), out, outlen) < 0 ? NULL : out;
+}
+
 static int allowed_by_pattern(rd_client *cli, rd_conn *c) {
-  char target[400];
-  snprintf(target, sizeof target, "%s/%s", rd_conn_proto(c), rd_conn_address(c));
+  char target[400], clean[300];
+  const char *address = decision_address(c, clean, sizeof clean);
+  if (address == NULL)
+    return 0;
+  int n = snprintf(target, sizeof target, "%s/%s", rd_conn_proto(c), address);
+  if (n < 0 || (size_t)n >= sizeof target)
+    return 0; /* never judge a truncated target */
   for (size_t i = 0; i < cli->cfg.npatterns; i++)
     if (fnmatch(cli->cfg.patterns[i], target, 0) == 0)
       return 1;
@@ -198,10 +215,16 @@ static void session_on_connect(rd_session *s, void *owner, rd_conn *c) {
     else
       rd_conn_refuse(c, "connect not allowed");
   } else {
+    char clean[300];
+    const char *address = decision_address(c, clean, sizeof clean);
+    if (address == NULL) {
+      rd_conn_refuse(c, "connect not allowed");
+      return;
+    }
     rd_request *r = rd_request_new(RD_REQ_CONNECT);
     if (r == NULL ||
         (r->connect.proto = rd_strndup(rd_conn_proto(c), strlen(rd_conn_proto(c)))) == NULL ||
-        (r->connect.address = rd_strndup(rd_conn_address(c), strlen(rd_conn_address(c)))) == NULL) {
+        (r->connect.address = rd_strndup(address, strlen(address))) == NULL) {
       if (r != NULL)
         rd_request_free(r);
       rd_conn_refuse(c, "out of memory");
@@ -486,48 +509,27 @@ static void client_close(rd_object *obj, rd_cmd *waiter) {
   uv_close((uv_handle_t *)&cli->timer, timer_closed_cb);
 }
 
-/* Splits ws[s]://host[:port][/path] into "host:port", the bare host (for
- * TLS names), the Host header and the path. */
+/* Splits ws[s]://host[:port][/path] into "host:port" (the default port
+ * filled in), the bare host (for TLS names), the Host header and the path. */
 static int parse_url(const char *url, int *tls, char **hostport, char **host, char **path,
                      char **host_header, char *err, size_t errlen) {
-  const char *rest;
-  if (strncmp(url, "ws://", 5) == 0) {
-    rest = url + 5;
-    *tls = 0;
-  } else if (strncmp(url, "wss://", 6) == 0) {
-    rest = url + 6;
-    *tls = 1;
-  } else {
+  rd_addr_url u;
+  int rc = rd_addr_parse_url(url, strlen(url), &u);
+  if (rc == RD_ADDR_EBAD_SCHEME) {
     snprintf(err, errlen, "unsupported URL scheme (want ws:// or wss://): %s", url);
     return RD_EMALFORMED;
   }
-  const char *slash = strchr(rest, '/');
-  size_t alen = slash != NULL ? (size_t)(slash - rest) : strlen(rest);
-  if (alen == 0 || alen > 255) {
-    snprintf(err, errlen, "missing or bad host in URL: %s", url);
+  if (rc < 0) {
+    snprintf(err, errlen, "missing or bad host in URL (%s): %s", rd_addr_strerror(rc), url);
     return RD_EMALFORMED;
   }
-  char authority[256];
-  memcpy(authority, rest, alen);
-  authority[alen] = '\0';
-  const char *colon = strrchr(authority, ':');
-  const char *bracket = strrchr(authority, ']');
-  int has_port = colon != NULL && (bracket == NULL || colon > bracket);
-  char hp[280], bare[256];
-  snprintf(hp, sizeof hp, has_port ? "%s" : *tls ? "%s:443" : "%s:80", authority);
-  size_t blen = has_port ? (size_t)(colon - authority) : alen;
-  if (blen >= 2 && authority[0] == '[' && authority[blen - 1] == ']') {
-    memcpy(bare, authority + 1, blen - 2);
-    bare[blen - 2] = '\0';
-  } else {
-    memcpy(bare, authority, blen);
-    bare[blen] = '\0';
-  }
+  *tls = u.tls;
+  char hp[RD_ADDR_JOINED_MAX];
+  rd_addr_join(hp, sizeof hp, u.addr.host, u.addr.host_len, u.addr.port);
   *hostport = rd_strndup(hp, strlen(hp));
-  *host = rd_strndup(bare, strlen(bare));
-  *host_header = rd_strndup(authority, alen);
-  const char *p = slash != NULL ? slash : "/";
-  *path = rd_strndup(p, strlen(p));
+  *host = rd_strndup(u.addr.host, u.addr.host_len);
+  *host_header = rd_strndup(u.authority, u.authority_len);
+  *path = u.path_len > 0 ? rd_strndup(u.path, u.path_len) : rd_strndup("/", 1);
   if (*hostport == NULL || *host == NULL || *host_header == NULL || *path == NULL) {
     rd_free(*hostport);
     rd_free(*host);

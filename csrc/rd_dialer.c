@@ -14,6 +14,7 @@
 #include <string.h>
 #include <sys/un.h>
 
+#include "rd_addr.h"
 #include "rd_alloc.h"
 
 #define RD_DIAL_ERRLEN 512
@@ -162,15 +163,6 @@ static void *start_error(int *status_out, char *error_out, size_t errlen, const 
   return NULL;
 }
 
-/* "host:port", with brackets around an IPv6 host (net.JoinHostPort). */
-static void join_host_port(char *out, size_t len, const char *host, const char *zone,
-                           unsigned port) {
-  if (strchr(host, ':') != NULL)
-    snprintf(out, len, "[%s%s]:%u", host, zone, port);
-  else
-    snprintf(out, len, "%s:%u", host, port);
-}
-
 static void format_addr(char *out, size_t len, const rd_dial_addr *a, const char *zone) {
   char ip[64] = "";
   unsigned port;
@@ -182,62 +174,9 @@ static void format_addr(char *out, size_t len, const rd_dial_addr *a, const char
     port = ntohs(a->in.sin_port);
     zone = "";
   }
-  join_host_port(out, len, ip, zone, port);
-}
-
-/* ---- Address parsing, as Go's net.SplitHostPort and LookupPort ---- */
-
-/* Splits hostport into host and port; on failure returns the reason text. */
-static const char *split_host_port(const char *hp, const char **host, size_t *hostlen,
-                                   const char **port) {
-  const char *colon = strrchr(hp, ':');
-  if (colon == NULL)
-    return "missing port in address";
-  size_t j = 0, k = 0;
-  if (hp[0] == '[') {
-    const char *end = strchr(hp, ']');
-    if (end == NULL)
-      return "missing ']' in address";
-    if (end[1] == '\0')
-      return "missing port in address";
-    if (end + 1 != colon)
-      return end[1] == ':' ? "too many colons in address" : "missing port in address";
-    *host = hp + 1;
-    *hostlen = (size_t)(end - hp - 1);
-    j = 1;
-    k = (size_t)(end - hp) + 1;
-  } else {
-    *host = hp;
-    *hostlen = (size_t)(colon - hp);
-    if (memchr(hp, ':', *hostlen) != NULL)
-      return "too many colons in address";
-  }
-  if (strchr(hp + j, '[') != NULL)
-    return "unexpected '[' in address";
-  if (strchr(hp + k, ']') != NULL)
-    return "unexpected ']' in address";
-  *port = colon + 1;
-  return NULL;
-}
-
-/* Go's parsePort: optional sign, decimal digits (values past 2^30 clamp);
- * anything else is a service name. Returns 1 for a number in *port (which
- * may be out of range), 0 for a name. */
-static int parse_port(const char *s, long *port) {
-  int neg = 0;
-  if (*s == '+' || *s == '-')
-    neg = *s++ == '-';
-  long n = 0;
-  for (; *s != '\0'; s++) {
-    if (*s < '0' || *s > '9')
-      return 0;
-    if (n < (1L << 30))
-      n = n * 10 + (*s - '0');
-  }
-  if (n > (1L << 30))
-    n = 1L << 30;
-  *port = neg ? -n : n;
-  return 1;
+  char host[96];
+  int n = snprintf(host, sizeof host, "%s%s", ip, zone);
+  rd_addr_join(out, len, host, n > 0 ? (size_t)n : 0, (int)port);
 }
 
 /* ---- Lifetime ---- */
@@ -502,7 +441,7 @@ rd_dial *rd_dial_start(uv_loop_t *loop, const char *proto, const char *address,
                        proto);
 
   const char *host = address, *port = "";
-  size_t hostlen = strlen(address);
+  size_t hostlen = strlen(address), portlen = 0;
   long portnum = 0;
   int named = 0;
   if (is_unix) {
@@ -514,21 +453,29 @@ rd_dial *rd_dial_start(uv_loop_t *loop, const char *proto, const char *address,
       return start_error(status_out, error_out, errlen,
                          "dial unix %s: connect: invalid argument", address);
   } else {
-    const char *why = split_host_port(address, &host, &hostlen, &port);
-    if (why != NULL) {
+    rd_addr a;
+    int why = rd_addr_split(address, hostlen, &a);
+    if (why < 0) {
       if (address[0] == '\0')
-        return start_error(status_out, error_out, errlen, "dial %s: %s", proto, why);
+        return start_error(status_out, error_out, errlen, "dial %s: %s", proto,
+                           rd_addr_strerror(why));
       return start_error(status_out, error_out, errlen, "dial %s: address %s: %s", proto,
-                         address, why);
+                         address, rd_addr_strerror(why));
     }
-    named = !parse_port(port, &portnum);
+    host = a.host;
+    hostlen = a.host_len;
+    port = a.port_text;
+    portlen = a.port_len;
+    named = !rd_addr_go_port(port, portlen, &portnum);
     if (!named && (portnum < 0 || portnum > 65535))
       return start_error(status_out, error_out, errlen, "dial %s: address %s: invalid port",
                          proto, port);
   }
 
-  size_t portlen = strlen(port);
   rd_dial *d = rd_calloc(1, sizeof *d);
+  /* A unix path is dialed cleaned ("/a/./b/../c" is "/a/c"), the form the
+   * agent's allow patterns were matched against; it never grows, except ""
+   * to ".", which was refused above. */
   char *strings = rd_malloc(hostlen + 1 + portlen + 1);
   if (d == NULL || strings == NULL) {
     rd_free(d);
@@ -539,9 +486,14 @@ rd_dial *rd_dial_start(uv_loop_t *loop, const char *proto, const char *address,
       snprintf(error_out, errlen, "dial %s: cannot allocate memory", proto);
     return NULL;
   }
-  memcpy(strings, host, hostlen);
-  strings[hostlen] = '\0';
-  memcpy(strings + hostlen + 1, port, portlen + 1);
+  if (is_unix) {
+    rd_addr_clean_path(host, hostlen, strings, hostlen + 1);
+  } else {
+    memcpy(strings, host, hostlen);
+    strings[hostlen] = '\0';
+  }
+  memcpy(strings + hostlen + 1, port, portlen);
+  strings[hostlen + 1 + portlen] = '\0';
   d->host = strings;
   d->port_text = strings + hostlen + 1;
   d->zone = "";

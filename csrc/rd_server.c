@@ -12,6 +12,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "rd_addr.h"
 #include "rd_alloc.h"
 #include "rd_block.h"
 #include "rd_http.h"
@@ -395,16 +396,16 @@ static char *format_remote(uv_tcp_t *tcp, char *out, size_t outlen) {
   out[0] = '\0';
   if (uv_tcp_getpeername(tcp, (struct sockaddr *)&ss, &len) != 0)
     return out;
-  char ip[64];
+  char ip[64] = "";
+  int port;
   if (ss.ss_family == AF_INET6) {
-    struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
-    uv_ip6_name(a, ip, sizeof ip);
-    snprintf(out, outlen, "[%s]:%d", ip, ntohs(a->sin6_port));
+    uv_ip6_name((struct sockaddr_in6 *)&ss, ip, sizeof ip);
+    port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
   } else {
-    struct sockaddr_in *a = (struct sockaddr_in *)&ss;
-    uv_ip4_name(a, ip, sizeof ip);
-    snprintf(out, outlen, "%s:%d", ip, ntohs(a->sin_port));
+    uv_ip4_name((struct sockaddr_in *)&ss, ip, sizeof ip);
+    port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
   }
+  rd_addr_join(out, outlen, ip, strlen(ip), port);
   return out;
 }
 
@@ -633,33 +634,16 @@ static rd_tls_ctx *proxy_tls_ctx(rd_server *srv, char *err, size_t errlen) {
   return srv->cfg.proxy_tls;
 }
 
-/* The ':' before the port in a route's host segment, or NULL when it names
- * none: "h:80" and "[::1]:80" have one; "h", "[::1]" and a bare "::1" not. */
-static const char *host_port_colon(const char *host) {
-  const char *colon = strrchr(host, ':');
-  if (colon == NULL)
-    return NULL;
-  if (host[0] == '[') {
-    const char *bracket = strrchr(host, ']');
-    return bracket != NULL && colon > bracket ? colon : NULL;
-  }
-  return strchr(host, ':') == colon ? colon : NULL;
-}
-
 /* The https leg: a TLS client over a socket pair whose other end is the
  * tunneled connection; rd_relay joins it to the client's connection. */
-static void proxy_https(httpconn *hc, rd_session *s, const char *host, const char *address,
+static void proxy_https(httpconn *hc, rd_session *s, const char *name, const char *address,
                         const char *request, size_t len, uint64_t timeout_ms) {
-  char err[256], name[272];
+  char err[256];
   rd_tls_ctx *ctx = proxy_tls_ctx(hc->srv, err, sizeof err);
   if (ctx == NULL) {
     respond_text(hc, 500, "Internal Server Error", err);
     return;
   }
-  /* The name the certificate must match: the host without its port. */
-  const char *colon = host_port_colon(host);
-  snprintf(name, sizeof name, "%.*s", (int)(colon != NULL ? (size_t)(colon - host) : strlen(host)),
-           host);
   rd_tls *tls = rd_tls_new(ctx, name, err, sizeof err);
   if (tls == NULL) {
     respond_text(hc, 500, "Internal Server Error", err);
@@ -724,13 +708,21 @@ static void handle_proxy(httpconn *hc, rd_http_request *req) {
     respond_text(hc, 400, "Bad Request", "unsupported scheme (http or https)");
     return;
   }
-  char address[280];
-  if (host_port_colon(host) != NULL)
-    snprintf(address, sizeof address, "%s", host);
-  else if (host[0] != '[' && strchr(host, ':') != NULL) /* a bare IPv6 address */
-    snprintf(address, sizeof address, "[%s]:%d", host, https ? 443 : 80);
-  else
-    snprintf(address, sizeof address, "%s:%d", host, https ? 443 : 80);
+  /* "h", "h:8080", "[::1]:8443", "[::1]" and a bare "::1" (the default
+   * port then); the dial address is joined again from the parts, and the
+   * name the certificate must match is the host alone. */
+  rd_addr a;
+  int arc = rd_addr_parse(host, seglen[2], https ? 443 : 80, RD_ADDR_BARE_IPV6, &a);
+  if (arc < 0) {
+    char msg[320];
+    snprintf(msg, sizeof msg, "bad host %s: %s", host, rd_addr_strerror(arc));
+    respond_text(hc, 400, "Bad Request", msg);
+    return;
+  }
+  char address[RD_ADDR_JOINED_MAX], name[RD_ADDR_HOST_MAX + 1];
+  rd_addr_join(address, sizeof address, a.host, a.host_len, a.port);
+  memcpy(name, a.host, a.host_len);
+  name[a.host_len] = '\0';
   /* ?timeout=N (seconds) bounds the exchange, as in the Go example. */
   uint64_t timeout_ms = 0;
   if (q != NULL) {
@@ -761,8 +753,11 @@ static void handle_proxy(httpconn *hc, rd_http_request *req) {
     respond_text(hc, 500, "Internal Server Error", "out of memory");
     return;
   }
-  int n = snprintf(head, cap, "%.*s %s%.*s HTTP/1.1\r\nHost: %s\r\n", (int)req->method_len,
-                   req->method, path[0] == '/' ? "" : "/", (int)(end - path), path, host);
+  /* Host as the segment wrote it, brackets added to a bare IPv6 address. */
+  int bare6 = !a.bracketed && memchr(a.host, ':', a.host_len) != NULL;
+  int n = snprintf(head, cap, "%.*s %s%.*s HTTP/1.1\r\nHost: %s%s%s\r\n", (int)req->method_len,
+                   req->method, path[0] == '/' ? "" : "/", (int)(end - path), path,
+                   bare6 ? "[" : "", host, bare6 ? "]" : "");
   size_t len = (size_t)n;
   for (size_t i = 0; i < req->num_headers; i++) {
     const rd_http_header *h = &req->headers[i];
@@ -775,7 +770,7 @@ static void handle_proxy(httpconn *hc, rd_http_request *req) {
   memcpy(head + len, hc->buf + hc->head_len, body);
   len += body;
   if (https) {
-    proxy_https(hc, s, host, address, head, len, timeout_ms);
+    proxy_https(hc, s, name, address, head, len, timeout_ms);
     rd_free(head);
     return;
   }
@@ -1148,8 +1143,9 @@ static int bind_listener(uv_tcp_t *tcp, const char *host, int port, int *port_ou
     rc = uv_tcp_getsockname(tcp, (struct sockaddr *)&ss, &len);
   }
   if (rc != 0) {
-    snprintf(err, errlen, strchr(h, ':') ? "listen tcp [%s]:%d: %s" : "listen tcp %s:%d: %s", h,
-             port, rd_strerror(rc));
+    char where[RD_ADDR_JOINED_MAX];
+    rd_addr_join(where, sizeof where, h, strlen(h), port);
+    snprintf(err, errlen, "listen tcp %s: %s", where, rd_strerror(rc));
     return rc;
   }
   *port_out = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port

@@ -395,6 +395,11 @@ static int on_ws_message(void *ctx, int opcode, uint8_t *payload, size_t len) {
   case RD_WS_PONG:
     break;
   case RD_WS_CLOSE:
+    if (rd_ws_close_check(payload, len, NULL) != RD_OK) { /* RFC 6455 7.4, 5.5.1 */
+      rd_session_end(s, RD_WS_CLOSE_PROTOCOL, "invalid close frame");
+      break;
+    }
+    /* fallthrough */
   default:
     rd_session_end(s, RD_WS_CLOSE_NORMAL, "closed by peer");
     break;

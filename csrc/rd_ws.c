@@ -28,6 +28,63 @@ static int rd_ws_opcode_known(int op) {
 
 static int rd_ws_is_control(int op) { return (op & 0x8) != 0; }
 
+int rd_ws_utf8_valid(const uint8_t *p, size_t len) {
+  size_t i = 0;
+  while (i < len) {
+    uint8_t c = p[i];
+    if (c < 0x80) {
+      i++;
+      continue;
+    }
+    size_t n;
+    uint8_t lo = 0x80, hi = 0xBF; /* the range of the second byte */
+    if (c >= 0xC2 && c <= 0xDF) {
+      n = 2;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      n = 3;
+      if (c == 0xE0)
+        lo = 0xA0; /* overlong */
+      else if (c == 0xED)
+        hi = 0x9F; /* surrogates */
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      n = 4;
+      if (c == 0xF0)
+        lo = 0x90; /* overlong */
+      else if (c == 0xF4)
+        hi = 0x8F; /* above U+10FFFF */
+    } else {
+      return 0; /* a continuation byte, C0, C1 or F5-FF */
+    }
+    if (len - i < n || p[i + 1] < lo || p[i + 1] > hi)
+      return 0;
+    for (size_t k = 2; k < n; k++)
+      if ((p[i + k] & 0xC0) != 0x80)
+        return 0;
+    i += n;
+  }
+  return 1;
+}
+
+int rd_ws_close_code_valid(unsigned code) {
+  return (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1014) ||
+         (code >= 3000 && code <= 4999);
+}
+
+int rd_ws_close_check(const uint8_t *payload, size_t len, unsigned *code) {
+  if (code != NULL)
+    *code = 0;
+  if (len == 0)
+    return RD_OK;
+  if (len == 1)
+    return RD_EPROTO;
+  unsigned c = (unsigned)payload[0] << 8 | payload[1];
+  if (code != NULL)
+    *code = c;
+  if (!rd_ws_close_code_valid(c) || !rd_ws_utf8_valid(payload + 2, len - 2))
+    return RD_EPROTO;
+  return RD_OK;
+}
+
 int rd_ws_parse_header(const uint8_t *buf, size_t len, int expect_masked, rd_ws_frame *f) {
   if (len < 2)
     return RD_EPARTIAL;

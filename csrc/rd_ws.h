@@ -83,6 +83,24 @@ void rd_ws_reader_dispose(rd_ws_reader *r);
 int64_t rd_ws_reader_feed(rd_ws_reader *r, uint8_t *buf, size_t len, rd_ws_message_cb cb,
                           void *ctx);
 
+/* 1 when p[0..len) is well-formed UTF-8 (RFC 3629: no overlong forms, no
+ * surrogates, nothing above U+10FFFF), else 0. */
+int rd_ws_utf8_valid(const uint8_t *p, size_t len);
+
+/* 1 when a close code may be sent in a close frame (RFC 6455 section 7.4):
+ * 1000-1003, 1007-1014 (defined or registered with IANA) and 3000-4999
+ * (for libraries and applications); never 1004, 1005, 1006, 1015, the
+ * unassigned 1016-2999, or anything below 1000 or from 5000. */
+int rd_ws_close_code_valid(unsigned code);
+
+/* Checks a received close frame's payload (RFC 6455 section 5.5.1): empty,
+ * or a valid close code (rd_ws_close_code_valid) followed by a UTF-8
+ * reason. Returns RD_OK, or RD_EPROTO for a 1-byte payload, a code that
+ * may not be sent, or a reason that is not UTF-8; the peer is then answered
+ * with RD_WS_CLOSE_PROTOCOL. When code is not NULL it receives the code
+ * read (0 when the payload is empty or one byte). */
+int rd_ws_close_check(const uint8_t *payload, size_t len, unsigned *code);
+
 /* Sec-WebSocket-Accept for a key: base64(SHA-1(key + GUID)), NUL-terminated
  * in out (29 bytes). Returns RD_OK or RD_ENOMEM. */
 int rd_ws_accept_key(const char *key, size_t key_len, char out[29]);

@@ -30,6 +30,16 @@ static int digest_cb(void *ctx, int opcode, uint8_t *payload, size_t len) {
               opcode == RD_WS_PING || opcode == RD_WS_PONG);
   if (opcode & 8)
     FUZZ_ASSERT(len <= 125);
+  if (opcode == RD_WS_CLOSE) {
+    /* The session's check of a received close frame: a verdict, and a
+     * code it accepts is one an endpoint may send. */
+    unsigned code;
+    int rc = rd_ws_close_check(payload, len, &code);
+    FUZZ_ASSERT(rc == RD_OK || rc == RD_EPROTO);
+    FUZZ_ASSERT(rc == RD_EPROTO || len == 0 || rd_ws_close_code_valid(code));
+    FUZZ_ASSERT(rc == RD_OK || len == 1 || !rd_ws_close_code_valid(code) ||
+                !rd_ws_utf8_valid(payload + 2, len - 2));
+  }
   uint8_t meta[9];
   meta[0] = (uint8_t)opcode;
   for (int i = 0; i < 8; i++)

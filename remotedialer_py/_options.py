@@ -8,9 +8,9 @@ every value is checked here and converted to the exact type the engine reads.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import re
+import socket
 from typing import Any, Callable, Mapping
 
 # Durations longer than this are clamped: the engine converts seconds to
@@ -159,13 +159,138 @@ def validate(owner: str, table: Mapping[str, Callable[[str, Any], Any]],
     return out
 
 
-def _port(text: str, original: str) -> int:
-    if not text.isdigit() or not text.isascii():
-        raise ValueError(f"invalid listen address {original!r}: port {text!r} is not a number")
-    port = int(text)
-    if port > 65535:
-        raise ValueError(f"invalid listen address {original!r}: port {port} is out of range 0-65535")
-    return port
+# -- addresses -----------------------------------------------------------------
+#
+# split_hostport and parse_ws_url are the engine's rd_addr_parse and
+# rd_addr_parse_url (csrc/rd_addr.c) written again in Python, rule for rule
+# and in the same order, so that what the user is told here is what the
+# engine would decide. They stay in Python because this module must work
+# (and explain itself) without a built engine; tests/addr_table.txt holds
+# the cases both are tested against (tests/c/test_addr.c, test_cli_args.py).
+
+HOST_MAX = 255  # RD_ADDR_HOST_MAX
+_NAME_RE = re.compile(rb"[A-Za-z0-9._-]*")
+_IPV6_CHARS_RE = re.compile(rb"[0-9A-Fa-f:.]+")
+
+
+class AddrError(ValueError):
+    """An address the engine would refuse; ``kind`` names the reason as the
+    engine's RD_ADDR_E* code does (``"missing_port"`` for
+    RD_ADDR_EMISSING_PORT)."""
+
+    def __init__(self, kind: str, text: str) -> None:
+        super().__init__(f"{text!r}: {kind.replace('_', ' ')}")
+        self.kind = kind
+        self.text = text
+
+
+def _is_ipv6(text: bytes) -> bool:
+    addr, pct, zone = text.partition(b"%")
+    if pct and not (zone and _NAME_RE.fullmatch(zone)):
+        return False
+    if not 0 < len(addr) < 64 or not _IPV6_CHARS_RE.fullmatch(addr):
+        return False
+    try:
+        socket.inet_pton(socket.AF_INET6, addr.decode("ascii"))
+    except OSError:
+        return False
+    return True
+
+
+def split_hostport(text: str, default_port: "int | None" = None, bare_ipv6: bool = False,
+                   empty_host: bool = False) -> tuple[str, int]:
+    """Splits an endpoint "host:port", "[v6]:port" into (host, port), the
+    host without brackets; raises AddrError.
+
+    ``default_port`` (None: the port is required) is used when none is
+    written ("host", "[v6]"); ``bare_ipv6`` reads an unbracketed address
+    with several colons as an IPv6 address with the default port;
+    ``empty_host`` accepts ":port". A host is an IPv6 address (with an
+    optional %zone) in brackets, else [A-Za-z0-9._-] up to HOST_MAX bytes;
+    the port ASCII digits with a value in 0-65535.
+    """
+    s = text.encode("utf-8", "surrogatepass")
+    if not s:
+        raise AddrError("empty", text)
+    port = None
+    bracketed = False
+    if s.startswith(b"["):
+        end = s.find(b"]")
+        if end < 0:
+            raise AddrError("missing_bracket", text)
+        host, rest, bracketed = s[1:end], s[end + 1:], True
+        if rest:
+            if not rest.startswith(b":"):
+                raise AddrError("missing_port", text)
+            port = rest[1:]
+        if len(host) > HOST_MAX:
+            raise AddrError("host_too_long", text)
+        if not _is_ipv6(host):
+            raise AddrError("bad_ipv6", text)
+    elif s.count(b":") >= 2:
+        if not bare_ipv6 or default_port is None:
+            raise AddrError("too_many_colons", text)
+        if len(s) > HOST_MAX:
+            raise AddrError("host_too_long", text)
+        if not _is_ipv6(s):
+            raise AddrError("bad_ipv6", text)
+        host = s
+    else:
+        host, sep, rest = s.partition(b":")
+        if sep:
+            port = rest
+        if len(host) > HOST_MAX:
+            raise AddrError("host_too_long", text)
+        if not _NAME_RE.fullmatch(host):
+            raise AddrError("bad_host", text)
+    if not host and not bracketed and not empty_host:
+        raise AddrError("missing_host", text)
+    if port is None:
+        if default_port is None:
+            raise AddrError("missing_port", text)
+        return host.decode("ascii"), default_port
+    if not port or not port.isdigit():  # bytes.isdigit: ASCII digits only
+        raise AddrError("bad_port", text)
+    if int(port) > 65535:
+        raise AddrError("port_range", text)
+    return host.decode("ascii"), int(port)
+
+
+def parse_ws_url(url: str) -> tuple[bool, str, int, str]:
+    """Splits "ws://" or "wss://" + authority + path into (tls, host, port,
+    path); the port defaults to 80 or 443, the path may be "". Raises
+    AddrError (kind "bad_scheme" for another scheme)."""
+    for scheme, tls in (("ws://", False), ("wss://", True)):
+        if url.startswith(scheme):
+            authority, slash, path = url[len(scheme):].partition("/")
+            host, port = split_hostport(authority, 443 if tls else 80)
+            return tls, host, port, slash + path
+    raise AddrError("bad_scheme", url)
+
+
+def _listen_error(original: Any, err: AddrError) -> ValueError:
+    text = err.text
+    kind = err.kind
+    if kind == "missing_port" and text.startswith("["):
+        why = "expected ':PORT' after ']'"
+    elif kind == "missing_port":
+        example = f"':{text}' or '127.0.0.1:{text}'" if text.isdigit() else "'127.0.0.1:0'"
+        why = f"missing port; expected HOST:PORT, e.g. {example}"
+    elif kind == "missing_bracket":
+        why = "missing ']' after the IPv6 address"
+    elif kind == "too_many_colons":
+        why = "write IPv6 addresses in brackets, e.g. '[::1]:0'"
+    elif kind == "bad_ipv6":
+        why = f"{text[1:].partition(']')[0]!r} is not an IPv6 address"
+    elif kind in ("bad_host", "host_too_long"):
+        why = f"{text.partition(':')[0]!r} is not a host name or address"
+    elif kind == "bad_port":
+        why = f"port {text.rpartition(':')[2]!r} is not a number"
+    elif kind == "port_range":
+        why = f"port {int(text.rpartition(':')[2])} is out of range 0-65535"
+    else:
+        why = "expected HOST:PORT, e.g. '127.0.0.1:0' or ':8123'"
+    return ValueError(f"invalid listen address {original!r}: {why}")
 
 
 def parse_listen(listen: Any) -> tuple[str, int]:
@@ -186,32 +311,13 @@ def parse_listen(listen: Any) -> tuple[str, int]:
         return (host or "0.0.0.0"), port
     if not isinstance(listen, str):
         raise TypeError(f"listen must be a str like '127.0.0.1:0', not {type(listen).__name__}")
-    original = listen
-    if not listen or listen != listen.strip() or any(c.isspace() for c in listen):
-        raise ValueError(f"invalid listen address {original!r}: expected HOST:PORT, e.g. '127.0.0.1:0' or ':8123'")
-    if listen.startswith("["):
-        end = listen.find("]")
-        if end < 0:
-            raise ValueError(f"invalid listen address {original!r}: missing ']' after the IPv6 address")
-        host, rest = listen[1:end], listen[end + 1:]
-        if not rest.startswith(":"):
-            raise ValueError(f"invalid listen address {original!r}: expected ':PORT' after ']'")
-        try:
-            ipaddress.IPv6Address(host.split("%", 1)[0])
-        except ValueError:
-            raise ValueError(f"invalid listen address {original!r}: {host!r} is not an IPv6 address") from None
-        return host, _port(rest[1:], original)
-    host, sep, port_text = listen.rpartition(":")
-    if not sep:
-        example = f"':{listen}' or '127.0.0.1:{listen}'" if listen.isdigit() else "'127.0.0.1:0'"
-        raise ValueError(f"invalid listen address {original!r}: missing port; expected HOST:PORT, "
-                         f"e.g. {example}")
-    if ":" in host:
-        raise ValueError(f"invalid listen address {original!r}: write IPv6 addresses in brackets, "
-                         f"e.g. '[::1]:0'")
-    if host and not re.match(r"^[A-Za-z0-9._-]+$", host):
-        raise ValueError(f"invalid listen address {original!r}: {host!r} is not a host name or address")
-    return (host or "0.0.0.0"), _port(port_text, original)
+    if not listen or any(c.isspace() for c in listen):
+        raise ValueError(f"invalid listen address {listen!r}: expected HOST:PORT, e.g. '127.0.0.1:0' or ':8123'")
+    try:
+        host, port = split_hostport(listen, empty_host=True)
+    except AddrError as err:
+        raise _listen_error(listen, err) from None
+    return (host or "0.0.0.0"), port
 
 
 def is_wildcard(host: str) -> bool:
@@ -219,7 +325,8 @@ def is_wildcard(host: str) -> bool:
 
 
 def format_hostport(host: str, port: int) -> str:
-    """Joins host and port the way URLs and Go's net.JoinHostPort do."""
+    """Joins host and port the way URLs and Go's net.JoinHostPort do (the
+    engine's rd_addr_join)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

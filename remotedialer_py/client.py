@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-import urllib.parse
 import weakref
 from typing import Any, Callable, Iterable, Mapping, Optional, Tuple, Union
 
@@ -24,17 +23,19 @@ _WAIT_SLICE = 0.5
 
 
 def _check_url(url: Any) -> str:
+    """The URL as given, when the engine will accept it (the same rules:
+    _options.parse_ws_url is its rd_addr_parse_url)."""
     if not isinstance(url, str):
         raise TypeError(f"url must be a str like 'ws://host:port/connect', not {type(url).__name__}")
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError as exc:
-        raise ValueError(f"invalid server URL {url!r}: {exc}") from None
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise ValueError(f"invalid server URL {url!r}: expected ws://HOST[:PORT]/PATH")
-    if any(c.isspace() or ord(c) < 0x20 for c in url):
+    if any(c.isspace() or ord(c) < 0x20 or c == "\x7f" for c in url):
         raise ValueError(f"invalid server URL {url!r}: contains whitespace or control characters")
+    try:
+        _options.parse_ws_url(url)
+    except _options.AddrError as exc:
+        if exc.kind == "bad_scheme":
+            raise ValueError(f"invalid server URL {url!r}: expected ws://HOST[:PORT]/PATH") from None
+        raise ValueError(f"invalid server URL {url!r}: {exc.kind.replace('_', ' ')} "
+                         f"in {exc.text!r}") from None
     return url
 
 
@@ -93,6 +94,9 @@ class Client(_Handle):
       ``f(proto, address) -> bool`` decides each one (it runs on one shared
       Python thread; an exception counts as a refusal). A refused dial is
       answered with the error ``connect not allowed`` for that connection.
+      A unix socket path is judged, and dialed, cleaned ("." and ".."
+      resolved, "//" collapsed): ``"unix//run/ok/*"`` does not allow
+      ``/run/ok/../secret.sock``, and the callable sees ``/run/secret.sock``.
     - ``options`` (keywords, seconds as int or float): ``ping_interval``
       (5), ``read_timeout`` (60), ``sync_interval`` (60), ``backoff_min``
       (0.5), ``backoff_max`` (5), ``dial_timeout`` (60, local dials),

@@ -106,7 +106,9 @@ def _hex_addr(text: str) -> str:
     words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)) \
         if sys.byteorder == "little" else raw
     ip = ipaddress.ip_address(words)
-    return f"[{ip}]:{int(port, 16)}" if ip.version == 6 else f"{ip}:{int(port, 16)}"
+    from ._options import format_hostport
+
+    return format_hostport(str(ip), int(port, 16))
 
 
 def _socket_descriptions() -> dict[str, str]:

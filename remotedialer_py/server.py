@@ -114,11 +114,9 @@ def _resolve_listen(host: str) -> str:
 
 
 def _url_host(host: str) -> str:
-    if host == "0.0.0.0":
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
+    """The host a client on this machine reaches a listener on (a wildcard
+    address names loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
 
 
 class _Handle:
@@ -368,7 +366,8 @@ class Server(_Handle):
         A wildcard bind (0.0.0.0 or ::) is given as the loopback address."""
         self._live_handle()
         scheme = "wss" if "tls_cert" in self._options else "ws"
-        return f"{scheme}://{_url_host(self._host or '')}:{self._port}{self._path}"
+        hostport = _options.format_hostport(_url_host(self._host or ""), self._port or 0)
+        return f"{scheme}://{hostport}{self._path}"
 
     def reload_tokens(self) -> None:
         """Re-reads the TokenAuthorizer's file (or table); new handshakes use it,

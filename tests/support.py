@@ -333,9 +333,13 @@ class _ThreadedTCPServer:
     and joins the threads."""
 
     def __init__(self, backlog=4096):
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=backlog)
-        self.port = self.sock.getsockname()[1]
-        self.address = f"127.0.0.1:{self.port}"
+        self.sock = self._listen(backlog)
+        if self.sock.family == socket.AF_UNIX:
+            self.port = None
+            self.address = self.sock.getsockname()
+        else:
+            self.port = self.sock.getsockname()[1]
+            self.address = f"127.0.0.1:{self.port}"
         self._cond = threading.Condition()
         self._conns = set()
         self._threads = []
@@ -344,6 +348,9 @@ class _ThreadedTCPServer:
         self._acceptor = threading.Thread(target=self._accept_loop, daemon=True,
                                           name=f"{type(self).__name__}-accept")
         self._acceptor.start()
+
+    def _listen(self, backlog):
+        return socket.create_server(("127.0.0.1", 0), backlog=backlog)
 
     def _accept_loop(self):
         while True:
@@ -438,6 +445,27 @@ class EchoServer(_ThreadedTCPServer):
         except OSError as e:
             return Finished(n, h.hexdigest(), f"{type(e).__name__}: {e}")
         return Finished(n, h.hexdigest())
+
+
+class UnixEchoServer(EchoServer):
+    """An EchoServer listening on the unix socket `path` (its address)."""
+
+    def __init__(self, path, backlog=64):
+        self.path = path
+        super().__init__(backlog)
+
+    def _listen(self, backlog):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(self.path)
+        sock.listen(backlog)
+        return sock
+
+    def close(self):
+        super().close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
 
 
 class StreamServer(_ThreadedTCPServer):

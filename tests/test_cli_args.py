@@ -64,6 +64,57 @@ def test_parse_listen_invalid(text, message):
     assert "invalid listen address" in str(info.value)
 
 
+def _addr_table():
+    """tests/addr_table.txt as (mode, input, expected) triples; expected is
+    (host, port) or the error kind."""
+    cases = []
+    with open(os.path.join(ROOT, "tests", "addr_table.txt"), encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if not line or line.startswith("#"):
+                continue
+            mode, raw, result = line.split(" | ", 2)
+            raw = re.sub(rb"\\x([0-9a-fA-F]{2})", lambda m: bytes([int(m.group(1), 16)]),
+                         raw.encode())
+            text = raw.decode("utf-8")
+            if result.startswith("! "):
+                expected = result[2:]
+            else:
+                host, port = result.split(" ")
+                expected = ("" if host == '""' else host, int(port))
+            cases.append(pytest.param(mode, text, expected, id=f"{mode}:{text!r}"))
+    return cases
+
+
+@pytest.mark.parametrize("mode, text, expected", _addr_table())
+def test_addr_table(mode, text, expected):
+    """The Python reading of endpoint addresses is the engine's: the same
+    table drives tests/c/test_addr.c."""
+    def parse():
+        if mode == "listen":
+            return _options.split_hostport(text, empty_host=True)
+        if mode == "proxy":
+            return _options.split_hostport(text, 80, bare_ipv6=True)
+        tls, host, port, _path = _options.parse_ws_url(text)
+        return host, port
+
+    if isinstance(expected, tuple):
+        assert parse() == expected
+    else:
+        with pytest.raises(_options.AddrError) as info:
+            parse()
+        assert info.value.kind == expected
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("ws://127.0.0.1:8123/connect", (False, "127.0.0.1", 8123, "/connect")),
+    ("wss://[::1]/a?b=1", (True, "::1", 443, "/a?b=1")),
+    ("ws://h", (False, "h", 80, "")),
+])
+def test_parse_ws_url_parts(url, expected):
+    assert _options.parse_ws_url(url) == expected
+
+
 def test_parse_listen_wrong_type():
     with pytest.raises(TypeError):
         _options.parse_listen(8123)

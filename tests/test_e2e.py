@@ -439,3 +439,28 @@ def test_client_close_ends_its_session(rd, tunnel_leak_check, echo_server):
     finally:
         srv.close()
     wait_engine_idle(rd)
+
+
+def test_proxy_route_host_segment(tunnel, http_service):
+    """The route's host segment is read by the engine's address parser:
+    host:port passes, a bad host or port is answered 400 before any dial."""
+    port = tunnel.srv.port
+    status, body, _ = support.get(port, f"/client/{AGENT_KEY}/http/{http_service.address}/hello")
+    assert (status, body) == (200, http_service.HELLO)
+    for bad in ("u@h:80", "h:99999", "h%3A80", "h:x", "[::1:80", ":80"):
+        status, body, _ = support.get(port, f"/client/{AGENT_KEY}/http/{bad}/x")
+        assert status == 400, bad
+        assert body.startswith(b"bad host "), body
+    support.wait_balanced(tunnel.srv)
+
+
+@pytest.mark.parametrize("url, message", [
+    ("http://h/", "expected ws://"),
+    ("ws://u@h/", "bad host"),
+    ("ws://h:99999/", "port range"),
+    ("ws://::1/", "too many colons"),
+    ("ws://h /", "whitespace"),
+])
+def test_client_url_is_checked_by_the_engine_rules(rd, url, message):
+    with pytest.raises(ValueError, match=message):
+        rd.Client(url)

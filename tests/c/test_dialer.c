@@ -438,6 +438,37 @@ TEST(unix_socket) {
   unlink(path);
 }
 
+/* A unix path is dialed cleaned: "/tmp/./nodir/..//x.sock" reaches
+ * /tmp/x.sock although the kernel, walking it, would stop at the missing
+ * "nodir" (the agent's allow patterns judge the cleaned path, and this is
+ * the one dialed); error texts name the cleaned path. */
+TEST(unix_socket_path_cleaned) {
+  uv_loop_t loop;
+  int64_t start_bytes = loop_begin(&loop);
+  char path[64], dirty[128], want[160];
+  int pid = (int)getpid();
+  snprintf(path, sizeof path, "/tmp/rd_test_dialer_clean_%d.sock", pid);
+  server srv;
+  CHECK_EQ_INT(unix_server(&loop, &srv, path), 0);
+  result r;
+  snprintf(dirty, sizeof dirty, "/tmp/./rd_no_such_dir_%d/..//rd_test_dialer_clean_%d.sock/", pid,
+           pid);
+  check_dial_connects(&loop, "unix", dirty, 5000, &r, UV_NAMED_PIPE);
+  drop_stream(&r);
+
+  snprintf(dirty, sizeof dirty, "//tmp/../tmp/rd_test_dialer_clean_%d.missing", pid);
+  CHECK(dial_and_wait(&loop, "unix", dirty, 5000, &r));
+  snprintf(want, sizeof want,
+           "dial unix /tmp/rd_test_dialer_clean_%d.missing: connect: no such file or directory",
+           pid);
+  check_failed(&r, UV_ENOENT, want);
+  check_called_once(&r);
+
+  close_server(&srv);
+  loop_end(&loop, start_bytes);
+  unlink(path);
+}
+
 TEST(bad_arguments) {
   uv_loop_t loop;
   int64_t start_bytes = loop_begin(&loop);
@@ -673,7 +704,8 @@ TEST(failing_allocations) {
 }
 
 RD_TEST_MAIN(T(tcp_success), T(tcp_refused), T(lookup_failure), T(localhost_by_name),
-             T(named_ports), T(ipv6), T(unix_socket), T(bad_arguments),
+             T(named_ports), T(ipv6), T(unix_socket), T(unix_socket_path_cleaned),
+             T(bad_arguments),
              T(cancel_while_resolving), T(cancel_right_after_start), T(lookup_timeout),
              T(connect_timeout), T(cancel_while_connecting), T(cancel_inside_callback),
              T(failing_allocations))

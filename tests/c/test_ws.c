@@ -650,6 +650,142 @@ TEST(reader_failing_allocations) {
 
 /* ---- Handshake keys ----------------------------------------------------- */
 
+/* ---- Close frames (RFC 6455 sections 5.5.1, 7.4) ---------------------- */
+
+TEST(close_codes) {
+  static const unsigned valid[] = {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010,
+                                   1011, 1012, 1013, 1014, 3000, 3999, 4000, 4999};
+  static const unsigned invalid[] = {0,    1,    999,  1004, 1005, 1006, 1015, 1016,
+                                     1100, 2000, 2999, 5000, 5001, 65535};
+  for (size_t i = 0; i < RD_ARRAY_SIZE(valid); i++) {
+    uint8_t p[2] = {(uint8_t)(valid[i] >> 8), (uint8_t)valid[i]};
+    unsigned code = 0;
+    CHECK(rd_ws_close_code_valid(valid[i]));
+    CHECK_EQ_INT(rd_ws_close_check(p, 2, &code), RD_OK);
+    CHECK_EQ_INT(code, valid[i]);
+  }
+  for (size_t i = 0; i < RD_ARRAY_SIZE(invalid); i++) {
+    uint8_t p[2] = {(uint8_t)(invalid[i] >> 8), (uint8_t)invalid[i]};
+    unsigned code = 0;
+    CHECK(!rd_ws_close_code_valid(invalid[i]));
+    CHECK_EQ_INT(rd_ws_close_check(p, 2, &code), RD_EPROTO);
+    CHECK_EQ_INT(code, invalid[i]);
+  }
+  /* Every code, against the ranges written out. */
+  for (unsigned c = 0; c < 70000; c++) {
+    int want = (c >= 1000 && c <= 1003) || (c >= 1007 && c <= 1014) || (c >= 3000 && c < 5000);
+    CHECK_EQ_INT(rd_ws_close_code_valid(c), want);
+  }
+}
+
+TEST(close_payloads) {
+  unsigned code = 7;
+  CHECK_EQ_INT(rd_ws_close_check((const uint8_t *)"", 0, &code), RD_OK);
+  CHECK_EQ_INT(code, 0);
+  CHECK_EQ_INT(rd_ws_close_check((const uint8_t *)"\x03", 1, &code), RD_EPROTO);
+  CHECK_EQ_INT(rd_ws_close_check((const uint8_t *)"\x03\xe8", 2, NULL), RD_OK);
+  CHECK_EQ_INT(rd_ws_close_check((const uint8_t *)"\x03\xe8" "bye", 5, NULL), RD_OK);
+  CHECK_EQ_INT(rd_ws_close_check((const uint8_t *)"\x03\xe8h\xc3\xa9", 5, NULL), RD_OK);
+  CHECK_EQ_INT(rd_ws_close_check((const uint8_t *)"\x03\xe8\xff", 3, NULL), RD_EPROTO);
+  CHECK_EQ_INT(rd_ws_close_check((const uint8_t *)"\x03\xe8\xc3", 3, NULL), RD_EPROTO);
+  CHECK_EQ_INT(rd_ws_close_check((const uint8_t *)"\x03\xed" "bye", 5, NULL), RD_EPROTO);
+  /* The longest a control frame carries: code and 123 bytes of reason. */
+  uint8_t p[125];
+  p[0] = 0x0f;
+  p[1] = 0xa0; /* 4000 */
+  memset(p + 2, 'r', sizeof p - 2);
+  CHECK_EQ_INT(rd_ws_close_check(p, sizeof p, &code), RD_OK);
+  CHECK_EQ_INT(code, 4000);
+  /* Only len bytes are read. */
+  uint8_t *exact = malloc(3);
+  memcpy(exact, "\x03\xe8\xe2", 3);
+  CHECK_EQ_INT(rd_ws_close_check(exact, 3, NULL), RD_EPROTO);
+  CHECK_EQ_INT(rd_ws_close_check(exact, 2, NULL), RD_OK);
+  free(exact);
+}
+
+TEST(utf8) {
+  static const struct {
+    const char *s;
+    size_t len;
+    int valid;
+  } cases[] = {
+      {"", 0, 1},
+      {"plain ascii", 11, 1},
+      {"\x00", 1, 1},
+      {"\x7f", 1, 1},
+      {"\xc2\x80", 2, 1},                  /* U+0080 */
+      {"\xdf\xbf", 2, 1},                  /* U+07FF */
+      {"\xe0\xa0\x80", 3, 1},              /* U+0800 */
+      {"\xed\x9f\xbf", 3, 1},              /* U+D7FF */
+      {"\xee\x80\x80", 3, 1},              /* U+E000 */
+      {"\xef\xbf\xbf", 3, 1},              /* U+FFFF */
+      {"\xf0\x90\x80\x80", 4, 1},          /* U+10000 */
+      {"\xf4\x8f\xbf\xbf", 4, 1},          /* U+10FFFF */
+      {"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5", 11, 1},
+      {"\x80", 1, 0},                      /* lone continuation */
+      {"\xbf", 1, 0},
+      {"\xc0\x80", 2, 0},                  /* overlong NUL */
+      {"\xc1\xbf", 2, 0},                  /* overlong */
+      {"\xe0\x9f\xbf", 3, 0},              /* overlong U+07FF */
+      {"\xf0\x8f\xbf\xbf", 4, 0},          /* overlong U+FFFF */
+      {"\xed\xa0\x80", 3, 0},              /* U+D800, a surrogate */
+      {"\xed\xbf\xbf", 3, 0},              /* U+DFFF */
+      {"\xf4\x90\x80\x80", 4, 0},          /* U+110000 */
+      {"\xf5\x80\x80\x80", 4, 0},
+      {"\xff", 1, 0},
+      {"\xfe", 1, 0},
+      {"\xc2", 1, 0},                      /* truncated */
+      {"\xe2\x82", 2, 0},
+      {"\xf0\x9f\x98", 3, 0},
+      {"\xc2\x41", 2, 0},                  /* continuation missing */
+      {"\xe2\x28\xa1", 3, 0},
+      {"\xe2\x82\x28", 3, 0},
+      {"\xf0\x9f\x98\x28", 4, 0},
+      {"ok\xc3\xa9\xf0\x9f\x98\x80ok", 10, 1},
+      {"ok\xc3\xa9\xf0\x9f\x98", 8, 0},
+  };
+  for (size_t i = 0; i < RD_ARRAY_SIZE(cases); i++) {
+    uint8_t *buf = malloc(cases[i].len ? cases[i].len : 1);
+    memcpy(buf, cases[i].s, cases[i].len);
+    if (rd_ws_utf8_valid(buf, cases[i].len) != cases[i].valid)
+      fprintf(stderr, "utf8 case %zu: want %d\n", i, cases[i].valid);
+    CHECK_EQ_INT(rd_ws_utf8_valid(buf, cases[i].len), cases[i].valid);
+    free(buf);
+  }
+  /* Every code point encodes to what the validator accepts, and every
+   * surrogate's encoding is refused. */
+  for (uint32_t cp = 0; cp <= 0x10FFFF; cp += (cp < 0x10000 ? 1 : 7)) {
+    uint8_t b[4];
+    size_t n;
+    if (cp < 0x80) {
+      b[0] = (uint8_t)cp;
+      n = 1;
+    } else if (cp < 0x800) {
+      b[0] = (uint8_t)(0xC0 | cp >> 6);
+      b[1] = (uint8_t)(0x80 | (cp & 0x3F));
+      n = 2;
+    } else if (cp < 0x10000) {
+      b[0] = (uint8_t)(0xE0 | cp >> 12);
+      b[1] = (uint8_t)(0x80 | ((cp >> 6) & 0x3F));
+      b[2] = (uint8_t)(0x80 | (cp & 0x3F));
+      n = 3;
+    } else {
+      b[0] = (uint8_t)(0xF0 | cp >> 18);
+      b[1] = (uint8_t)(0x80 | ((cp >> 12) & 0x3F));
+      b[2] = (uint8_t)(0x80 | ((cp >> 6) & 0x3F));
+      b[3] = (uint8_t)(0x80 | (cp & 0x3F));
+      n = 4;
+    }
+    int want = !(cp >= 0xD800 && cp <= 0xDFFF);
+    if (rd_ws_utf8_valid(b, n) != want) {
+      fprintf(stderr, "utf8 U+%04X: want %d\n", (unsigned)cp, want);
+      CHECK(0);
+      break;
+    }
+  }
+}
+
 TEST(accept_key_rfc_example) {
   char out[29];
   static const char key[] = "dGhlIHNhbXBsZSBub25jZQ==";
@@ -682,7 +818,7 @@ TEST(make_key_and_mask) {
   CHECK(differ);
 }
 
-RD_TEST_MAIN(T(header_lengths), T(header_bytes), T(header_errors), T(build_header_round_trip),
+RD_TEST_MAIN(T(close_codes), T(close_payloads), T(utf8), T(header_lengths), T(header_bytes), T(header_errors), T(build_header_round_trip),
              T(mask_matches_naive), T(reader_one_byte_at_a_time), T(reader_need),
              T(reader_fragmented_with_control_frames), T(reader_every_prefix), T(reader_text),
              T(reader_empty_messages), T(reader_protocol_errors), T(reader_too_large),
