@@ -193,7 +193,8 @@ def test_error_is_delivered_while_the_write_queue_is_blocked(tunnel):
     try:
         bulk = tunnel.dial("10.9.9.9:80", key="raw-1")
         bulk_id = ws.recv_tunnel().conn_id
-        quiet = srv.dial("raw-1", "tcp", "10.9.9.9:81", timeout=TIMEOUT, idle_timeout=1)
+        # Idle long enough for the queue to fill first, on a loaded machine too.
+        quiet = srv.dial("raw-1", "tcp", "10.9.9.9:81", timeout=TIMEOUT, idle_timeout=3)
         quiet_id = ws.recv_tunnel().conn_id
         total = 24 << 20
         payload = random.Random(3).randbytes(1 << 20)
