@@ -420,14 +420,22 @@ class BurstServer(support._ThreadedTCPServer):
         return support.Finished(self.SIZE, "")
 
 
+def heap_in_use(rd):
+    """Engine heap bytes not idle in the block pool, from one snapshot taken
+    after the pools were trimmed: a block released after the trim (the last
+    write's, a drained read block) is back in the pool, not in use."""
+    rd.engine_trim()
+    stats = rd.engine_stats()
+    return stats["heap_bytes"] - stats["pool_bytes"]
+
+
 def test_burst_then_drained_gives_memory_back(tunnel):
     burst = BurstServer()
     try:
         sock = tunnel.dial(burst.port)
         round_trip_ready = tunnel.srv.connections()
         assert len(round_trip_ready) == 1
-        tunnel.rd.engine_trim()
-        heap0 = tunnel.rd.engine_stats()["heap_bytes"]
+        heap0 = heap_in_use(tunnel.rd)
         sock.sendall(b"!")
         # Nobody reads: the burst piles up in the engine, up to PAUSE.
         (c,) = wait_for(lambda: [c for c in tunnel.srv.connections()
@@ -441,8 +449,7 @@ def test_burst_then_drained_gives_memory_back(tunnel):
                  == [(0, False)], what="the buffer to drain and the pause to lift")
         wait_for(lambda: tunnel.rd.engine_stats()["buffered_bytes"] == 0,
                  what="no byte buffered anywhere in the engine")
-        tunnel.rd.engine_trim()
-        heap1 = tunnel.rd.engine_stats()["heap_bytes"]
+        heap1 = heap_in_use(tunnel.rd)
         # The burst held megabytes at its peak (2 MiB before PAUSE, plus what
         # was in flight); what stays must be far below one of those.
         assert heap1 - heap0 <= 64 << 10, (heap0, peak, heap1)
@@ -525,15 +532,11 @@ def test_idle_sessions_hold_no_read_block(tunnel, stream_server, echo_server):
     wait_for(lambda: tunnel.rd.engine_stats()["open_connections"] == 0,
              what="the echo connection to end on both sides")
     echo_server.wait_open(0)
-    tunnel.rd.engine_trim()
-    stats = tunnel.rd.engine_stats()
-    assert stats["open_sessions"] == 2
-    # The heap in use, from one snapshot: a block the engine gave back to
-    # its pool after the trim is not held by anyone (a session's read block
-    # never is in the pool while the session holds it). Two idle sessions
-    # with their metrics and handles: about 12 KiB.
-    in_use = stats["heap_bytes"] - stats["pool_bytes"]
-    assert in_use < 64 << 10, stats
+    assert tunnel.rd.engine_stats()["open_sessions"] == 2
+    # A block a session holds is never in the pool. Two idle sessions with
+    # their metrics and handles: about 12 KiB.
+    in_use = heap_in_use(tunnel.rd)
+    assert in_use < 64 << 10, (in_use, tunnel.rd.engine_stats())
 
 
 # ---------------------------------------------------------------------------
