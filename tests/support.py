@@ -70,12 +70,36 @@ def wait_for(predicate, timeout=TIMEOUT, what="condition"):
 # Sockets
 
 
+def _ephemeral_ports():
+    """The kernel's range for port 0 binds and outgoing connects."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def closed_port():
-    """A loopback port with nothing listening on it (bound, never listened,
-    then released), so a connect to it is refused."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port with nothing listening on it, so a connect to it is
+    refused. It lies below the ephemeral range, which no bind to port 0 and
+    no outgoing connect uses: a port released from that range could be given
+    to a listener of a concurrent test run (an echo server that our "refused"
+    dial would then reach, or that its own client would find connected by
+    us) before the dial. Free when checked (bound without listening, then
+    released); the suites only ever take such ports to leave them closed."""
+    low, _ = _ephemeral_ports()
+    first = max(1024, min(20000, low - 1024))
+    pick = random.SystemRandom()
+    for _ in range(1000):
+        port = pick.randrange(first, low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # someone's listener or bound socket: try another
+            return port
+    raise AssertionError(f"no free loopback port in {first}..{low - 1}")
 
 
 free_port = closed_port
