@@ -70,12 +70,36 @@ def wait_for(predicate, timeout=TIMEOUT, what="condition"):
 # Sockets
 
 
+def _ephemeral_ports():
+    """The kernel's range for port 0 binds and outgoing connects."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def closed_port():
-    """A loopback port with nothing listening on it (bound, never listened,
-    then released), so a connect to it is refused."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port with nothing listening on it, so a connect to it is
+    refused. It lies below the ephemeral range, which no bind to port 0 and
+    no outgoing connect uses: a port released from that range could be given
+    to a listener of a concurrent test run (an echo server that our "refused"
+    dial would then reach, or that its own client would find connected by
+    us) before the dial. Free when checked (bound without listening, then
+    released); the suites only ever take such ports to leave them closed."""
+    low, _ = _ephemeral_ports()
+    first = max(1024, min(20000, low - 1024))
+    pick = random.SystemRandom()
+    for _ in range(1000):
+        port = pick.randrange(first, low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # someone's listener or bound socket: try another
+            return port
+    raise AssertionError(f"no free loopback port in {first}..{low - 1}")
 
 
 free_port = closed_port
@@ -593,8 +617,7 @@ def http_get_through(sock, path, host="service", method="GET", body=None, timeou
 
 class NeverAccepting:
     """A loopback listener whose accept queue is full and never drained: a
-    connect to it gets no answer (the SYN is dropped), as from a black hole.
-    drain() accepts what is queued, so that retransmitted SYNs get through."""
+    connect to it gets no answer (the SYN is dropped), as from a black hole."""
 
     def __init__(self):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -613,11 +636,23 @@ class NeverAccepting:
             except BlockingIOError:
                 pass
             self._fillers.append(s)
-        wait_for(lambda: self.syn_sent() >= 1, 10, "the accept queue to be full")
+        self._filler_ports = {s.getsockname()[1] for s in self._fillers}
+        # Full once a connection waits in it: the kernel then drops every
+        # SYN. (On a loaded machine the fillers' handshakes may not have been
+        # processed yet when connect() returns, so their own SYN_SENT states
+        # say nothing about the queue.)
+        wait_for(lambda: self.accept_queue() >= 1, 10, "the accept queue to be full")
+
+    def accept_queue(self):
+        """Connections waiting in the accept queue (a listener's rx_queue)."""
+        return sum(rx for local, _, state, rx in tcp_sockets()
+                   if local == self.port and state == "0A")
 
     def syn_sent(self):
-        """Connections to this port still waiting for an answer (SYN_SENT)."""
-        return sum(1 for remote, state in tcp_sockets() if remote == self.port and state == "02")
+        """Connects to this port still waiting for an answer (SYN_SENT), not
+        counting the fillers: those of whoever dialed it."""
+        return sum(1 for local, remote, state, _ in tcp_sockets()
+                   if remote == self.port and state == "02" and local not in self._filler_ports)
 
     def close(self):
         for s in self._fillers:
@@ -626,13 +661,16 @@ class NeverAccepting:
 
 
 def tcp_sockets():
-    """(remote port, state hex) of every IPv4 TCP socket in this network
-    namespace (/proc/net/tcp), e.g. (8080, "02") for SYN_SENT."""
+    """(local port, remote port, state hex, receive queue) of every IPv4 TCP
+    socket in this network namespace (/proc/net/tcp), e.g. (40000, 8080,
+    "02", 0) for a SYN_SENT one. A listener's receive queue is the number of
+    connections in its accept queue."""
     out = []
     with open("/proc/net/tcp") as f:
         for line in f.readlines()[1:]:
             parts = line.split()
-            out.append((int(parts[2].split(":")[1], 16), parts[3]))
+            out.append((int(parts[1].split(":")[1], 16), int(parts[2].split(":")[1], 16),
+                        parts[3], int(parts[4].split(":")[1], 16)))
     return out
 
 

@@ -182,6 +182,23 @@ def _flood_until_error(ws, cid, limit_chunks=400):
     raise AssertionError(f"no ERROR after {limit_chunks} chunks: {seen[:20]}")
 
 
+def _flood_until_cut(ws, cid):
+    """Floods cid (_flood_until_error) until the peer cuts it, then reads up
+    to the Pong of a Ping sent after the last DATA: the peer has then answered
+    every DATA we sent, including those still on their way when it cut.
+    Asserts that it said PAUSE first, cut with "buffer limit exceeded", and
+    after that only answered the late DATA: "connection not found" each."""
+    seen = _flood_until_error(ws, cid)
+    seen += [(m.type, m.conn_id, m.text) for m in support.ping_barrier(ws)]
+    cut = next(i for i, (t, c, _) in enumerate(seen) if t == wsraw.ERROR and c == cid)
+    assert (wsraw.PAUSE, cid, "") in seen[:cut], seen
+    assert seen[cut] == (wsraw.ERROR, cid, "buffer limit exceeded"), seen
+    late = seen[cut + 1:]
+    assert all(t == wsraw.ERROR and c == cid and text.startswith("connection not found ")
+               for t, c, text in late), late
+    return seen
+
+
 def test_server_cuts_a_peer_that_ignores_pause_others_live_on(rd, tunnel_leak_check):
     with rd.Server(listen="127.0.0.1:0", max_buffer=64 << 10, hard_cap=1 << 20) as srv:
         ws = raw_session(srv)
@@ -191,9 +208,7 @@ def test_server_cuts_a_peer_that_ignores_pause_others_live_on(rd, tunnel_leak_ch
             other = srv.dial("raw-1", "tcp", "10.9.9.9:81", timeout=TIMEOUT)
             other.settimeout(TIMEOUT)
             oid = ws.recv_tunnel().conn_id
-            seen = _flood_until_error(ws, fid)
-            assert (wsraw.PAUSE, fid, "") in seen
-            assert seen[-1] == (wsraw.ERROR, fid, "buffer limit exceeded"), seen
+            _flood_until_cut(ws, fid)
             expect_end(flooded, "buffer limit exceeded")
             flooded.close()
             # The other connection carries data both ways.
@@ -241,9 +256,7 @@ def test_agent_cuts_a_server_that_ignores_pause_others_live_on(rd, tunnel_leak_c
                     ws.send_msg(2, wsraw.CONNECT, f"tcp/{sink.address}")
                     ws.send_msg(3, wsraw.CONNECT, f"tcp/{echo_server.address}")
                     sink.wait_accepted(1)
-                    seen = _flood_until_error(ws, 2)
-                    assert (wsraw.PAUSE, 2, "") in seen
-                    assert seen[-1] == (wsraw.ERROR, 2, "buffer limit exceeded"), seen
+                    _flood_until_cut(ws, 2)
                     ws.send_msg(3, wsraw.DATA, b"echo me")
                     assert ws.recv_data(3, 7) == b"echo me"
                     sink.release.set()
