@@ -204,7 +204,7 @@ int rd_option_store(const rd_option *o, unsigned object, void *cfg, const rd_opt
     }
     size_t len = strlen(t);
     if (len > max || len >= o->field_size) {
-      snprintf(err, errlen, "%s must be at most %llu characters, got %zu", o->name,
+      snprintf(err, errlen, "%s must be at most %llu bytes, got %zu", o->name,
                (unsigned long long)max, len);
       return RD_EMALFORMED;
     }

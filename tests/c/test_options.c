@@ -235,7 +235,7 @@ TEST(text_kinds) {
   longest[63] = 'a';
   longest[64] = '\0';
   refused("auth_header", RD_OPT_SERVER, (rd_option_value){.text = longest},
-          "auth_header must be at most 63 characters, got 64");
+          "auth_header must be at most 63 bytes, got 64");
   longest[64] = 'a';
   longest[255] = '\0';
   defaults(RD_OPT_CLIENT, &c);
@@ -244,7 +244,7 @@ TEST(text_kinds) {
   longest[255] = 'a';
   longest[256] = '\0';
   refused("server_name", RD_OPT_CLIENT, (rd_option_value){.text = longest},
-          "server_name must be at most 255 characters, got 256");
+          "server_name must be at most 255 bytes, got 256");
 }
 
 TEST(objects_and_hand_parsed_rows) {
