@@ -10,7 +10,7 @@
 #include "rd_alloc.h"
 #include "rd_api.h"
 #include "rd_block.h"
-#include "rd_http.h"
+#include "rd_options.h"
 #include "rd_tls.h"
 #include "rd_tokens.h"
 
@@ -39,41 +39,64 @@ static PyObject *raise_rc(PyObject *module, int rc, const char *message) {
 
 /* ---- option dicts ---- */
 
-static int opt_double(PyObject *opts, const char *key, double *out) {
-  PyObject *v = opts != NULL ? PyDict_GetItemString(opts, key) : NULL;
-  if (v == NULL || v == Py_None)
+/* Reads opts[o->name] as o's kind into *v: 1 when given, 0 when absent or
+ * None, -1 with an exception. Text points into opts, which outlives v. */
+static int option_value(PyObject *opts, const rd_option *o, rd_option_value *v) {
+  PyObject *x = PyDict_GetItemString(opts, o->name);
+  if (x == NULL || x == Py_None)
     return 0;
-  double d = PyFloat_AsDouble(v);
-  if (d == -1.0 && PyErr_Occurred())
-    return -1;
-  if (d < 0) {
-    PyErr_Format(PyExc_ValueError, "%s must not be negative", key);
+  memset(v, 0, sizeof *v);
+  int ok, overflow = 0;
+  switch (o->kind) {
+  case RD_OPT_SECONDS:
+  case RD_OPT_SECONDS_OFF:
+    ok = !PyBool_Check(x) && (PyLong_Check(x) || PyFloat_Check(x));
+    if (ok && (v->seconds = PyFloat_AsDouble(x)) == -1.0 && PyErr_Occurred())
+      return -1;
+    break;
+  case RD_OPT_SIZE:
+  case RD_OPT_COUNT:
+    ok = !PyBool_Check(x) && PyLong_Check(x);
+    if (ok && (v->number = PyLong_AsLongLongAndOverflow(x, &overflow)) == -1 && PyErr_Occurred())
+      return -1;
+    if (overflow != 0) /* out of any range: the store reports it */
+      v->number = overflow > 0 ? INT64_MAX : INT64_MIN;
+    break;
+  case RD_OPT_BOOL:
+    ok = PyBool_Check(x);
+    v->flag = x == Py_True;
+    break;
+  default:
+    ok = PyUnicode_Check(x);
+    if (ok && (v->text = PyUnicode_AsUTF8(x)) == NULL)
+      return -1;
+  }
+  if (!ok) {
+    PyErr_Format(PyExc_ValueError, "%s must be %s, not %s", o->name,
+                 rd_option_kind_expects(o->kind), Py_TYPE(x)->tp_name);
     return -1;
   }
-  *out = d;
-  return 0;
+  return 1;
 }
 
-static int opt_ms(PyObject *opts, const char *key, uint64_t *out) {
-  double d = (double)*out / 1000.0;
-  if (opt_double(opts, key, &d) < 0)
-    return -1;
-  *out = (uint64_t)(d * 1000.0 + 0.5);
-  return 0;
-}
-
-static int opt_size(PyObject *opts, const char *key, size_t *out) {
-  PyObject *v = opts != NULL ? PyDict_GetItemString(opts, key) : NULL;
-  if (v == NULL || v == Py_None)
-    return 0;
-  long long n = PyLong_AsLongLong(v);
-  if (n == -1 && PyErr_Occurred())
-    return -1;
-  if (n <= 0) {
-    PyErr_Format(PyExc_ValueError, "%s must be positive", key);
-    return -1;
+/* Stores every table option that object keeps in cfg and opts gives, with
+ * the table's checks; the rest are parsed by hand below. */
+static int table_options(PyObject *opts, unsigned object, void *cfg) {
+  for (size_t i = 0; i < rd_options_count; i++) {
+    const rd_option *o = &rd_options[i];
+    if (rd_option_offset(o, object) == RD_OPT_UNSTORED)
+      continue;
+    rd_option_value v;
+    int given = option_value(opts, o, &v);
+    if (given < 0)
+      return -1;
+    char err[200];
+    if (given && rd_option_store(o, object, cfg, &v, err, sizeof err) != RD_OK) {
+      PyErr_SetString(PyExc_ValueError, err);
+      return -1;
+    }
   }
-  *out = (size_t)n;
+  rd_options_settle(object, cfg);
   return 0;
 }
 
@@ -128,30 +151,6 @@ static int opt_cstr(PyObject *opts, const char *key, const char **out) {
   return 0;
 }
 
-static int session_options(PyObject *opts, rd_session_config *cfg) {
-  size_t max_message = (size_t)cfg->max_message;
-  if (opt_ms(opts, "read_timeout", &cfg->read_timeout_ms) < 0 ||
-      opt_ms(opts, "ping_interval", &cfg->ping_interval_ms) < 0 ||
-      opt_ms(opts, "sync_interval", &cfg->sync_interval_ms) < 0 ||
-      opt_ms(opts, "sync_grace", &cfg->sync_grace_ms) < 0 ||
-      opt_ms(opts, "dial_timeout", &cfg->dial_timeout_ms) < 0 ||
-      opt_ms(opts, "idle_timeout", &cfg->idle_timeout_ms) < 0 ||
-      opt_size(opts, "max_connections", &cfg->max_connections) < 0 ||
-      opt_size(opts, "max_pending_dials", &cfg->max_pending_dials) < 0 ||
-      opt_size(opts, "max_message", &max_message) < 0 ||
-      opt_size(opts, "max_buffer", &cfg->max_buffer) < 0 ||
-      opt_size(opts, "hard_cap", &cfg->hard_cap) < 0)
-    return -1;
-  cfg->max_message = max_message;
-  if (cfg->read_timeout_ms == 0) {
-    PyErr_SetString(PyExc_ValueError, "read_timeout must be positive");
-    return -1;
-  }
-  if (cfg->hard_cap < cfg->max_buffer)
-    cfg->hard_cap = cfg->max_buffer * 2;
-  return 0;
-}
-
 /* ---- server ---- */
 
 static PyObject *py_server_new(PyObject *module, PyObject *args) {
@@ -163,27 +162,11 @@ static PyObject *py_server_new(PyObject *module, PyObject *args) {
   rd_server_config cfg;
   rd_server_config_default(&cfg);
   char auth[16] = "header";
+  /* path and auth come from the Server's own parameters. */
   if (opt_str(opts, "path", cfg.path, sizeof cfg.path) < 0 ||
       opt_str(opts, "auth", auth, sizeof auth) < 0 ||
-      opt_str(opts, "auth_header", cfg.auth_header, sizeof cfg.auth_header) < 0 ||
-      opt_bool(opts, "proxy_route", &cfg.proxy_route) < 0 ||
-      opt_bool(opts, "metrics_route", &cfg.metrics_route) < 0 ||
-      opt_bool(opts, "debug_route", &cfg.debug_route) < 0 ||
-      opt_ms(opts, "handshake_timeout", &cfg.handshake_timeout_ms) < 0 ||
-      opt_size(opts, "max_head", &cfg.max_head) < 0 ||
-      opt_size(opts, "max_headers", &cfg.max_headers) < 0 ||
-      opt_size(opts, "max_sessions", &cfg.max_sessions) < 0 ||
-      opt_size(opts, "max_sessions_per_key", &cfg.max_sessions_per_key) < 0 ||
-      session_options(opts, &cfg.session) < 0)
+      table_options(opts, RD_OPT_SERVER, &cfg) < 0)
     return NULL;
-  if (cfg.max_headers > RD_HTTP_MAX_HEADERS) {
-    PyErr_Format(PyExc_ValueError, "max_headers must be at most %d", RD_HTTP_MAX_HEADERS);
-    return NULL;
-  }
-  if (cfg.max_head > (1u << 24)) {
-    PyErr_SetString(PyExc_ValueError, "max_head must be at most 16 MiB");
-    return NULL;
-  }
   if (strcmp(auth, "callback") == 0) {
     cfg.auth_mode = RD_AUTH_CALLBACK;
   } else if (strcmp(auth, "token") == 0) {
@@ -448,15 +431,8 @@ static PyObject *py_client_new(PyObject *module, PyObject *args) {
   rd_client_config_default(&cfg);
   char allow[16] = "all";
   if (opt_str(opts, "allow", allow, sizeof allow) < 0 ||
-      opt_ms(opts, "handshake_timeout", &cfg.handshake_timeout_ms) < 0 ||
-      opt_ms(opts, "backoff_min", &cfg.backoff_min_ms) < 0 ||
-      opt_ms(opts, "backoff_max", &cfg.backoff_max_ms) < 0 ||
-      session_options(opts, &cfg.session) < 0)
+      table_options(opts, RD_OPT_CLIENT, &cfg) < 0)
     return NULL;
-  if (cfg.backoff_min_ms == 0)
-    cfg.backoff_min_ms = 1;
-  if (cfg.backoff_max_ms < cfg.backoff_min_ms)
-    cfg.backoff_max_ms = cfg.backoff_min_ms;
   if (strcmp(allow, "all") == 0) {
     cfg.allow_mode = RD_ALLOW_ALL;
   } else if (strcmp(allow, "patterns") == 0) {
@@ -521,8 +497,7 @@ static PyObject *py_client_new(PyObject *module, PyObject *args) {
   const char *ca_file, *client_cert, *client_key;
   int insecure = 0;
   if (opt_cstr(opts, "ca_file", &ca_file) < 0 || opt_cstr(opts, "client_cert", &client_cert) < 0 ||
-      opt_cstr(opts, "client_key", &client_key) < 0 || opt_bool(opts, "insecure", &insecure) < 0 ||
-      opt_str(opts, "server_name", cfg.server_name, sizeof cfg.server_name) < 0)
+      opt_cstr(opts, "client_key", &client_key) < 0 || opt_bool(opts, "insecure", &insecure) < 0)
     hdrs = NULL;
   else if (strncmp(url, "wss://", 6) == 0) {
     Py_BEGIN_ALLOW_THREADS
@@ -739,6 +714,60 @@ static PyObject *py_answer(PyObject *module, PyObject *args) {
 
 /* ---- engine ---- */
 
+/* One row as Python sees it: the default in the option's unit (seconds,
+ * bytes, a count, a bool; None for text and paths), and max for the kinds
+ * that have one. */
+static PyObject *option_row(const rd_option *o) {
+  PyObject *def = Py_None, *max = Py_None;
+  Py_INCREF(def);
+  Py_INCREF(max);
+  switch (o->kind) {
+  case RD_OPT_SECONDS:
+  case RD_OPT_SECONDS_OFF:
+    Py_SETREF(def, PyFloat_FromDouble((double)o->def / 1000.0));
+    break;
+  case RD_OPT_SIZE:
+  case RD_OPT_COUNT:
+    Py_SETREF(def, PyLong_FromUnsignedLongLong(o->def));
+    Py_SETREF(max, PyLong_FromUnsignedLongLong(o->max != 0 ? o->max : RD_OPT_MAX_SIZE));
+    break;
+  case RD_OPT_BOOL:
+    Py_SETREF(def, PyBool_FromLong(o->def != 0));
+    break;
+  case RD_OPT_HEADER:
+  case RD_OPT_HOST:
+    Py_SETREF(max, PyLong_FromUnsignedLongLong(o->max));
+    break;
+  case RD_OPT_PATH:
+    break;
+  }
+  if (def == NULL || max == NULL) {
+    Py_XDECREF(def);
+    Py_XDECREF(max);
+    return NULL;
+  }
+  return Py_BuildValue("{s:s,s:s,s:O,s:O,s:N,s:z,s:N,s:s,s:z}", "name", o->name, "kind",
+                       rd_option_kind_name(o->kind), "server",
+                       (o->objects & RD_OPT_SERVER) ? Py_True : Py_False, "client",
+                       (o->objects & RD_OPT_CLIENT) ? Py_True : Py_False, "default", def,
+                       "default_text", o->def_text, "max", max, "meaning", o->meaning, "limit",
+                       o->limit);
+}
+
+static PyObject *py_options(PyObject *module, PyObject *noargs) {
+  (void)module;
+  (void)noargs;
+  PyObject *rows = PyTuple_New((Py_ssize_t)rd_options_count);
+  for (size_t i = 0; rows != NULL && i < rd_options_count; i++) {
+    PyObject *row = option_row(&rd_options[i]);
+    if (row == NULL)
+      Py_CLEAR(rows);
+    else
+      PyTuple_SET_ITEM(rows, (Py_ssize_t)i, row);
+  }
+  return rows;
+}
+
 static PyObject *py_engine_stats(PyObject *module, PyObject *noargs) {
   (void)noargs;
   rd_stats s;
@@ -812,6 +841,8 @@ static PyMethodDef engine_methods[] = {
     {"next_request", py_next_request, METH_VARARGS,
      "next_request(timeout) -> None | (id, owner, kind, payload)"},
     {"answer", py_answer, METH_VARARGS, "answer(id, verdict, value): verdict is a VERDICT_* constant"},
+    {"options", py_options, METH_NOARGS,
+     "options() -> (dict, ...): the engine's options table, in documentation order"},
     {"engine_stats", py_engine_stats, METH_NOARGS, "engine_stats() -> dict"},
     {"heap", py_heap, METH_NOARGS, "heap() -> (bytes, objects) the engine holds (any time)"},
     {"trim", py_trim, METH_NOARGS, "trim(): return idle engine pools to the allocator"},

@@ -1,7 +1,8 @@
 """Validation of user input before it reaches the engine.
 
-Everything here is pure Python (no engine import), so argument parsing can be
-tested and reported without a built extension. The engine trusts what it gets:
+Everything here is pure Python, so argument parsing can be tested and
+reported without a built extension; only the option tables come from the
+engine, loaded on first use. The engine trusts what it gets:
 a negative timeout or a huge size would turn into undefined behaviour in C, so
 every value is checked here and converted to the exact type the engine reads.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 import socket
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 # Durations longer than this are clamped: the engine converts seconds to
 # 64-bit milliseconds, and no tunnel deadline needs to exceed ~31 years.
@@ -33,12 +34,21 @@ def duration(name: str, value: Any) -> float:
     return min(seconds, MAX_SECONDS)
 
 
-def size(name: str, value: Any) -> int:
-    """Returns `value` as a positive int of bytes."""
+def size(name: str, value: Any, hi: int = MAX_SIZE) -> int:
+    """Returns `value` as an int of bytes between 1 and `hi`."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an int (bytes), not {type(value).__name__}")
-    if value <= 0 or value > MAX_SIZE:
-        raise ValueError(f"{name} must be between 1 and {MAX_SIZE} bytes, got {value}")
+    if value <= 0 or value > hi:
+        raise ValueError(f"{name} must be between 1 and {hi} bytes, got {value}")
+    return value
+
+
+def count(name: str, value: Any, hi: int = MAX_SIZE) -> int:
+    """Returns `value` as an int between 1 and `hi` (connections, sessions)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, not {type(value).__name__}")
+    if value <= 0 or value > hi:
+        raise ValueError(f"{name} must be between 1 and {hi}, got {value}")
     return value
 
 
@@ -48,10 +58,16 @@ def boolean(name: str, value: Any) -> bool:
     return value
 
 
-def header_name(name: str, value: Any) -> str:
+def _longest(name: str, value: str, longest: Optional[int]) -> str:
+    if longest is not None and len(value.encode()) > longest:
+        raise ValueError(f"{name} must be at most {longest} bytes, got {len(value.encode())}")
+    return value
+
+
+def header_name(name: str, value: Any, longest: Optional[int] = None) -> str:
     if not isinstance(value, str) or not _TOKEN_RE.match(value):
         raise ValueError(f"{name} must be an HTTP header name, got {value!r}")
-    return value
+    return _longest(name, value, longest)
 
 
 def path(name: str, value: Any) -> str:
@@ -67,11 +83,11 @@ def path(name: str, value: Any) -> str:
     return text
 
 
-def host_name(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not value or len(value) > 255 or \
-            any(c.isspace() or ord(c) < 0x20 for c in value):
+def host_name(name: str, value: Any, longest: Optional[int] = 255) -> str:
+    if not isinstance(value, str) or not value or \
+            any(c.isspace() or ord(c) < 0x20 or c == "\x7f" for c in value):
         raise ValueError(f"{name} must be a host name or address, got {value!r}")
-    return value
+    return _longest(name, value, longest)
 
 
 def duration_or_off(name: str, value: Any) -> float:
@@ -83,52 +99,59 @@ def duration_or_off(name: str, value: Any) -> float:
     return duration(name, value)
 
 
-# Option names are the engine's (see the extension's API); each maps to its
-# validator. Server(**options) and Client(**options) accept exactly these.
-# Session options apply to every session the object runs.
-_SESSION_OPTIONS: dict[str, Callable[[str, Any], Any]] = {
-    "read_timeout": duration,        # a session silent this long is dead
-    "idle_timeout": duration_or_off,  # end connections idle this long (off)
-    "max_connections": size,         # open connections per session
-    "max_message": size,             # largest WebSocket message accepted
-    "max_buffer": size,              # per-connection buffer that triggers PAUSE
-    "hard_cap": size,                # per-connection buffer that ends it
+# The engine's table (csrc/rd_options.c, via _engine.options()) names every
+# option, which objects take it, its kind and range; a kind maps to its
+# validator here. There are no Python-only options. SERVER_OPTIONS and
+# CLIENT_OPTIONS (name -> validator) are built on first use, so importing this
+# module does not load the extension.
+_KINDS: dict[str, Callable[..., Any]] = {
+    "seconds": duration,
+    "seconds_or_off": duration_or_off,
+    "size": size,
+    "count": count,
+    "bool": boolean,
+    "header": header_name,
+    "host": host_name,
+    "path": path,
 }
 
-SERVER_OPTIONS: dict[str, Callable[[str, Any], Any]] = {
-    **_SESSION_OPTIONS,
-    "auth_header": header_name,      # the trusted header when authorizer is None
-    "proxy_route": boolean,          # serve /client/{id}/{scheme}/{host}/{path}
-    "proxy_ca_file": path,           # https targets: trust these CAs, not the system store
-    "proxy_insecure": boolean,       # https targets: skip certificate verification
-    "metrics_route": boolean,        # serve /metrics
-    "debug_route": boolean,          # serve /debug/connections (off by default)
-    "handshake_timeout": duration,   # HTTP request head + upgrade
-    "sync_grace": duration,          # connections younger than this survive a SYNC
-    "tls_cert": path,                # PEM certificate (chain allowed): serve wss://
-    "tls_key": path,                 # PEM private key for tls_cert
-    "tls_client_ca": path,           # require client certificates signed by this CA
-    "max_sessions": size,            # all sessions; past it upgrades get 503
-    "max_sessions_per_key": size,    # per client key; past it upgrades get 429
-    "max_head": size,                # request head bytes (431 past it)
-    "max_headers": size,             # request header count (431 past it)
-}
+_rows: Optional[tuple[dict[str, Any], ...]] = None
 
-CLIENT_OPTIONS: dict[str, Callable[[str, Any], Any]] = {
-    **_SESSION_OPTIONS,
-    "ping_interval": duration,
-    "sync_interval": duration,
-    "backoff_min": duration,
-    "backoff_max": duration,
-    "dial_timeout": duration,        # local dials behind the agent
-    "max_pending_dials": size,       # local dials in flight per session
-    "handshake_timeout": duration,
-    "ca_file": path,                 # wss: trust these CAs instead of the system store
-    "insecure": boolean,             # wss: skip certificate verification
-    "client_cert": path,             # wss: present this certificate
-    "client_key": path,
-    "server_name": host_name,        # wss: verify (and send as SNI) this name
-}
+
+def rows() -> tuple[dict[str, Any], ...]:
+    """The engine's options table, in documentation order (one dict a row:
+    name, kind, server, client, default, default_text, max, meaning, limit)."""
+    global _rows
+    if _rows is None:
+        from . import _engine
+        _rows = _engine.options()
+    return _rows
+
+
+def _validator(row: Mapping[str, Any]) -> Callable[[str, Any], Any]:
+    check, hi = _KINDS[row["kind"]], row["max"]
+    if hi is None:
+        return check
+    return lambda name, value: check(name, value, hi)
+
+
+def table(owner: str) -> dict[str, Callable[[str, Any], Any]]:
+    """name -> validator for "Server" or "Client"."""
+    return {row["name"]: _validator(row) for row in rows() if row[owner.lower()]}
+
+
+def default(owner: str, name: str) -> Any:
+    """The engine's default for an option of "Server" or "Client"."""
+    return next(row["default"] for row in rows() if row[owner.lower()] and row["name"] == name)
+
+
+def __getattr__(name: str) -> Any:
+    tables = {"SERVER_OPTIONS": "Server", "CLIENT_OPTIONS": "Client"}
+    if name not in tables:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = globals()[name] = table(tables[name])
+    return value
+
 
 # Engine options that the classes set from their own parameters; passing them
 # as keywords would contradict those parameters.

@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-c", "--concurrency", type=_positive_int, default=8,
                       help="concurrent request threads (default 8)")
 
+    opts = sub.add_parser(
+        "options", allow_abbrev=False, help="print the Server and Client options (Markdown)",
+        description="The options table and the limits table, from the engine's own table.")
+    opts.add_argument("--readme", metavar="FILE", default=None,
+                      help="rewrite FILE's generated tables instead of printing them")
+
     from . import soak as _soak  # pure Python; the engine loads when the soak runs
 
     soak = sub.add_parser(
@@ -308,6 +314,25 @@ def run_demo(args: argparse.Namespace) -> int:
     return demo.run(n=args.n, concurrency=args.concurrency)
 
 
+def run_options(args: argparse.Namespace) -> int:
+    from . import _optdoc
+
+    if args.readme is None:
+        print(_optdoc.options_table(), _optdoc.limits_table(), sep="\n\n")
+        return 0
+    with open(args.readme, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        new = _optdoc.render_readme(text)
+    except ValueError as exc:
+        print(f"{PROG}: {args.readme}: {exc}", file=sys.stderr)
+        return 1
+    if new != text:
+        with open(args.readme, "w", encoding="utf-8") as f:
+            f.write(new)
+    return 0
+
+
 def run_soak(args: argparse.Namespace) -> int:
     from . import soak
 
@@ -327,7 +352,7 @@ def run_soak(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     command = {"server": run_server, "client": run_client, "demo": run_demo,
-               "soak": run_soak}[args.command]
+               "options": run_options, "soak": run_soak}[args.command]
     try:
         return command(args)
     except KeyboardInterrupt:

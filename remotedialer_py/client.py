@@ -97,11 +97,9 @@ class Client(_Handle):
       A unix socket path is judged, and dialed, cleaned ("." and ".."
       resolved, "//" collapsed): ``"unix//run/ok/*"`` does not allow
       ``/run/ok/../secret.sock``, and the callable sees ``/run/secret.sock``.
-    - ``options`` (keywords, seconds as int or float): ``ping_interval``
-      (5), ``read_timeout`` (60), ``sync_interval`` (60), ``backoff_min``
-      (0.5), ``backoff_max`` (5), ``dial_timeout`` (60, local dials),
-      ``handshake_timeout`` (10), ``idle_timeout`` (0 = off),
-      ``max_connections``, ``max_message``, ``max_buffer``, ``hard_cap``.
+    - ``options``: keywords from the engine's options table, seconds as
+      int or float (``remotedialer-py options`` prints every name with its
+      default and meaning).
 
     After ``start()`` it connects, and reconnects with backoff whenever the
     session is lost, until ``close()``.
@@ -115,8 +113,8 @@ class Client(_Handle):
         self._headers = _check_headers(headers)
         self._allow_mode, self._patterns, self._allow_fn = _check_allow(allow)
         self._options = _options.validate("Client", _options.CLIENT_OPTIONS, options)
-        lo = self._options.get("backoff_min", 0.5)
-        hi = self._options.get("backoff_max", 5.0)
+        lo = self._options.get("backoff_min", _options.default("Client", "backoff_min"))
+        hi = self._options.get("backoff_max", _options.default("Client", "backoff_max"))
         if lo > hi:
             raise ValueError(f"backoff_min ({lo}) must not exceed backoff_max ({hi})")
 

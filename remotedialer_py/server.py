@@ -267,18 +267,10 @@ class Server(_Handle):
       ``failed authentication``; an exception answers 400 with ``str(exc)``.
       It runs on one shared Python thread, so keep it quick. Or a
       :class:`TokenAuthorizer` (bearer tokens, checked in the engine).
-    - ``options`` (keywords, seconds as int or float): ``read_timeout``
-      (60), ``handshake_timeout`` (5), ``idle_timeout`` (0 = off: end
-      connections idle this long), ``max_connections`` (per session),
-      ``max_message`` (16 MiB), ``max_buffer`` (2 MiB, PAUSE threshold),
-      ``hard_cap`` (per-connection buffer that ends it), ``sync_grace``,
-      ``auth_header`` ("X-Tunnel-ID"), ``proxy_route`` (True with the
-      default header authorizer, False otherwise: the route itself is not
-      authorized), ``proxy_ca_file`` (PEM CAs for https targets of the
-      route; default: the system store), ``proxy_insecure`` (False),
-      ``metrics_route`` (True), ``debug_route`` (False: serve
-      ``/debug/connections``). An unknown name raises TypeError, a bad
-      value ValueError.
+    - ``options``: keywords from the engine's options table, seconds as
+      int or float (``remotedialer-py options`` prints every name with its
+      default and meaning). An unknown name raises TypeError, a bad value
+      ValueError.
     """
 
     _kind = "server"

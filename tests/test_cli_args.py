@@ -1,7 +1,8 @@
 """Pure-Python checks of argument parsing and input validation.
 
-Nothing here loads the C extension, so these run (and explain a failure)
-even when the engine does not build.
+The address and command-line checks load no C extension, so they run (and
+explain a failure) even when the engine does not build; the option checks
+read the engine's options table.
 """
 
 import math
