@@ -1,0 +1,195 @@
+/* Dialing through the server's sessions: a connection whose local end is one
+ * end of a socket pair (rd_srv_dial_pair; the caller gets the other end),
+ * rd_server_dial for the engine's API, and the dials that wait for room on a
+ * full session. A waiting dial is owned by the server's room_waits list and
+ * holds a reference on the server; it is freed in room_wait_closed_cb after
+ * its timer closes, and its dial request (the caller's) is finished exactly
+ * once before that. */
+#include <errno.h>
+#include <stdio.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "rd_alloc.h"
+#include "rd_io.h"
+#include "rd_server_int.h"
+
+/* ---- dialing ---- */
+
+/* A stream io on one end of a socket pair (plain when tls is NULL). Takes fd
+ * and tls in every case: on failure both are released, and the code and err
+ * say why. */
+int rd_srv_io_on_fd(int fd, rd_tls *tls, rd_io **out, char *err, size_t errlen) {
+  uv_pipe_t *pipe = rd_malloc(sizeof(uv_tcp_t) > sizeof(uv_pipe_t) ? sizeof(uv_tcp_t) : sizeof(uv_pipe_t));
+  if (pipe == NULL) {
+    close(fd);
+    rd_tls_free(tls);
+    snprintf(err, errlen, "out of memory");
+    return RD_ENOMEM;
+  }
+  uv_pipe_init(rd_loop(), pipe, 0);
+  int rc = uv_pipe_open(pipe, fd);
+  if (rc != 0) {
+    close(fd);
+    rd_tls_free(tls);
+    uv_close((uv_handle_t *)pipe, rd_srv_tcp_free_cb);
+    snprintf(err, errlen, "pipe: %s", rd_strerror(rc));
+    return rc;
+  }
+  if ((*out = rd_io_new((uv_stream_t *)pipe, tls)) == NULL) {
+    snprintf(err, errlen, "out of memory");
+    return RD_ENOMEM;
+  }
+  return RD_OK;
+}
+
+/* Dials proto/address through s with one end of a fresh socket pair as the
+ * connection's local end: *fd_out is the other end, *st_out a referenced
+ * status, *c_out the connection. 0 or a negative code with err. */
+int rd_srv_dial_pair(rd_session *s, const char *proto, const char *address, int *fd_out,
+                     rd_dial_status **st_out, rd_conn **c_out, char *err, size_t errlen) {
+  int fds[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
+    int e = -errno;
+    snprintf(err, errlen, "socketpair: %s", rd_strerror(e));
+    return e;
+  }
+  rd_io *io;
+  int rc = rd_srv_io_on_fd(fds[0], NULL, &io, err, errlen);
+  if (rc != RD_OK) {
+    close(fds[1]);
+    return rc;
+  }
+  rd_dial_status *st = rd_dial_status_new();
+  if (st == NULL) {
+    rd_io_close(io, NULL);
+    close(fds[1]);
+    snprintf(err, errlen, "out of memory");
+    return RD_ENOMEM;
+  }
+  int e = 0;
+  rd_conn *c = rd_session_dial(s, proto, address, io, NULL, 0, st, &e);
+  if (c == NULL) {
+    close(fds[1]);
+    rd_dial_status_unref(st);
+    snprintf(err, errlen, "dial through session failed: %s", rd_strerror(e));
+    return e;
+  }
+  *fd_out = fds[1];
+  *st_out = st;
+  *c_out = c;
+  return RD_OK;
+}
+
+static void dial_now(rd_session *s, rd_server_dial_req *req) {
+  char err[256] = "";
+  rd_conn *c;
+  int rc =
+      rd_srv_dial_pair(s, req->proto, req->address, &req->fd, &req->status, &c, err, sizeof err);
+  if (rc == RD_OK) {
+    if (req->idle_timeout_ms > 0)
+      rd_conn_set_idle_timeout(c, req->idle_timeout_ms);
+    req->conn_id = rd_conn_id(c);
+  }
+  rd_cmd_finish(req->cmd, rc, err);
+}
+
+static void dial_no_session(rd_server_dial_req *req) {
+  rd_cmd_finishf(req->cmd, RD_ENOSESSION, "failed to find Session for client %s",
+                 req->client_key);
+}
+
+/* ---- dials that wait for room ----
+ * Go bounds a dial by a deadline on writing its CONNECT. Here a dial waits
+ * while its session's queue toward the agent is over write_high (the agent
+ * is not keeping up), and fails past the caller's timeout. */
+
+struct room_wait {
+  room_wait *prev, *next;
+  rd_server *srv;
+  rd_session *s;
+  uv_timer_t timer;
+  rd_server_dial_req *req; /* NULL once finished */
+};
+
+static void room_wait_closed_cb(uv_handle_t *h) {
+  room_wait *w = h->data;
+  rd_server *srv = w->srv;
+  rd_free(w);
+  rd_srv_unref(srv);
+}
+
+/* Unlinks w and frees it (once its timer has closed). */
+static void room_wait_drop(room_wait *w) {
+  if (w->prev != NULL)
+    w->prev->next = w->next;
+  else
+    w->srv->room_waits = w->next;
+  if (w->next != NULL)
+    w->next->prev = w->prev;
+  w->req = NULL;
+  uv_close((uv_handle_t *)&w->timer, room_wait_closed_cb);
+}
+
+static void room_wait_timeout_cb(uv_timer_t *t) {
+  room_wait *w = t->data;
+  rd_cmd_finishf(w->req->cmd, RD_ETIMEDOUT,
+                 "dial timeout: the session of client %s had no room for the connection",
+                 w->req->client_key);
+  room_wait_drop(w);
+}
+
+static void room_wait_start(rd_server *srv, rd_session *s, rd_server_dial_req *req) {
+  room_wait *w = rd_calloc(1, sizeof *w);
+  if (w == NULL) {
+    rd_cmd_finish(req->cmd, RD_ENOMEM, NULL);
+    return;
+  }
+  w->srv = srv;
+  w->s = s;
+  w->req = req;
+  srv->refs++;
+  uv_timer_init(rd_loop(), &w->timer);
+  w->timer.data = w;
+  uv_timer_start(&w->timer, room_wait_timeout_cb, req->timeout_ms, 0);
+  w->next = srv->room_waits;
+  if (w->next != NULL)
+    w->next->prev = w;
+  srv->room_waits = w;
+}
+
+/* Session s has room again (ended: no longer exists): its waiting dials go
+ * on, oldest first, while the room lasts. */
+void rd_srv_room_waits_wake(rd_server *srv, rd_session *s, int ended) {
+  room_wait *oldest = NULL;
+  for (room_wait *w = srv->room_waits; w != NULL; w = w->next)
+    if (w->s == s)
+      oldest = w;
+  for (room_wait *w = oldest, *prev; w != NULL; w = prev) {
+    prev = w->prev;
+    if (w->s != s)
+      continue;
+    if (!ended && !rd_session_has_room(s))
+      return;
+    rd_server_dial_req *req = w->req;
+    room_wait_drop(w);
+    if (ended)
+      dial_no_session(req);
+    else
+      dial_now(s, req);
+  }
+}
+
+void rd_server_dial(rd_server *srv, rd_server_dial_req *req) {
+  rd_session *s = rd_srv_session_for(srv, req->client_key);
+  if (s == NULL)
+    dial_no_session(req);
+  else if (rd_session_has_room(s))
+    dial_now(s, req);
+  else if (req->timeout_ms == 0)
+    rd_cmd_finishf(req->cmd, RD_ETIMEDOUT,
+                   "dial timeout: the session of client %s had no room for the connection",
+                   req->client_key);
+  else
+    room_wait_start(srv, s, req);
+}

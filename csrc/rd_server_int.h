@@ -1,0 +1,134 @@
+/* What the server's modules share: the server, its HTTP connections and its
+ * client entries, and the calls each module makes of the others. Only the
+ * rd_server*.c files include this; everyone else goes through rd_server.h.
+ *
+ *   rd_server.c           lifecycle, queries, the listener and the HTTP
+ *                         connection before the upgrade (head, routing,
+ *                         responses)
+ *   rd_server_sessions.c  the client table, session owner callbacks, the
+ *                         upgrade and its authentication
+ *   rd_server_proxy.c     the /client/... proxy route and its https leg
+ *   rd_server_dial.c      dials through a session, and dials waiting for room
+ *   rd_server_forward.c   port forwards
+ *   rd_server_routes.c    /metrics and /debug/connections
+ *
+ * The server is freed in one place, rd_srv_unref, when its last reference
+ * goes; every object that holds one (below) drops it there. */
+#ifndef RD_SERVER_INT_H
+#define RD_SERVER_INT_H
+
+#include <uv.h>
+
+#include "rd_http.h"
+#include "rd_io.h"
+#include "rd_map.h"
+#include "rd_server.h"
+
+typedef struct httpconn httpconn;
+typedef struct client_entry client_entry;
+typedef struct rd_forward rd_forward; /* rd_server_forward.c */
+typedef struct room_wait room_wait;   /* rd_server_dial.c */
+
+/* A client key and its live sessions (rd_server_sessions.c owns it). */
+struct client_entry {
+  rd_map_node node;
+  char *key;
+  rd_session **sessions; /* oldest first */
+  size_t count, cap;
+};
+
+struct rd_server {
+  rd_object obj;
+  room_wait *room_waits; /* dials waiting for room on their session */
+  rd_server_config cfg;
+  uv_tcp_t listener;
+  rd_metrics *metrics;
+  rd_map clients;
+  httpconn *httpconns;
+  rd_forward *forwards;
+  size_t sessions; /* live sessions */
+  int refs; /* listener + sessions + httpconns + forwards + room waits */
+  int closing;
+  rd_cmd *close_waiter;
+};
+
+/* An accepted connection before the upgrade (rd_server.c owns it). */
+struct httpconn {
+  httpconn *prev, *next;
+  rd_server *srv;
+  rd_io *io;
+  uv_timer_t timer;
+  char *buf;
+  size_t len;
+  int handles_open;
+  int done;         /* answered or handed over: ignore further input */
+  rd_request *auth; /* in flight */
+  size_t head_len;
+};
+
+/* ---- rd_server.c: lifecycle, listeners, HTTP connections ---- */
+
+/* Drops a reference; the last one frees the server and finishes its close. */
+void rd_srv_unref(rd_server *srv);
+/* Close callback that frees an rd_malloc'ed handle. */
+void rd_srv_tcp_free_cb(uv_handle_t *h);
+/* Accepts the pending connection into a new rd_malloc'ed handle with
+ * TCP_NODELAY, or NULL. */
+uv_tcp_t *rd_srv_accept_tcp(uv_stream_t *listener);
+/* Binds tcp to host:port ("" = 0.0.0.0); *port_out is the bound port. 0 or a
+ * negative code with err ("listen tcp HOST:PORT: ..."). */
+int rd_srv_bind_listener(uv_tcp_t *tcp, const char *host, int port, int *port_out, char *err,
+                         size_t errlen);
+/* Closes the HTTP connection (idempotent); it is freed once its handles close. */
+void rd_srv_httpconn_close(httpconn *hc);
+/* Writes a copy of data (the write owns it, so the stream may change owners
+ * while it is in flight). 0 or a negative code. */
+int rd_srv_write_owned(rd_io *io, const char *data, size_t len);
+/* Answers a plain HTTP response (body copied) and closes after it is written. */
+void rd_srv_http_respond(httpconn *hc, int status, const char *reason, const char *ctype,
+                         const char *body, size_t body_len);
+/* The same with a text/plain body. */
+void rd_srv_respond_text(httpconn *hc, int status, const char *reason, const char *text);
+/* Hands the stream over (the caller owns it from here) and closes hc; hc->buf
+ * stays readable until hc's close callback, on a later loop turn. */
+rd_io *rd_srv_httpconn_take_stream(httpconn *hc);
+
+/* ---- rd_server_sessions.c: the client table, the upgrade ---- */
+
+/* The oldest live session of key, or NULL. */
+rd_session *rd_srv_session_for(rd_server *srv, const char *key);
+/* The connect path: checks the WebSocket handshake, authenticates, and
+ * upgrades to a session or answers an error. */
+void rd_srv_handle_upgrade(httpconn *hc, rd_http_request *req);
+
+/* ---- rd_server_proxy.c ---- */
+
+/* /client/{id}/{scheme}/{host}{path}: relays the request through id's tunnel. */
+void rd_srv_handle_proxy(httpconn *hc, rd_http_request *req);
+
+/* ---- rd_server_dial.c ---- */
+
+/* A stream io on one end of a socket pair (plain when tls is NULL). Takes fd
+ * and tls in every case. 0 or a negative code with err. */
+int rd_srv_io_on_fd(int fd, rd_tls *tls, rd_io **out, char *err, size_t errlen);
+/* Dials proto/address through s with one end of a fresh socket pair as the
+ * local end: *fd_out is the other end, *st_out a referenced status, *c_out
+ * the connection. 0 or a negative code with err. */
+int rd_srv_dial_pair(rd_session *s, const char *proto, const char *address, int *fd_out,
+                     rd_dial_status **st_out, rd_conn **c_out, char *err, size_t errlen);
+/* Session s has room again, or ended (ended 1): its waiting dials go on or fail. */
+void rd_srv_room_waits_wake(rd_server *srv, rd_session *s, int ended);
+
+/* ---- rd_server_forward.c ---- */
+
+/* Closes every forward (the server is closing). */
+void rd_srv_forwards_close(rd_server *srv);
+
+/* ---- rd_server_routes.c ---- */
+
+/* /metrics: the Prometheus text. */
+void rd_srv_handle_metrics(httpconn *hc);
+/* /debug/connections: sessions and connections as JSON. */
+void rd_srv_handle_debug(httpconn *hc);
+
+#endif
