@@ -54,6 +54,27 @@ def small_rcvbuf_upgrade(port, client_key):
     return wsraw.WSConn(sock, client=True, leftover=rest)
 
 
+@pytest.fixture
+def servers(rd, tunnel_leak_check):
+    """Factory: servers(**options) -> a started Server. At the end every
+    session of each must have ended with its counters balanced."""
+    made = []
+
+    def start(**options):
+        made.append(rd.Server(listen="127.0.0.1:0", **options).start())
+        return made[-1]
+
+    yield start
+    try:
+        for srv in made:
+            wait_for(lambda: not srv.list_clients(), what="every session to end")
+            check_balanced(srv, sessions=True)
+    finally:
+        for srv in made:
+            srv.close()
+    wait_engine_idle(rd)
+
+
 class Sender(threading.Thread):
     """sendall on a thread: it blocks once the far side stops reading, and
     ends with the error the closed socket gives."""
@@ -80,8 +101,8 @@ def watch_queue(rd, until, timeout):
     return max(peak, rd.engine_stats()["buffered_to_tunnel"])
 
 
-def test_server_bounds_replies_to_a_peer_that_never_reads(rd, tunnel_leak_check, echo_server):
-    srv = rd.Server(listen="127.0.0.1:0", read_timeout=3).start()
+def test_server_bounds_replies_to_a_peer_that_never_reads(rd, servers, echo_server):
+    srv = servers(read_timeout=3)
     bystander = make_client(rd, srv.url, "bystander", ping_interval=0.5)
     try:
         wait_for(lambda: srv.has_session("bystander"), what="the bystander's session")
@@ -101,13 +122,8 @@ def test_server_bounds_replies_to_a_peer_that_never_reads(rd, tunnel_leak_check,
         assert srv.has_session("bystander")
         support.dial_round_trip(srv, "bystander", echo_server.address, b"still here")
         ws.abort()
-        bystander.close()
-        wait_for(lambda: not srv.list_clients(), what="every session to end")
-        check_balanced(srv, sessions=True)
     finally:
         bystander.close()
-        srv.close()
-    wait_engine_idle(rd)
 
 
 def test_agent_bounds_replies_to_a_server_that_never_reads(rd, tunnel_leak_check):
@@ -191,44 +207,38 @@ def test_agent_pending_dial_holds_only_what_it_was_sent(rd, tunnel_leak_check, e
     wait_engine_idle(rd)
 
 
-@pytest.mark.parametrize("size", [130 * 1024])
-def test_server_local_end_not_reading_holds_only_what_it_was_sent(rd, tunnel_leak_check, size):
-    srv = rd.Server(listen="127.0.0.1:0").start()
-    try:
-        ws = support_raw_agent(srv, "agent-n")
-        sock = srv.dial("agent-n", "tcp", "10.0.0.1:80")
-        connect = ws.recv_tunnel()
-        assert connect.type == wsraw.CONNECT
-        cid = connect.conn_id
-        # Fill the local socket: from here on every byte for it waits.
-        fill = 2 * MiB
-        ws.send_msg(cid, wsraw.DATA, bytes(fill))
-        wait_for(lambda: rd.engine_stats()["buffered_to_local"] > 0,
-                 what="the local socket to fill")
-        heap_before = rd._engine.heap()[0]
-        buffered_before = rd.engine_stats()["buffered_to_local"]
-        count = 16
-        tiny_data_between_fillers(ws, cid, count, size)
-        wait_replies(ws, count)
-        held = rd._engine.heap()[0] - heap_before
-        buffered = rd.engine_stats()["buffered_to_local"] - buffered_before
-        # Old behaviour: each message pinned its 1 MiB read block.
-        assert held <= buffered + MiB, f"{held} bytes held, {buffered} counted"
-        assert buffered >= count * size
-        # Nothing was lost: every byte reaches the local socket in order.
-        assert recv_exact(sock, fill) == bytes(fill)
-        for i in range(count):
-            assert recv_exact(sock, size) == bytes([65 + i % 26]) * size
-        sock.close()
-        ws.abort()
-        wait_for(lambda: not srv.has_session("agent-n"), what="the session to end")
-        check_balanced(srv, sessions=True)
-    finally:
-        srv.close()
-    wait_engine_idle(rd)
+def test_server_local_end_not_reading_holds_only_what_it_was_sent(rd, servers):
+    size = 130 * 1024  # over an eighth of a read block: once kept by reference
+    srv = servers()
+    ws = raw_agent(srv, "agent-n")
+    sock = srv.dial("agent-n", "tcp", "10.0.0.1:80")
+    connect = ws.recv_tunnel()
+    assert connect.type == wsraw.CONNECT
+    cid = connect.conn_id
+    # Fill the local socket: from here on every byte for it waits.
+    fill = 2 * MiB
+    ws.send_msg(cid, wsraw.DATA, bytes(fill))
+    wait_for(lambda: rd.engine_stats()["buffered_to_local"] > 0,
+             what="the local socket to fill")
+    heap_before = rd._engine.heap()[0]
+    buffered_before = rd.engine_stats()["buffered_to_local"]
+    count = 16
+    tiny_data_between_fillers(ws, cid, count, size)
+    wait_replies(ws, count)
+    held = rd._engine.heap()[0] - heap_before
+    buffered = rd.engine_stats()["buffered_to_local"] - buffered_before
+    # Old behaviour: each message pinned its 1 MiB read block.
+    assert held <= buffered + MiB, f"{held} bytes held, {buffered} counted"
+    assert buffered >= count * size
+    # Nothing was lost: every byte reaches the local socket in order.
+    assert recv_exact(sock, fill) == bytes(fill)
+    for i in range(count):
+        assert recv_exact(sock, size) == bytes([65 + i % 26]) * size
+    sock.close()
+    ws.abort()
 
 
-def support_raw_agent(srv, client_key):
+def raw_agent(srv, client_key):
     ws = wsraw.WSConn.connect("127.0.0.1", srv.port, headers={"X-Tunnel-ID": client_key})
     wait_for(lambda: srv.has_session(client_key), what=f"{client_key}'s session")
     return ws
@@ -249,60 +259,48 @@ def saturate(rd, srv, client_key):
     return ws, sock, sender
 
 
-def test_dial_waits_for_room_on_a_full_session(rd, tunnel_leak_check):
-    srv = rd.Server(listen="127.0.0.1:0").start()
-    try:
-        ws, sock, sender = saturate(rd, srv, "slow")
-        with pytest.raises(rd.TunnelTimeoutError, match="had no room"):
-            srv.dial("slow", "tcp", "late:1", timeout=0.2)
-        with pytest.raises(TimeoutError):  # the built-in catches it too
-            srv.dial("slow", "tcp", "late:1", timeout=0.01)
-        result = {}
-        waiter = threading.Thread(
-            target=lambda: result.setdefault("sock", srv.dial("slow", "tcp", "late:2",
-                                                              timeout=TIMEOUT)))
-        waiter.start()
-        # The agent reads: the queue drains, and the waiting dial goes through.
-        while True:
-            m = ws.recv_tunnel()
-            if m.type == wsraw.CONNECT:
-                assert m.address == "late:2", "a dial that timed out was sent anyway"
-                break
-        waiter.join(TIMEOUT)
-        assert "sock" in result, "the waiting dial did not return"
-        result["sock"].close()
-        sock.close()
-        ws.abort()
-        sender.join(TIMEOUT)
-        wait_for(lambda: not srv.has_session("slow"), what="the session to end")
-        check_balanced(srv, sessions=True)
-    finally:
-        srv.close()
-    wait_engine_idle(rd)
+def test_dial_waits_for_room_on_a_full_session(rd, servers):
+    srv = servers()
+    ws, sock, sender = saturate(rd, srv, "slow")
+    with pytest.raises(rd.TunnelTimeoutError, match="had no room"):
+        srv.dial("slow", "tcp", "late:1", timeout=0.2)
+    with pytest.raises(TimeoutError):  # the built-in catches it too
+        srv.dial("slow", "tcp", "late:1", timeout=0.01)
+    result = {}
+    waiter = threading.Thread(
+        target=lambda: result.setdefault("sock", srv.dial("slow", "tcp", "late:2",
+                                                          timeout=TIMEOUT)))
+    waiter.start()
+    # The agent reads: the queue drains, and the waiting dial goes through.
+    while True:
+        m = ws.recv_tunnel()
+        if m.type == wsraw.CONNECT:
+            assert m.address == "late:2", "a dial that timed out was sent anyway"
+            break
+    waiter.join(TIMEOUT)
+    assert "sock" in result, "the waiting dial did not return"
+    result["sock"].close()
+    sock.close()
+    ws.abort()
+    sender.join(TIMEOUT)
 
 
-def test_dial_waiting_for_room_fails_when_the_session_ends(rd, tunnel_leak_check):
-    srv = rd.Server(listen="127.0.0.1:0").start()
-    try:
-        ws, sock, sender = saturate(rd, srv, "doomed")
-        errors = []
+def test_dial_waiting_for_room_fails_when_the_session_ends(rd, servers):
+    srv = servers()
+    ws, sock, sender = saturate(rd, srv, "doomed")
+    errors = []
 
-        def dial():
-            try:
-                srv.dial("doomed", "tcp", "late:3", timeout=TIMEOUT).close()
-            except Exception as e:  # noqa: BLE001 - checked below
-                errors.append(e)
+    def dial():
+        try:
+            srv.dial("doomed", "tcp", "late:3", timeout=TIMEOUT).close()
+        except Exception as e:  # noqa: BLE001 - checked below
+            errors.append(e)
 
-        waiter = threading.Thread(target=dial)
-        waiter.start()
-        wait_for(lambda: rd.engine_stats()["loop_handles"] > 0, what="the engine")
-        ws.abort()
-        waiter.join(TIMEOUT)
-        assert not waiter.is_alive()
-        assert len(errors) == 1 and isinstance(errors[0], rd.ClientNotFoundError), errors
-        sock.close()
-        sender.join(TIMEOUT)
-        check_balanced(srv, sessions=True)
-    finally:
-        srv.close()
-    wait_engine_idle(rd)
+    waiter = threading.Thread(target=dial)
+    waiter.start()
+    ws.abort()
+    waiter.join(TIMEOUT)
+    assert not waiter.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], rd.ClientNotFoundError), errors
+    sock.close()
+    sender.join(TIMEOUT)
