@@ -46,15 +46,18 @@ struct rd_conn {
   rd_map_node node; /* in the session's table, while registered */
   int64_t id;
   rd_session *s; /* NULL once ended */
-  rd_io *local;  /* a stream end, or */
-  rd_conn *mate; /* a splice end (on another session) */
-  rd_dial *dial;
+  /* The local end, one of: a dial in flight, a stream, a splice mate (a
+   * connection on another session). One slot: an idle connection is small. */
+  union {
+    rd_dial *dial;
+    rd_io *io;
+    rd_conn *mate;
+  } end;
   rd_dial_status *status;
   void *owner_slot;
   char *proto; /* "proto\0address\0" in one block */
-  char *address;
-  int state;
   int refs;
+  unsigned state : 2, end_kind : 2;
   unsigned peer_paused : 1, we_paused : 1, http_errors : 1, got_data : 1, local_broken : 1;
   unsigned local_gone : 1; /* the local peer closed while we were paused */
   unsigned failed : 1;     /* the local end failed: on the session's reap list */
@@ -67,11 +70,20 @@ struct rd_conn {
   uint64_t tx_bytes, rx_bytes;
   uint64_t created;
   uint64_t last_activity;
-  uint64_t idle_ms; /* 0: none */
   uv_timer_t *deadline;
   rd_conn *reap_next;
-  char fail_error[96];
+  /* Why the local end failed (a static text and a code): the message is
+   * formatted only at the reap, so an idle connection carries no buffer. */
+  const char *fail_what;
+  int fail_status;
+  uint32_t idle_ms; /* 0: none */
 };
+
+enum { END_NONE, END_DIAL, END_IO, END_MATE };
+
+static rd_io *local_io(const rd_conn *c) { return c->end_kind == END_IO ? c->end.io : NULL; }
+static rd_conn *mate_of(const rd_conn *c) { return c->end_kind == END_MATE ? c->end.mate : NULL; }
+static rd_dial *dial_of(const rd_conn *c) { return c->end_kind == END_DIAL ? c->end.dial : NULL; }
 
 /* ---- dial status ---- */
 
@@ -165,9 +177,8 @@ rd_conn *rd_conn_new(rd_session *s, int64_t id, const char *proto, size_t proto_
   }
   memcpy(c->proto, proto, proto_len);
   c->proto[proto_len] = '\0';
-  c->address = c->proto + proto_len + 1;
-  memcpy(c->address, address, address_len);
-  c->address[address_len] = '\0';
+  memcpy(c->proto + proto_len + 1, address, address_len);
+  c->proto[proto_len + 1 + address_len] = '\0';
   c->id = id;
   c->refs = 1;
   c->created = c->last_activity = rd_now();
@@ -178,7 +189,7 @@ rd_conn *rd_conn_new(rd_session *s, int64_t id, const char *proto, size_t proto_
   }
   c->s = s;
   s->connecting++;
-  const char *labels[3] = {s->client_key, c->proto, c->address};
+  const char *labels[3] = {s->client_key, c->proto, rd_conn_address(c)};
   rd_metrics_add(s->metrics, RD_M_ADD_CONNECTIONS, labels, 1);
   rd_metrics_add(s->metrics, RD_M_OPEN_CONNECTIONS, labels, 1);
   rd_engine_counts_add(0, 1, 0);
@@ -204,12 +215,10 @@ static void conn_fail(rd_conn *c, const char *what, int status) {
     return;
   c->failed = 1;
   c->local_broken = 1;
-  if (status != 0)
-    snprintf(c->fail_error, sizeof c->fail_error, "%s: %s", what, rd_strerror(status));
-  else
-    snprintf(c->fail_error, sizeof c->fail_error, "%s", what);
-  if (c->local != NULL)
-    rd_io_read_stop(c->local);
+  c->fail_what = what;
+  c->fail_status = status;
+  if (local_io(c) != NULL)
+    rd_io_read_stop(local_io(c));
   c->refs++;
   rd_session_reap_later(c->s, c);
 }
@@ -217,7 +226,12 @@ static void conn_fail(rd_conn *c, const char *what, int status) {
 rd_conn **rd_conn_reap_link(rd_conn *c) { return &c->reap_next; }
 
 void rd_conn_reap(rd_conn *c) {
-  rd_conn_end(c, c->fail_error, 1);
+  char err[96];
+  if (c->fail_status != 0)
+    snprintf(err, sizeof err, "%s: %s", c->fail_what, rd_strerror(c->fail_status));
+  else
+    snprintf(err, sizeof err, "%s", c->fail_what);
+  rd_conn_end(c, err, 1);
   conn_unref(c);
 }
 
@@ -266,7 +280,7 @@ static void local_queue(rd_conn *c, rd_block *b, uint8_t *data, size_t len) {
   w->charge = block_charge(b, sizeof *w);
   pending_add(c, w->charge);
   uv_buf_t buf = uv_buf_init((char *)data, (unsigned)len);
-  int rc = rd_io_write(c->local, &w->req, &buf, 1, local_write_cb);
+  int rc = rd_io_write(local_io(c), &w->req, &buf, 1, local_write_cb);
   if (rc != 0) {
     pending_sub(c, w->charge);
     rd_block_unref(b);
@@ -279,7 +293,7 @@ static void local_queue(rd_conn *c, rd_block *b, uint8_t *data, size_t len) {
  * failure (then the connection is on its way to end). */
 static ssize_t local_try(rd_conn *c, const uint8_t *data, size_t len) {
   uv_buf_t buf = uv_buf_init((char *)data, (unsigned)len);
-  ssize_t sent = rd_io_try_write(c->local, &buf, 1);
+  ssize_t sent = rd_io_try_write(local_io(c), &buf, 1);
   if (sent < 0) {
     conn_fail(c, "write", (int)sent);
     return -1;
@@ -397,7 +411,7 @@ static void local_read_cb(rd_io *io, ssize_t nread, const uv_buf_t *buf) {
  * side cannot take more (its far side paused it, or its session's queue is
  * full). */
 static void splice_update(rd_conn *c) {
-  rd_conn *m = c->mate;
+  rd_conn *m = mate_of(c);
   int stop = c->peer_paused || c->s->write_blocked;
   if (stop != (int)m->we_paused) {
     m->we_paused = (unsigned)stop;
@@ -413,19 +427,20 @@ static void splice_update(rd_conn *c) {
 void rd_conn_update_reading(rd_conn *c) {
   if (c->state != CONN_OPEN || c->failed)
     return;
-  if (c->mate != NULL) {
+  if (mate_of(c) != NULL) {
     splice_update(c);
     return;
   }
-  if (c->local == NULL)
+  rd_io *io = local_io(c);
+  if (io == NULL)
     return;
   if (!c->peer_paused && !c->s->write_blocked && c->held.head != NULL)
     held_send(c);
   if (c->s->write_blocked ||
       (c->peer_paused && !c->local_gone && c->held_bytes >= c->s->cfg.max_buffer))
-    rd_io_read_stop(c->local);
+    rd_io_read_stop(io);
   else
-    rd_io_read_start(c->local, local_alloc_cb, local_read_cb);
+    rd_io_read_start(io, local_alloc_cb, local_read_cb);
 }
 
 /* ---- from the far side ---- */
@@ -439,10 +454,11 @@ void rd_conn_on_data(rd_conn *c, const uint8_t *data, size_t len) {
     return;
   c->last_activity = rd_now();
   c->got_data = 1;
-  if (c->mate != NULL) {
-    c->mate->tx_bytes += len;
-    c->mate->last_activity = c->last_activity;
-    rd_session_send_msg(c->mate->s, RD_MSG_DATA, c->mate->id, data, len);
+  rd_conn *mate = mate_of(c);
+  if (mate != NULL) {
+    mate->tx_bytes += len;
+    mate->last_activity = c->last_activity;
+    rd_session_send_msg(mate->s, RD_MSG_DATA, mate->id, data, len);
     return;
   }
   if (c->state == CONN_OPEN) {
@@ -509,7 +525,7 @@ static void write_http_error(rd_conn *c, const char *err) {
 /* Closes the local stream: after what is queued when the end is clean, at
  * once when it is an error (the far side's bytes are as good as lost). */
 static void local_close(rd_conn *c, const char *err, int was_open) {
-  rd_io *local = c->local;
+  rd_io *local = local_io(c);
   rd_io_read_stop(local);
   int flush = !c->local_broken && was_open;
   if (flush && err != NULL && c->http_errors && !c->got_data)
@@ -542,7 +558,7 @@ void rd_conn_end(rd_conn *c, const char *err, int send_error) {
     s->idle_watched--;
   if (c->peer_paused)
     s->paused--;
-  const char *labels[3] = {s->client_key, c->proto, c->address};
+  const char *labels[3] = {s->client_key, c->proto, rd_conn_address(c)};
   rd_metrics_add(s->metrics, RD_M_REMOVE_CONNECTIONS, labels, 1);
   rd_metrics_add(s->metrics, RD_M_OPEN_CONNECTIONS, labels, -1);
   rd_engine_counts_add(0, -1, 0);
@@ -564,19 +580,19 @@ void rd_conn_end(rd_conn *c, const char *err, int send_error) {
     ((rd_request *)c->owner_slot)->target = NULL;
     c->owner_slot = NULL;
   }
-  if (c->dial != NULL)
-    rd_dial_cancel(c->dial);
+  if (dial_of(c) != NULL)
+    rd_dial_cancel(dial_of(c));
   if (c->deadline != NULL) {
     uv_close((uv_handle_t *)c->deadline, deadline_closed_cb);
     c->deadline = NULL;
   }
   slices_free(c, &c->backlog, 1);
-  if (c->local != NULL)
+  if (local_io(c) != NULL)
     local_close(c, err, was_open);
-  rd_conn *mate = c->mate;
+  rd_conn *mate = mate_of(c);
   c->s = NULL;
   if (mate != NULL) {
-    c->mate = mate->mate = NULL;
+    c->end_kind = mate->end_kind = END_NONE;
     rd_conn_end(mate, err, 1);
   }
   conn_unref(c);
@@ -587,7 +603,7 @@ void rd_conn_close(rd_conn *c, const char *err) { rd_conn_end(c, err, 1); }
 /* ---- attaching a local end ---- */
 
 static int attachable(rd_conn *c) {
-  return c->state == CONN_CONNECTING && c->local == NULL && c->mate == NULL && c->dial == NULL;
+  return c->state == CONN_CONNECTING && c->end_kind == END_NONE;
 }
 
 static void conn_open(rd_conn *c) {
@@ -600,7 +616,8 @@ int rd_conn_attach_io(rd_conn *c, rd_io *io) {
     rd_io_close(io, NULL);
     return c->state == CONN_ENDED ? RD_ECLOSED : RD_EINVAL;
   }
-  c->local = io;
+  c->end_kind = END_IO;
+  c->end.io = io;
   rd_io_set_data(io, c);
   c->refs++;
   conn_open(c);
@@ -675,8 +692,9 @@ static void splice_flush_backlog(rd_conn *c) {
   slice *it;
   while ((it = slice_pop(&c->backlog)) != NULL) {
     pending_sub(c, it->charge);
-    c->mate->tx_bytes += it->len;
-    rd_session_send_block(c->mate->s, RD_MSG_DATA, c->mate->id, it->block, it->len);
+    rd_conn *mate = mate_of(c);
+    mate->tx_bytes += it->len;
+    rd_session_send_block(mate->s, RD_MSG_DATA, mate->id, it->block, it->len);
     rd_free(it);
   }
 }
@@ -684,8 +702,9 @@ static void splice_flush_backlog(rd_conn *c) {
 int rd_conn_splice(rd_conn *a, rd_conn *b) {
   if (a == b || !attachable(a) || !attachable(b) || a->s == b->s)
     return RD_EINVAL;
-  a->mate = b;
-  b->mate = a;
+  a->end_kind = b->end_kind = END_MATE;
+  a->end.mate = b;
+  b->end.mate = a;
   conn_open(a);
   conn_open(b);
   splice_flush_backlog(a);
@@ -700,7 +719,7 @@ int rd_conn_splice(rd_conn *a, rd_conn *b) {
 
 static void conn_dial_cb(void *ctx, int status, uv_stream_t *stream, const char *error) {
   rd_conn *c = ctx;
-  c->dial = NULL;
+  c->end_kind = END_NONE;
   if (c->state == CONN_ENDED) {
     if (stream != NULL)
       uv_close((uv_handle_t *)stream, stream_free_cb);
@@ -722,9 +741,11 @@ void rd_conn_dial_local(rd_conn *c) {
   int status = 0;
   char err[160];
   c->refs++;
-  c->dial = rd_dial_start(rd_loop(), c->proto, c->address, c->s->cfg.dial_timeout_ms,
-                          conn_dial_cb, c, &status, err, sizeof err);
-  if (c->dial == NULL) {
+  c->end.dial = rd_dial_start(rd_loop(), c->proto, rd_conn_address(c),
+                              c->s->cfg.dial_timeout_ms, conn_dial_cb, c, &status, err, sizeof err);
+  if (c->end.dial != NULL)
+    c->end_kind = END_DIAL;
+  else {
     c->refs--;
     rd_conn_end(c, err, 1);
   }
@@ -738,7 +759,7 @@ void rd_conn_refuse(rd_conn *c, const char *reason) {
 /* ---- timers and facts ---- */
 
 const char *rd_conn_proto(const rd_conn *c) { return c->proto; }
-const char *rd_conn_address(const rd_conn *c) { return c->address; }
+const char *rd_conn_address(const rd_conn *c) { return c->proto + strlen(c->proto) + 1; }
 int64_t rd_conn_id(const rd_conn *c) { return c->id; }
 int rd_conn_is_ended(const rd_conn *c) { return c->state == CONN_ENDED; }
 void **rd_conn_owner_slot(rd_conn *c) { return &c->owner_slot; }
@@ -771,7 +792,7 @@ void rd_conn_set_idle_timeout(rd_conn *c, uint64_t timeout_ms) {
     s->idle_watched++;
   else if (c->idle_ms > 0 && timeout_ms == 0)
     s->idle_watched--;
-  c->idle_ms = timeout_ms;
+  c->idle_ms = timeout_ms > UINT32_MAX ? UINT32_MAX : (uint32_t)timeout_ms; /* ~49 days */
   if (timeout_ms > 0)
     rd_session_retune_tick(s, timeout_ms);
 }
@@ -784,10 +805,10 @@ void rd_conn_set_idle_timeout(rd_conn *c, uint64_t timeout_ms) {
  * with every byte delivered. (A direct poll() with no wait does not disturb
  * the loop's own registration of the descriptor.) */
 static void check_paused_local(rd_conn *c) {
-  if (!c->peer_paused || c->local_gone || c->local == NULL || c->state != CONN_OPEN)
+  if (!c->peer_paused || c->local_gone || local_io(c) == NULL || c->state != CONN_OPEN)
     return;
   uv_os_fd_t fd;
-  if (uv_fileno((uv_handle_t *)rd_io_stream(c->local), &fd) != 0)
+  if (uv_fileno((uv_handle_t *)rd_io_stream(local_io(c)), &fd) != 0)
     return;
   struct pollfd p = {.fd = fd, .events = POLLIN | POLLRDHUP};
   if (poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0) {
@@ -809,7 +830,7 @@ void rd_conn_fill_info(const rd_conn *c, rd_conn_info *info) {
   *info = (rd_conn_info){
       .id = c->id,
       .proto = c->proto,
-      .address = c->address,
+      .address = rd_conn_address(c),
       .age = (double)(now - c->created) / 1000.0,
       .idle = (double)(now - c->last_activity) / 1000.0,
       .state = c->state == CONN_OPEN ? "open" : "connecting",
