@@ -145,7 +145,7 @@ ctest: $(CTEST_BIN)
 	echo "C unit tests: $$n programs, $$fail failed"; \
 	[ $$fail -eq 0 ]
 
-build/ctest/%: tests/c/%.c $(ENGINE_SRC) $(HEADERS) tests/c/rd_test.h
+build/ctest/%: tests/c/%.c $(ENGINE_SRC) $(HEADERS) $(wildcard tests/c/rd_test*.h)
 	@mkdir -p $(@D)
 	$(CC) $(CTEST_FLAGS) $< $(ENGINE_SRC) $(LIBS) -o $@
 

@@ -56,7 +56,7 @@ typedef struct {
 #define TEST(name) static void name(void)
 
 /* Runs the tests in order; a test fails when any of its CHECKs fails. */
-static int rd_test_run(const rd_test_case *cases, size_t n) {
+static inline int rd_test_run(const rd_test_case *cases, size_t n) {
   int passed = 0, failed = 0;
   for (size_t i = 0; i < n; i++) {
     int before = rd_test_failed_checks;

@@ -1,6 +1,7 @@
 /* Helpers for the C tests that play a peer over real descriptors: a
  * monotonic clock, reads and writes bounded by a deadline (the tests wait on
- * events, never on bare sleeps), and a test body run in a child process. */
+ * events, never on bare sleeps), a test body run in a child process, and a
+ * runner that gives every case a process of its own. */
 #ifndef RD_TEST_IO_H
 #define RD_TEST_IO_H
 
@@ -67,16 +68,20 @@ static inline int write_all(int fd, const void *buf, size_t n, uint64_t timeout_
   return 0;
 }
 
-/* Runs body in a child process and checks that it exits 0 within
- * timeout_s (an alarm kills a hang: it fails the test, never the run). The
- * child's exit runs LeakSanitizer. */
-static inline void run_in_child(int (*body)(void), const char *what, unsigned timeout_s) {
+/* Forks, runs body in the child and waits for it: 1 when the child exited 0
+ * within timeout_s. An alarm kills a child that hangs (SIGALRM, reported as
+ * a timeout); a child killed by a signal is reported. The child leaves
+ * through exit(), so LeakSanitizer checks it (a leak makes it exit non-zero). */
+static inline int rd_test_child_passes(int (*body)(void), const char *what, unsigned timeout_s,
+                                       int *status_out) {
   fflush(stdout);
   fflush(stderr);
   pid_t pid = fork();
-  CHECK(pid >= 0);
-  if (pid < 0)
-    return;
+  if (pid < 0) {
+    fprintf(stderr, "  %s: fork: %s\n", what, strerror(errno));
+    *status_out = -1;
+    return 0;
+  }
   if (pid == 0) {
     alarm(timeout_s);
     exit(body() == 0 ? 0 : 1);
@@ -84,11 +89,82 @@ static inline void run_in_child(int (*body)(void), const char *what, unsigned ti
   int status = 0;
   while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
   }
-  if (WIFSIGNALED(status))
+  *status_out = status;
+  if (WIFSIGNALED(status) && WTERMSIG(status) == SIGALRM)
+    fprintf(stderr, "  %s: timed out after %u s\n", what, timeout_s);
+  else if (WIFSIGNALED(status))
     fprintf(stderr, "  %s: child killed by signal %d (%s)\n", what, WTERMSIG(status),
             strsignal(WTERMSIG(status)));
+  return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+/* Runs body in a child process and checks that it exits 0 within
+ * timeout_s (an alarm kills a hang: it fails the test, never the run). The
+ * child's exit runs LeakSanitizer. */
+static inline void run_in_child(int (*body)(void), const char *what, unsigned timeout_s) {
+  int status = 0;
+  if (rd_test_child_passes(body, what, timeout_s, &status))
+    return;
+  CHECK(status != -1);
   CHECK(WIFEXITED(status));
   CHECK_EQ_INT(WIFEXITED(status) ? WEXITSTATUS(status) : -1, 0);
 }
+
+/* ---- one process per case ---- */
+
+/* A program whose cases each need a process of their own (the engine is a
+ * process-wide singleton that cannot restart after rd_engine_shutdown, and a
+ * forked child starts a fresh one) runs them with RD_TEST_MAIN_ISOLATED:
+ * each case is forked from a parent that never starts the engine nor any
+ * thread, runs under an alarm of timeout_s, then runs after_each (e.g. shut
+ * the engine down and check that it returned everything) and exits; the case
+ * fails when the child fails a CHECK, dies of a signal or times out, or when
+ * LeakSanitizer finds a leak at its exit. No case can see what another left.
+ * Arguments, if any, pick the cases to run: those whose name contains one. */
+static const rd_test_case *rd_test_isolated_case;
+static void (*rd_test_isolated_after)(void);
+
+static inline int rd_test_isolated_body(void) {
+  rd_test_isolated_case->fn();
+  if (rd_test_isolated_after != NULL)
+    rd_test_isolated_after();
+  return rd_test_failed_checks;
+}
+
+static inline int rd_test_picked(const char *name, int argc, char **argv) {
+  for (int i = 1; i < argc; i++)
+    if (strstr(name, argv[i]) != NULL)
+      return 1;
+  return argc <= 1;
+}
+
+static inline int rd_test_run_isolated(const rd_test_case *cases, size_t n, unsigned timeout_s,
+                                       void (*after_each)(void), int argc, char **argv) {
+  int passed = 0, failed = 0;
+  rd_test_isolated_after = after_each;
+  for (size_t i = 0; i < n; i++) {
+    if (!rd_test_picked(cases[i].name, argc, argv))
+      continue;
+    rd_test_isolated_case = &cases[i];
+    int status = 0;
+    if (rd_test_child_passes(rd_test_isolated_body, cases[i].name, timeout_s, &status)) {
+      passed++;
+    } else {
+      failed++;
+      if (status != -1 && WIFEXITED(status) && WEXITSTATUS(status) != 1)
+        fprintf(stderr, "  %s: child exited %d\n", cases[i].name, WEXITSTATUS(status));
+      fprintf(stderr, "FAILED %s\n", cases[i].name);
+    }
+  }
+  printf("%d passed, %d failed\n", passed, failed);
+  return failed ? 1 : 0;
+}
+
+#define RD_TEST_MAIN_ISOLATED(timeout_s, after_each, ...)                             \
+  int main(int argc, char **argv) {                                                   \
+    static const rd_test_case cases[] = {__VA_ARGS__};                                \
+    return rd_test_run_isolated(cases, sizeof cases / sizeof cases[0], (timeout_s),   \
+                                (after_each), argc, argv);                            \
+  }
 
 #endif
