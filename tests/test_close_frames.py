@@ -62,7 +62,12 @@ def _agent(srv, key):
     return ws
 
 
-@pytest.mark.parametrize("payload,answer", [(p, 1002) for p in INVALID] + [(p, 1000) for p in VALID])
+def _with_answer(params, answer, kind):
+    return [pytest.param(p.values[0], answer, id=f"{kind}-{p.id}") for p in params]
+
+
+@pytest.mark.parametrize("payload,answer",
+                         _with_answer(INVALID, 1002, "invalid") + _with_answer(VALID, 1000, "valid"))
 def test_server_answers_close(server, payload, answer):
     """An invalid close frame gets 1002, a valid one the usual 1000."""
     ws = _agent(server, "agent-close")
