@@ -2,8 +2,9 @@
  * of bytes with headroom in front, so a DATA message's WebSocket and tunnel
  * headers can be written in place before the payload and the whole frame
  * leaves in one write: no copy on the local -> tunnel path. On the tunnel ->
- * local path, writes of payloads that lie inside a session's read block hold
- * a reference to it instead of copying. Loop thread only. */
+ * local path, a payload is written from the session's read block; what the
+ * local socket does not take at once is copied into a block of its own, so
+ * no waiting byte pins a read block. Loop thread only. */
 #ifndef RD_BLOCK_H
 #define RD_BLOCK_H
 
