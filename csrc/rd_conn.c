@@ -225,13 +225,20 @@ static void conn_fail(rd_conn *c, const char *what, int status) {
 
 rd_conn **rd_conn_reap_link(rd_conn *c) { return &c->reap_next; }
 
-void rd_conn_reap(rd_conn *c) {
+/* Ends c because its local end failed: "what: reason" (or what alone for
+ * status 0) goes to the far side. */
+static void end_local_failed(rd_conn *c, const char *what, int status) {
   char err[96];
-  if (c->fail_status != 0)
-    snprintf(err, sizeof err, "%s: %s", c->fail_what, rd_strerror(c->fail_status));
+  if (status != 0)
+    snprintf(err, sizeof err, "%s: %s", what, rd_strerror(status));
   else
-    snprintf(err, sizeof err, "%s", c->fail_what);
+    snprintf(err, sizeof err, "%s", what);
+  c->local_broken = 1;
   rd_conn_end(c, err, 1);
+}
+
+void rd_conn_reap(rd_conn *c) {
+  end_local_failed(c, c->fail_what, c->fail_status);
   conn_unref(c);
 }
 
@@ -253,10 +260,7 @@ static void local_write_cb(uv_write_t *req, int status) {
   if (c->state == CONN_ENDED)
     return;
   if (status < 0) {
-    char err[96];
-    snprintf(err, sizeof err, "write: %s", rd_strerror(status));
-    c->local_broken = 1;
-    rd_conn_end(c, err, 1);
+    end_local_failed(c, "write", status);
     return;
   }
   if (c->we_paused && c->pending < c->s->cfg.max_buffer / 8) {
@@ -761,7 +765,6 @@ void rd_conn_refuse(rd_conn *c, const char *reason) {
 const char *rd_conn_proto(const rd_conn *c) { return c->proto; }
 const char *rd_conn_address(const rd_conn *c) { return c->proto + strlen(c->proto) + 1; }
 int64_t rd_conn_id(const rd_conn *c) { return c->id; }
-int rd_conn_is_ended(const rd_conn *c) { return c->state == CONN_ENDED; }
 void **rd_conn_owner_slot(rd_conn *c) { return &c->owner_slot; }
 void rd_conn_set_http_errors(rd_conn *c) { c->http_errors = 1; }
 uint64_t rd_conn_age_ms(const rd_conn *c) { return rd_now() - c->created; }

@@ -51,7 +51,6 @@ void rd_conn_close(rd_conn *c, const char *err);
 const char *rd_conn_proto(const rd_conn *c);
 const char *rd_conn_address(const rd_conn *c);
 int64_t rd_conn_id(const rd_conn *c);
-int rd_conn_is_ended(const rd_conn *c);
 /* Opaque slot for the owner (a pending request, say). */
 void **rd_conn_owner_slot(rd_conn *c);
 

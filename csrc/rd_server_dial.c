@@ -109,7 +109,7 @@ struct room_wait {
   rd_server *srv;
   rd_session *s;
   uv_timer_t timer;
-  rd_server_dial_req *req; /* NULL once finished */
+  rd_server_dial_req *req;
 };
 
 static void room_wait_closed_cb(uv_handle_t *h) {
@@ -127,15 +127,18 @@ static void room_wait_drop(room_wait *w) {
     w->srv->room_waits = w->next;
   if (w->next != NULL)
     w->next->prev = w->prev;
-  w->req = NULL;
   uv_close((uv_handle_t *)&w->timer, room_wait_closed_cb);
+}
+
+static void dial_timed_out(rd_server_dial_req *req) {
+  rd_cmd_finishf(req->cmd, RD_ETIMEDOUT,
+                 "dial timeout: the session of client %s had no room for the connection",
+                 req->client_key);
 }
 
 static void room_wait_timeout_cb(uv_timer_t *t) {
   room_wait *w = t->data;
-  rd_cmd_finishf(w->req->cmd, RD_ETIMEDOUT,
-                 "dial timeout: the session of client %s had no room for the connection",
-                 w->req->client_key);
+  dial_timed_out(w->req);
   room_wait_drop(w);
 }
 
@@ -187,9 +190,7 @@ void rd_server_dial(rd_server *srv, rd_server_dial_req *req) {
   else if (rd_session_has_room(s))
     dial_now(s, req);
   else if (req->timeout_ms == 0)
-    rd_cmd_finishf(req->cmd, RD_ETIMEDOUT,
-                   "dial timeout: the session of client %s had no room for the connection",
-                   req->client_key);
+    dial_timed_out(req);
   else
     room_wait_start(srv, s, req);
 }
