@@ -355,10 +355,153 @@ void rd_conn_list_free(rd_conn_list *l) {
   l->count = 0;
 }
 
+/* ---- peering ---- */
+
+typedef struct {
+  uint64_t handle;
+  const char *url, *id, *token, *key;
+  int result;
+  size_t count;
+  rd_peer_list *out;
+  size_t cap;
+  int failed;
+  char route[RD_API_ROUTE_MAX];
+} peer_ctx;
+
+static rd_server *peer_server(api_cmd *a, peer_ctx *c) {
+  rd_server *srv = (rd_server *)rd_object_find(c->handle, RD_OBJ_SERVER);
+  if (srv == NULL)
+    finish_closed(a);
+  return srv;
+}
+
+static void add_peer_fn(api_cmd *a, void *p) {
+  peer_ctx *c = p;
+  rd_server *srv = peer_server(a, c);
+  if (srv == NULL)
+    return;
+  char err[256] = "";
+  int rc = rd_server_add_peer(srv, c->url, c->id, c->token, err, sizeof err);
+  rd_cmd_finish(&a->cmd, rc, err);
+}
+
+int rd_api_server_add_peer(uint64_t handle, const char *url, const char *id, const char *token,
+                           char *err, size_t errlen) {
+  peer_ctx c = {.handle = handle, .url = url, .id = id, .token = token};
+  return api_call(add_peer_fn, &c, err, errlen);
+}
+
+static void remove_peer_fn(api_cmd *a, void *p) {
+  peer_ctx *c = p;
+  rd_server *srv = peer_server(a, c);
+  if (srv == NULL)
+    return;
+  c->result = rd_server_remove_peer(srv, c->id);
+  rd_cmd_finish(&a->cmd, RD_OK, NULL);
+}
+
+int rd_api_server_remove_peer(uint64_t handle, const char *id, int *removed) {
+  peer_ctx c = {.handle = handle, .id = id};
+  int rc = api_call(remove_peer_fn, &c, NULL, 0);
+  *removed = c.result;
+  return rc;
+}
+
+static void add_peer_info_cb(void *ctx, const rd_peer_info *info) {
+  peer_ctx *c = ctx;
+  if (c->failed)
+    return;
+  if (reserve_one(&c->out->items, c->out->count, &c->cap, sizeof *c->out->items) != RD_OK) {
+    c->failed = 1;
+    return;
+  }
+  rd_peer_info *d = &c->out->items[c->out->count];
+  *d = *info;
+  /* One allocation for the strings, which must outlive the loop's peer. */
+  size_t il = strlen(info->id), ul = strlen(info->url), el = strlen(info->last_error);
+  char *s = rd_malloc(il + ul + el + 3);
+  if (s == NULL) {
+    c->failed = 1;
+    return;
+  }
+  memcpy(s, info->id, il + 1);
+  memcpy(s + il + 1, info->url, ul + 1);
+  memcpy(s + il + ul + 2, info->last_error, el + 1);
+  d->id = s;
+  d->url = s + il + 1;
+  d->last_error = s + il + ul + 2;
+  c->out->count++;
+}
+
+static void peers_fn(api_cmd *a, void *p) {
+  peer_ctx *c = p;
+  rd_server *srv = peer_server(a, c);
+  if (srv == NULL)
+    return;
+  rd_server_foreach_peer(srv, add_peer_info_cb, c);
+  rd_cmd_finish(&a->cmd, c->failed ? RD_ENOMEM : RD_OK, NULL);
+}
+
+int rd_api_server_peers(uint64_t handle, rd_peer_list *out) {
+  out->items = NULL;
+  out->count = 0;
+  peer_ctx c = {.handle = handle, .out = out};
+  int rc = api_call(peers_fn, &c, NULL, 0);
+  if (rc != RD_OK)
+    rd_peer_list_free(out);
+  return rc;
+}
+
+void rd_peer_list_free(rd_peer_list *l) {
+  for (size_t i = 0; i < l->count; i++)
+    rd_free((char *)l->items[i].id);
+  rd_free(l->items);
+  l->items = NULL;
+  l->count = 0;
+}
+
+static void disconnect_fn(api_cmd *a, void *p) {
+  peer_ctx *c = p;
+  rd_server *srv = peer_server(a, c);
+  if (srv == NULL)
+    return;
+  c->count = rd_server_disconnect(srv, c->key);
+  rd_cmd_finish(&a->cmd, RD_OK, NULL);
+}
+
+int rd_api_server_disconnect(uint64_t handle, const char *client_key, size_t *ended) {
+  peer_ctx c = {.handle = handle, .key = client_key};
+  int rc = api_call(disconnect_fn, &c, NULL, 0);
+  *ended = c.count;
+  return rc;
+}
+
+static void route_fn(api_cmd *a, void *p) {
+  peer_ctx *c = p;
+  rd_server *srv = peer_server(a, c);
+  if (srv == NULL)
+    return;
+  const char *via = rd_server_route(srv, c->key);
+  c->result = via != NULL;
+  snprintf(c->route, sizeof c->route, "%s", via != NULL ? via : "");
+  rd_cmd_finish(&a->cmd, RD_OK, NULL);
+}
+
+int rd_api_server_route(uint64_t handle, const char *client_key, int *found, char *via,
+                        size_t vialen) {
+  peer_ctx c = {.handle = handle, .key = client_key};
+  int rc = api_call(route_fn, &c, NULL, 0);
+  *found = c.result;
+  snprintf(via, vialen, "%s", c.route);
+  return rc;
+}
+
 /* ---- client ---- */
 
 typedef struct {
-  const char *url, *headers;
+  const char *const *urls;
+  size_t nurls;
+  const char *headers;
   const rd_client_config *cfg;
   uint64_t handle;
 } client_new_ctx;
@@ -367,18 +510,24 @@ static void client_new_fn(api_cmd *a, void *p) {
   client_new_ctx *c = p;
   rd_client *cli;
   char err[256] = "";
-  int rc = rd_client_start(c->url, c->headers, c->cfg, &cli, err, sizeof err);
+  int rc = rd_client_start(c->urls, c->nurls, c->headers, c->cfg, &cli, err, sizeof err);
   if (rc == RD_OK)
     c->handle = rd_client_handle(cli);
   rd_cmd_finish(&a->cmd, rc, err);
 }
 
-int rd_api_client_new(const char *url, const char *headers, const rd_client_config *cfg,
-                      uint64_t *handle, char *err, size_t errlen) {
-  client_new_ctx c = {url, headers, cfg, 0};
+int rd_api_client_new_urls(const char *const *urls, size_t nurls, const char *headers,
+                           const rd_client_config *cfg, uint64_t *handle, char *err,
+                           size_t errlen) {
+  client_new_ctx c = {urls, nurls, headers, cfg, 0};
   int rc = api_call(client_new_fn, &c, err, errlen);
   *handle = c.handle;
   return rc;
+}
+
+int rd_api_client_new(const char *url, const char *headers, const rd_client_config *cfg,
+                      uint64_t *handle, char *err, size_t errlen) {
+  return rd_api_client_new_urls(&url, 1, headers, cfg, handle, err, errlen);
 }
 
 typedef struct {
@@ -407,6 +556,7 @@ typedef struct {
   uint64_t handle;
   int connected;
   char error[160];
+  char url[512];
 } state_ctx;
 
 static void state_fn(api_cmd *a, void *p) {
@@ -418,16 +568,24 @@ static void state_fn(api_cmd *a, void *p) {
   }
   c->connected = rd_client_is_connected(cli);
   snprintf(c->error, sizeof c->error, "%s", rd_client_last_error(cli));
+  snprintf(c->url, sizeof c->url, "%s", rd_client_url(cli));
   rd_cmd_finish(&a->cmd, RD_OK, NULL);
 }
 
-int rd_api_client_state(uint64_t handle, int *connected, char *last_error, size_t errlen) {
-  state_ctx c = {handle, 0, ""};
+int rd_api_client_state_url(uint64_t handle, int *connected, char *last_error, size_t errlen,
+                            char *url, size_t urllen) {
+  state_ctx c = {handle, 0, "", ""};
   int rc = api_call(state_fn, &c, NULL, 0);
   *connected = c.connected;
   if (last_error != NULL)
     snprintf(last_error, errlen, "%s", c.error);
+  if (url != NULL)
+    snprintf(url, urllen, "%s", c.url);
   return rc;
+}
+
+int rd_api_client_state(uint64_t handle, int *connected, char *last_error, size_t errlen) {
+  return rd_api_client_state_url(handle, connected, last_error, errlen, NULL, 0);
 }
 
 /* ---- metrics ---- */

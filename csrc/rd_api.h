@@ -51,11 +51,37 @@ typedef struct rd_conn_list {
 int rd_api_server_connections(uint64_t handle, rd_conn_list *out);
 void rd_conn_list_free(rd_conn_list *l);
 
+/* Peering (rd_server_peers.c, rd_server.h). */
+int rd_api_server_add_peer(uint64_t handle, const char *url, const char *id, const char *token,
+                           char *err, size_t errlen);
+/* *removed: 1, or 0 for an unknown id. */
+int rd_api_server_remove_peer(uint64_t handle, const char *id, int *removed);
+typedef struct rd_peer_list {
+  rd_peer_info *items; /* strings owned by the list */
+  size_t count;
+} rd_peer_list;
+int rd_api_server_peers(uint64_t handle, rd_peer_list *out);
+void rd_peer_list_free(rd_peer_list *l);
+/* *ended: the sessions ended on this server (peers end theirs). */
+int rd_api_server_disconnect(uint64_t handle, const char *client_key, size_t *ended);
+/* Where a dial for client_key goes: *found 0 (nowhere) or 1 with via "" (a
+ * local session) or the id of the peer that announced it. */
+#define RD_API_ROUTE_MAX 160
+int rd_api_server_route(uint64_t handle, const char *client_key, int *found, char *via,
+                        size_t vialen);
+
 int rd_api_client_new(const char *url, const char *headers, const rd_client_config *cfg,
                       uint64_t *handle, char *err, size_t errlen);
+/* An agent that tries several server URLs in turn (nurls >= 1). */
+int rd_api_client_new_urls(const char *const *urls, size_t nurls, const char *headers,
+                           const rd_client_config *cfg, uint64_t *handle, char *err,
+                           size_t errlen);
 /* *connected is 1 once connected, 0 at timeout (or when closed). */
 int rd_api_client_wait_connected(uint64_t handle, uint64_t timeout_ms, int *connected);
 int rd_api_client_state(uint64_t handle, int *connected, char *last_error, size_t errlen);
+/* The same, and the URL of the current (or last) attempt. */
+int rd_api_client_state_url(uint64_t handle, int *connected, char *last_error, size_t errlen,
+                            char *url, size_t urllen);
 
 typedef struct rd_sample {
   const rd_metric_family_info *family;

@@ -1,6 +1,6 @@
 /* The agent. It owns its retry timer, the dial or handshake in progress, its
  * session and the timers of wait_connected callers; it is freed when all of
- * them are gone, and its close command finishes then. */
+ * them are gone, and its close command (or a link's on_freed) finishes then. */
 #include "rd_client.h"
 
 #include <fnmatch.h>
@@ -25,17 +25,27 @@ typedef struct waiter {
   uv_timer_t timer;
 } waiter;
 
+/* One server URL, ready to dial. */
+typedef struct client_target {
+  char *url;
+  char *host;        /* for the dial: "host:port" */
+  char *server_name; /* wss: the name the certificate must match */
+  char *request;     /* the handshake request head, ending in the key line */
+  int tls;
+} client_target;
+
 struct rd_client {
   rd_object obj;
   rd_client_config cfg;
-  char *host; /* for the dial: "host:port" */
-  char *request; /* the handshake request head, ending in the key line */
-  rd_metrics *metrics;
+  client_target *targets;
+  size_t ntargets;
+  size_t current;     /* the target of this attempt */
+  size_t round_start; /* where this round of failed attempts began */
+  rd_metrics *metrics; /* own, or a link's owner's */
   int state;
   uv_timer_t timer; /* retry backoff, handshake deadline */
   rd_dial *dial;
   rd_io *io; /* during the handshake */
-  char *server_name; /* wss: the name the certificate must match */
   char key[25];
   char resp[4096];
   size_t resp_len;
@@ -63,6 +73,18 @@ uint64_t rd_client_handle(const rd_client *cli) { return cli->obj.handle; }
 rd_metrics *rd_client_metrics(rd_client *cli) { return cli->metrics; }
 int rd_client_is_connected(const rd_client *cli) { return cli->state == CLI_CONNECTED; }
 const char *rd_client_last_error(const rd_client *cli) { return cli->last_error; }
+rd_session *rd_client_session(const rd_client *cli) { return cli->session; }
+const char *rd_client_url(const rd_client *cli) { return cli->targets[cli->current].url; }
+
+static void targets_free(client_target *t, size_t n) {
+  for (size_t i = 0; t != NULL && i < n; i++) {
+    rd_free(t[i].url);
+    rd_free(t[i].host);
+    rd_free(t[i].server_name);
+    rd_free(t[i].request);
+  }
+  rd_free(t);
+}
 
 static void client_unref(rd_client *cli) {
   if (--cli->refs > 0)
@@ -70,16 +92,25 @@ static void client_unref(rd_client *cli) {
   for (size_t i = 0; i < cli->cfg.npatterns; i++)
     rd_free(cli->cfg.patterns[i]);
   rd_free(cli->cfg.patterns);
-  rd_free(cli->host);
-  rd_free(cli->server_name);
-  rd_free(cli->request);
+  targets_free(cli->targets, cli->ntargets);
   if (cli->cfg.tls != NULL)
     rd_tls_ctx_unref(cli->cfg.tls);
-  rd_metrics_free(cli->metrics);
+  if (cli->cfg.hooks == NULL)
+    rd_metrics_free(cli->metrics);
   rd_cmd *w = cli->close_waiter;
+  const rd_client_hooks *hooks = cli->cfg.hooks;
+  void *ctx = cli->cfg.hooks_ctx;
   rd_free(cli);
   if (w != NULL)
     rd_cmd_finish(w, RD_OK, NULL);
+  if (hooks != NULL && hooks->on_freed != NULL)
+    hooks->on_freed(ctx);
+}
+
+/* Tells a link's owner where the client stands. */
+static void client_tell(rd_client *cli, int state, const char *why) {
+  if (cli->cfg.hooks != NULL && cli->cfg.hooks->on_state != NULL)
+    cli->cfg.hooks->on_state(cli->cfg.hooks_ctx, cli, state, why);
 }
 
 /* ---- wait_connected ---- */
@@ -139,12 +170,27 @@ static void start_attempt(rd_client *cli);
 
 static void retry_cb(uv_timer_t *t) { start_attempt(t->data); }
 
-static void schedule_retry(rd_client *cli, const char *why) {
+/* Waits before the next attempt. A failed attempt (failed 1) moves on to the
+ * next URL, at once while the round of URLs lasts; a session that ended is
+ * retried on its own URL. */
+static void schedule_retry(rd_client *cli, const char *why, int failed) {
   if (cli->state == CLI_CLOSED)
     return;
   if (why != NULL)
     snprintf(cli->last_error, sizeof cli->last_error, "%s", why);
   cli->state = CLI_WAITING;
+  client_tell(cli, RD_CLIENT_WAITING, cli->last_error);
+  if (cli->state == CLI_CLOSED)
+    return; /* the hook closed it */
+  if (!failed) {
+    cli->round_start = cli->current;
+  } else if (cli->ntargets > 1) {
+    cli->current = (cli->current + 1) % cli->ntargets;
+    if (cli->current != cli->round_start) {
+      uv_timer_start(&cli->timer, retry_cb, 0, 0);
+      return;
+    }
+  }
   uint64_t delay = cli->cfg.backoff_min_ms;
   for (unsigned i = 0; i < cli->attempt && delay < cli->cfg.backoff_max_ms; i++)
     delay *= 2;
@@ -164,7 +210,7 @@ static void session_on_end(rd_session *s, void *owner, const char *reason) {
   rd_client *cli = owner;
   cli->session = NULL;
   if (cli->state != CLI_CLOSED)
-    schedule_retry(cli, reason);
+    schedule_retry(cli, reason, 0);
 }
 
 static void session_on_freed(void *owner) { client_unref(owner); }
@@ -205,9 +251,10 @@ static void connect_answer_cb(rd_request *req, rd_verdict verdict, const char *v
 }
 
 static void session_on_connect(rd_session *s, void *owner, rd_conn *c) {
-  (void)s;
   rd_client *cli = owner;
-  if (cli->cfg.allow_mode == RD_ALLOW_ALL) {
+  if (cli->cfg.hooks != NULL) {
+    cli->cfg.hooks->on_connect(cli->cfg.hooks_ctx, s, c);
+  } else if (cli->cfg.allow_mode == RD_ALLOW_ALL) {
     rd_conn_dial_local(c);
   } else if (cli->cfg.allow_mode == RD_ALLOW_PATTERNS) {
     if (allowed_by_pattern(cli, c))
@@ -238,8 +285,18 @@ static void session_on_connect(rd_session *s, void *owner, rd_conn *c) {
   }
 }
 
-static const rd_session_owner client_session_ops = {
-    .on_end = session_on_end, .on_freed = session_on_freed, .on_connect = session_on_connect};
+static void session_on_disconnect_client(rd_session *s, void *owner, const char *client_key) {
+  (void)s;
+  rd_client *cli = owner;
+  if (cli->cfg.hooks != NULL && cli->cfg.hooks->on_disconnect_client != NULL)
+    cli->cfg.hooks->on_disconnect_client(cli->cfg.hooks_ctx, client_key);
+}
+
+static const rd_session_owner client_session_ops = {.on_end = session_on_end,
+                                                    .on_freed = session_on_freed,
+                                                    .on_connect = session_on_connect,
+                                                    .on_disconnect_client =
+                                                        session_on_disconnect_client};
 
 static void stream_free_cb(uv_handle_t *h) { rd_free(h); }
 
@@ -252,7 +309,7 @@ static void handshake_fail(rd_client *cli, const char *why) {
     cli->io = NULL;
     rd_io_close(io, handshake_io_closed_cb);
   }
-  schedule_retry(cli, why);
+  schedule_retry(cli, why, 1);
 }
 
 static void handshake_done(rd_client *cli, size_t head_len) {
@@ -264,12 +321,13 @@ static void handshake_done(rd_client *cli, size_t head_len) {
   cli->state = CLI_CONNECTED;
   cli->attempt = 0;
   cli->last_error[0] = '\0';
-  rd_session *s = rd_session_new(io, RD_ROLE_CLIENT, "client", 0, cli->metrics,
-                                 &cli->cfg.session, &client_session_ops, cli,
+  rd_session *s = rd_session_new(io, RD_ROLE_CLIENT, "client",
+                                 cli->cfg.hooks != NULL ? RD_SESSION_LINK : RD_SESSION_AGENT,
+                                 cli->metrics, &cli->cfg.session, &client_session_ops, cli,
                                  (const uint8_t *)cli->resp + head_len, cli->resp_len - head_len);
   if (s == NULL) {
     client_unref(cli);
-    schedule_retry(cli, "out of memory");
+    schedule_retry(cli, "out of memory", 1);
     return;
   }
   /* Ended while reading the bytes that came with the upgrade: its on_end has
@@ -277,6 +335,7 @@ static void handshake_done(rd_client *cli, size_t head_len) {
   if (rd_session_is_ended(s))
     return;
   cli->session = s;
+  client_tell(cli, RD_CLIENT_CONNECTED, NULL);
   if (cli->state == CLI_CONNECTED)
     waiters_finish(cli, 1);
 }
@@ -398,14 +457,15 @@ static void send_upgrade(rd_client *cli) {
   rd_io *io = cli->io;
   cli->resp_len = 0;
   cli->refused_status = 0;
-  size_t rlen = strlen(cli->request);
+  const char *request = cli->targets[cli->current].request;
+  size_t rlen = strlen(request);
   hs_write *w = rd_malloc(sizeof *w + rlen + 64);
   if (w == NULL || rd_ws_make_key(cli->key) != RD_OK) {
     rd_free(w);
     handshake_fail(cli, "out of memory");
     return;
   }
-  int n = snprintf(w->data, rlen + 64, "%sSec-WebSocket-Key: %s\r\n\r\n", cli->request, cli->key);
+  int n = snprintf(w->data, rlen + 64, "%sSec-WebSocket-Key: %s\r\n\r\n", request, cli->key);
   uv_buf_t buf = uv_buf_init(w->data, (unsigned)n);
   if (rd_io_write(io, &w->req, &buf, 1, hs_write_cb) != 0) {
     rd_free(w);
@@ -436,26 +496,27 @@ static void dial_cb(void *ctx, int status, uv_stream_t *stream, const char *erro
   }
   if (status < 0) {
     client_unref(cli);
-    schedule_retry(cli, error);
+    schedule_retry(cli, error, 1);
     return;
   }
   /* The dial's reference becomes the handshake's. */
   cli->state = CLI_HANDSHAKE;
   rd_tls *tls = NULL;
-  if (cli->cfg.tls != NULL) {
+  const client_target *t = &cli->targets[cli->current];
+  if (t->tls) {
     char err[160];
-    tls = rd_tls_new(cli->cfg.tls, cli->server_name, err, sizeof err);
+    tls = rd_tls_new(cli->cfg.tls, t->server_name, err, sizeof err);
     if (tls == NULL) {
       uv_close((uv_handle_t *)stream, stream_free_cb);
       client_unref(cli);
-      schedule_retry(cli, err);
+      schedule_retry(cli, err, 1);
       return;
     }
   }
   cli->io = rd_io_new(stream, tls);
   if (cli->io == NULL) {
     client_unref(cli);
-    schedule_retry(cli, "out of memory");
+    schedule_retry(cli, "out of memory", 1);
     return;
   }
   rd_io_set_data(cli->io, cli);
@@ -471,14 +532,17 @@ static void start_attempt(rd_client *cli) {
   if (cli->state == CLI_CLOSED)
     return;
   cli->state = CLI_DIALING;
+  client_tell(cli, RD_CLIENT_DIALING, NULL);
+  if (cli->state == CLI_CLOSED)
+    return; /* the hook closed it */
   int status = 0;
   char err[160];
   cli->refs++;
-  cli->dial = rd_dial_start(rd_loop(), "tcp", cli->host, cli->cfg.handshake_timeout_ms, dial_cb,
-                            cli, &status, err, sizeof err);
+  cli->dial = rd_dial_start(rd_loop(), "tcp", cli->targets[cli->current].host,
+                            cli->cfg.handshake_timeout_ms, dial_cb, cli, &status, err, sizeof err);
   if (cli->dial == NULL) {
     client_unref(cli);
-    schedule_retry(cli, err);
+    schedule_retry(cli, err, 1);
   }
 }
 
@@ -495,7 +559,8 @@ static void client_close(rd_object *obj, rd_cmd *waiter) {
   }
   cli->state = CLI_CLOSED;
   cli->close_waiter = waiter;
-  rd_object_unregister(&cli->obj);
+  if (cli->cfg.hooks == NULL)
+    rd_object_unregister(&cli->obj);
   waiters_finish(cli, 0);
   if (cli->dial != NULL)
     rd_dial_cancel(cli->dial);
@@ -509,10 +574,13 @@ static void client_close(rd_object *obj, rd_cmd *waiter) {
   uv_close((uv_handle_t *)&cli->timer, timer_closed_cb);
 }
 
-/* Splits ws[s]://host[:port][/path] into "host:port" (the default port
- * filled in), the bare host (for TLS names), the Host header and the path. */
-static int parse_url(const char *url, int *tls, char **hostport, char **host, char **path,
-                     char **host_header, char *err, size_t errlen) {
+void rd_client_close(rd_client *cli) { client_close(&cli->obj, NULL); }
+
+/* Makes a target of ws[s]://host[:port][/path]: "host:port" to dial (the
+ * default port filled in), the name TLS verifies (server_name, else the
+ * bare host) and the request head with its Host header and path. */
+static int target_init(client_target *t, const char *url, const char *headers,
+                       const char *server_name, char *err, size_t errlen) {
   rd_addr_url u;
   int rc = rd_addr_parse_url(url, strlen(url), &u);
   if (rc == RD_ADDR_EBAD_SCHEME) {
@@ -523,90 +591,85 @@ static int parse_url(const char *url, int *tls, char **hostport, char **host, ch
     snprintf(err, errlen, "missing or bad host in URL (%s): %s", rd_addr_strerror(rc), url);
     return RD_EMALFORMED;
   }
-  *tls = u.tls;
+  t->tls = u.tls;
   char hp[RD_ADDR_JOINED_MAX];
   rd_addr_join(hp, sizeof hp, u.addr.host, u.addr.host_len, u.addr.port);
-  *hostport = rd_strndup(hp, strlen(hp));
-  *host = rd_strndup(u.addr.host, u.addr.host_len);
-  *host_header = rd_strndup(u.authority, u.authority_len);
-  *path = u.path_len > 0 ? rd_strndup(u.path, u.path_len) : rd_strndup("/", 1);
-  if (*hostport == NULL || *host == NULL || *host_header == NULL || *path == NULL) {
-    rd_free(*hostport);
-    rd_free(*host);
-    rd_free(*host_header);
-    rd_free(*path);
+  t->url = rd_strndup(url, strlen(url));
+  t->host = rd_strndup(hp, strlen(hp));
+  t->server_name = server_name[0] != '\0' ? rd_strndup(server_name, strlen(server_name))
+                                          : rd_strndup(u.addr.host, u.addr.host_len);
+  size_t path_len = u.path_len > 0 ? u.path_len : 1;
+  size_t cap = path_len + u.authority_len + strlen(headers) + 160;
+  t->request = rd_malloc(cap);
+  if (t->url == NULL || t->host == NULL || t->server_name == NULL || t->request == NULL) {
     snprintf(err, errlen, "out of memory");
     return RD_ENOMEM;
   }
+  snprintf(t->request, cap,
+           "GET %.*s HTTP/1.1\r\nHost: %.*s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           "Sec-WebSocket-Version: 13\r\n%s",
+           (int)path_len, u.path_len > 0 ? u.path : "/", (int)u.authority_len, u.authority,
+           headers);
   return RD_OK;
 }
 
-int rd_client_start(const char *url, const char *headers, const rd_client_config *cfg,
-                    rd_client **out, char *err, size_t errlen) {
-  char *hostport = NULL, *host = NULL, *path = NULL, *host_header = NULL;
+int rd_client_start(const char *const *urls, size_t nurls, const char *headers,
+                    const rd_client_config *cfg, rd_client **out, char *err, size_t errlen) {
+  if (nurls == 0) {
+    snprintf(err, errlen, "no server URL");
+    return RD_EMALFORMED;
+  }
+  client_target *targets = rd_calloc(nurls, sizeof *targets);
+  if (targets == NULL) {
+    snprintf(err, errlen, "out of memory");
+    return RD_ENOMEM;
+  }
   int tls = 0;
-  int rc = parse_url(url, &tls, &hostport, &host, &path, &host_header, err, errlen);
-  if (rc != RD_OK)
-    return rc;
+  for (size_t i = 0; i < nurls; i++) {
+    int rc = target_init(&targets[i], urls[i], headers, cfg->server_name, err, errlen);
+    if (rc != RD_OK) {
+      targets_free(targets, nurls);
+      return rc;
+    }
+    tls |= targets[i].tls;
+  }
   if (tls && cfg->tls == NULL) {
     snprintf(err, errlen, "wss:// needs a TLS configuration");
-    rd_free(hostport);
-    rd_free(host);
-    rd_free(path);
-    rd_free(host_header);
+    targets_free(targets, nurls);
     return RD_EMALFORMED;
   }
   rd_client *cli = rd_calloc(1, sizeof *cli);
-  size_t reqcap = strlen(path) + strlen(host_header) + strlen(headers) + 160;
   if (cli != NULL)
     cli->cfg = *cfg;
-  if (cli == NULL || (cli->metrics = rd_metrics_new()) == NULL ||
-      (cli->request = rd_malloc(reqcap)) == NULL ||
+  if (cli == NULL ||
+      (cli->metrics = cfg->hooks != NULL ? cfg->metrics : rd_metrics_new()) == NULL ||
       (cli->cfg.patterns = rd_calloc(cfg->npatterns + 1, sizeof(char *))) == NULL) {
-    if (cli != NULL) {
+    if (cli != NULL && cfg->hooks == NULL)
       rd_metrics_free(cli->metrics);
-      rd_free(cli->request);
-    }
     rd_free(cli);
-    rd_free(hostport);
-    rd_free(host);
-    rd_free(path);
-    rd_free(host_header);
+    targets_free(targets, nurls);
     snprintf(err, errlen, "out of memory");
     return RD_ENOMEM;
   }
   cli->refs = 1; /* the timer */
-  cli->host = hostport;
+  cli->targets = targets;
+  cli->ntargets = nurls;
   if (!tls)
-    cli->cfg.tls = NULL; /* a ws:// URL never uses TLS, whatever was configured */
+    cli->cfg.tls = NULL; /* ws:// URLs never use TLS, whatever was configured */
   if (cli->cfg.tls != NULL)
     rd_tls_ctx_ref(cli->cfg.tls);
-  if (cfg->server_name[0] != '\0') {
-    rd_free(host);
-    host = rd_strndup(cfg->server_name, strlen(cfg->server_name));
-  }
-  cli->server_name = host;
-  snprintf(cli->request, reqcap,
-           "GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-           "Sec-WebSocket-Version: 13\r\n%s",
-           path, host_header, headers);
-  rd_free(path);
-  rd_free(host_header);
-  for (size_t i = 0; i < cfg->npatterns; i++) {
+  uv_timer_init(rd_loop(), &cli->timer);
+  cli->timer.data = cli;
+  int rc = RD_OK;
+  for (size_t i = 0; i < cfg->npatterns && rc == RD_OK; i++) {
     cli->cfg.patterns[i] = rd_strndup(cfg->patterns[i], strlen(cfg->patterns[i]));
     if (cli->cfg.patterns[i] == NULL) {
       cli->cfg.npatterns = i;
-      uv_timer_init(rd_loop(), &cli->timer);
-      cli->timer.data = cli;
-      cli->state = CLI_CLOSED;
-      uv_close((uv_handle_t *)&cli->timer, timer_closed_cb);
-      snprintf(err, errlen, "out of memory");
-      return RD_ENOMEM;
+      rc = RD_ENOMEM;
     }
   }
-  uv_timer_init(rd_loop(), &cli->timer);
-  cli->timer.data = cli;
-  rc = rd_object_register(&cli->obj, RD_OBJ_CLIENT);
+  if (rc == RD_OK && cfg->hooks == NULL)
+    rc = rd_object_register(&cli->obj, RD_OBJ_CLIENT);
   if (rc != RD_OK) {
     cli->state = CLI_CLOSED;
     uv_close((uv_handle_t *)&cli->timer, timer_closed_cb);

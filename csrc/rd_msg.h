@@ -13,7 +13,10 @@ enum rd_msg_type {
   RD_MSG_REMOVE_CLIENT = 5,
   RD_MSG_PAUSE = 6,
   RD_MSG_RESUME = 7,
-  RD_MSG_SYNC = 8
+  RD_MSG_SYNC = 8,
+  /* Ours, between our peers: end the named client key's sessions. A Go
+   * receiver ignores it, as it ignores every type it does not know. */
+  RD_MSG_DISCONNECT_CLIENT = 100
 };
 
 /* The legacy deadline written into DATA and CONNECT headers. */

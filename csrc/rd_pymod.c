@@ -165,6 +165,8 @@ static PyObject *py_server_new(PyObject *module, PyObject *args) {
   /* path and auth come from the Server's own parameters. */
   if (opt_str(opts, "path", cfg.path, sizeof cfg.path) < 0 ||
       opt_str(opts, "auth", auth, sizeof auth) < 0 ||
+      opt_str(opts, "peer_id", cfg.peer_id, sizeof cfg.peer_id) < 0 ||
+      opt_str(opts, "peer_token", cfg.peer_token, sizeof cfg.peer_token) < 0 ||
       table_options(opts, RD_OPT_SERVER, &cfg) < 0)
     return NULL;
   if (strcmp(auth, "callback") == 0) {
@@ -237,6 +239,21 @@ static PyObject *py_server_new(PyObject *module, PyObject *args) {
       return raise_rc(module, RD_ETLS, err);
     }
   }
+  const char *peer_ca;
+  rc = opt_cstr(opts, "peer_ca_file", &peer_ca);
+  if (rc == 0 && peer_ca != NULL) {
+    Py_BEGIN_ALLOW_THREADS
+    cfg.peer_tls = rd_tls_ctx_new_client(peer_ca, 0, NULL, NULL, err, sizeof err);
+    Py_END_ALLOW_THREADS
+  }
+  if (rc < 0 || (peer_ca != NULL && cfg.peer_tls == NULL)) {
+    rd_tokens_free(cfg.tokens);
+    if (cfg.tls != NULL)
+      rd_tls_ctx_unref(cfg.tls);
+    if (cfg.proxy_tls != NULL)
+      rd_tls_ctx_unref(cfg.proxy_tls);
+    return rc < 0 ? NULL : raise_rc(module, RD_ETLS, err);
+  }
   Py_BEGIN_ALLOW_THREADS
   rc = rd_api_server_new(host, port, &cfg, &handle, &bound, err, sizeof err);
   Py_END_ALLOW_THREADS
@@ -244,6 +261,8 @@ static PyObject *py_server_new(PyObject *module, PyObject *args) {
     rd_tls_ctx_unref(cfg.tls); /* the server holds its own reference */
   if (cfg.proxy_tls != NULL)
     rd_tls_ctx_unref(cfg.proxy_tls);
+  if (cfg.peer_tls != NULL)
+    rd_tls_ctx_unref(cfg.peer_tls);
   if (rc != RD_OK)
     return raise_rc(module, rc, err);
   return Py_BuildValue("(Ki)", (unsigned long long)handle, bound);
@@ -391,6 +410,95 @@ static PyObject *py_server_has_session(PyObject *module, PyObject *args) {
   return PyBool_FromLong(has);
 }
 
+/* ---- peering ---- */
+
+static PyObject *py_server_add_peer(PyObject *module, PyObject *args) {
+  unsigned long long handle;
+  const char *url, *id, *token;
+  if (!PyArg_ParseTuple(args, "Ksss:server_add_peer", &handle, &url, &id, &token))
+    return NULL;
+  int rc;
+  char err[256];
+  Py_BEGIN_ALLOW_THREADS
+  rc = rd_api_server_add_peer(handle, url, id, token, err, sizeof err);
+  Py_END_ALLOW_THREADS
+  if (rc != RD_OK)
+    return raise_rc(module, rc, err);
+  Py_RETURN_NONE;
+}
+
+static PyObject *py_server_remove_peer(PyObject *module, PyObject *args) {
+  unsigned long long handle;
+  const char *id;
+  if (!PyArg_ParseTuple(args, "Ks:server_remove_peer", &handle, &id))
+    return NULL;
+  int rc, removed = 0;
+  Py_BEGIN_ALLOW_THREADS
+  rc = rd_api_server_remove_peer(handle, id, &removed);
+  Py_END_ALLOW_THREADS
+  if (rc != RD_OK)
+    return raise_rc(module, rc, NULL);
+  return PyBool_FromLong(removed);
+}
+
+static PyObject *py_server_peers(PyObject *module, PyObject *args) {
+  unsigned long long handle;
+  if (!PyArg_ParseTuple(args, "K:server_peers", &handle))
+    return NULL;
+  rd_peer_list l;
+  int rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = rd_api_server_peers(handle, &l);
+  Py_END_ALLOW_THREADS
+  if (rc != RD_OK)
+    return raise_rc(module, rc, NULL);
+  PyObject *list = PyList_New(0);
+  for (size_t i = 0; list != NULL && i < l.count; i++) {
+    rd_peer_info *p = &l.items[i];
+    PyObject *d = Py_BuildValue("{s:s,s:s,s:s,s:d,s:K,s:s,s:n,s:n}", "id", p->id, "url", p->url,
+                                "state", p->state, "since", p->since, "attempts",
+                                (unsigned long long)p->attempts, "last_error", p->last_error,
+                                "inbound", (Py_ssize_t)p->inbound, "keys", (Py_ssize_t)p->keys);
+    if (d == NULL || PyList_Append(list, d) < 0)
+      Py_CLEAR(list);
+    Py_XDECREF(d);
+  }
+  rd_peer_list_free(&l);
+  return list;
+}
+
+static PyObject *py_server_disconnect(PyObject *module, PyObject *args) {
+  unsigned long long handle;
+  const char *key;
+  if (!PyArg_ParseTuple(args, "Ks:server_disconnect", &handle, &key))
+    return NULL;
+  int rc;
+  size_t ended = 0;
+  Py_BEGIN_ALLOW_THREADS
+  rc = rd_api_server_disconnect(handle, key, &ended);
+  Py_END_ALLOW_THREADS
+  if (rc != RD_OK)
+    return raise_rc(module, rc, NULL);
+  return PyLong_FromSize_t(ended);
+}
+
+static PyObject *py_server_route(PyObject *module, PyObject *args) {
+  unsigned long long handle;
+  const char *key;
+  if (!PyArg_ParseTuple(args, "Ks:server_route", &handle, &key))
+    return NULL;
+  int rc, found = 0;
+  char via[RD_API_ROUTE_MAX];
+  Py_BEGIN_ALLOW_THREADS
+  rc = rd_api_server_route(handle, key, &found, via, sizeof via);
+  Py_END_ALLOW_THREADS
+  if (rc != RD_OK)
+    return raise_rc(module, rc, NULL);
+  if (!found)
+    Py_RETURN_NONE;
+  return PyUnicode_FromString(via);
+}
+
 static PyObject *py_server_connections(PyObject *module, PyObject *args) {
   unsigned long long handle;
   if (!PyArg_ParseTuple(args, "K:server_connections", &handle))
@@ -422,11 +530,11 @@ static PyObject *py_server_connections(PyObject *module, PyObject *args) {
 
 /* ---- client ---- */
 
-static PyObject *py_client_new(PyObject *module, PyObject *args) {
-  const char *url;
-  PyObject *headers, *opts;
-  if (!PyArg_ParseTuple(args, "sOO!:client_new", &url, &headers, &PyDict_Type, &opts))
-    return NULL;
+/* Server URLs one agent may try. */
+#define RD_PY_MAX_URLS 64
+
+static PyObject *client_new_impl(PyObject *module, const char *const *urls, size_t nurls,
+                                 int any_wss, PyObject *headers, PyObject *opts) {
   rd_client_config cfg;
   rd_client_config_default(&cfg);
   char allow[16] = "all";
@@ -499,7 +607,7 @@ static PyObject *py_client_new(PyObject *module, PyObject *args) {
   if (opt_cstr(opts, "ca_file", &ca_file) < 0 || opt_cstr(opts, "client_cert", &client_cert) < 0 ||
       opt_cstr(opts, "client_key", &client_key) < 0 || opt_bool(opts, "insecure", &insecure) < 0)
     hdrs = NULL;
-  else if (strncmp(url, "wss://", 6) == 0) {
+  else if (any_wss) {
     Py_BEGIN_ALLOW_THREADS
     cfg.tls = rd_tls_ctx_new_client(ca_file, insecure, client_cert, client_key, err, sizeof err);
     Py_END_ALLOW_THREADS
@@ -512,7 +620,7 @@ static PyObject *py_client_new(PyObject *module, PyObject *args) {
   }
   if (hdrs != NULL && (cfg.npatterns == 0 || patterns != NULL)) {
     Py_BEGIN_ALLOW_THREADS
-    rc = rd_api_client_new(url, hdrs, &cfg, &handle, err, sizeof err);
+    rc = rd_api_client_new_urls(urls, nurls, hdrs, &cfg, &handle, err, sizeof err);
     Py_END_ALLOW_THREADS
   } else if (PyErr_Occurred()) {
     rc = 0;
@@ -527,6 +635,36 @@ static PyObject *py_client_new(PyObject *module, PyObject *args) {
   if (rc != RD_OK)
     return raise_rc(module, rc, err);
   return PyLong_FromUnsignedLongLong(handle);
+}
+
+/* client_new(url, headers, options): url is one URL or a list tried in turn. */
+static PyObject *py_client_new(PyObject *module, PyObject *args) {
+  PyObject *url_arg, *headers, *opts;
+  if (!PyArg_ParseTuple(args, "OOO!:client_new", &url_arg, &headers, &PyDict_Type, &opts))
+    return NULL;
+  PyObject *useq = PyUnicode_Check(url_arg)
+                       ? PyTuple_Pack(1, url_arg)
+                       : PySequence_Fast(url_arg, "url must be a str or a list of str");
+  if (useq == NULL)
+    return NULL;
+  Py_ssize_t n = PySequence_Fast_GET_SIZE(useq);
+  if (n < 1 || n > RD_PY_MAX_URLS) {
+    Py_DECREF(useq);
+    PyErr_Format(PyExc_ValueError, "between 1 and %d server URLs", RD_PY_MAX_URLS);
+    return NULL;
+  }
+  const char *urls[RD_PY_MAX_URLS];
+  int any_wss = 0;
+  for (Py_ssize_t i = 0; i < n; i++) {
+    if ((urls[i] = PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(useq, i))) == NULL) {
+      Py_DECREF(useq);
+      return NULL;
+    }
+    any_wss |= strncmp(urls[i], "wss://", 6) == 0;
+  }
+  PyObject *r = client_new_impl(module, urls, (size_t)n, any_wss, headers, opts);
+  Py_DECREF(useq); /* it kept the URL strings alive */
+  return r;
 }
 
 static PyObject *py_client_wait_connected(PyObject *module, PyObject *args) {
@@ -550,13 +688,13 @@ static PyObject *py_client_state(PyObject *module, PyObject *args) {
   if (!PyArg_ParseTuple(args, "K:client_state", &handle))
     return NULL;
   int connected = 0, rc;
-  char err[160];
+  char err[160], url[512];
   Py_BEGIN_ALLOW_THREADS
-  rc = rd_api_client_state(handle, &connected, err, sizeof err);
+  rc = rd_api_client_state_url(handle, &connected, err, sizeof err, url, sizeof url);
   Py_END_ALLOW_THREADS
   if (rc != RD_OK)
     return raise_rc(module, rc, NULL);
-  return Py_BuildValue("(Os)", connected ? Py_True : Py_False, err);
+  return Py_BuildValue("(Oss)", connected ? Py_True : Py_False, err, url);
 }
 
 static PyObject *py_client_connected(PyObject *module, PyObject *args) {
@@ -827,6 +965,15 @@ static PyMethodDef engine_methods[] = {
     {"server_clients", py_server_clients, METH_VARARGS, "server_clients(handle) -> [key]"},
     {"server_has_session", py_server_has_session, METH_VARARGS,
      "server_has_session(handle, key) -> bool"},
+    {"server_add_peer", py_server_add_peer, METH_VARARGS,
+     "server_add_peer(handle, url, id, token)"},
+    {"server_remove_peer", py_server_remove_peer, METH_VARARGS,
+     "server_remove_peer(handle, id) -> bool (False: unknown id)"},
+    {"server_peers", py_server_peers, METH_VARARGS, "server_peers(handle) -> [dict]"},
+    {"server_disconnect", py_server_disconnect, METH_VARARGS,
+     "server_disconnect(handle, key) -> sessions ended here"},
+    {"server_route", py_server_route, METH_VARARGS,
+     "server_route(handle, key) -> None, '' (local) or the peer id that reaches it"},
     {"server_connections", py_server_connections, METH_VARARGS,
      "server_connections(handle) -> [dict]"},
     {"client_new", py_client_new, METH_VARARGS, "client_new(url, headers, options) -> handle"},

@@ -46,6 +46,8 @@ void rd_srv_unref(rd_server *srv) {
     rd_tls_ctx_unref(srv->cfg.tls);
   if (srv->cfg.proxy_tls != NULL)
     rd_tls_ctx_unref(srv->cfg.proxy_tls);
+  if (srv->cfg.peer_tls != NULL)
+    rd_tls_ctx_unref(srv->cfg.peer_tls);
   rd_tokens_free(srv->cfg.tokens);
   rd_metrics_free(srv->metrics);
   rd_map_dispose(&srv->clients);
@@ -190,6 +192,8 @@ static void httpconn_route(httpconn *hc) {
     rd_srv_handle_metrics(hc);
   else if (srv->cfg.debug_route && plen == 18 && memcmp(req.target, "/debug/connections", 18) == 0)
     rd_srv_handle_debug(hc);
+  else if (srv->cfg.debug_route && plen == 12 && memcmp(req.target, "/debug/peers", 12) == 0)
+    rd_srv_handle_debug_peers(hc);
   else if (srv->cfg.proxy_route && plen > 8 && memcmp(req.target, "/client/", 8) == 0)
     rd_srv_handle_proxy(hc, &req);
   else
@@ -358,6 +362,7 @@ static void server_close(rd_object *obj, rd_cmd *waiter) {
   while (srv->httpconns != NULL)
     rd_srv_httpconn_close(srv->httpconns);
   rd_map_foreach(&srv->clients, end_client_sessions_cb, NULL);
+  rd_srv_peers_close(srv);
   uv_close((uv_handle_t *)&srv->listener, listener_closed_cb);
 }
 
@@ -374,6 +379,8 @@ int rd_server_start(const char *host, int port, const rd_server_config *cfg, rd_
     rd_tls_ctx_ref(srv->cfg.tls);
   if (srv->cfg.proxy_tls != NULL)
     rd_tls_ctx_ref(srv->cfg.proxy_tls);
+  if (srv->cfg.peer_tls != NULL)
+    rd_tls_ctx_ref(srv->cfg.peer_tls);
   rd_map_init(&srv->clients);
   uv_tcp_init(rd_loop(), &srv->listener);
   srv->listener.data = srv;
@@ -432,6 +439,7 @@ static void conn_walk_cb(rd_map_node *n, void *ctx) {
 void rd_server_foreach_conn(rd_server *srv, rd_conn_info_cb cb, void *ctx) {
   conn_walk w = {cb, ctx};
   rd_map_foreach(&srv->clients, conn_walk_cb, &w);
+  rd_srv_peers_foreach_conn(srv, cb, ctx);
 }
 
 int rd_server_reload_tls(rd_server *srv, const char *cert, const char *key,

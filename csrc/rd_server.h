@@ -31,6 +31,14 @@ typedef struct rd_server_config {
   rd_tokens *tokens;    /* RD_AUTH_TOKEN: ownership passes to the server at start */
   size_t max_sessions;  /* all sessions; past it upgrades get 503 */
   size_t max_sessions_per_key; /* past it upgrades for that key get 429 */
+  /* HA peering: this server's id and the token it presents to its peers
+   * (both needed to add peers). */
+  char peer_id[128];
+  char peer_token[256];
+  /* Client context for wss:// peer URLs (the server takes its own
+   * reference); NULL: made at the first such peer, without verification,
+   * as Go's peers do. */
+  rd_tls_ctx *peer_tls;
   rd_session_config session;
 } rd_server_config;
 
@@ -87,6 +95,40 @@ int rd_server_set_tokens(rd_server *srv, rd_tokens *tokens);
 /* Calls cb for each client key with a live session (unsorted, may repeat). */
 void rd_server_foreach_client(rd_server *srv, void (*cb)(void *ctx, const char *key), void *ctx);
 int rd_server_has_session(rd_server *srv, const char *client_key);
+/* Connections of every session: agents', peers' and our links'. */
 void rd_server_foreach_conn(rd_server *srv, rd_conn_info_cb cb, void *ctx);
+
+/* ---- HA peering (rd_server_peers.c) ---- */
+
+/* Adds a peer: our link connects to url presenting our peer_id and
+ * peer_token, and we accept that peer's sessions when it presents id and
+ * token. The same peer again is a no-op; a new url or token restarts it.
+ * RD_EINVAL without our own peer_id and peer_token; RD_EMALFORMED for a bad
+ * id, token or url, with err. */
+int rd_server_add_peer(rd_server *srv, const char *url, const char *id, const char *token,
+                       char *err, size_t errlen);
+/* Removes a peer: closes our link and ends the sessions it opened to us.
+ * Returns 1, or 0 for an unknown id. */
+int rd_server_remove_peer(rd_server *srv, const char *id);
+
+typedef struct rd_peer_info {
+  const char *id, *url;
+  const char *state; /* "connecting", "connected", "waiting" (to retry) */
+  double since;      /* wall-clock seconds of the last state change */
+  uint64_t attempts; /* connection attempts of our link */
+  const char *last_error;
+  size_t inbound;    /* sessions the peer has open to us */
+  size_t keys;       /* client keys (and sessions) they announced */
+} rd_peer_info;
+void rd_server_foreach_peer(rd_server *srv, void (*cb)(void *ctx, const rd_peer_info *info),
+                            void *ctx);
+
+/* Ends client_key's local sessions and asks every peer to end its own.
+ * Returns how many sessions ended here. */
+size_t rd_server_disconnect(rd_server *srv, const char *client_key);
+
+/* Where a dial for client_key goes: "" for a local session, a peer's id, or
+ * NULL when nothing reaches it. */
+const char *rd_server_route(rd_server *srv, const char *client_key);
 
 #endif

@@ -83,9 +83,14 @@ int rd_srv_dial_pair(rd_session *s, const char *proto, const char *address, int 
 
 static void dial_now(rd_session *s, rd_server_dial_req *req) {
   char err[256] = "";
+  char wire[RD_MSG_CONNECT_LIMIT + 1];
+  const char *proto = rd_srv_wire_proto(s, req->client_key, req->proto, wire, sizeof wire);
+  if (proto == NULL) {
+    rd_cmd_finish(req->cmd, RD_EMALFORMED, "client key and proto too long to dial through a peer");
+    return;
+  }
   rd_conn *c;
-  int rc =
-      rd_srv_dial_pair(s, req->proto, req->address, &req->fd, &req->status, &c, err, sizeof err);
+  int rc = rd_srv_dial_pair(s, proto, req->address, &req->fd, &req->status, &c, err, sizeof err);
   if (rc == RD_OK) {
     if (req->idle_timeout_ms > 0)
       rd_conn_set_idle_timeout(c, req->idle_timeout_ms);
@@ -184,7 +189,7 @@ void rd_srv_room_waits_wake(rd_server *srv, rd_session *s, int ended) {
 }
 
 void rd_server_dial(rd_server *srv, rd_server_dial_req *req) {
-  rd_session *s = rd_srv_session_for(srv, req->client_key);
+  rd_session *s = rd_srv_route(srv, req->client_key);
   if (s == NULL)
     dial_no_session(req);
   else if (rd_session_has_room(s))

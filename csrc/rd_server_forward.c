@@ -65,15 +65,17 @@ static void forward_accept_cb(uv_stream_t *listener, int status) {
   uv_tcp_t *tcp = rd_srv_accept_tcp(listener);
   if (tcp == NULL)
     return;
-  rd_session *s = rd_srv_session_for(f->srv, f->key);
-  if (s == NULL) {
+  rd_session *s = rd_srv_route(f->srv, f->key);
+  char wire[RD_MSG_CONNECT_LIMIT + 1];
+  const char *proto = s != NULL ? rd_srv_wire_proto(s, f->key, f->proto, wire, sizeof wire) : NULL;
+  if (proto == NULL) {
     uv_close((uv_handle_t *)tcp, rd_srv_tcp_free_cb);
     return;
   }
   rd_io *io = rd_io_new((uv_stream_t *)tcp, NULL);
   int err = 0;
   if (io != NULL)
-    rd_session_dial(s, f->proto, f->address, io, NULL, 0, NULL, &err);
+    rd_session_dial(s, proto, f->address, io, NULL, 0, NULL, &err);
 }
 
 static void failed_listener_closed_cb(uv_handle_t *h) { rd_free(h->data); }

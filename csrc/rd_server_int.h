@@ -10,7 +10,9 @@
  *   rd_server_proxy.c     the /client/... proxy route and its https leg
  *   rd_server_dial.c      dials through a session, and dials waiting for room
  *   rd_server_forward.c   port forwards
- *   rd_server_routes.c    /metrics and /debug/connections
+ *   rd_server_routes.c    /metrics, /debug/connections and /debug/peers
+ *   rd_server_peers.c     HA peering: links to peers, sessions peers open
+ *                         to us and the keys they announce
  *
  * The server is freed in one place, rd_srv_unref, when its last reference
  * goes; every object that holds one (below) drops it there. */
@@ -21,13 +23,21 @@
 
 #include "rd_http.h"
 #include "rd_io.h"
+#include "rd_client.h"
 #include "rd_map.h"
+#include "rd_msg.h"
 #include "rd_server.h"
 
 typedef struct httpconn httpconn;
 typedef struct client_entry client_entry;
 typedef struct rd_forward rd_forward; /* rd_server_forward.c */
 typedef struct room_wait room_wait;   /* rd_server_dial.c */
+typedef struct rd_peer rd_peer;       /* rd_server_peers.c */
+typedef struct peer_session peer_session; /* rd_server_peers.c */
+
+/* The peer headers, as Go names them. */
+#define RD_PEER_ID_HEADER "X-API-Tunnel-ID"
+#define RD_PEER_TOKEN_HEADER "X-API-Tunnel-Token"
 
 /* A client key and its live sessions (rd_server_sessions.c owns it). */
 struct client_entry {
@@ -46,8 +56,10 @@ struct rd_server {
   rd_map clients;
   httpconn *httpconns;
   rd_forward *forwards;
-  size_t sessions; /* live sessions */
-  int refs; /* listener + sessions + httpconns + forwards + room waits */
+  rd_peer *peers;               /* configured peers and our links to them */
+  peer_session *peer_sessions;  /* sessions peers opened to us, newest first */
+  size_t sessions; /* live sessions, agents' and peers' */
+  int refs; /* listener + sessions + httpconns + forwards + room waits + peers */
   int closing;
   rd_cmd *close_waiter;
 };
@@ -95,8 +107,18 @@ rd_io *rd_srv_httpconn_take_stream(httpconn *hc);
 
 /* ---- rd_server_sessions.c: the client table, the upgrade ---- */
 
-/* The oldest live session of key, or NULL. */
+/* The oldest live local session of key, or NULL. */
 rd_session *rd_srv_session_for(rd_server *srv, const char *key);
+/* Where a dial for key goes: its local session, else a peer session that
+ * announced it, else NULL. */
+rd_session *rd_srv_route(rd_server *srv, const char *key);
+/* proto as a dial through s carries it: "key::proto" when s is a peer's
+ * session (the peer dials its own client), else proto. out holds at least
+ * RD_MSG_CONNECT_LIMIT + 1 bytes. NULL when it does not fit. */
+const char *rd_srv_wire_proto(rd_session *s, const char *key, const char *proto, char *out,
+                              size_t outlen);
+/* Ends every local session of key with reason; returns how many. */
+size_t rd_srv_end_client_sessions(rd_server *srv, const char *key, const char *reason);
 /* The connect path: checks the WebSocket handshake, authenticates, and
  * upgrades to a session or answers an error. */
 void rd_srv_handle_upgrade(httpconn *hc, rd_http_request *req);
@@ -124,11 +146,31 @@ void rd_srv_room_waits_wake(rd_server *srv, rd_session *s, int ended);
 /* Closes every forward (the server is closing). */
 void rd_srv_forwards_close(rd_server *srv);
 
+/* ---- rd_server_peers.c ---- */
+
+/* The configured peer whose id and token the request presents, or NULL (no
+ * peer headers, an unknown id or a wrong token: the normal authorizer
+ * decides). */
+const char *rd_srv_peer_auth(rd_server *srv, const rd_http_request *req);
+/* Serves an upgraded stream as the session peer id opened to us. */
+void rd_srv_peer_accept(rd_server *srv, rd_io *io, const char *id, const uint8_t *rest,
+                        size_t rest_len);
+/* The oldest peer session that announced key, or NULL. */
+rd_session *rd_srv_peer_route(rd_server *srv, const char *key);
+/* A local session of key came (add 1) or went: tell every connected link. */
+void rd_srv_peers_announce(rd_server *srv, const char *key, int64_t session_key, int add);
+/* Closes every link and ends every peer session (the server is closing). */
+void rd_srv_peers_close(rd_server *srv);
+/* Walks the connections of peer sessions and links. */
+void rd_srv_peers_foreach_conn(rd_server *srv, rd_conn_info_cb cb, void *ctx);
+
 /* ---- rd_server_routes.c ---- */
 
 /* /metrics: the Prometheus text. */
 void rd_srv_handle_metrics(httpconn *hc);
 /* /debug/connections: sessions and connections as JSON. */
 void rd_srv_handle_debug(httpconn *hc);
+/* /debug/peers: the configured peers as JSON. */
+void rd_srv_handle_debug_peers(httpconn *hc);
 
 #endif

@@ -35,8 +35,9 @@ static rd_tls_ctx *proxy_tls_ctx(rd_server *srv, char *err, size_t errlen) {
 
 /* The https leg: a TLS client over a socket pair whose other end is the
  * tunneled connection; rd_relay joins it to the client's connection. */
-static void proxy_https(httpconn *hc, rd_session *s, const char *name, const char *address,
-                        const char *request, size_t len, uint64_t timeout_ms) {
+static void proxy_https(httpconn *hc, rd_session *s, const char *proto, const char *name,
+                        const char *address, const char *request, size_t len,
+                        uint64_t timeout_ms) {
   char err[256];
   rd_tls_ctx *ctx = proxy_tls_ctx(hc->srv, err, sizeof err);
   if (ctx == NULL) {
@@ -51,7 +52,7 @@ static void proxy_https(httpconn *hc, rd_session *s, const char *name, const cha
   int fd;
   rd_dial_status *st;
   rd_conn *c;
-  if (rd_srv_dial_pair(s, "tcp", address, &fd, &st, &c, err, sizeof err) != RD_OK) {
+  if (rd_srv_dial_pair(s, proto, address, &fd, &st, &c, err, sizeof err) != RD_OK) {
     rd_tls_free(tls);
     rd_srv_respond_text(hc, 500, "Internal Server Error", err);
     return;
@@ -135,11 +136,17 @@ void rd_srv_handle_proxy(httpconn *hc, rd_http_request *req) {
       tp = memchr(tp, '&', (size_t)(end - tp));
     }
   }
-  rd_session *s = rd_srv_session_for(srv, key);
+  rd_session *s = rd_srv_route(srv, key);
   if (s == NULL) {
     char msg[320];
     snprintf(msg, sizeof msg, "failed to find Session for client %s", key);
     rd_srv_respond_text(hc, 500, "Internal Server Error", msg);
+    return;
+  }
+  char wire[RD_MSG_CONNECT_LIMIT + 1];
+  const char *proto = rd_srv_wire_proto(s, key, "tcp", wire, sizeof wire);
+  if (proto == NULL) {
+    rd_srv_respond_text(hc, 400, "Bad Request", "client key too long to dial through a peer");
     return;
   }
   /* Rewritten head: request line, Host, the end-to-end headers, close. */
@@ -169,13 +176,13 @@ void rd_srv_handle_proxy(httpconn *hc, rd_http_request *req) {
   memcpy(head + len, hc->buf + hc->head_len, body);
   len += body;
   if (https) {
-    proxy_https(hc, s, name, address, head, len, timeout_ms);
+    proxy_https(hc, s, proto, name, address, head, len, timeout_ms);
     rd_free(head);
     return;
   }
   rd_io *io = rd_srv_httpconn_take_stream(hc);
   int err = 0;
-  rd_conn *c = rd_session_dial(s, "tcp", address, io, (const uint8_t *)head,
+  rd_conn *c = rd_session_dial(s, proto, address, io, (const uint8_t *)head,
                                len, NULL, &err);
   rd_free(head);
   if (c != NULL) {

@@ -1,5 +1,5 @@
-/* The server's read-only routes: /metrics (Prometheus text) and
- * /debug/connections (JSON). Each renders into a buffer it frees after
+/* The server's read-only routes: /metrics (Prometheus text),
+ * /debug/connections and /debug/peers (JSON). Each renders into a buffer it frees after
  * handing a copy to the response (rd_srv_http_respond copies what it
  * writes); nothing here outlives the call. */
 #include <stdarg.h>
@@ -121,6 +121,38 @@ void rd_srv_handle_debug(httpconn *hc) {
   tb_printf(&b, "\n],\n\"connections\": [");
   w.first = 1;
   rd_server_foreach_conn(hc->srv, debug_conn_cb, &w);
+  tb_printf(&b, "\n]}\n");
+  if (b.failed)
+    rd_srv_respond_text(hc, 500, "Internal Server Error", "out of memory");
+  else
+    rd_srv_http_respond(hc, 200, "OK", "application/json", b.p, b.len);
+  rd_free(b.p);
+}
+
+/* ---- /debug/peers ---- */
+
+static void debug_peer_cb(void *ctx, const rd_peer_info *p) {
+  debug_walk *w = ctx;
+  tb_put(w->b, w->first ? "\n  " : ",\n  ", w->first ? 3 : 4);
+  w->first = 0;
+  tb_printf(w->b, "{\"id\": ");
+  tb_json_str(w->b, p->id);
+  tb_printf(w->b, ", \"url\": ");
+  tb_json_str(w->b, p->url);
+  tb_printf(w->b, ", \"state\": \"%s\", \"since\": %.3f, \"attempts\": %llu, \"last_error\": ",
+            p->state, p->since, (unsigned long long)p->attempts);
+  tb_json_str(w->b, p->last_error);
+  tb_printf(w->b, ", \"inbound\": %zu, \"keys\": %zu}", p->inbound, p->keys);
+}
+
+/* Each configured peer: our link's state and what the peer announced. */
+void rd_srv_handle_debug_peers(httpconn *hc) {
+  textbuf b = {0};
+  debug_walk w = {&b, 1};
+  tb_printf(&b, "{\"peer_id\": ");
+  tb_json_str(&b, hc->srv->cfg.peer_id);
+  tb_printf(&b, ", \"peers\": [");
+  rd_server_foreach_peer(hc->srv, debug_peer_cb, &w);
   tb_printf(&b, "\n]}\n");
   if (b.failed)
     rd_srv_respond_text(hc, 500, "Internal Server Error", "out of memory");

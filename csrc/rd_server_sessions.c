@@ -16,6 +16,7 @@
 #include "rd_alloc.h"
 #include "rd_http.h"
 #include "rd_io.h"
+#include "rd_msg.h"
 #include "rd_server_int.h"
 #include "rd_ws.h"
 
@@ -62,6 +63,7 @@ static int client_add(rd_server *srv, const char *key, rd_session *s) {
   }
   e->sessions[e->count++] = s;
   srv->sessions++;
+  rd_srv_peers_announce(srv, key, rd_session_key(s), 1);
   return RD_OK;
 }
 
@@ -74,6 +76,7 @@ static void client_remove(rd_server *srv, rd_session *s) {
       memmove(&e->sessions[i], &e->sessions[i + 1], (e->count - i - 1) * sizeof *e->sessions);
       e->count--;
       srv->sessions--;
+      rd_srv_peers_announce(srv, e->key, rd_session_key(s), 0);
       break;
     }
   }
@@ -88,6 +91,27 @@ static void client_remove(rd_server *srv, rd_session *s) {
 rd_session *rd_srv_session_for(rd_server *srv, const char *key) {
   client_entry *e = client_find(srv, key);
   return e != NULL && e->count > 0 ? e->sessions[0] : NULL;
+}
+
+rd_session *rd_srv_route(rd_server *srv, const char *key) {
+  rd_session *s = rd_srv_session_for(srv, key);
+  return s != NULL ? s : rd_srv_peer_route(srv, key);
+}
+
+const char *rd_srv_wire_proto(rd_session *s, const char *key, const char *proto, char *out,
+                              size_t outlen) {
+  if (rd_session_kind(s) != RD_SESSION_PEER)
+    return proto;
+  int n = snprintf(out, outlen, "%s::%s", key, proto);
+  return n > 0 && (size_t)n < outlen ? out : NULL;
+}
+
+size_t rd_srv_end_client_sessions(rd_server *srv, const char *key, const char *reason) {
+  size_t ended = 0;
+  /* Each end removes the session from its entry (the last frees it). */
+  for (rd_session *s; (s = rd_srv_session_for(srv, key)) != NULL; ended++)
+    rd_session_end(s, RD_WS_CLOSE_GOING_AWAY, reason);
+  return ended;
 }
 
 static void session_on_end(rd_session *s, void *owner, const char *reason) {
@@ -107,13 +131,15 @@ static const rd_session_owner server_session_ops = {
 
 /* ---- the upgrade and its authentication ---- */
 
-static void upgrade_accept(httpconn *hc, const char *client_key) {
+/* Answers the upgrade and serves the stream as client_key's session, or as
+ * the session peer client_key opened to us (peer 1). */
+static void upgrade_accept(httpconn *hc, const char *client_key, int peer) {
   rd_server *srv = hc->srv;
   if (srv->sessions >= srv->cfg.max_sessions) {
     rd_srv_respond_text(hc, 503, "Service Unavailable", "too many sessions");
     return;
   }
-  client_entry *e = client_find(srv, client_key);
+  client_entry *e = peer ? NULL : client_find(srv, client_key);
   if (e != NULL && e->count >= srv->cfg.max_sessions_per_key) {
     char msg[320];
     snprintf(msg, sizeof msg, "too many sessions for client %s", client_key);
@@ -140,6 +166,10 @@ static void upgrade_accept(httpconn *hc, const char *client_key) {
   size_t leftover = hc->len - hc->head_len;
   const uint8_t *rest = (const uint8_t *)hc->buf + hc->head_len;
   rd_io *io = rd_srv_httpconn_take_stream(hc); /* hc is closing; buf lives until its close cb */
+  if (peer) {
+    rd_srv_peer_accept(srv, io, client_key, rest, leftover);
+    return;
+  }
   srv->refs++;
   rd_session *s = rd_session_new(io, RD_ROLE_SERVER, client_key, 0, srv->metrics,
                                  &srv->cfg.session, &server_session_ops, srv, rest, leftover);
@@ -157,7 +187,7 @@ static void auth_answer_cb(rd_request *req, rd_verdict verdict, const char *valu
   httpconn *hc = req->target;
   hc->auth = NULL;
   if (verdict == RD_VERDICT_ACCEPT && value != NULL && value[0] != '\0')
-    upgrade_accept(hc, value);
+    upgrade_accept(hc, value, 0);
   else if (verdict == RD_VERDICT_ERROR)
     rd_srv_respond_text(hc, 400, "Bad Request", value != NULL ? value : "authorizer failed");
   else if (verdict == RD_VERDICT_CLOSED)
@@ -212,6 +242,12 @@ void rd_srv_handle_upgrade(httpconn *hc, rd_http_request *req) {
     rd_srv_respond_text(hc, 400, "Bad Request", "websocket: not a websocket handshake: 'Sec-WebSocket-Key' header is missing or blank");
     return;
   }
+  /* Peers first, as Go checks them: a wrong pair falls through. */
+  const char *peer = rd_srv_peer_auth(srv, req);
+  if (peer != NULL) {
+    upgrade_accept(hc, peer, 1);
+    return;
+  }
   if (srv->cfg.auth_mode == RD_AUTH_TOKEN) {
     h = rd_http_find_header(req->headers, req->num_headers, "Authorization");
     const char *key = NULL;
@@ -220,7 +256,7 @@ void rd_srv_handle_upgrade(httpconn *hc, rd_http_request *req) {
     if (key == NULL)
       rd_srv_respond_text(hc, 401, "Unauthorized", "failed authentication");
     else
-      upgrade_accept(hc, key);
+      upgrade_accept(hc, key, 0);
     return;
   }
   if (srv->cfg.auth_mode == RD_AUTH_HEADER) {
@@ -236,7 +272,7 @@ void rd_srv_handle_upgrade(httpconn *hc, rd_http_request *req) {
     }
     memcpy(key, h->value, h->value_len);
     key[h->value_len] = '\0';
-    upgrade_accept(hc, key);
+    upgrade_accept(hc, key, 0);
     return;
   }
   /* Ask Python. The request carries copies: Python reads them on its thread. */

@@ -213,6 +213,10 @@ static void session_send_control(rd_session *s, int opcode, const void *payload,
     session_write_frame(s, opcode, b, rd_block_payload(b), len);
 }
 
+void rd_session_send_text(rd_session *s, int type, const char *text) {
+  rd_session_send_msg(s, type, 0, text, strlen(text));
+}
+
 static void send_error_text(rd_session *s, int64_t conn_id, const char *text) {
   size_t len = strlen(text);
   rd_session_send_msg(s, RD_MSG_ERROR, conn_id, text,
@@ -321,7 +325,9 @@ static void handle_connect(rd_session *s, const rd_msg *m) {
 
 static void handle_client_change(rd_session *s, const rd_msg *m) {
   void (*cb)(rd_session *, void *, const char *) =
-      m->type == RD_MSG_ADD_CLIENT ? s->ops.on_add_client : s->ops.on_remove_client;
+      m->type == RD_MSG_ADD_CLIENT      ? s->ops.on_add_client
+      : m->type == RD_MSG_REMOVE_CLIENT ? s->ops.on_remove_client
+                                        : s->ops.on_disconnect_client;
   if (cb == NULL)
     return;
   char *key = rd_strndup((const char *)m->payload, m->payload_len);
@@ -371,6 +377,7 @@ static void handle_message(rd_session *s, uint8_t *payload, size_t len) {
     return;
   case RD_MSG_ADD_CLIENT:
   case RD_MSG_REMOVE_CLIENT:
+  case RD_MSG_DISCONNECT_CLIENT:
     handle_client_change(s, &m);
     return;
   default: /* unknown types are ignored, as Go does */
@@ -591,6 +598,16 @@ static void end_conn_cb(rd_map_node *n, void *ctx) {
   rd_conn_end((rd_conn *)n, "tunnel disconnect", 0);
 }
 
+/* Counts the session added (delta 1) or removed (-1). */
+static void session_count(rd_session *s, int delta) {
+  rd_engine_counts_add(delta, 0, 0);
+  if (s->kind == RD_SESSION_LINK)
+    return;
+  const char *labels[2] = {s->client_key, s->kind == RD_SESSION_PEER ? "true" : "false"};
+  rd_metrics_add(s->metrics, delta > 0 ? RD_M_ADD_WS_SESSION : RD_M_REMOVE_WS_SESSION, labels, 1);
+  rd_metrics_add(s->metrics, RD_M_OPEN_SESSIONS, labels + 1, delta);
+}
+
 void rd_session_end(rd_session *s, int close_code, const char *reason) {
   if (s->ended || s->ending)
     return;
@@ -608,10 +625,7 @@ void rd_session_end(rd_session *s, int close_code, const char *reason) {
     session_send_control(s, RD_WS_CLOSE, payload, 2 + rlen);
   }
   s->ended = 1;
-  const char *labels[2] = {s->client_key, s->peer ? "true" : "false"};
-  rd_metrics_add(s->metrics, RD_M_REMOVE_WS_SESSION, labels, 1);
-  rd_metrics_add(s->metrics, RD_M_OPEN_SESSIONS, labels + 1, -1);
-  rd_engine_counts_add(-1, 0, 0);
+  session_count(s, -1);
   rd_io_read_stop(s->io);
   rd_io_close(s->io, session_io_closed_cb);
   uv_close((uv_handle_t *)&s->tick, session_handle_closed_cb);
@@ -620,7 +634,7 @@ void rd_session_end(rd_session *s, int close_code, const char *reason) {
     s->ops.on_end(s, s->owner, reason);
 }
 
-rd_session *rd_session_new(rd_io *io, int role, const char *client_key, int peer,
+rd_session *rd_session_new(rd_io *io, int role, const char *client_key, int kind,
                            rd_metrics *metrics, const rd_session_config *cfg,
                            const rd_session_owner *ops, void *owner, const uint8_t *leftover,
                            size_t leftover_len) {
@@ -636,7 +650,7 @@ rd_session *rd_session_new(rd_io *io, int role, const char *client_key, int peer
   }
   s->io = io;
   s->role = role;
-  s->peer = peer;
+  s->kind = kind;
   s->metrics = metrics;
   s->cfg = *cfg;
   s->ops = *ops;
@@ -655,10 +669,7 @@ rd_session *rd_session_new(rd_io *io, int role, const char *client_key, int peer
   uv_idle_init(rd_loop(), &s->reap);
   s->reap.data = s;
   s->handles_open = 3;
-  const char *labels[2] = {s->client_key, peer ? "true" : "false"};
-  rd_metrics_add(metrics, RD_M_ADD_WS_SESSION, labels, 1);
-  rd_metrics_add(metrics, RD_M_OPEN_SESSIONS, labels + 1, 1);
-  rd_engine_counts_add(1, 0, 0);
+  session_count(s, 1);
   s->tick_ms = tick_period(s, cfg->idle_timeout_ms);
   uv_timer_start(&s->tick, tick_cb, s->tick_ms, s->tick_ms);
   rd_io_read_start(io, session_alloc_cb, session_read_cb);
@@ -673,6 +684,7 @@ rd_session *rd_session_new(rd_io *io, int role, const char *client_key, int peer
 const char *rd_session_client_key(const rd_session *s) { return s->client_key; }
 int64_t rd_session_key(const rd_session *s) { return s->session_key; }
 int rd_session_is_ended(const rd_session *s) { return s->ended; }
+int rd_session_kind(const rd_session *s) { return s->kind; }
 size_t rd_session_conn_count(const rd_session *s) { return s->conns.count; }
 int rd_session_has_room(const rd_session *s) { return rd_session_can_send(s) && !s->write_blocked; }
 

@@ -17,6 +17,12 @@
 
 enum { RD_ROLE_SERVER = 1, RD_ROLE_CLIENT = 2 };
 
+/* What a session is to its owner, for the session counters: an agent's
+ * (counted peer="false"), a peer's accepted by this server (peer="true"), or
+ * this server's own link to a peer (not counted as a websocket session: the
+ * peer_ws counters count it, as Go does). */
+enum { RD_SESSION_AGENT = 0, RD_SESSION_PEER = 1, RD_SESSION_LINK = 2 };
+
 typedef struct rd_session_config {
   uint64_t read_timeout_ms;  /* silence after which the session is dead */
   uint64_t ping_interval_ms; /* client: WebSocket Ping period (0 = none) */
@@ -51,13 +57,16 @@ typedef struct rd_session_owner {
   /* ADD_CLIENT / REMOVE_CLIENT from a peer (NULL: ignored). */
   void (*on_add_client)(rd_session *s, void *owner, const char *client_key);
   void (*on_remove_client)(rd_session *s, void *owner, const char *client_key);
+  /* DISCONNECT_CLIENT from one of our peers (NULL: ignored). */
+  void (*on_disconnect_client)(rd_session *s, void *owner, const char *client_key);
 } rd_session_owner;
 
 /* Starts a session over an open stream (ownership of io passes to the
  * session, also on failure; TLS, if any, is past its handshake). leftover
- * holds bytes already read past the handshake. client_key labels metrics.
- * Counts the session added. Returns NULL on allocation failure (tcp closed). */
-rd_session *rd_session_new(rd_io *io, int role, const char *client_key, int peer,
+ * holds bytes already read past the handshake. client_key labels metrics;
+ * kind is an RD_SESSION_* value. Counts the session added. Returns NULL on
+ * allocation failure (tcp closed). */
+rd_session *rd_session_new(rd_io *io, int role, const char *client_key, int kind,
                            rd_metrics *metrics, const rd_session_config *cfg,
                            const rd_session_owner *ops, void *owner, const uint8_t *leftover,
                            size_t leftover_len);
@@ -71,6 +80,7 @@ void rd_session_end(rd_session *s, int close_code, const char *reason);
 const char *rd_session_client_key(const rd_session *s);
 int64_t rd_session_key(const rd_session *s);
 int rd_session_is_ended(const rd_session *s);
+int rd_session_kind(const rd_session *s); /* RD_SESSION_* */
 size_t rd_session_conn_count(const rd_session *s);
 /* Whether the queue toward the peer has room (under write_high) and the
  * session is not ending: a new connection's bytes would move now. */
@@ -88,6 +98,10 @@ rd_conn *rd_session_open(rd_session *s, const char *proto, const char *address,
 rd_conn *rd_session_dial(rd_session *s, const char *proto, const char *address,
                          rd_io *local, const uint8_t *preface, size_t preface_len,
                          rd_dial_status *status, int *err);
+
+/* Sends a session-level message with a text payload: ADD_CLIENT,
+ * REMOVE_CLIENT or DISCONNECT_CLIENT. Dropped once the session is ending. */
+void rd_session_send_text(rd_session *s, int type, const char *text);
 
 /* Frees the idle write requests kept for reuse (loop thread). */
 void rd_session_trim_pools(void);

@@ -21,7 +21,7 @@ struct rd_session {
   uv_timer_t tick;
   uv_idle_t reap; /* runs once after a failure marked something */
   int role;
-  int peer;
+  int kind; /* RD_SESSION_* */
   char *client_key;
   int64_t session_key;
   rd_metrics *metrics;

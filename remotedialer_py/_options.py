@@ -374,3 +374,30 @@ def client_key(key: Any) -> str:
     if not isinstance(key, str) or not key:
         raise ValueError(f"client key must be a non-empty str, got {key!r}")
     return key
+
+
+def peer_field(name: str, value: Any) -> str:
+    """A peer id or token: sent as a header value, so one line of text."""
+    if not isinstance(value, str) or not value or any(c in value for c in "\r\n\0") \
+            or value != value.strip():
+        raise ValueError(f"{name} must be a non-empty single-line str without "
+                         f"surrounding spaces, got {value!r}")
+    if name in ("id", "peer_id") and len(value.encode()) > 100:
+        raise ValueError(f"{name} is longer than 100 bytes: {value[:40]!r}...")
+    return value
+
+
+def parse_peer(peer: Any) -> tuple:
+    """``(id, token, url)`` from a tuple or from ``"id:token:url"`` (the Go
+    example server's -peers item)."""
+    if isinstance(peer, str):
+        parts = peer.split(":", 2)
+        if len(parts) != 3 or not parts[2].startswith(("ws://", "wss://")):
+            raise ValueError(f"a peer is id:token:ws[s]://host:port/path, got {peer!r}")
+        peer = tuple(parts)
+    if not isinstance(peer, (tuple, list)) or len(peer) != 3:
+        raise ValueError(f"a peer is (id, token, url) or 'id:token:url', got {peer!r}")
+    pid, token, url = peer
+    if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
+        raise ValueError(f"peer url must be ws:// or wss://, got {url!r}")
+    return peer_field("id", pid), peer_field("token", token), url

@@ -85,7 +85,10 @@ class Client(_Handle):
 
     ``Client(url, headers=None, allow=None, **options)``
 
-    - ``url``: the server's ``ws://host:port/path``.
+    - ``url``: the server's ``ws://host:port/path``, or a list of them for
+      an HA group whose servers the agent reaches directly: a failed
+      attempt moves on to the next URL at once, the backoff grows once all
+      have failed, and a lost session is retried on its own URL first.
     - ``headers``: dict or list of pairs sent with the handshake, e.g.
       ``{"X-Tunnel-ID": "agent-1"}`` for a server that trusts that header.
     - ``allow``: which dials this agent serves. None allows everything; a list
@@ -107,9 +110,17 @@ class Client(_Handle):
 
     _kind = "client"
 
-    def __init__(self, url: str, headers: Any = None, allow: Allow = None, **options: Any) -> None:
+    def __init__(self, url: Any, headers: Any = None, allow: Allow = None, **options: Any) -> None:
         super().__init__()
-        self._url = _check_url(url)
+        if isinstance(url, (list, tuple)):
+            if not url:
+                raise ValueError("url: an empty list of server URLs")
+            if len(url) > 64:
+                raise ValueError("url: at most 64 server URLs")
+            self._urls = [_check_url(u) for u in url]
+        else:
+            self._urls = [_check_url(url)]
+        self._url = self._urls[0]
         self._headers = _check_headers(headers)
         self._allow_mode, self._patterns, self._allow_fn = _check_allow(allow)
         self._options = _options.validate("Client", _options.CLIENT_OPTIONS, options)
@@ -120,7 +131,25 @@ class Client(_Handle):
 
     @property
     def url(self) -> str:
+        """The first server URL."""
         return self._url
+
+    @property
+    def urls(self) -> list[str]:
+        """Every server URL, in the order they are tried."""
+        return list(self._urls)
+
+    @property
+    def current_url(self) -> Optional[str]:
+        """The URL of the session that is up, or of the attempt in progress
+        (None before start and after close)."""
+        handle = self._handle
+        if handle is None or self._closing:
+            return None
+        try:
+            return _engine.client_state(handle)[2]
+        except _engine.ClosedError:
+            return None
 
     def start(self) -> "Client":
         """Starts connecting (in the background). Returns self; a second call
@@ -135,10 +164,10 @@ class Client(_Handle):
             if self._allow_mode == "patterns":
                 opts["patterns"] = list(self._patterns)
             if self._allow_fn is None:
-                handle = _engine.client_new(self._url, list(self._headers), opts)
+                handle = _engine.client_new(list(self._urls), list(self._headers), opts)
             else:
                 with _callbacks.creating():
-                    handle = _engine.client_new(self._url, list(self._headers), opts)
+                    handle = _engine.client_new(list(self._urls), list(self._headers), opts)
                     _callbacks.register(handle, self)
             self._handle = handle
             _live.add(self)

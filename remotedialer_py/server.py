@@ -267,6 +267,13 @@ class Server(_Handle):
       ``failed authentication``; an exception answers 400 with ``str(exc)``.
       It runs on one shared Python thread, so keep it quick. Or a
       :class:`TokenAuthorizer` (bearer tokens, checked in the engine).
+    - ``peer_id``, ``peer_token``: this server's id in an HA group and the
+      token it presents to its peers (both needed for :meth:`add_peer`).
+      ``peers``: peers to add at start, as ``(id, token, url)`` tuples or
+      ``"id:token:url"`` strings (the Go example server's ``-peers``).
+      ``peer_ca_file``: verify ``wss://`` peers against this CA (without
+      it, as in Go, a peer's certificate is not verified: the shared token
+      authenticates the group).
     - ``options``: keywords from the engine's options table, seconds as
       int or float (``remotedialer-py options`` prints every name with its
       default and meaning). An unknown name raises TypeError, a bad value
@@ -276,8 +283,18 @@ class Server(_Handle):
     _kind = "server"
 
     def __init__(self, listen: Any = "127.0.0.1:0", authorizer: Optional[Authorizer] = None,
-                 path: str = "/connect", **options: Any) -> None:
+                 path: str = "/connect", *, peer_id: Optional[str] = None,
+                 peer_token: Optional[str] = None, peers: Any = (),
+                 peer_ca_file: Any = None, **options: Any) -> None:
         super().__init__()
+        self._peer_id = None if peer_id is None else _options.peer_field("peer_id", peer_id)
+        self._peer_token = None if peer_token is None else \
+            _options.peer_field("peer_token", peer_token)
+        self._initial_peers = [_options.parse_peer(p) for p in peers]
+        if self._initial_peers and (self._peer_id is None or self._peer_token is None):
+            raise ValueError("peers need this server's peer_id and peer_token")
+        self._peer_ca_file = None if peer_ca_file is None else \
+            _options.path("peer_ca_file", peer_ca_file)
         self._listen_host, self._listen_port = _options.parse_listen(listen)
         if authorizer is not None and not callable(authorizer) and \
                 not isinstance(authorizer, TokenAuthorizer):
@@ -306,6 +323,12 @@ class Server(_Handle):
             host = _resolve_listen(self._listen_host)
             opts = dict(self._options)
             opts["path"] = self._path
+            if self._peer_id is not None:
+                opts["peer_id"] = self._peer_id
+            if self._peer_token is not None:
+                opts["peer_token"] = self._peer_token
+            if self._peer_ca_file is not None:
+                opts["peer_ca_file"] = self._peer_ca_file
             # The /client/... route dials through agents for anyone who can
             # reach the port: on by default only in the trust-a-header mode
             # (the Go example server's), off when real authorization is set.
@@ -322,6 +345,12 @@ class Server(_Handle):
                     _callbacks.register(handle, self)
             self._handle, self._host, self._port = handle, host, port
             _live.add(self)
+        try:
+            for pid, token, url in self._initial_peers:
+                self.add_peer(url, pid, token)
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def _close_impl(self) -> None:
@@ -443,6 +472,49 @@ class Server(_Handle):
             fwd.close()
             raise _engine.ClosedError("server is closed")
         return fwd
+
+    def disconnect(self, client_key: str) -> int:
+        """Ends ``client_key``'s sessions here and asks every peer to end its
+        own (a Go peer ignores the request). Returns how many sessions ended
+        on this server; the agents reconnect as they would after any drop."""
+        return _engine.server_disconnect(self._live_handle(), _options.client_key(client_key))
+
+    # -- HA peering ---------------------------------------------------------
+
+    @property
+    def peer_id(self) -> Optional[str]:
+        return self._peer_id
+
+    def add_peer(self, url: str, id: str, token: str) -> None:
+        """Adds a peer of the HA group: this server keeps a session open to
+        ``url`` (``ws://`` or ``wss://``, the peer's connect path), presenting
+        its own ``peer_id``/``peer_token``, announces its agents there and
+        takes the peer's dials for them; and it accepts the peer's session
+        when that presents ``id`` and ``token``. Adding the same peer again
+        does nothing; a new url or token restarts it."""
+        pid = _options.peer_field("id", id)
+        tok = _options.peer_field("token", token)
+        if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
+            raise ValueError(f"peer url must be ws:// or wss://, got {url!r}")
+        _engine.server_add_peer(self._live_handle(), url, pid, tok)
+
+    def remove_peer(self, id: str) -> bool:
+        """Removes a peer: closes our session to it and ends the sessions it
+        opened to us (its routes go with them). False for an unknown id."""
+        return bool(_engine.server_remove_peer(self._live_handle(), _options.peer_field("id", id)))
+
+    def peers(self) -> list[dict]:
+        """The configured peers: dicts with id, url, state (``connecting``,
+        ``connected`` or ``waiting`` to retry), since (time.time() of the
+        last change), attempts, last_error, inbound (sessions the peer has
+        open to us) and keys (agent sessions it announced), sorted by id."""
+        return sorted((dict(p) for p in _engine.server_peers(self._live_handle())),
+                      key=lambda p: p["id"])
+
+    def route(self, client_key: str) -> Optional[str]:
+        """Where a dial for ``client_key`` would go now: ``""`` for a local
+        session, the id of a peer that announced it, or None."""
+        return _engine.server_route(self._live_handle(), _options.client_key(client_key))
 
     def connections(self) -> list[dict]:
         """Open connections: dicts with id, clientkey, proto, address, age and
