@@ -17,6 +17,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "rd_addr.h"
 #include "rd_alloc.h"
 #include "rd_msg.h"
 #include "rd_server_int.h"
@@ -370,6 +371,15 @@ int rd_server_add_peer(rd_server *srv, const char *url, const char *id, const ch
   }
   if (!header_safe(id) || !header_safe(token) || strlen(id) > RD_MSG_CLIENT_LIMIT) {
     snprintf(err, errlen, "peer id and token must be non-empty single-line text");
+    return RD_EMALFORMED;
+  }
+  rd_addr_url u;
+  int arc = rd_addr_parse_url(url, strlen(url), &u);
+  if (arc < 0) {
+    snprintf(err, errlen, "bad peer URL (%s): %s",
+             arc == RD_ADDR_EBAD_SCHEME ? "unsupported scheme, want ws:// or wss://"
+                                        : rd_addr_strerror(arc),
+             url);
     return RD_EMALFORMED;
   }
   if (srv->closing) {
