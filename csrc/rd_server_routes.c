@@ -76,6 +76,15 @@ static void tb_json_str(textbuf *b, const char *s) {
   tb_put(b, "\"", 1);
 }
 
+/* Answers with the JSON in b (a 500 when it ran out of memory) and frees it. */
+static void respond_json(httpconn *hc, textbuf *b) {
+  if (b->failed)
+    rd_srv_respond_text(hc, 500, "Internal Server Error", "out of memory");
+  else
+    rd_srv_http_respond(hc, 200, "OK", "application/json", b->p, b->len);
+  rd_free(b->p);
+}
+
 typedef struct {
   textbuf *b;
   int first;
@@ -122,11 +131,7 @@ void rd_srv_handle_debug(httpconn *hc) {
   w.first = 1;
   rd_server_foreach_conn(hc->srv, debug_conn_cb, &w);
   tb_printf(&b, "\n]}\n");
-  if (b.failed)
-    rd_srv_respond_text(hc, 500, "Internal Server Error", "out of memory");
-  else
-    rd_srv_http_respond(hc, 200, "OK", "application/json", b.p, b.len);
-  rd_free(b.p);
+  respond_json(hc, &b);
 }
 
 /* ---- /debug/peers ---- */
@@ -154,9 +159,5 @@ void rd_srv_handle_debug_peers(httpconn *hc) {
   tb_printf(&b, ", \"peers\": [");
   rd_server_foreach_peer(hc->srv, debug_peer_cb, &w);
   tb_printf(&b, "\n]}\n");
-  if (b.failed)
-    rd_srv_respond_text(hc, 500, "Internal Server Error", "out of memory");
-  else
-    rd_srv_http_respond(hc, 200, "OK", "application/json", b.p, b.len);
-  rd_free(b.p);
+  respond_json(hc, &b);
 }

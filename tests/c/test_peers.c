@@ -63,11 +63,12 @@ static void peer_state(uint64_t h, char *state, size_t slen, char *err, size_t e
   rd_peer_list_free(&l);
 }
 
-/* A and B, each a peer of the other; agent-1 on A. */
+/* A and B, each a peer of the other (A presenting a_token, where B expects
+ * "tok"); agent-1 on A. */
 static peer_server g_a, g_b;
 
-static void start_pair(void) {
-  CHECK_EQ_INT(peer_start(&g_a, "A", "tok"), RD_OK);
+static void start_pair_with(const char *a_token) {
+  CHECK_EQ_INT(peer_start(&g_a, "A", a_token), RD_OK);
   CHECK_EQ_INT(peer_start(&g_b, "B", "tok"), RD_OK);
   CHECK_EQ_INT(add_peer(&g_a, &g_b, "B", "tok"), RD_OK);
   CHECK_EQ_INT(add_peer(&g_b, &g_a, "A", "tok"), RD_OK);
@@ -76,6 +77,10 @@ static void start_pair(void) {
   CHECK_EQ_INT(start_client_at(g_a.url, "agent-1", &cfg, &g_cli), RD_OK);
   CHECK(wait_connected(g_cli));
   CHECK(wait_route(g_a.h, "agent-1", ""));
+}
+
+static void start_pair(void) {
+  start_pair_with("tok");
   CHECK(wait_route(g_b.h, "agent-1", "A"));
 }
 
@@ -113,14 +118,7 @@ TEST(test_wrong_token) {
   /* A presents the wrong token to B: no peer rights there (the header
    * authorizer finds no X-Tunnel-ID and answers 401), so A's agents are
    * never announced to B; A keeps retrying. */
-  CHECK_EQ_INT(peer_start(&g_a, "A", "wrong"), RD_OK);
-  CHECK_EQ_INT(peer_start(&g_b, "B", "tok"), RD_OK);
-  CHECK_EQ_INT(add_peer(&g_a, &g_b, "B", "tok"), RD_OK);
-  CHECK_EQ_INT(add_peer(&g_b, &g_a, "A", "tok"), RD_OK);
-  rd_client_config cfg;
-  client_config(&cfg);
-  CHECK_EQ_INT(start_client_at(g_a.url, "agent-1", &cfg, &g_cli), RD_OK);
-  CHECK(wait_connected(g_cli));
+  start_pair_with("wrong");
   char state[32], err[160];
   uint64_t attempts = 0, deadline = now_ms() + WAIT_MS;
   do {
