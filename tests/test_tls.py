@@ -967,3 +967,48 @@ def test_cli_proxy_route_to_https_with_curl(run_cli, pki, https_backend, tmp_pat
         assert r.returncode == 0, r.stderr
         assert (int(r.stdout), out.read_bytes()) == (200, want)
     support.wait_served_balanced(port)
+
+
+# ---------------------------------------------------------------------------
+# wss:// between the servers of an HA group
+
+
+def wss_pair(rd, pki, **b_options):
+    """A (wss) and B, each a peer of the other; B reaches A over wss://."""
+    a = tls_server(rd, pki.server, peer_id="A", peer_token="tok")
+    b = rd.Server(listen="127.0.0.1:0", peer_id="B", peer_token="tok", **b_options).start()
+    a.add_peer(b.url, "B", "tok")
+    b.add_peer(a.url, "A", "tok")
+    return a, b
+
+
+def test_wss_peer_unverified_by_default_as_in_go(rd, tunnel_leak_check, pki, echo_server):
+    # Go's peers skip certificate verification; the shared token authenticates.
+    a, b = wss_pair(rd, pki)
+    with a, b, tls_client(rd, a, ca_file=pki.root) as cli:
+        cli.wait_connected(TIMEOUT)
+        wait_for(lambda: b.route(KEY) == "A", what="B to learn the key from A")
+        echo_round_trip(b, echo_server)
+        assert [p["state"] for p in b.peers()] == ["connected"]
+        support.check_balanced(b)
+
+
+def test_wss_peer_verified_with_peer_ca_file(rd, tunnel_leak_check, pki, echo_server):
+    a, b = wss_pair(rd, pki, peer_ca_file=pki.root)
+    with a, b, tls_client(rd, a, ca_file=pki.root) as cli:
+        cli.wait_connected(TIMEOUT)
+        wait_for(lambda: b.route(KEY) == "A", what="B to learn the key from A")
+        echo_round_trip(b, echo_server)
+
+
+def test_wss_peer_with_untrusted_certificate_stays_down(rd, tunnel_leak_check, pki):
+    # B trusts only the client CA: A's chain does not verify, B never links
+    # (A still reaches B over the link A opened: routes need one direction).
+    a, b = wss_pair(rd, pki, peer_ca_file=pki.client_ca)
+    with a, b, tls_client(rd, a, ca_file=pki.root) as cli:
+        cli.wait_connected(TIMEOUT)
+        peer = wait_for(lambda: next((p for p in b.peers() if p["attempts"] >= 2), None),
+                        what="B to retry its link to A")
+        assert peer["state"] != "connected"
+        assert "certificate" in peer["last_error"]
+        assert [p["inbound"] for p in a.peers()] == [0]
