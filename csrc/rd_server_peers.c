@@ -12,6 +12,7 @@
  *
  * Each holds a reference on the server. A dial for a key with no local
  * session goes through the oldest peer session that announced it. */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -72,14 +73,21 @@ static void keys_clear(peer_session *ps) {
   rd_map_dispose(&ps->keys);
 }
 
-/* Splits "clientKey/sessionKey" as Go's parseAddress does. */
+/* Splits "clientKey/sessionKey" as Go's parseAddress does. The session key
+ * is what strconv.Atoi takes: an optional sign, then decimal digits, in
+ * range. strtoll alone would also take leading spaces (" 5") and saturate
+ * an overflow, both of which end the session in Go. */
 static int parse_client(const char *text, char *key, size_t keylen, int64_t *session_key) {
   const char *slash = strchr(text, '/');
   if (slash == NULL || (size_t)(slash - text) >= keylen)
     return RD_EMALFORMED;
+  const char *digits = slash + 1 + (slash[1] == '+' || slash[1] == '-');
+  if (*digits < '0' || *digits > '9')
+    return RD_EMALFORMED;
   char *end;
+  errno = 0;
   long long v = strtoll(slash + 1, &end, 10);
-  if (slash[1] == '\0' || *end != '\0')
+  if (*end != '\0' || errno == ERANGE)
     return RD_EMALFORMED;
   memcpy(key, text, (size_t)(slash - text));
   key[slash - text] = '\0';
@@ -385,6 +393,15 @@ int rd_server_add_peer(rd_server *srv, const char *url, const char *id, const ch
   if (srv->closing) {
     snprintf(err, errlen, "server closing");
     return RD_ECLOSED;
+  }
+  /* Checked before anything changes: a URL rd_client_start would refuse
+   * must not cost the peer already configured under this id. */
+  rd_addr_url u;
+  int urc = rd_addr_parse_url(url, strlen(url), &u);
+  if (urc < 0) {
+    snprintf(err, errlen, "invalid peer URL (%s): %s",
+             urc == RD_ADDR_EBAD_SCHEME ? "want ws:// or wss://" : rd_addr_strerror(urc), url);
+    return RD_EMALFORMED;
   }
   rd_peer *old = peer_find(srv, id);
   if (old != NULL && strcmp(old->url, url) == 0 && strcmp(old->token, token) == 0)

@@ -221,7 +221,9 @@ class Client(_Handle):
                 raise _engine.ClosedError("client is closed")
             if deadline is not None and time.monotonic() >= deadline:
                 why = self.last_error
-                raise TimeoutError(f"not connected to {self._url} within {timeout:g} s"
+                where = self._url if len(self._urls) == 1 else \
+                    "any of " + ", ".join(self._urls)
+                raise TimeoutError(f"not connected to {where} within {timeout:g} s"
                                    + (f" (last error: {why})" if why else ""))
 
     def metrics(self) -> MetricsDict:

@@ -492,11 +492,19 @@ class Server(_Handle):
         takes the peer's dials for them; and it accepts the peer's session
         when that presents ``id`` and ``token``. Adding the same peer again
         does nothing; a new url or token restarts it."""
+        # A bad configuration, as Server(peers=...) without them says: a
+        # ValueError here rather than the engine's TunnelError (an OSError).
+        if self._peer_id is None or self._peer_token is None:
+            raise ValueError("add_peer needs this server's peer_id and peer_token")
         pid = _options.peer_field("id", id)
         tok = _options.peer_field("token", token)
         if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
             raise ValueError(f"peer url must be ws:// or wss://, got {url!r}")
-        _engine.server_add_peer(self._live_handle(), url, pid, tok)
+        # The agent's URL rules (the engine's own): a URL it would refuse is
+        # a ValueError, as for Client(url), not a TunnelError.
+        from .client import _check_url  # here: client imports this module
+
+        _engine.server_add_peer(self._live_handle(), _check_url(url), pid, tok)
 
     def remove_peer(self, id: str) -> bool:
         """Removes a peer: closes our session to it and ends the sessions it
