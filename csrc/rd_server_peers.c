@@ -221,6 +221,17 @@ void rd_srv_peer_accept(rd_server *srv, rd_io *io, const char *id, const uint8_t
   if (ps->s == NULL) {
     peer_on_end(NULL, ps, "out of memory");
     peer_session_freed(ps);
+    return;
+  }
+  /* A peer keeps one link to us: a new session from it means the older ones
+   * are dead (a peer that restarted, or a path that broke without a reset,
+   * which the read deadline would notice only later). They go now, with
+   * their routes, so no dial waits on a session nobody answers. Ids must be
+   * unique in a group. */
+  for (peer_session *old = ps->next, *next; old != NULL; old = next) {
+    next = old->next; /* ending one unlinks it alone */
+    if (strcmp(rd_session_client_key(old->s), id) == 0)
+      rd_session_end(old->s, RD_WS_CLOSE_GOING_AWAY, "replaced by a newer session of the peer");
   }
 }
 
@@ -381,15 +392,6 @@ int rd_server_add_peer(rd_server *srv, const char *url, const char *id, const ch
     snprintf(err, errlen, "peer id and token must be non-empty single-line text");
     return RD_EMALFORMED;
   }
-  rd_addr_url u;
-  int arc = rd_addr_parse_url(url, strlen(url), &u);
-  if (arc < 0) {
-    snprintf(err, errlen, "bad peer URL (%s): %s",
-             arc == RD_ADDR_EBAD_SCHEME ? "unsupported scheme, want ws:// or wss://"
-                                        : rd_addr_strerror(arc),
-             url);
-    return RD_EMALFORMED;
-  }
   if (srv->closing) {
     snprintf(err, errlen, "server closing");
     return RD_ECLOSED;
@@ -476,15 +478,17 @@ void rd_srv_peers_close(rd_server *srv) {
 
 size_t rd_server_disconnect(rd_server *srv, const char *client_key) {
   size_t ended = rd_srv_end_client_sessions(srv, client_key, "disconnected");
+  /* Once to each peer: over our link, or while it is down over the session
+   * the peer opened to us (twice could end an agent that came back in
+   * between). Receivers end local sessions only, so nothing loops. */
   for (rd_peer *p = srv->peers; p != NULL; p = p->next) {
-    rd_session *link = p->link != NULL ? rd_client_session(p->link) : NULL;
-    if (link != NULL)
-      rd_session_send_text(link, RD_MSG_DISCONNECT_CLIENT, client_key);
+    rd_session *via = p->link != NULL ? rd_client_session(p->link) : NULL;
+    for (peer_session *ps = srv->peer_sessions; via == NULL && ps != NULL; ps = ps->next)
+      if (strcmp(rd_session_client_key(ps->s), p->id) == 0)
+        via = ps->s;
+    if (via != NULL)
+      rd_session_send_text(via, RD_MSG_DISCONNECT_CLIENT, client_key);
   }
-  /* Also over the sessions peers opened: a peer whose own link is down
-   * still hears it. Receivers end local sessions only, so nothing loops. */
-  for (peer_session *ps = srv->peer_sessions; ps != NULL; ps = ps->next)
-    rd_session_send_text(ps->s, RD_MSG_DISCONNECT_CLIENT, client_key);
   return ended;
 }
 

@@ -488,6 +488,30 @@ def test_flapping_peer_leaves_no_stale_route(raw_server, rd):
     assert took < 45, f"{flaps} flaps took {took:.1f} s"
 
 
+def test_new_session_of_a_peer_replaces_its_older_one(raw_server):
+    # A peer keeps one link: a second session under its id means the first
+    # is dead (say a path that broke without a reset). The first goes at
+    # once, with its routes, instead of holding dials until its deadline.
+    srv = raw_server
+    old = raw_peer(srv, "R1", "token-r1")
+    old.send_raw(tunnel_frames(old, wsraw.ADD_CLIENT, ["stale/1", "both/1"]))
+    support.ping_barrier(old)
+    assert srv.route("stale") == srv.route("both") == "R1"
+    new = raw_peer(srv, "R1", "token-r1", wait=False)  # inbound stays 1
+    assert old.wait_closed() == 1001
+    assert old.close_reason == "replaced by a newer session of the peer"
+    old.close()
+    new.send_raw(tunnel_frames(new, wsraw.ADD_CLIENT, ["both/2"]))
+    support.ping_barrier(new)
+    assert srv.route("stale") is None and srv.route("both") == "R1"
+    info = peer_info(srv, "R1")
+    assert info["inbound"] == 1 and info["keys"] == 1
+    label = key(clientkey="R1", peer="true")
+    assert counter(srv, ADD_SESSION, label) == 2 and counter(srv, REMOVE_SESSION, label) == 1
+    new.close()
+    wait_for(lambda: srv.route("both") is None, what="the last route to go")
+
+
 # ---------------------------------------------------------------------------
 # 6. Two peers announce the same key
 

@@ -201,7 +201,7 @@ TEST(test_add_peer_errors) {
                                       sizeof err), RD_EMALFORMED);
   CHECK_EQ_INT(rd_api_server_add_peer(g_a.h, "http://127.0.0.1:1/", "B", "tok", err, sizeof err),
                RD_EMALFORMED);
-  CHECK(strstr(err, "scheme") != NULL);
+  CHECK(strstr(err, "want ws:// or wss://") != NULL);
   rd_peer_list l;
   CHECK_EQ_INT(rd_api_server_peers(g_a.h, &l), RD_OK);
   CHECK_EQ_INT(l.count, 0);
