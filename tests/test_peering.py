@@ -24,7 +24,7 @@ import wsraw
 from support import (ADD_CONN, ADD_SESSION, PEER_ATTEMPT, PEER_CONNECTED, PEER_DISCONNECTED,
                      REMOVE_CONN, REMOVE_SESSION, TIMEOUT, key, round_trip, wait_for)
 
-TOKENS = {"A": "token-a", "B": "token-b", "C": "token-c"}
+TOKENS = {i: f"token-{i.lower()}" for i in "ABCDE"}
 PEER_FIELDS = {"id", "url", "state", "since", "attempts", "last_error", "inbound", "keys"}
 # Heap a live server may gain or lose between two quiet moments (a label
 # set, a table resized): far below what a session or 100,000 keys hold.
@@ -1163,3 +1163,35 @@ def test_client_url_list_retries_its_own_url_first(rd, tunnel_leak_check, tmp_pa
             assert cli.current_url == first.url
             support.check_balanced(cli)
     tunnel_leak_check.heap_margin = 0
+
+
+# ---------------------------------------------------------------------------
+# A group of five
+
+
+def test_five_server_group(rd, tunnel_leak_check, echo_server):
+    """Five servers in a full mesh, an HA agent on A: every server reaches it;
+    A goes: the rest drop the key, the agent fails over to B, all four reach
+    it again; the counters balance everywhere and nothing is left."""
+    fds_before = support.open_fds()
+    m = Mesh(rd, ids="ABCDE")
+    try:
+        s = m.servers
+        m.agent([s["A"].url, s["B"].url], "foo", backoff_min=0.05, backoff_max=0.2)
+        m.wait_route("foo", {"A": "", "B": "A", "C": "A", "D": "A", "E": "A"})
+        for srv in s.values():
+            dial_echo(srv, "foo", echo_server.address, f"via {srv.peer_id}".encode())
+        s["A"].close()
+        m.wait_route("foo", {"B": "", "C": "B", "D": "B", "E": "B"})
+        for srv in m.live():
+            dial_echo(srv, "foo", echo_server.address, f"again via {srv.peer_id}".encode())
+        echo_server.wait_finished(9)
+        m.wait_linked()  # the four still form a mesh
+        for srv in m.live():
+            support.wait_balanced(srv)
+            assert [p["state"] for p in srv.peers() if p["id"] == "A"] != ["connected"]
+    finally:
+        m.close()
+    gc.collect()
+    support.wait_engine_idle(rd)
+    support.assert_no_new_fds(fds_before)
