@@ -1,8 +1,9 @@
 """Command line: ``remotedialer-py server|client|demo|soak``.
 
 The server and client subcommands also accept the single-dash flags of the Go
-library's example programs (``-listen :8123``, ``-connect URL -id foo``), so
-scripts written for those keep working.
+library's example programs (``-listen :8123``, ``-id A -token T -peers
+id:token:url,...``, ``-connect URL -id foo``), so scripts written for those keep
+working.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 from . import __version__, _options
 
 PROG = "remotedialer-py"
-PEERING_UNSUPPORTED = "peering is not supported yet"
+DEFAULT_CONNECT = "ws://localhost:8123/connect"
 
 
 class _GoBool(argparse.Action):
@@ -80,6 +81,45 @@ def _header(value: str) -> tuple[str, str]:
     return name.strip(), val.strip()
 
 
+def _peer(value: str) -> tuple[str, str, str]:
+    """One ``--peer ID:TOKEN:URL``: strict, unlike the items of ``-peers``."""
+    try:
+        return _options.parse_peer(value.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def split_go_peers(text: str) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """The Go example server's ``-peers id:token:url,id:token:url``.
+
+    As in Go: split on ",", trim each item, split it in at most three parts
+    at ":" and skip an item that does not have three. Returns the peers and
+    the skipped (non-blank) items, which the caller warns about; blank items
+    (``-peers ""``, a trailing comma) are ignored without a word. An item
+    with three parts that still cannot work (an empty id or token, a URL
+    that is not ``ws://`` or ``wss://``) raises ValueError: Go would retry
+    it forever.
+    """
+    peers, skipped = [], []
+    for item in text.split(","):
+        item = item.strip()
+        parts = item.split(":", 2)
+        if len(parts) != 3:
+            if item:
+                skipped.append(item)
+            continue
+        peers.append(_options.parse_peer(tuple(parts)))
+    return peers, skipped
+
+
+def _client_urls(values: Optional[Sequence[str]]) -> list[str]:
+    """``--connect`` values, each possibly a comma-separated list, in order."""
+    urls = []
+    for value in values or [DEFAULT_CONNECT]:
+        urls.extend(u.strip() for u in value.split(",") if u.strip())
+    return urls
+
+
 def _positive_int(value: str) -> int:
     try:
         n = int(value)
@@ -107,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="WebSocket path agents connect to (default /connect)")
     srv.add_argument("--debug", "-debug", action=_GoBool, help="debug logging")
     srv.add_argument("--debug-connections", action="store_true",
-                     help="serve GET /debug/connections: every open session and connection")
+                     help="serve GET /debug/connections (every open session and connection) "
+                          "and GET /debug/peers (each HA peer: link state, last error, "
+                          "announced agents)")
     srv.add_argument("--tls-cert", metavar="PEM", default=None,
                      help="serve wss:// with this certificate (chain allowed)")
     srv.add_argument("--tls-key", metavar="PEM", default=None, help="private key for --tls-cert")
@@ -122,16 +164,35 @@ def build_parser() -> argparse.ArgumentParser:
                      help="authorize agents by 'Authorization: Bearer TOKEN' from FILE "
                           "(lines 'TOKEN CLIENT_KEY'; re-read on SIGHUP) instead of "
                           "trusting X-Tunnel-ID")
-    srv.add_argument("--id", "-id", default="", help="peer id (peering: not supported yet)")
-    srv.add_argument("--token", "-token", default="", help="peer token (peering: not supported yet)")
-    srv.add_argument("--peers", "-peers", default="", metavar="ID:TOKEN:URL,...",
-                     help="HA peers (not supported yet)")
+    group = srv.add_argument_group(
+        "HA group", "Servers of a group link to each other, announce their agents and carry "
+                    "each other's dials, so a dial through any server reaches an agent "
+                    "connected to another.")
+    group.add_argument("--id", "-id", "--peer-id", dest="id", default="", metavar="ID",
+                       help="this server's id in the group (sent to peers as X-API-Tunnel-ID)")
+    group.add_argument("--token", "-token", "--peer-token", dest="token", default="",
+                       metavar="TOKEN",
+                       help="the token this server presents to its peers "
+                            "(X-API-Tunnel-Token); each peer lists it for this server's id")
+    group.add_argument("--peers", "-peers", default="", metavar="ID:TOKEN:URL,...",
+                       help="peers as in the Go example server: comma-separated "
+                            "id:token:url items, where token is the one that peer presents "
+                            "and url its connect URL; an item without three parts is "
+                            "skipped with a warning, an item naming this server's own id "
+                            "is skipped, so every server can get the same list")
+    group.add_argument("--peer", dest="peer", action="append", type=_peer, default=[],
+                       metavar="ID:TOKEN:URL", help="one peer (repeatable; strict)")
+    group.add_argument("--peer-ca-file", metavar="PEM", default=None,
+                       help="wss:// peers: verify their certificates against these CAs "
+                            "(default, as in Go: not verified; the tokens authenticate)")
 
     cli = sub.add_parser(
         "client", allow_abbrev=False, help="run a tunnel agent",
         description="Connect to a server and serve the dials it sends through the tunnel.")
-    cli.add_argument("--connect", "-connect", default="ws://localhost:8123/connect", metavar="URL",
-                     help="server URL (default ws://localhost:8123/connect)")
+    cli.add_argument("--connect", "-connect", action="append", default=None, metavar="URL",
+                     help="server URL (default ws://localhost:8123/connect); repeat it, or "
+                          "separate URLs with commas, to fail over between the servers of "
+                          "an HA group: tried in order, a lost session on its own URL first")
     cli.add_argument("--id", "-id", default="foo", help="client id sent as X-Tunnel-ID (default foo)")
     cli.add_argument("--allow", "-allow", action="append", type=_pattern, default=None,
                      metavar="PATTERN",
@@ -180,12 +241,56 @@ def build_parser() -> argparse.ArgumentParser:
                "back to within its margin of the post-warm-up baseline.\n"
                "Long run: remotedialer-py soak -n 100000 -c 8 --csv soak.csv --plot soak.png")
     _soak.add_arguments(soak, _positive_int)
+    parser.subcommands = {"server": srv, "client": cli}  # for errors found after parsing
     return parser
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parses the command line. For ``server``, ``args.peer_list`` is every
+    peer of ``-peers`` and ``--peer`` in order, a later item replacing an
+    earlier one with the same id, ``args.peer_self`` the URL of the item
+    naming this server (skipped) or None, and ``args.peer_notes`` what to
+    warn about; for ``client``, ``args.connect`` is the list of server
+    URLs."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    return build_parser().parse_args(_split_go_bools(argv, ("debug",)))
+    parser = build_parser()
+    args = parser.parse_args(_split_go_bools(argv, ("debug",)))
+    if args.command == "server":
+        _resolve_peers(parser.subcommands["server"], args)
+    elif args.command == "client":
+        args.connect = _client_urls(args.connect)
+        if not args.connect:
+            parser.subcommands["client"].error("--connect: no server URL given")
+    return args
+
+
+def _resolve_peers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    try:
+        go_peers, skipped = split_go_peers(args.peers)
+    except ValueError as exc:
+        parser.error(f"-peers: {exc}")
+    notes = [f"-peers: skipping {item!r}: not id:token:url" for item in skipped]
+    merged: dict = {}
+    args.peer_self = None
+    for pid, token, url in go_peers + list(args.peer):
+        if pid == args.id:
+            args.peer_self = url  # the group's list, this server included: fine
+            continue
+        if pid in merged:
+            notes.append(f"peer {pid!r} given twice: {url} replaces {merged[pid][2]}")
+        merged[pid] = (pid, token, url)
+    if (merged or go_peers or args.peer) and not (args.id and args.token):
+        parser.error("--peers/--peer need this server's own --id and --token "
+                     "(-id ID -token TOKEN)")
+    for name in ("id", "token"):
+        value = getattr(args, name)
+        if value:
+            try:
+                _options.peer_field(name, value)
+            except ValueError as exc:
+                parser.error(f"--{name}: {exc}")
+    args.peer_list = list(merged.values())
+    args.peer_notes = notes
 
 
 def _setup_logging(debug: bool) -> None:
@@ -209,17 +314,12 @@ def _run_until_signal(tick: Optional[Callable[[], None]] = None, interval: float
 
 
 def run_server(args: argparse.Namespace) -> int:
-    if args.peers:
-        print(f"{PROG}: {PEERING_UNSUPPORTED}", file=sys.stderr)
-        return 2
     _setup_logging(args.debug)
     log = logging.getLogger("remotedialer_py")
-    if args.id or args.token:
-        log.debug("-id and -token only matter for peering, which is not supported yet; ignored")
+    for note in getattr(args, "peer_notes", []):
+        print(f"{PROG}: warning: {note}", file=sys.stderr)
     from .errors import TunnelError
-    from .server import Server
-
-    from .server import TokenAuthorizer
+    from .server import Server, TokenAuthorizer
 
     host, port = args.listen
     tls = {}
@@ -231,19 +331,26 @@ def run_server(args: argparse.Namespace) -> int:
         tls["proxy_ca_file"] = args.proxy_ca_file
     if args.proxy_insecure:
         tls["proxy_insecure"] = True
+    group = {}
+    if args.id:
+        group["peer_id"] = args.id
+    if args.token:
+        group["peer_token"] = args.token
+    if args.peer_ca_file:
+        group["peer_ca_file"] = args.peer_ca_file
+    peers = getattr(args, "peer_list", [])
     try:
         authorizer = TokenAuthorizer(args.tokens) if args.tokens else None
         # The Go example server's /client/... route stays on, as in Go; with
         # tokens it would bypass them, so it goes off then.
         srv = Server(listen=(host, port), path=args.path, authorizer=authorizer,
-                     proxy_route=authorizer is None, debug_route=args.debug_connections, **tls)
+                     proxy_route=authorizer is None, debug_route=args.debug_connections,
+                     peers=peers, **group, **tls)
         srv.start()
     except (TunnelError, ValueError, TypeError, OSError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     if authorizer is not None:
-        import signal
-
         def reload_tokens(signum: int, frame: object) -> None:
             try:
                 srv.reload_tokens()
@@ -255,11 +362,45 @@ def run_server(args: argparse.Namespace) -> int:
     try:
         bound = _options.format_hostport(srv.host or host, srv.port or 0)
         print(f"listening on {srv.url} (bound to {bound})", flush=True)
+        if peers:
+            own = getattr(args, "peer_self", None)
+            print(f"HA group: this server is {args.id}"
+                  + (f" (its own item, {own}, is skipped)" if own else ""), flush=True)
+            for pid, _token, url in peers:
+                print(f"added peer {pid} at {url}", flush=True)
         log.debug("agents authenticate with the X-Tunnel-ID header; metrics on /metrics")
-        _run_until_signal()
+        _run_until_signal(_peer_reporter(srv, log) if peers else None)
     finally:
         srv.close()
     return 0
+
+
+def _peer_reporter(srv: Any, log: logging.Logger) -> Callable[[], None]:
+    """A tick that logs each peer link's transitions (the engine reconnects
+    by itself): connected, or why the last attempt failed."""
+    from .errors import ClosedError
+
+    seen: dict = {}
+
+    def tick() -> None:
+        try:
+            peers = srv.peers()
+        except ClosedError:
+            return
+        for p in peers:
+            up = p["state"] == "connected"
+            why = p["last_error"] or ""
+            before = seen.get(p["id"], (False, ""))
+            if up and not before[0]:
+                log.info("peer %s: connected to %s", p["id"], p["url"])
+            elif not up and before[0]:
+                log.info("peer %s: disconnected%s; reconnecting", p["id"],
+                         f" ({why})" if why else "")
+            elif not up and why and why != before[1]:
+                log.info("peer %s: cannot connect to %s: %s; retrying", p["id"], p["url"], why)
+            seen[p["id"]] = (up, why)
+
+    return tick
 
 
 def run_client(args: argparse.Namespace) -> int:
@@ -268,40 +409,46 @@ def run_client(args: argparse.Namespace) -> int:
     from .client import Client
     from .errors import TunnelError
 
+    urls = list(args.connect)
     headers = [("X-Tunnel-ID", args.id)] + list(args.header)
     tls: dict = {}
-    if args.connect.startswith("wss://"):
+    if any(u.startswith("wss://") for u in urls):
         for name in ("ca_file", "client_cert", "client_key", "server_name"):
             if getattr(args, name):
                 tls[name] = getattr(args, name)
         if args.insecure:
             tls["insecure"] = True
     try:
-        cli = Client(args.connect, headers=headers, allow=args.allow, **tls)
+        cli = Client(urls, headers=headers, allow=args.allow, **tls)
         cli.start()
     except (TunnelError, ValueError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
-    state: dict = {"connected": False, "error": None}
+    state: dict = {"url": None, "error": None}
+    where = urls[0] if len(urls) == 1 else ", ".join(urls)
 
     def report() -> None:
-        # The engine reconnects by itself; this only logs the transitions.
-        now = cli.connected
-        if now and not state["connected"]:
-            log.info("connected to %s as %s", args.connect, args.id)
-        elif state["connected"] and not now:
+        # The engine reconnects (and fails over) by itself; this only logs
+        # the transitions. A switch between URLs faster than a tick still
+        # shows, as a new URL.
+        url = cli.current_url if cli.connected else None
+        if url is not None and url != state["url"]:
+            log.info("connected to %s as %s", url, args.id)
+            state["error"] = None
+        elif url is None and state["url"] is not None:
             why = cli.last_error
-            log.info("disconnected from %s%s; reconnecting", args.connect,
+            log.info("disconnected from %s%s; reconnecting", state["url"],
                      f" ({why})" if why else "")
-        elif not now:
-            why = cli.last_error
-            if why and why != state.get("error"):
-                log.info("cannot connect to %s: %s; retrying", args.connect, why)
             state["error"] = why
-        state["connected"] = now
+        elif url is None:
+            why = cli.last_error
+            if why and why != state["error"]:
+                log.info("cannot connect to %s: %s; retrying", where, why)
+            state["error"] = why
+        state["url"] = url
 
     try:
-        log.info("connecting to %s as %s", args.connect, args.id)
+        log.info("connecting to %s as %s", where, args.id)
         _run_until_signal(report, interval=0.2)
     finally:
         cli.close()

@@ -174,12 +174,14 @@ class CliProcess:
     sleeping. It runs outside the source tree so that `-m` imports the same
     package as the tests (PYTHONPATH), not an unbuilt copy in the cwd."""
 
-    def __init__(self, args, env=None):
+    def __init__(self, args, env=None, prefix=()):
         self.args = list(args)
         self.lines = []
         self._cond = threading.Condition()
+        # prefix: a command that execs the rest, e.g. ("ip", "netns", "exec",
+        # NAME), so that proc.pid is still the Python process.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "remotedialer_py", *self.args],
+            [*prefix, sys.executable, "-m", "remotedialer_py", *self.args],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, bufsize=1, env=env, cwd=tempfile.gettempdir(), start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -249,8 +251,9 @@ class CliProcess:
 
 @pytest.fixture
 def run_cli(rd):
-    """Factory: run_cli(*args, ready=r"listening") starts the CLI and, when
-    ready is a regex, waits for a matching output line. Everything started
+    """Factory: run_cli(*args, ready=r"listening", prefix=()) starts the CLI
+    (behind prefix, a command that execs it) and, when ready is a regex,
+    waits for a matching output line. Everything started
     is stopped at the end of the test."""
     pkg_parent = str(Path(rd.__file__).resolve().parent.parent)
     env = dict(os.environ)
@@ -259,8 +262,8 @@ def run_cli(rd):
         p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
     started = []
 
-    def start(*args, ready=r"listening", timeout=60.0):
-        p = CliProcess([str(a) for a in args], env=env)
+    def start(*args, ready=r"listening", timeout=60.0, prefix=()):
+        p = CliProcess([str(a) for a in args], env=env, prefix=prefix)
         started.append(p)
         if ready:
             p.wait_line(ready, timeout)

@@ -3,6 +3,7 @@ the server's /client/{id}/{scheme}/{host}/{path} route with curl and
 http.client. The server's /metrics must balance at the end of each test."""
 
 import hashlib
+import json
 import shutil
 import socket
 import subprocess
@@ -153,3 +154,28 @@ def test_help_names_the_subcommands(run_cli):
     assert proc.wait_exit(TIMEOUT) == 0, proc.output
     for word in ("server", "client", "demo"):
         assert word in proc.output
+
+
+def test_server_prints_its_peers_and_warns_about_skipped_items(run_cli):
+    closed = support.closed_port()
+    url = f"ws://127.0.0.1:{closed}/connect"
+    server = run_cli("server", "-listen", "127.0.0.1:0", "-id", "a", "-token", "ta",
+                     "-peers", f"junk, b:tb:{url},", "--debug-connections", ready=r"listening")
+    server.wait_line(rf"added peer b at {url}")
+    assert "warning: -peers: skipping 'junk'" in server.output
+    assert "HA group: this server is a" in server.output
+    # The link to b is refused; the reason shows in the log and /debug/peers.
+    server.wait_line(r"peer b: cannot connect to .*connection refused")
+    port = urllib.parse.urlsplit(server.wait_line(r"listening on (ws://\S+)").group(1)).port
+    status, body, _ = get(port, "/debug/peers")
+    assert status == 200
+    doc = json.loads(body)
+    assert doc["peer_id"] == "a"
+    assert [(p["id"], p["url"]) for p in doc["peers"]] == [("b", url)]
+    assert server.stop() == 0, server.output
+
+
+def test_server_peers_without_id_exits_2(run_cli):
+    proc = run_cli("server", "-peers", "b:tb:ws://127.0.0.1:1/connect", ready=None)
+    assert proc.wait_exit(TIMEOUT) == 2
+    assert "--id" in proc.output and "--token" in proc.output

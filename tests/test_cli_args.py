@@ -195,6 +195,7 @@ def test_server_defaults_match_go_example():
     assert args.path == "/connect"
     assert args.debug is False
     assert (args.id, args.token, args.peers) == ("", "", "")
+    assert (args.peer_list, args.peer_notes, args.peer_self) == ([], [], None)
 
 
 @pytest.mark.parametrize("argv", [
@@ -229,17 +230,114 @@ def test_server_bad_path_exits_2(capsys):
     assert "must start with '/'" in capsys.readouterr().err
 
 
-def test_server_peers_not_supported(capsys):
-    assert cli.main(["server", "-peers", "b:secret:ws://127.0.0.1:1/connect", "-id", "a",
-                     "-token", "secret"]) == 2
-    assert cli.PEERING_UNSUPPORTED in capsys.readouterr().err
+# -- HA group flags -------------------------------------------------------------
+
+URL_B = "ws://10.0.0.2:8123/connect"
+URL_C = "wss://c.example:8443/connect"
+
+
+def test_split_go_peers_mirrors_go():
+    # Split on ",", trim, SplitN(":", 3): the URL keeps its own colons.
+    peers, skipped = cli.split_go_peers(f" b:tb:{URL_B} ,c:tc:{URL_C}")
+    assert peers == [("b", "tb", URL_B), ("c", "tc", URL_C)]
+    assert skipped == []
+    # Items without three parts are skipped; blank ones without a word.
+    peers, skipped = cli.split_go_peers(f"junk,,b:tb:{URL_B}, only:two ,")
+    assert peers == [("b", "tb", URL_B)]
+    assert skipped == ["junk", "only:two"]
+    assert cli.split_go_peers("") == ([], [])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("b:tb:10.0.0.2:8123/connect", "ws:// or wss://"),   # three parts, no scheme
+    (f"b::{URL_B}", "token"),
+    (f":tb:{URL_B}", "id"),
+])
+def test_split_go_peers_rejects_items_that_cannot_work(text, message):
+    with pytest.raises(ValueError, match=message):
+        cli.split_go_peers(text)
+
+
+def test_server_go_peer_flags():
+    args = cli.parse_args(["server", "-id", "a", "-token", "ta",
+                           "-peers", f"b:tb:{URL_B}, c:tc:{URL_C}"])
+    assert (args.id, args.token) == ("a", "ta")
+    assert args.peer_list == [("b", "tb", URL_B), ("c", "tc", URL_C)]
+    assert args.peer_notes == []
+
+
+def test_server_gnu_peer_flags_and_aliases():
+    args = cli.parse_args(["server", "--peer-id", "a", "--peer-token", "ta",
+                           "--peer", f"b:tb:{URL_B}", "--peer", f"c:tc:{URL_C}",
+                           "--peer-ca-file", "/etc/ca.pem"])
+    assert (args.id, args.token, args.peer_ca_file) == ("a", "ta", "/etc/ca.pem")
+    assert args.peer_list == [("b", "tb", URL_B), ("c", "tc", URL_C)]
+    args = cli.parse_args(["server", "--id=a", "--token=ta", f"--peers=b:tb:{URL_B}"])
+    assert args.peer_list == [("b", "tb", URL_B)]
+
+
+def test_server_peers_skipped_items_are_noted():
+    args = cli.parse_args(["server", "-id", "a", "-token", "ta",
+                           "-peers", f"junk,b:tb:{URL_B},"])
+    assert args.peer_list == [("b", "tb", URL_B)]
+    assert args.peer_notes == ["-peers: skipping 'junk': not id:token:url"]
+
+
+def test_server_own_id_and_duplicates():
+    # The same list on every server of a group: each skips its own id.
+    group = f"a:ta:ws://10.0.0.1:8123/connect,b:tb:{URL_B}"
+    args = cli.parse_args(["server", "-id", "a", "-token", "ta", "-peers", group,
+                           "--peer", f"b:tb2:{URL_C}"])
+    assert args.peer_list == [("b", "tb2", URL_C)]  # the later item wins, as in Go's map
+    assert args.peer_self == "ws://10.0.0.1:8123/connect"
+    assert args.peer_notes == [f"peer 'b' given twice: {URL_C} replaces {URL_B}"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["-peers", f"b:tb:{URL_B}"],
+    ["-peers", f"b:tb:{URL_B}", "-id", "a"],
+    ["--peer", f"b:tb:{URL_B}", "--token", "ta"],
+])
+def test_server_peers_need_id_and_token(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.parse_args(["server", *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--id" in err and "--token" in err and "remotedialer-py server" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--peer", "b:tb"], "id:token:ws"),
+    (["--peer", "b:tb:http://h/c"], "id:token:ws"),
+    (["-peers", "b:tb:h:1/c"], "ws:// or wss://"),
+    (["--id", "a b\n"], "--id"),
+])
+def test_server_bad_peer_values_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.parse_args(["server", "-id", "a", "-token", "ta", *argv])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_server_blank_peers_is_no_peer():
+    # Go's example server with -peers "" (or "," ) adds nothing, id or not.
+    for text in ("", ",", " , "):
+        args = cli.parse_args(["server", "-peers", text])
+        assert (args.peer_list, args.peer_notes) == ([], [])
+
+
+def test_server_help_names_debug_peers(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["server", "--help"])
+    out = capsys.readouterr().out
+    assert "/debug/peers" in out and "--peer-id" in out and "-peers" in out
 
 
 def test_client_flags():
     args = cli.parse_args(["client", "--connect", "ws://127.0.0.1:1/connect", "--id", "bar",
                            "--allow", "tcp/127.0.0.1:*", "--allow", "unix/*",
                            "--header", "Authorization: Bearer x"])
-    assert args.connect == "ws://127.0.0.1:1/connect"
+    assert args.connect == ["ws://127.0.0.1:1/connect"]
     assert args.id == "bar"
     assert args.allow == ["tcp/127.0.0.1:*", "unix/*"]
     assert args.header == [("Authorization", "Bearer x")]
@@ -247,9 +345,22 @@ def test_client_flags():
 
 def test_client_go_flags_and_defaults():
     args = cli.parse_args(["client", "-connect", "ws://h:1/c", "-id", "x"])
-    assert (args.connect, args.id, args.allow) == ("ws://h:1/c", "x", None)
+    assert (args.connect, args.id, args.allow) == (["ws://h:1/c"], "x", None)
     args = cli.parse_args(["client"])
-    assert (args.connect, args.id) == ("ws://localhost:8123/connect", "foo")
+    assert (args.connect, args.id) == (["ws://localhost:8123/connect"], "foo")
+
+
+def test_client_several_servers_in_order():
+    args = cli.parse_args(["client", "--connect", "ws://a:1/c", "-connect", "ws://b:1/c, ws://c:1/c",
+                           "--connect=ws://d:1/c,"])
+    assert args.connect == ["ws://a:1/c", "ws://b:1/c", "ws://c:1/c", "ws://d:1/c"]
+
+
+def test_client_empty_connect_exits_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.parse_args(["client", "--connect", " , "])
+    assert info.value.code == 2
+    assert "no server URL" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [
