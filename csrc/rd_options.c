@@ -62,7 +62,7 @@ const rd_option rd_options[] = {
     {"metrics_route", RD_OPT_BOOL, RD_OPT_SERVER, SRV(metrics_route), NONE, SFIELD(metrics_route),
      0, 1, NULL, "serve `GET /metrics`", NULL},
     {"debug_route", RD_OPT_BOOL, RD_OPT_SERVER, SRV(debug_route), NONE, SFIELD(debug_route), 0, 0,
-     NULL, "serve `GET /debug/connections`", NULL},
+     NULL, "serve `GET /debug/connections` and `GET /debug/peers` (JSON)", NULL},
     {"tls_cert", RD_OPT_PATH, RD_OPT_SERVER, NONE, NONE, 0, 0, 0, "none (plain `ws://`)",
      "PEM certificate, leaf first, then intermediates: serve `wss://`", NULL},
     {"tls_key", RD_OPT_PATH, RD_OPT_SERVER, NONE, NONE, 0, 0, 0, "none",
