@@ -251,6 +251,17 @@ static void local_shutdown_cb(rd_io *io, int status) {
   rd_io_close(io, local_closed_cb);
 }
 
+/* After a PAUSE of ours: RESUME once what waits toward the local end is
+ * under max_buffer / 8. Checked wherever that amount falls: a write that
+ * completes, and the attach that hands over what came while connecting
+ * (the socket may take it all at once, and then no write completes). */
+static void resume_if_drained(rd_conn *c) {
+  if (c->we_paused && !c->failed && c->pending < c->s->cfg.max_buffer / 8) {
+    c->we_paused = 0;
+    rd_session_send_msg(c->s, RD_MSG_RESUME, c->id, NULL, 0);
+  }
+}
+
 static void local_write_cb(uv_write_t *req, int status) {
   rd_wreq *w = (rd_wreq *)req;
   rd_conn *c = w->owner;
@@ -263,10 +274,7 @@ static void local_write_cb(uv_write_t *req, int status) {
     end_local_failed(c, "write", status);
     return;
   }
-  if (c->we_paused && c->pending < c->s->cfg.max_buffer / 8) {
-    c->we_paused = 0;
-    rd_session_send_msg(c->s, RD_MSG_RESUME, c->id, NULL, 0);
-  }
+  resume_if_drained(c);
 }
 
 /* Queues b (this connection's own; the reference passes) for the local
@@ -631,6 +639,7 @@ int rd_conn_attach_io(rd_conn *c, rd_io *io) {
     local_write_owned(c, it->block, it->data, it->len);
     rd_free(it);
   }
+  resume_if_drained(c);
   rd_conn_update_reading(c);
   return RD_OK;
 }

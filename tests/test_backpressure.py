@@ -439,3 +439,43 @@ def test_client_peer_disappears_mid_message(rd, tunnel_leak_check, echo_server, 
             ws, _ = listener.accept(timeout=TIMEOUT)  # it reconnects
             ws.close()
     wait_engine_idle(rd)
+
+
+def test_pause_while_connecting_is_lifted_when_the_backlog_drains(rd, tunnel_leak_check,
+                                                                  echo_server):
+    # More than max_buffer arrives before the agent's local dial completes:
+    # the agent pauses the server. The dial completes and the socket takes
+    # the whole backlog at once (no write is left to complete): the agent
+    # must still RESUME, or the connection stays frozen.
+    chunk = bytes(range(256)) * 16  # 4 KiB
+    with wsraw.WSListener() as listener:
+        with rd.Client(listener.url, headers={"X-Tunnel-ID": "agent-r"},
+                       max_buffer=16 << 10) as cli:
+            ws, _ = listener.accept(timeout=TIMEOUT)
+            try:
+                # One write: CONNECT and 32 KiB of DATA reach the agent in
+                # one read, before its dial can complete.
+                burst = wsraw.encode_frame(wsraw.OP_BINARY, wsraw.encode_message(
+                    ws.next_id(), 2, wsraw.CONNECT, f"tcp/{echo_server.address}".encode()),
+                    mask=False)
+                for _ in range(8):
+                    burst += wsraw.encode_frame(wsraw.OP_BINARY, wsraw.encode_message(
+                        ws.next_id(), 2, wsraw.DATA, chunk), mask=False)
+                ws.send_raw(burst)
+                seen, echoed = [], 0
+                while wsraw.RESUME not in seen:
+                    msg = ws.recv_tunnel()
+                    assert msg.conn_id == 2 and msg.type != wsraw.ERROR, msg
+                    seen.append(msg.type)
+                    if msg.type == wsraw.DATA:
+                        echoed += len(msg.payload)
+                assert seen.index(wsraw.PAUSE) < seen.index(wsraw.RESUME)
+                ws.send_msg(2, wsraw.DATA, b"after resume")
+                rest = 8 * len(chunk) + len(b"after resume") - echoed
+                assert len(ws.recv_data(2, rest)) == rest
+                ws.send_msg(2, wsraw.ERROR, "EOF")
+                echo_server.wait_open(0)
+                support.wait_balanced(cli)
+            finally:
+                ws.close()
+    wait_engine_idle(rd)
