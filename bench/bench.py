@@ -794,6 +794,14 @@ def bench_peer(ports, seconds, repeat, concurrency, env):
                 h.close()
 
     mb = {name: bulk[name]["mb_s"] for name in bulk}
+
+    def paired(a_rounds, b_rounds, field):
+        # Ratios of the two paths within each round (measured seconds apart),
+        # and their median: steadier than best over best on a busy machine.
+        ratios = sorted(round(x[field] / y[field], 3) for x, y in zip(a_rounds, b_rounds))
+        return {"rounds": ratios, "median": ratios[(len(ratios) - 1) // 2] if len(ratios) % 2
+                else round((ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2, 3)}
+
     return {
         "repeat": repeat, "concurrency": concurrency,
         "latency": latency, "conns": conns, "bulk": bulk,
@@ -802,6 +810,15 @@ def bench_peer(ports, seconds, repeat, concurrency, env):
         "local_vs_relay2_mb": round(mb["local"] / mb["relay2"], 3),
         "peer_vs_local_conns": round(conns["peer"]["per_second"]
                                      / conns["local"]["per_second"], 3),
+        "paired": {
+            "peer_vs_local_mb": paired(samples["peer"], samples["local"], "mb_s"),
+            "peer_vs_relay3_mb": paired(samples["peer"], samples["relay3"], "mb_s"),
+            "local_vs_relay2_mb": paired(samples["local"], samples["relay2"], "mb_s"),
+            "peer_vs_local_conns": paired(conn_rounds["peer"], conn_rounds["local"], "per_second"),
+            "peer_minus_local_p50_us": sorted(
+                round(x["p50_us"] - y["p50_us"], 1)
+                for x, y in zip(latency["peer"]["rounds"], latency["local"]["rounds"])),
+        },
         "balanced": balanced,
     }
 
@@ -819,7 +836,8 @@ def kib(x):
 
 def report(results, args):
     lines = ["remotedialer-py benchmark "
-             f"({os.cpu_count()} cores, Python {sys.version.split()[0]}, {args.seconds:g} s phases)"]
+             f"({os.cpu_count()} cores, Python {sys.version.split()[0]}, {args.seconds:g} s phases; "
+             "1-min load average {:.2f} at start, {:.2f} at end)".format(*results["loadavg"])]
     bulk = results.get("bulk")
     if bulk:
         where = ("agent in this process (one engine loop at both ends)"
@@ -891,9 +909,20 @@ def report(results, args):
             total = f" = {sum(cpu.values()):.2f}" if len(cpu) > 1 else ""
             lines.append(f"      {names[name]:<40} {x['mb_s']:>8.1f} {x['mb_s'] / raw * 100:>6.1f}%"
                          f"   {parts}{total}".rstrip())
-        lines.append(f"    via the peer: {peer['peer_vs_local_mb'] * 100:.0f}% of the local path's "
-                     f"throughput, {peer['peer_vs_relay3_mb'] * 100:.0f}% of three relays'; "
-                     f"{peer['peer_vs_local_conns'] * 100:.0f}% of its connection rate")
+        pr = peer["paired"]
+
+        def pct(name):
+            r = pr[name]["rounds"]
+            return (f"{peer[name] * 100:.0f}% ({pr[name]['median'] * 100:.0f}%, "
+                    f"{r[0] * 100:.0f}-{r[-1] * 100:.0f}%)")
+
+        lines += [
+            "    ratios: best over best (median of the per-round ratios, their range)",
+            f"      via the peer / local: throughput {pct('peer_vs_local_mb')}, "
+            f"connections/s {pct('peer_vs_local_conns')}",
+            f"      via the peer / three relays: throughput {pct('peer_vs_relay3_mb')}",
+            f"      local / two relays: throughput {pct('local_vs_relay2_mb')}",
+        ]
         lines.append(f"    peering counters balanced: {peer['balanced']}")
     lines.append(f"counters balanced: {results.get('balanced')}")
     return "\n".join(lines)
@@ -944,7 +973,7 @@ def main():
 
     far = Helper(["--role", "far"], env)
     results = {"seconds": args.seconds, "cores": os.cpu_count(),
-               "python": sys.version.split()[0]}
+               "python": sys.version.split()[0], "loadavg": [os.getloadavg()[0]]}
     results["agent"] = "same process" if args.same_process else "own process"
     srv = rd.Server(listen="127.0.0.1:0")
     cli = agent = None
@@ -996,6 +1025,8 @@ def main():
             agent.close()
         srv.close()
         far.close()
+    # Other work on the machine shows here: the figures share its cores.
+    results["loadavg"].append(os.getloadavg()[0])
     print(report(results, args))
     if args.json:
         with open(args.json, "w") as f:
