@@ -367,6 +367,8 @@ def role_peer_server(peer_id):
                 out = srv.route(cmd["key"])
             elif op == "peers":
                 out = srv.peers()
+            elif op == "connections":
+                out = srv.connections()
             elif op == "forward":
                 fwd = srv.forward(cmd["key"], "tcp", f"127.0.0.1:{cmd['port']}",
                                   listen="127.0.0.1:0")
@@ -459,6 +461,10 @@ def send_for(port, seconds):
     payload = os.urandom(CHUNK)
     hdr = len(payload).to_bytes(4, "big")
     with socket.create_connection(("127.0.0.1", port), timeout=HELPER_TIMEOUT) as s:
+        # One round trip first, so the whole path is connected before the
+        # first megabytes: the figure is the steady state, not the connect.
+        s.sendall(b"\0\0\0\0")
+        recv_exact(s, 8)
         # A short warm-up on the same connection (buffers, TCP windows).
         for _ in range(8):
             s.sendall(hdr)
@@ -515,7 +521,10 @@ def bulk_rounds(paths, seconds, repeat):
     for _ in range(repeat):
         for name, port, procs in paths:
             before = {label: cpu_seconds(pid) for label, pid in procs.items()}
-            nbytes, secs = send_for(port, seconds)
+            try:
+                nbytes, secs = send_for(port, seconds)
+            except OSError as e:
+                raise RuntimeError(f"bulk through {name} (port {port}): {e!r}") from e
             sample = {"mb_s": round(nbytes / secs / 1e6, 1), "bytes": nbytes,
                       "seconds": round(secs, 3)}
             if procs:
