@@ -947,7 +947,8 @@ def main():
                    help="dials in flight for the open/close rate (default 64)")
     p.add_argument("--phases", default="abcd", help="which of a, b, c, d to run (default abcd)")
     p.add_argument("--repeat", "-r", type=int, default=2,
-                   help="runs of the raw/relays/tunnel triple in (a), best reported (default 2)")
+                   help="runs of the raw/relays/tunnel triple in (a), and rounds of (d); "
+                        "best reported (default 2)")
     p.add_argument("--same-process", action="store_true",
                    help="run the agent's Client for (a) and (b) in this process, as before")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
