@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""remotedialer-py benchmark: one run, three figures.
+"""remotedialer-py benchmark: one run, four figures.
 
 (a) Bulk throughput, one connection, in MB/s (10^6 B/s), three ways from the
     same sender to the same TCP sink:
@@ -24,6 +24,18 @@
     The heap is the live heap: engine_stats()['heap_bytes'] less the idle
     pooled I/O blocks ('pool_bytes'), a bounded cache the count would
     otherwise share.
+(d) HA peering: servers A and B, each a peer of the other and each in its
+    own process, an agent connected to A. A dial on A for the agent's key is
+    the local path; the same dial on B goes B -> peer session -> A -> agent.
+    Three paths, alternated --repeat rounds: plain TCP (no tunnel), a dial
+    on A, a dial on B, each measured in the dialing server's own process:
+      dial latency: one at a time for --seconds, dial + 4-byte echo + close,
+        p50/p90/p99 over all rounds;
+      connections opened and closed per second as in (b), best round;
+    then bulk as in (a), best of --repeat: raw, two plain relays (3 hops),
+    three plain relays (4 hops, as many as the peer path), forward on A
+    (3 hops) and forward on B (4 hops); for each, the CPU seconds per GiB of
+    every process in between (relays; A, B, agent), read from /proc.
 
 In (a) and (b) the agent (rd.Client) runs in its own process, as it does in
 production, so the server's engine loop carries one end of the tunnel and the
@@ -38,6 +50,7 @@ process.
     python bench/bench.py                    # defaults: 5 s phases, 10,000 idle
     python bench/bench.py --seconds 2 -n 2000 --json bench.json
     python bench/bench.py --phases a --same-process
+    python bench/bench.py --phases d         # HA peering only
 """
 
 import argparse
@@ -136,12 +149,14 @@ class Helper:
 
 
 def role_far():
-    """Three loopback services: a framed sink, accept-send-close, and
-    accept-send-hold. Commands: "held" (count), "release" (close held)."""
+    """Four loopback services: a framed sink, accept-send-close,
+    accept-send-hold, and echo (each connection's bytes sent back, closed at
+    its EOF). Commands: "held" (count), "release" (close held)."""
     raise_nofile()
     sink = socket.create_server(("127.0.0.1", 0), backlog=4096)
     closer = socket.create_server(("127.0.0.1", 0), backlog=4096)
     holder = socket.create_server(("127.0.0.1", 0), backlog=4096)
+    echo = socket.create_server(("127.0.0.1", 0), backlog=4096)
     held = []
     lock = threading.Lock()
 
@@ -204,10 +219,42 @@ def role_far():
             with lock:
                 held.append(c)
 
-    for fn in (accept_sink, accept_close, accept_hold):
+    def serve_echo():
+        # One selector loop for every echo connection: no thread to start per
+        # connection in the timed path.
+        sel = selectors.DefaultSelector()
+        echo.setblocking(False)
+        sel.register(echo, selectors.EVENT_READ)
+        while True:
+            for k, _ in sel.select():
+                if k.fileobj is echo:
+                    try:
+                        c, _ = echo.accept()
+                    except BlockingIOError:
+                        continue
+                    c.setblocking(False)
+                    sel.register(c, selectors.EVENT_READ)
+                    continue
+                c = k.fileobj
+                try:
+                    data = c.recv(65536)
+                    if data:
+                        c.setblocking(True)
+                        c.sendall(data)
+                        c.setblocking(False)
+                        continue
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    pass
+                sel.unregister(c)
+                c.close()
+
+    for fn in (accept_sink, accept_close, accept_hold, serve_echo):
         threading.Thread(target=fn, daemon=True).start()
     print(json.dumps({"sink": sink.getsockname()[1], "close": closer.getsockname()[1],
-                      "hold": holder.getsockname()[1]}), flush=True)
+                      "hold": holder.getsockname()[1], "echo": echo.getsockname()[1]}),
+          flush=True)
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "held":
@@ -288,6 +335,62 @@ def role_agent(url, key):
     cli.close()
 
 
+PEER_TOKEN = "bench-peer-token"
+
+
+def role_peer_server(peer_id):
+    """A Server of an HA group (peer_id, PEER_TOKEN) in its own process: prints
+    {"url": ...}, then answers one JSON command per line with one JSON line,
+    {"ok": result} or {"error": text}. The timed commands (latency, conns)
+    run here, beside this server's engine, as (b) runs beside its server."""
+    raise_nofile()
+    import remotedialer_py as rd
+
+    srv = rd.Server(listen="127.0.0.1:0", peer_id=peer_id, peer_token=PEER_TOKEN)
+    srv.start()
+    forwards = []
+    print(json.dumps({"url": srv.url}), flush=True)
+
+    def dialer(cmd):
+        if cmd.get("key") is None:  # the baseline: plain TCP, no tunnel
+            return raw_dialer(cmd["port"])
+        return tunnel_dialer(srv, cmd["key"], cmd["port"])
+
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        try:
+            if op == "add_peer":
+                srv.add_peer(cmd["url"], cmd["id"], PEER_TOKEN)
+                out = None
+            elif op == "route":
+                out = srv.route(cmd["key"])
+            elif op == "peers":
+                out = srv.peers()
+            elif op == "connections":
+                out = srv.connections()
+            elif op == "forward":
+                fwd = srv.forward(cmd["key"], "tcp", f"127.0.0.1:{cmd['port']}",
+                                  listen="127.0.0.1:0")
+                forwards.append(fwd)
+                out = fwd.port
+            elif op == "latency":
+                out = bench_latency(dialer(cmd), cmd["seconds"])
+            elif op == "conns":
+                out = bench_conns(dialer(cmd), cmd["seconds"], cmd["concurrency"])
+            elif op == "balanced":
+                out = counters_balance(srv)
+            else:
+                raise ValueError(f"unknown op {op!r}")
+        except Exception as e:  # noqa: BLE001 - reported to the benchmark process
+            print(json.dumps({"error": f"{op}: {type(e).__name__}: {e}"}), flush=True)
+            continue
+        print(json.dumps({"ok": out}), flush=True)
+    for fwd in forwards:
+        fwd.close()
+    srv.close()
+
+
 def role_relay(port):
     """A plain TCP relay to 127.0.0.1:port: prints its listening port, then
     takes connections one at a time, each copied both ways by one blocking
@@ -358,6 +461,10 @@ def send_for(port, seconds):
     payload = os.urandom(CHUNK)
     hdr = len(payload).to_bytes(4, "big")
     with socket.create_connection(("127.0.0.1", port), timeout=HELPER_TIMEOUT) as s:
+        # One round trip first, so the whole path is connected before the
+        # first megabytes: the figure is the steady state, not the connect.
+        s.sendall(b"\0\0\0\0")
+        recv_exact(s, 8)
         # A short warm-up on the same connection (buffers, TCP windows).
         for _ in range(8):
             s.sendall(hdr)
@@ -379,37 +486,67 @@ def send_for(port, seconds):
     return sent, elapsed
 
 
-def start_relays(sink_port, env):
-    """sender -> relay1 -> relay2 -> sink: returns (relay1's port, helpers)."""
+def start_relays(sink_port, env, count=2):
+    """A chain of `count` relays in front of the sink: relay k forwards to
+    relay k-1, relay 1 to the sink. Returns (ports, helpers), where ports[i]
+    is the entry of the chain of i + 1 relays (sender -> relay i+1 -> ... ->
+    relay 1 -> sink, i + 2 hops)."""
     relays = []
+    ports = []
     try:
         port = sink_port
-        for _ in range(2):
+        for _ in range(count):
             relays.append(Helper(["--role", "relay", "--port", str(port)], env))
             port = int(relays[-1].line())
+            ports.append(port)
     except BaseException:
         for h in relays:
             h.close()
         raise
-    return port, relays
+    return ports, relays
+
+
+def cpu_seconds(pid):
+    """User + system CPU seconds of process pid so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bulk_rounds(paths, seconds, repeat):
+    """paths: (name, port, {label: pid}) triples. Streams to each port in
+    turn, `repeat` rounds; each sample has MB/s and, for each labelled
+    process, its CPU seconds per GiB moved during that sample."""
+    samples = {name: [] for name, _, _ in paths}
+    for _ in range(repeat):
+        for name, port, procs in paths:
+            before = {label: cpu_seconds(pid) for label, pid in procs.items()}
+            try:
+                nbytes, secs = send_for(port, seconds)
+            except OSError as e:
+                raise RuntimeError(f"bulk through {name} (port {port}): {e!r}") from e
+            sample = {"mb_s": round(nbytes / secs / 1e6, 1), "bytes": nbytes,
+                      "seconds": round(secs, 3)}
+            if procs:
+                gib = nbytes / (1 << 30)
+                sample["cpu_s_per_gib"] = {
+                    label: round((cpu_seconds(pid) - before[label]) / gib, 3)
+                    for label, pid in procs.items()}
+            samples[name].append(sample)
+    best = {name: max(xs, key=lambda x: x["mb_s"]) for name, xs in samples.items()}
+    return samples, best
 
 
 def bench_bulk(srv, key, sink_port, seconds, repeat, env):
     """raw, two plain relays, tunnel, `repeat` times; the best of each."""
-    samples = {"raw": [], "relay": [], "tunnel": []}
-    relay_port, relays = start_relays(sink_port, env)
+    (_, relay_port), relays = start_relays(sink_port, env)
     try:
         with srv.forward(key, "tcp", f"127.0.0.1:{sink_port}", listen="127.0.0.1:0") as fwd:
-            for _ in range(repeat):
-                for name, port in (("raw", sink_port), ("relay", relay_port),
-                                   ("tunnel", fwd.port)):
-                    nbytes, secs = send_for(port, seconds)
-                    samples[name].append({"mb_s": round(nbytes / secs / 1e6, 1),
-                                          "bytes": nbytes, "seconds": round(secs, 3)})
+            samples, best = bulk_rounds([("raw", sink_port, {}), ("relay", relay_port, {}),
+                                         ("tunnel", fwd.port, {})], seconds, repeat)
     finally:
         for h in relays:
             h.close()
-    best = {name: max(xs, key=lambda x: x["mb_s"]) for name, xs in samples.items()}
     raw, relay, tun = (best[k]["mb_s"] for k in ("raw", "relay", "tunnel"))
     return {"raw_mb_s": raw, "relay_mb_s": relay, "tunnel_mb_s": tun,
             "ratio": round(tun / raw, 3), "relay_ratio": round(relay / raw, 3),
@@ -420,8 +557,19 @@ def bench_bulk(srv, key, sink_port, seconds, repeat, env):
             "relay_seconds": best["relay"]["seconds"], "samples": samples}
 
 
-def bench_conns(srv, key, port, seconds, concurrency):
+def tunnel_dialer(srv, key, port):
     address = f"127.0.0.1:{port}"
+    return lambda: srv.dial(key, "tcp", address, timeout=30)
+
+
+def raw_dialer(port):
+    return lambda: socket.create_connection(("127.0.0.1", port), timeout=30)
+
+
+def bench_conns(dial, seconds, concurrency):
+    """Keeps `concurrency` connections from dial() in flight to the far
+    side's accept-send-close service for `seconds`; a connection counts when
+    it has read that byte and then EOF."""
     sel = selectors.DefaultSelector()
     got_byte = {}
     done = errors = 0
@@ -430,7 +578,7 @@ def bench_conns(srv, key, port, seconds, concurrency):
     while True:
         if time.perf_counter() < deadline:
             while len(got_byte) < concurrency:
-                s = srv.dial(key, "tcp", address, timeout=30)
+                s = dial()
                 s.setblocking(False)
                 sel.register(s, selectors.EVENT_READ)
                 got_byte[s] = False
@@ -450,7 +598,7 @@ def bench_conns(srv, key, port, seconds, concurrency):
             if data:
                 got_byte[s] = True
                 continue
-            ok = data == b"" and got_byte[s] and s.tunnel_error is None
+            ok = data == b"" and got_byte[s] and getattr(s, "tunnel_error", None) is None
             errors += not ok
             sel.unregister(s)
             del got_byte[s]
@@ -460,6 +608,47 @@ def bench_conns(srv, key, port, seconds, concurrency):
     sel.close()
     return {"per_second": round(done / elapsed), "connections": done, "errors": errors,
             "seconds": round(elapsed, 3), "concurrency": concurrency}
+
+
+def bench_latency(dial, seconds, warmup=50):
+    """One connection at a time to the far side's echo service for
+    `seconds`: dial, send PING, read it back, close. Returns the times of
+    the whole sequence in microseconds (after `warmup` untimed ones) and the
+    count of those that failed."""
+    samples = []
+    errors = 0
+    msg = b"ping"
+    deadline = None
+    i = 0
+    while deadline is None or time.perf_counter() < deadline:
+        if i == warmup:
+            deadline = time.perf_counter() + seconds
+        i += 1
+        t = time.perf_counter()
+        try:
+            s = dial()
+            try:
+                s.sendall(msg)
+                ok = recv_exact(s, len(msg)) == msg
+            finally:
+                s.close()
+        except OSError:
+            ok = False
+        us = (time.perf_counter() - t) * 1e6
+        if deadline is None:
+            continue
+        if ok:
+            samples.append(round(us, 1))
+        else:
+            errors += 1
+    return {"samples_us": samples, "errors": errors}
+
+
+def percentile(sorted_xs, q):
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_xs:
+        return None
+    return sorted_xs[min(len(sorted_xs) - 1, max(0, int(-(-q * len(sorted_xs) // 100)) - 1))]
 
 
 def bench_idle(rd, srv, far, ports, n, env):
@@ -522,6 +711,127 @@ def bench_idle(rd, srv, far, ports, n, env):
     }
 
 
+def peer_ask(helper, timeout=HELPER_TIMEOUT, **cmd):
+    answer = json.loads(helper.ask(json.dumps(cmd), timeout))
+    if "error" in answer:
+        raise RuntimeError(f"peer server: {answer['error']}")
+    return answer["ok"]
+
+
+# The three ways (d) reaches the far side, in the order each round runs them:
+# (name, the server whose process dials, client key or None for plain TCP).
+PEER_KEY = "bench-peer"
+PEER_PATHS = (("raw", "A", None), ("local", "A", PEER_KEY), ("peer", "B", PEER_KEY))
+
+
+def bench_peer(ports, seconds, repeat, concurrency, env):
+    """(d): servers A and B of an HA group, each in its own process, each a
+    peer of the other; the agent connects to A. A dial on A for the agent's
+    key is local (A -> agent); the same dial on B goes through B's peer
+    session to A, then on to the agent. Each round runs every path once, in
+    turn, so slow spells of the machine fall on all of them."""
+    key = PEER_KEY
+    a = b = agent = None
+    relays = []
+    try:
+        a = Helper(["--role", "peer-server", "--peer-id", "A"], env)
+        b = Helper(["--role", "peer-server", "--peer-id", "B"], env)
+        a_url = json.loads(a.line())["url"]
+        b_url = json.loads(b.line())["url"]
+        peer_ask(a, op="add_peer", url=b_url, id="B")
+        peer_ask(b, op="add_peer", url=a_url, id="A")
+        agent = Helper(["--role", "agent", "--url", a_url, "--key", key], env)
+        if agent.line() != "ready":
+            raise RuntimeError("the peering agent did not connect")
+        wait_until(lambda: peer_ask(a, op="route", key=key) == ""
+                   and peer_ask(b, op="route", key=key) == "A", 60,
+                   "B to learn the agent's key from A")
+        servers = {"A": a, "B": b}
+        timed = seconds + HELPER_TIMEOUT
+
+        lat_rounds = {name: [] for name, _, _ in PEER_PATHS}
+        conn_rounds = {name: [] for name, _, _ in PEER_PATHS}
+        for _ in range(repeat):
+            for name, where, k in PEER_PATHS:
+                lat_rounds[name].append(peer_ask(servers[where], timed, op="latency", key=k,
+                                                 port=ports["echo"], seconds=seconds))
+        for _ in range(repeat):
+            for name, where, k in PEER_PATHS:
+                conn_rounds[name].append(peer_ask(servers[where], timed, op="conns", key=k,
+                                                  port=ports["close"], seconds=seconds,
+                                                  concurrency=concurrency))
+
+        def lat_figures(xs):
+            xs = sorted(xs)
+            return {"p50_us": percentile(xs, 50), "p90_us": percentile(xs, 90),
+                    "p99_us": percentile(xs, 99), "max_us": xs[-1] if xs else None,
+                    "mean_us": round(sum(xs) / len(xs), 1) if xs else None, "count": len(xs)}
+
+        latency = {}
+        for name, rounds in lat_rounds.items():
+            fig = lat_figures([x for r in rounds for x in r["samples_us"]])
+            fig["errors"] = sum(r["errors"] for r in rounds)
+            fig["rounds"] = [dict(lat_figures(r["samples_us"]), errors=r["errors"])
+                             for r in rounds]
+            latency[name] = fig
+        conns = {name: dict(max(rounds, key=lambda r: r["per_second"]), samples=rounds)
+                 for name, rounds in conn_rounds.items()}
+
+        fwd_a = peer_ask(a, op="forward", key=key, port=ports["sink"])
+        fwd_b = peer_ask(b, op="forward", key=key, port=ports["sink"])
+        relay_ports, relays = start_relays(ports["sink"], env, 3)
+        relay_pids = [h.proc.pid for h in relays]
+        tunnel_pids = {"A": a.proc.pid, "B": b.proc.pid, "agent": agent.proc.pid}
+        samples, best = bulk_rounds([
+            ("raw", ports["sink"], {}),
+            ("relay2", relay_ports[1], {f"relay{i + 1}": pid for i, pid in enumerate(relay_pids[:2])}),
+            ("relay3", relay_ports[2], {f"relay{i + 1}": pid for i, pid in enumerate(relay_pids)}),
+            ("local", fwd_a, tunnel_pids),
+            ("peer", fwd_b, tunnel_pids),
+        ], seconds, repeat)
+        bulk = {name: dict(best[name], samples=samples[name]) for name in samples}
+
+        try:
+            wait_until(lambda: peer_ask(a, op="balanced") and peer_ask(b, op="balanced")
+                       and agent.ask("balanced") == "true", 60, "balance")
+            balanced = True
+        except TimeoutError:
+            balanced = False
+    finally:
+        for h in [*relays, agent, b, a]:
+            if h is not None:
+                h.close()
+
+    mb = {name: bulk[name]["mb_s"] for name in bulk}
+
+    def paired(a_rounds, b_rounds, field):
+        # Ratios of the two paths within each round (measured seconds apart),
+        # and their median: steadier than best over best on a busy machine.
+        ratios = sorted(round(x[field] / y[field], 3) for x, y in zip(a_rounds, b_rounds))
+        return {"rounds": ratios, "median": ratios[(len(ratios) - 1) // 2] if len(ratios) % 2
+                else round((ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2, 3)}
+
+    return {
+        "repeat": repeat, "concurrency": concurrency,
+        "latency": latency, "conns": conns, "bulk": bulk,
+        "peer_vs_local_mb": round(mb["peer"] / mb["local"], 3),
+        "peer_vs_relay3_mb": round(mb["peer"] / mb["relay3"], 3),
+        "local_vs_relay2_mb": round(mb["local"] / mb["relay2"], 3),
+        "peer_vs_local_conns": round(conns["peer"]["per_second"]
+                                     / conns["local"]["per_second"], 3),
+        "paired": {
+            "peer_vs_local_mb": paired(samples["peer"], samples["local"], "mb_s"),
+            "peer_vs_relay3_mb": paired(samples["peer"], samples["relay3"], "mb_s"),
+            "local_vs_relay2_mb": paired(samples["local"], samples["relay2"], "mb_s"),
+            "peer_vs_local_conns": paired(conn_rounds["peer"], conn_rounds["local"], "per_second"),
+            "peer_minus_local_p50_us": sorted(
+                round(x["p50_us"] - y["p50_us"], 1)
+                for x, y in zip(latency["peer"]["rounds"], latency["local"]["rounds"])),
+        },
+        "balanced": balanced,
+    }
+
+
 def counters_balance(obj):
     m = obj.metrics()
     adds = m.get("session_server_total_add_connections", {})
@@ -535,7 +845,8 @@ def kib(x):
 
 def report(results, args):
     lines = ["remotedialer-py benchmark "
-             f"({os.cpu_count()} cores, Python {sys.version.split()[0]}, {args.seconds:g} s phases)"]
+             f"({os.cpu_count()} cores, Python {sys.version.split()[0]}, {args.seconds:g} s phases; "
+             "1-min load average {:.2f} at start, {:.2f} at end)".format(*results["loadavg"])]
     bulk = results.get("bulk")
     if bulk:
         where = ("agent in this process (one engine loop at both ends)"
@@ -566,6 +877,62 @@ def report(results, args):
                          f"RSS {kib(s['rss_bytes_per_conn']):>11}   "
                          f"(live heap {s['heap_bytes_baseline']} -> {s['heap_bytes_open']} -> "
                          f"{s['heap_bytes_after_close']} bytes after close)")
+    peer = results.get("peer")
+    if peer:
+        lat, conns, bulk = peer["latency"], peer["conns"], peer["bulk"]
+        rounds = f"{peer['repeat']} round" + ("s" if peer["repeat"] != 1 else "")
+        label = {"raw": "plain TCP, no tunnel", "local": "local: dial on A",
+                 "peer": "via the peer: dial on B"}
+        lines += [
+            "(d) HA peering: the agent on server A, B reaches it through its peer session to A;",
+            f"    A, B and the agent each in their own process; paths alternated, {rounds}",
+            f"    {'dial + 4-byte echo + close, one at a time':<42} {'p50':>10} {'p90':>10} "
+            f"{'p99':>10} {'samples':>8}",
+        ]
+        for name in ("raw", "local", "peer"):
+            x = lat[name]
+            lines.append(f"      {label[name]:<40} {x['p50_us'] / 1000:>7.3f} ms "
+                         f"{x['p90_us'] / 1000:>7.3f} ms {x['p99_us'] / 1000:>7.3f} ms "
+                         f"{x['count']:>8}" + (f"  ({x['errors']} errors)" if x["errors"] else ""))
+        lines.append(f"    connections opened and closed, {peer['concurrency']} in flight, "
+                     f"best of {peer['repeat']}")
+        for name in ("raw", "local", "peer"):
+            x = conns[name]
+            lines.append(f"      {label[name]:<40} {x['per_second']:>8} per second"
+                         + (f"  ({x['errors']} errors)" if x["errors"] else ""))
+        raw = bulk["raw"]["mb_s"]
+        lines.append(f"    {'bulk, one connection, best of ' + str(peer['repeat']):<42} {'MB/s':>8} "
+                     f"{'of raw':>7}   CPU s/GiB of the processes in between")
+        names = {"raw": "raw loopback TCP (1 hop)", "relay2": "two plain relays (3 hops)",
+                 "relay3": "three plain relays (4 hops)", "local": "forward on A (3 hops)",
+                 "peer": "forward on B, via the peer (4 hops)"}
+        for name in ("raw", "relay2", "relay3", "local", "peer"):
+            x = bulk[name]
+            cpu = x.get("cpu_s_per_gib") or {}
+            if name == "local":  # B is idle then; its few ticks are in the JSON
+                cpu = {k: v for k, v in cpu.items() if k != "B"}
+            if name.startswith("relay"):
+                parts = "relays " + " + ".join(f"{v:.2f}" for v in cpu.values())
+            else:
+                parts = " + ".join(f"{k} {v:.2f}" for k, v in cpu.items())
+            total = f" = {sum(cpu.values()):.2f}" if len(cpu) > 1 else ""
+            lines.append(f"      {names[name]:<40} {x['mb_s']:>8.1f} {x['mb_s'] / raw * 100:>6.1f}%"
+                         f"   {parts}{total}".rstrip())
+        pr = peer["paired"]
+
+        def pct(name):
+            r = pr[name]["rounds"]
+            return (f"{peer[name] * 100:.0f}% ({pr[name]['median'] * 100:.0f}%, "
+                    f"{r[0] * 100:.0f}-{r[-1] * 100:.0f}%)")
+
+        lines += [
+            "    ratios: best over best (median of the per-round ratios, their range)",
+            f"      via the peer / local: throughput {pct('peer_vs_local_mb')}, "
+            f"connections/s {pct('peer_vs_local_conns')}",
+            f"      via the peer / three relays: throughput {pct('peer_vs_relay3_mb')}",
+            f"      local / two relays: throughput {pct('local_vs_relay2_mb')}",
+        ]
+        lines.append(f"    peering counters balanced: {peer['balanced']}")
     lines.append(f"counters balanced: {results.get('balanced')}")
     return "\n".join(lines)
 
@@ -578,9 +945,10 @@ def main():
                    help="idle connections opened for the memory figure (default 10000)")
     p.add_argument("--concurrency", "-c", type=int, default=64,
                    help="dials in flight for the open/close rate (default 64)")
-    p.add_argument("--phases", default="abc", help="which of a, b, c to run (default abc)")
+    p.add_argument("--phases", default="abcd", help="which of a, b, c, d to run (default abcd)")
     p.add_argument("--repeat", "-r", type=int, default=2,
-                   help="runs of the raw/relays/tunnel triple in (a), best reported (default 2)")
+                   help="runs of the raw/relays/tunnel triple in (a), and rounds of (d); "
+                        "best reported (default 2)")
     p.add_argument("--same-process", action="store_true",
                    help="run the agent's Client for (a) and (b) in this process, as before")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -588,6 +956,7 @@ def main():
     p.add_argument("--url", help=argparse.SUPPRESS)
     p.add_argument("--key", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--peer-id", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.role == "far":
@@ -598,6 +967,8 @@ def main():
         return role_agent(args.url, args.key)
     if args.role == "relay":
         return role_relay(args.port)
+    if args.role == "peer-server":
+        return role_peer_server(args.peer_id)
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
 
@@ -612,7 +983,7 @@ def main():
 
     far = Helper(["--role", "far"], env)
     results = {"seconds": args.seconds, "cores": os.cpu_count(),
-               "python": sys.version.split()[0]}
+               "python": sys.version.split()[0], "loadavg": [os.getloadavg()[0]]}
     results["agent"] = "same process" if args.same_process else "own process"
     srv = rd.Server(listen="127.0.0.1:0")
     cli = agent = None
@@ -645,13 +1016,17 @@ def main():
             results["bulk"] = bench_bulk(srv, "bench", ports["sink"], args.seconds,
                                          args.repeat, env)
         if "b" in args.phases:
-            results["conns"] = bench_conns(srv, "bench", ports["close"], args.seconds,
-                                           args.concurrency)
+            results["conns"] = bench_conns(tunnel_dialer(srv, "bench", ports["close"]),
+                                           args.seconds, args.concurrency)
+        if "d" in args.phases:
+            results["peer"] = bench_peer(ports, args.seconds, args.repeat, args.concurrency, env)
         try:
             wait_until(lambda: counters_balance(srv) and agent_balanced(), 60, "balance")
             results["balanced"] = True
         except TimeoutError:
             results["balanced"] = False
+        if "peer" in results:
+            results["balanced"] = results["balanced"] and results["peer"]["balanced"]
         results["engine_stats_end"] = rd.engine_stats()
     finally:
         if cli is not None:
@@ -660,6 +1035,8 @@ def main():
             agent.close()
         srv.close()
         far.close()
+    # Other work on the machine shows here: the figures share its cores.
+    results["loadavg"].append(os.getloadavg()[0])
     print(report(results, args))
     if args.json:
         with open(args.json, "w") as f:
