@@ -32,6 +32,7 @@ __all__ = [
     "errors",
     "engine_stats",
     "engine_trim",
+    "set_callback_threads",
     "__version__",
 ]
 
@@ -49,10 +50,12 @@ _LAZY = {
     "TunnelTimeoutError": ("errors", "TunnelTimeoutError"),
     "errors": ("errors", None),
     "engine_stats": ("_runtime", "engine_stats"),
+    "set_callback_threads": ("_callbacks", "set_pool_size"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover - static analysers see plain imports
     from . import errors
+    from ._callbacks import set_pool_size as set_callback_threads
     from ._runtime import engine_stats
     from .client import Client
     from .errors import ClientNotFoundError, ClosedError, TunnelError, TunnelTimeoutError

@@ -1,16 +1,18 @@
-"""The one Python thread that answers the engine's questions.
+"""The pool of Python threads that answer the engine's questions.
 
 The engine's loop thread never takes the GIL. When it needs a decision from
 Python code (a server authorizer, a client's connect authorizer) it queues a
-request; this thread takes requests with ``_engine.next_request``, calls the
-owner's hook and posts the verdict with ``_engine.answer``. It starts when the
-first owner with a Python callable registers, and runs until shutdown. In a
-forked child it starts again for the child's own owners: the parent's are
-forgotten, with the thread that served them.
+request; each pool thread takes requests with ``_engine.next_request`` (one
+queue, any number of takers), calls the owner's hook and posts the verdict
+with ``_engine.answer``. So one slow authorizer holds one thread, not every
+other agent's handshake or every other dial. The threads start when the
+first owner with a Python callable registers (``set_callback_threads`` sets
+how many) and run until shutdown. In a forked child they start again for the
+child's own owners: the parent's are forgotten, with the threads that served
+them.
 
 Owners are held by weak reference, so a dropped Server/Client can still be
-collected (its ``__del__`` closes it). A slow callable delays every other
-decision, so authorizers should be quick.
+collected (its ``__del__`` closes it).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ log = logging.getLogger("remotedialer_py")
 _cond = threading.Condition(threading.RLock())
 _owners: dict[int, "weakref.ref[Any]"] = {}
 _pending = 0  # owners being created whose handle is not known yet
-_thread: threading.Thread | None = None
+_threads: list[threading.Thread] = []
+_size = 4  # threads in the pool
+_MAX_SIZE = 256
 _stopping = False
 
 # How long a request for an unknown owner waits for a registration in flight.
@@ -64,7 +68,7 @@ def creating() -> Iterator[None]:
     global _pending
     with _cond:
         _pending += 1
-        _ensure_thread()
+        _ensure_threads()
     try:
         yield
     finally:
@@ -77,7 +81,7 @@ def register(handle: int, owner: Any) -> None:
     """Routes requests for `handle` to ``owner._answer_request(kind, payload)``."""
     with _cond:
         _owners[handle] = weakref.ref(owner)
-        _ensure_thread()
+        _ensure_threads()
         _cond.notify_all()
 
 
@@ -86,22 +90,57 @@ def unregister(handle: int) -> None:
         _owners.pop(handle, None)
 
 
+def set_pool_size(threads: int) -> None:
+    """How many threads answer the engine's questions (default 4): as many
+    authorizer or connect-authorizer calls can be in progress at once. A
+    larger pool starts its new threads now if the pool runs; a smaller one
+    lets the surplus threads exit after their current call."""
+    global _size
+    if isinstance(threads, bool) or not isinstance(threads, int) or \
+            not 1 <= threads <= _MAX_SIZE:
+        raise ValueError(f"callback threads must be an int from 1 to {_MAX_SIZE}, got {threads!r}")
+    with _cond:
+        _size = threads
+        if _threads:
+            _ensure_threads()
+
+
+def pool_size() -> int:
+    return _size
+
+
 def stop(timeout: float = 2.0) -> None:
-    """Stops the thread (at shutdown); it exits within one poll interval."""
+    """Stops the threads (at shutdown); each exits within one poll interval."""
     global _stopping
     with _cond:
         _stopping = True
-        thread = _thread
-    if thread is not None and thread is not threading.current_thread():
-        thread.join(timeout)
+        threads = list(_threads)
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        if thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
-def _ensure_thread() -> None:
-    global _thread
-    if _stopping or (_thread is not None and _thread.is_alive()):
+def _ensure_threads() -> None:
+    """Tops the pool up to its size (the caller holds _cond)."""
+    if _stopping:
         return
-    _thread = threading.Thread(target=_run, name="remotedialer-callbacks", daemon=True)
-    _thread.start()
+    _threads[:] = [t for t in _threads if t.is_alive()]
+    while len(_threads) < _size:
+        thread = threading.Thread(target=_run, name=f"remotedialer-callbacks-{len(_threads)}",
+                                  daemon=True)
+        _threads.append(thread)
+        thread.start()
+
+
+def _surplus() -> bool:
+    """Whether this thread should leave a pool that was made smaller."""
+    with _cond:
+        me = threading.current_thread()
+        if len(_threads) > _size and me in _threads:
+            _threads.remove(me)
+            return True
+    return False
 
 
 def _lookup(owner_handle: int) -> Any:
@@ -144,12 +183,11 @@ def _handle(request: Any) -> None:
 def _after_fork_in_child() -> None:
     # Only the forking thread survives: the lock may be held by a thread that
     # is gone, the owners are the parent's (their handles are stale here).
-    global _cond, _pending, _thread
+    global _cond, _pending
     _cond = threading.Condition(threading.RLock())
     _owners.clear()
     _pending = 0
-    if _thread is not threading.current_thread():
-        _thread = None
+    _threads[:] = [t for t in _threads if t is threading.current_thread()]
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -160,6 +198,8 @@ def _run() -> None:
         with _cond:
             if _stopping:
                 return
+        if _surplus():
+            return
         try:
             request = _engine.next_request(_POLL)
         except _engine.ClosedError:

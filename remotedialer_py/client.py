@@ -94,8 +94,9 @@ class Client(_Handle):
     - ``allow``: which dials this agent serves. None allows everything; a list
       of patterns like ``"tcp/127.0.0.1:*"`` (``*`` matches any run of
       characters) allows the matching ``proto/address``; a callable
-      ``f(proto, address) -> bool`` decides each one (it runs on one shared
-      Python thread; an exception counts as a refusal). A refused dial is
+      ``f(proto, address) -> bool`` decides each one (it runs on the pool of
+      callback threads, see ``set_callback_threads``; an exception counts as
+      a refusal). A refused dial is
       answered with the error ``connect not allowed`` for that connection.
       A unix socket path is judged, and dialed, cleaned ("." and ".."
       resolved, "//" collapsed): ``"unix//run/ok/*"`` does not allow

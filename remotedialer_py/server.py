@@ -265,7 +265,7 @@ class Server(_Handle):
       port can register any key). Or a callable ``f(request) -> (client_key,
       ok)`` where ``request`` is a :class:`Request`; ``ok`` false answers 401
       ``failed authentication``; an exception answers 400 with ``str(exc)``.
-      It runs on one shared Python thread, so keep it quick. Or a
+      It runs on the pool of callback threads (``set_callback_threads``). Or a
       :class:`TokenAuthorizer` (bearer tokens, checked in the engine).
     - ``peer_id``, ``peer_token``: this server's id in an HA group and the
       token it presents to its peers (both needed for :meth:`add_peer`).
