@@ -339,6 +339,19 @@ class Group:
     def fds(self, name):
         return self.metrics(name)["process_open_fds"][()]
 
+    def settled_fds(self, name):
+        """A baseline: the count seen twice in a row. The server closes each
+        HTTP connection after its answer, so a count read right after the
+        previous request may still hold that one's descriptor."""
+        seen = [self.fds(name)]
+
+        def twice():
+            seen.append(self.fds(name))
+            return seen[-1] == seen[-2]
+
+        wait_for(twice, TIMEOUT, f"server {name}'s descriptor count to settle")
+        return seen[-1]
+
     def meshed(self, names):
         """Every link of `names` to the others up, in both directions."""
         for n in names:
@@ -471,7 +484,7 @@ def test_three_servers_failover(place, run_cli, helpers):
     for n in ("B", "C"):
         wait_for(lambda: group.peers(n)["A"]["keys"] == 2, TIMEOUT,
                  f"{n} to learn foo and bar from A")
-    base = {n: group.fds(n) for n in names}
+    base = {n: group.settled_fds(n) for n in names}
 
     # Through every server to both agents; a larger body through the two hops.
     for via in names:
@@ -551,7 +564,7 @@ def test_five_servers_full_mesh(run_cli, helpers, http_service):
         if n != "s3":
             wait_for(lambda n=n: group.peers(n)["s3"]["keys"] == 1, TIMEOUT,
                      f"{n} to learn foo from s3")
-    base = {n: group.fds(n) for n in names}
+    base = {n: group.settled_fds(n) for n in names}
 
     for via in names:
         status, body = group.get(via, f"/client/foo/http/127.0.0.1:{http_service.port}/hello")
