@@ -13,7 +13,7 @@ names, labels and HELP texts:
   families: prometheus_client appends ``_total`` to the name of every counter
   it exposes, which would rename them (``..._add_connections_total``) and
   break dashboards written for Go. Prometheus stores and queries an untyped
-  sample exactly like a counter's (``rate()`` works).
+  series like any other (``rate()`` works).
 - Our gauges (``remotedialer_*``) are gauges.
 - ``process_*`` is left out unless ``process=True``: prometheus_client's
   default registry already has a process collector with those names.
