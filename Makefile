@@ -76,7 +76,8 @@ pytest:
 # runtime preloaded into every Python the tests start). Leaks are not asked of
 # ASan here (CPython's own allocations would drown them); the engine's counting
 # allocator checks those (tests/test_exit.py, the leak fixture). Left out: tests
-# that run non-Python tools (they would inherit the preload), the C unit tests
+# that run non-Python tools (they would inherit the preload; the packaging test
+# runs the compiler), the C unit tests
 # (`make ctest` runs them under ASan already) and RSS-margin tests (ASan's
 # quarantine holds freed memory by design). Reports go to build/asan-report.*
 # and fail the run. The normal extension is rebuilt afterwards.
@@ -88,7 +89,8 @@ asan-test: build testdeps
 	RD_SANITIZE=1 $(PY) setup.py -q build_ext --inplace
 	@status=0; \
 	$(ASAN_PYTEST_ENV) $(PY) -m pytest -q -p no:cacheprovider --ignore=tests/test_codec_vectors.py \
-	  -k "not curl and not promtool and not soak and not churn and not valgrind" || status=$$?; \
+	  -k "not curl and not promtool and not soak and not churn and not valgrind" \
+	  -m "not packaging" || status=$$?; \
 	if ls build/asan-report.* >/dev/null 2>&1; then cat build/asan-report.*; status=1; fi; \
 	$(PY) setup.py -q build_ext --inplace; \
 	exit $$status
@@ -134,7 +136,7 @@ build: $(VENV)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 
 testdeps: $(VENV)
-	$(PY) -m pip install --quiet pytest websockets hypothesis
+	$(PY) -m pip install --quiet pytest websockets hypothesis prometheus_client mypy build
 
 ctest: $(CTEST_BIN)
 	@fail=0; n=0; \

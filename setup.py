@@ -159,6 +159,8 @@ setup(
     # Listed here rather than in pyproject.toml, where setuptools < 68 calls
     # [tool.setuptools] "beta" and warns on every build.
     packages=["remotedialer_py"],
+    # PEP 561: the package's annotations, and the C extension's stub.
+    package_data={"remotedialer_py": ["py.typed", "*.pyi"]},
     ext_modules=[
         Extension(
             "remotedialer_py._engine",

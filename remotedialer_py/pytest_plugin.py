@@ -19,6 +19,12 @@ when the test sets ``tunnel_leak_check.heap_margin`` (bytes) or calls
 Client the test made is closed, since live ones legitimately grow (label
 sets, tables).
 
+``--tunnel-leak-check`` (command line) or ``tunnel_leak_check = true``
+(ini file): applies the fixture to every test.
+
+An open connection that ``Server.dial`` made is reported with where it was
+dialed (``file:line``, the nearest caller outside this package).
+
 ``assert_balanced(server_or_client)``: raises AssertionError unless every label
 set of the connection counters (and, unless ``sessions=False``, of the
 websocket session counters) has as many removals as additions.
@@ -167,6 +173,20 @@ def _live_objects() -> tuple[list[Any], list[Any]]:
     return list(server._live), list(client._live)
 
 
+def _dialed_sockets() -> dict[int, str]:
+    """fd -> ", tunnel to KEY:proto/address dialed at file:line" for the
+    open sockets that live Servers' dial() returned."""
+    servers, _ = _live_objects()
+    out = {}
+    for srv in servers:
+        for sock in list(srv._dialed.values()):
+            fd = sock.fileno()
+            if fd >= 0:
+                out[fd] = (f", tunnel to {sock.client_key}:{sock.target}"
+                           f" dialed at {sock.dialed_at}")
+    return out
+
+
 def _trimmed_stats() -> dict:
     """engine_stats() after the idle pools went back to the allocator, with
     ``heap_bytes`` not counting what a pool may still hold."""
@@ -236,15 +256,20 @@ class LeakCheck:
                 except Exception:  # noqa: BLE001 - closed meanwhile
                     continue
                 for c in conns:
+                    sock = srv._dialed.get(c.get("id"))
+                    where = f" (dialed at {sock.dialed_at})" if sock is not None and \
+                        sock.dialed_at else ""
                     out.append(f"  open connection on {srv!r}: " +
-                               " ".join(f"{k}={c[k]}" for k in sorted(c)))
+                               " ".join(f"{k}={c[k]}" for k in sorted(c)) + where)
         if fds is not None and self.fds is not None and len(fds) > len(self.fds):
             out.append(f"{len(fds) - len(self.fds)} file descriptors over baseline "
                        f"({len(self.fds)} -> {len(fds)}):")
             sockets = _socket_descriptions()
+            dialed = _dialed_sockets()
             for fd, target in sorted(fds.items()):
                 if self.fds.get(fd) != target:
-                    out.append(f"  fd {fd} -> {_describe_fd(target, sockets)}")
+                    out.append(f"  fd {fd} -> {_describe_fd(target, sockets)}"
+                               + dialed.get(fd, ""))
         if self.stats["open_connections"] == 0 and now["open_connections"] == 0:
             servers, clients = _live_objects()
             for obj in servers + clients:
@@ -270,6 +295,32 @@ class LeakCheck:
         problems = self.problems(settle, heap_margin)
         if problems:
             pytest.fail("tunnel leak check failed:\n" + "\n".join(problems), pytrace=False)
+
+
+def pytest_addoption(parser: Any) -> None:
+    group = parser.getgroup("remotedialer_py")
+    group.addoption("--tunnel-leak-check", action="store_true", default=False,
+                    help="apply the tunnel_leak_check fixture to every test")
+    parser.addini("tunnel_leak_check", type="bool", default=False,
+                  help="apply the tunnel_leak_check fixture to every test")
+
+
+def _check_every_test(config: Any) -> bool:
+    if config.getoption("tunnel_leak_check", False):
+        return True
+    try:
+        return bool(config.getini("tunnel_leak_check"))
+    except ValueError:  # registered after option parsing: no ini setting
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _tunnel_leak_check_everywhere(request: Any) -> None:
+    """``--tunnel-leak-check`` or ``tunnel_leak_check = true``: every test
+    gets the fixture (set up before the test's own function fixtures, so
+    their leaks count)."""
+    if _check_every_test(request.config):
+        request.getfixturevalue("tunnel_leak_check")
 
 
 @pytest.fixture

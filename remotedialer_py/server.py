@@ -6,10 +6,12 @@ import dataclasses
 import logging
 import os
 import socket
+import sys
 import threading
+import types
 import warnings
 import weakref
-from typing import Any, Callable, Iterator, Mapping, Optional, Tuple
+from typing import Any, Callable, Iterator, Mapping, Optional, Tuple, Union
 
 from . import _callbacks, _engine, _options, _runtime  # noqa: F401 - _runtime registers the exit hook
 from .tunnel_socket import TunnelSocket
@@ -19,7 +21,8 @@ log = logging.getLogger("remotedialer_py")
 # Started, unclosed servers: lets the pytest plugin list what stayed open.
 _live: "weakref.WeakSet[Server]" = weakref.WeakSet()
 
-MetricsDict = dict  # {name: {((label, value), ...): int | float}}
+# {name: {((label, value), ...): int | float}}
+MetricsDict = dict[str, dict[Tuple[Tuple[str, str], ...], Union[int, float]]]
 
 
 class Headers(Mapping[str, str]):
@@ -31,6 +34,8 @@ class Headers(Mapping[str, str]):
     """
 
     __slots__ = ("_raw", "_first")
+    _raw: Tuple[Tuple[str, str], ...]
+    _first: dict[str, Tuple[str, str]]
 
     def __init__(self, pairs: Any = ()) -> None:
         raw = tuple((str(k), str(v)) for k, v in pairs)
@@ -91,6 +96,18 @@ def _metrics_dict(samples: Any) -> MetricsDict:
     return out
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _caller() -> Optional[str]:
+    """"file:line" of the nearest frame outside this package."""
+    frame: Optional[types.FrameType] = sys._getframe(1)
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) \
+            == _PACKAGE_DIR:
+        frame = frame.f_back
+    return None if frame is None else f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
 def _resolve_listen(host: str) -> str:
     """Turns a host name into a numeric address for the engine to bind."""
     try:
@@ -110,7 +127,7 @@ def _resolve_listen(host: str) -> str:
         raise ValueError(f"cannot resolve listen host {host!r}: {exc.strerror}") from None
     # Prefer IPv4, as Go does for "localhost" on most systems.
     infos.sort(key=lambda info: info[0] != socket.AF_INET)
-    return infos[0][4][0]
+    return str(infos[0][4][0])
 
 
 def _url_host(host: str) -> str:
@@ -282,7 +299,8 @@ class Server(_Handle):
 
     _kind = "server"
 
-    def __init__(self, listen: Any = "127.0.0.1:0", authorizer: Optional[Authorizer] = None,
+    def __init__(self, listen: Any = "127.0.0.1:0",
+                 authorizer: Union[Authorizer, TokenAuthorizer, None] = None,
                  path: str = "/connect", *, peer_id: Optional[str] = None,
                  peer_token: Optional[str] = None, peers: Any = (),
                  peer_ca_file: Any = None, **options: Any) -> None:
@@ -309,6 +327,9 @@ class Server(_Handle):
         self._host: Optional[str] = None
         self._port: Optional[int] = None
         self._forwards: "weakref.WeakSet[Forward]" = weakref.WeakSet()
+        # conn_id -> the socket dial() returned, for the leak report.
+        self._dialed: "weakref.WeakValueDictionary[int, TunnelSocket]" = \
+            weakref.WeakValueDictionary()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -446,11 +467,14 @@ class Server(_Handle):
             idle = _options.duration("idle_timeout", idle_timeout)
             fd, conn_id, status = _engine.server_dial(handle, key, proto, address, wait, idle)
         try:
-            return TunnelSocket._from_dial(fd, conn_id=conn_id, client_key=key, proto=proto,
+            sock = TunnelSocket._from_dial(fd, conn_id=conn_id, client_key=key, proto=proto,
                                            address=address, status=status)
         except BaseException:
             os.close(fd)
             raise
+        sock.dialed_at = _caller()
+        self._dialed[conn_id] = sock
+        return sock
 
     def forward(self, client_key: str, proto: str, address: str,
                 listen: Any = "127.0.0.1:0") -> Forward:
@@ -543,7 +567,8 @@ class Server(_Handle):
     # -- engine requests ----------------------------------------------------
 
     def _answer_request(self, kind: str, payload: Any) -> Tuple[int, str]:
-        if kind != "auth" or self._authorizer is None:
+        authorizer = self._authorizer
+        if kind != "auth" or authorizer is None or isinstance(authorizer, TokenAuthorizer):
             return _callbacks.Verdict.UNAUTHORIZED, ""
         request = Request(
             method=str(payload.get("method", "")),
@@ -552,7 +577,7 @@ class Server(_Handle):
             remote_addr=str(payload.get("remote", "")),
         )
         try:
-            result = self._authorizer(request)
+            result = authorizer(request)
         except Exception as exc:  # noqa: BLE001 - the authorizer's way to answer 400
             log.debug("remotedialer-py: authorizer raised for %s", request.remote_addr, exc_info=True)
             text = str(exc) or type(exc).__name__

@@ -20,7 +20,7 @@ class TunnelSocket(socket.socket):
 
     Attributes: ``conn_id`` (the tunnel connection id), ``client_key``,
     ``tunnel_proto`` and ``address`` (the dial target, e.g. ``"tcp"`` and
-    ``"127.0.0.1:8080"``). ``proto`` keeps its ``socket.socket`` meaning (the
+    ``"127.0.0.1:8080"``), ``dialed_at`` (``"file:line"`` of the dial call). ``proto`` keeps its ``socket.socket`` meaning (the
     protocol number), since ssl and others pass it back to the constructor.
     When the far side fails (refused dial, reset, session lost) the socket
     reads EOF and ``tunnel_error`` holds the error text.
@@ -32,6 +32,7 @@ class TunnelSocket(socket.socket):
     client_key: str | None = None
     tunnel_proto: str | None = None
     address: str | None = None
+    dialed_at: str | None = None  # "file:line" of the dial() call
     _status: Any = None
 
     @classmethod
@@ -54,6 +55,7 @@ class TunnelSocket(socket.socket):
         sock = super().dup()
         sock.conn_id, sock.client_key = self.conn_id, self.client_key
         sock.tunnel_proto, sock.address = self.tunnel_proto, self.address
+        sock.dialed_at = self.dialed_at
         sock._status = self._status
         return sock
 
