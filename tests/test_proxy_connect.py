@@ -9,9 +9,10 @@ port the proxy will not CONNECT to (403), a proxy that never answers
 (handshake_timeout), the proxy killed under a live session (the session
 ends, the agent retries and reports the refused dial to the proxy, and gets
 back in once a proxy listens there again), wss:// through the tunnel, the
-CLI's --proxy, and the proxy= argument against the environment. The
-environment's rules themselves are in test_proxy_env.py: Go never proxies
-loopback servers, so an environment proxy cannot be exercised on loopback.
+CLI's --proxy, and the environment: read at construction, ignored for a
+loopback server (Go never proxies loopback), and followed end to end to a
+server on one of this machine's own non-loopback addresses (skipped where it
+has none). The environment's rules themselves are in test_proxy_env.py.
 """
 
 import os
@@ -402,3 +403,41 @@ def test_environment_read_at_construction(rd, tunnel_leak_check, monkeypatch, ti
         monkeypatch.setenv("REQUEST_METHOD", "GET")
         with pytest.raises(ValueError, match="refusing to use HTTP_PROXY value in CGI"):
             rd.Client(srv.url)
+
+
+def own_address():
+    """An IPv4 address of this machine that is not loopback, or None."""
+    if shutil.which("ip") is None:
+        return None
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"],
+                         capture_output=True, text=True, timeout=TIMEOUT).stdout
+    found = re.findall(r"\binet (\d+\.\d+\.\d+\.\d+)/", out)
+    return found[0] if found else None
+
+
+def test_environment_proxy_end_to_end(rd, tunnel_leak_check, monkeypatch, tinyproxy, echo_server):
+    """HTTP_PROXY from the environment carries an agent to a server on a
+    non-loopback address of this machine; NO_PROXY naming that address
+    sends it direct."""
+    addr = own_address()
+    if addr is None:
+        pytest.skip("no non-loopback IPv4 address on this machine (Go never proxies loopback)")
+    with rd.Server(listen=f"{addr}:0") as srv:
+        srv.start()
+        tp = tinyproxy([srv.port])
+        monkeypatch.delenv("REQUEST_METHOD", raising=False)
+        monkeypatch.delenv("http_proxy", raising=False)
+        monkeypatch.setenv("HTTP_PROXY", f"127.0.0.1:{tp.port}")
+        monkeypatch.setenv("NO_PROXY", "")
+        monkeypatch.setenv("no_proxy", "")
+        with rd.Client(srv.url, headers={"X-Tunnel-ID": KEY}) as cli:
+            assert cli.proxies == [tp.url()]
+            cli.wait_connected(TIMEOUT)
+            tp.wait_log(rf"Request .*: CONNECT {re.escape(addr)}:{srv.port} HTTP/1\.1")
+            support.dial_round_trip(srv, KEY, echo_server.address, b"via the environment")
+        wait_for(lambda: not srv.has_session(KEY), TIMEOUT, "the first session to end")
+        monkeypatch.setenv("NO_PROXY", f"{addr}/32")
+        with rd.Client(srv.url, headers={"X-Tunnel-ID": KEY}) as cli:
+            assert cli.proxies == [None]
+            cli.wait_connected(TIMEOUT)
+        assert len(re.findall(r"Request .*: CONNECT", tp.log)) == 1
