@@ -4,10 +4,9 @@
 Pure Python, no engine: every case passes its own environment mapping. The
 cases restate the ones Go's own tests check (proxy_test.go), in a table:
 an environment, a server URL, and the proxy that must be chosen (None:
-direct) or the error. A real agent taking the environment's proxy end to
-end would need a server on a non-loopback address (Go never proxies
-loopback); test_proxy_connect.py covers the tunnel itself with proxy=, and
-checks here that the environment is read at construction.
+direct) or the error. test_proxy_connect.py takes the environment's proxy
+end to end, to a server on a non-loopback address of the machine (Go never
+proxies loopback).
 """
 
 import pytest
