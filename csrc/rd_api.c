@@ -555,7 +555,7 @@ int rd_api_client_wait_connected(uint64_t handle, uint64_t timeout_ms, int *conn
 typedef struct {
   uint64_t handle;
   int connected;
-  char error[160];
+  char error[256];
   char url[512];
 } state_ctx;
 

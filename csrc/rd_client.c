@@ -14,6 +14,7 @@
 #include "rd_dialer.h"
 #include "rd_http.h"
 #include "rd_io.h"
+#include "rd_proxy_connect.h"
 #include "rd_ws.h"
 
 enum { CLI_WAITING, CLI_DIALING, CLI_HANDSHAKE, CLI_CONNECTED, CLI_CLOSED };
@@ -31,6 +32,8 @@ typedef struct client_target {
   char *host;        /* for the dial: "host:port" */
   char *server_name; /* wss: the name the certificate must match */
   char *request;     /* the handshake request head, ending in the key line */
+  char *proxy_addr;  /* through an HTTP proxy: its "host:port" to dial; else NULL */
+  char *proxy_request; /* and the CONNECT request for host */
   int tls;
 } client_target;
 
@@ -49,6 +52,7 @@ struct rd_client {
   char key[25];
   char resp[4096];
   size_t resp_len;
+  int proxy_stage;        /* waiting for the proxy's answer to CONNECT */
   int refused_status;     /* a non-101 answer whose body is being read */
   size_t refused_head;    /* its head length */
   size_t refused_body;    /* its Content-Length (SIZE_MAX: until EOF) */
@@ -57,7 +61,7 @@ struct rd_client {
   waiter *waiters;
   int refs;
   rd_cmd *close_waiter;
-  char last_error[160];
+  char last_error[256];
 };
 
 void rd_client_config_default(rd_client_config *cfg) {
@@ -82,6 +86,8 @@ static void targets_free(client_target *t, size_t n) {
     rd_free(t[i].host);
     rd_free(t[i].server_name);
     rd_free(t[i].request);
+    rd_free(t[i].proxy_addr);
+    rd_free(t[i].proxy_request);
   }
   rd_free(t);
 }
@@ -436,10 +442,18 @@ static void hs_read_cb(rd_io *io, ssize_t nread, const uv_buf_t *buf) {
 
 static void hs_timeout_cb(uv_timer_t *t) {
   rd_client *cli = t->data;
-  if (cli->state == CLI_HANDSHAKE)
-    handshake_fail(cli, cli->io != NULL && rd_io_is_tls(cli->io) && rd_io_error(cli->io)[0] == '\0'
-                            ? "websocket: handshake timeout (TLS or HTTP)"
-                            : "websocket: handshake timeout");
+  if (cli->state != CLI_HANDSHAKE)
+    return;
+  if (cli->proxy_stage) {
+    char why[RD_ADDR_JOINED_MAX + 96];
+    snprintf(why, sizeof why, "proxyconnect tcp: proxy %s did not answer CONNECT in time",
+             cli->targets[cli->current].proxy_addr);
+    handshake_fail(cli, why);
+    return;
+  }
+  handshake_fail(cli, cli->io != NULL && rd_io_is_tls(cli->io) && rd_io_error(cli->io)[0] == '\0'
+                          ? "websocket: handshake timeout (TLS or HTTP)"
+                          : "websocket: handshake timeout");
 }
 
 typedef struct {
@@ -455,7 +469,6 @@ static void hs_write_cb(uv_write_t *req, int status) {
 /* Sends the upgrade request and reads the answer (after TLS, if any). */
 static void send_upgrade(rd_client *cli) {
   rd_io *io = cli->io;
-  cli->resp_len = 0;
   cli->refused_status = 0;
   const char *request = cli->targets[cli->current].request;
   size_t rlen = strlen(request);
@@ -473,16 +486,105 @@ static void send_upgrade(rd_client *cli) {
     return;
   }
   rd_io_read_start(io, hs_alloc_cb, hs_read_cb);
+  if (cli->resp_len > 0)
+    handshake_check(cli); /* bytes that came with the proxy's answer */
 }
 
 static void tls_done_cb(rd_io *io, int status, const char *error) {
   rd_client *cli = rd_io_data(io);
   if (cli->io != io)
     return;
-  if (status < 0)
+  if (status < 0) {
     handshake_fail(cli, error != NULL && error[0] != '\0' ? error : rd_strerror(status));
-  else
+  } else {
+    cli->resp_len = 0;
     send_upgrade(cli);
+  }
+}
+
+/* The connection reaches the server (directly, or through the proxy's
+ * tunnel with extra[0..len) already read from it): TLS if wss, then the
+ * upgrade. */
+static void tunnel_ready(rd_client *cli, const char *extra, size_t len) {
+  const client_target *t = &cli->targets[cli->current];
+  if (!t->tls) {
+    if (len > 0)
+      memmove(cli->resp, extra, len);
+    cli->resp_len = len;
+    send_upgrade(cli);
+    return;
+  }
+  char err[160];
+  rd_tls *tls = rd_tls_new(cli->cfg.tls, t->server_name, err, sizeof err);
+  if (tls == NULL) {
+    handshake_fail(cli, err);
+    return;
+  }
+  if (rd_io_start_tls(cli->io, tls) != 0 ||
+      (len > 0 && rd_tls_feed(tls, (const uint8_t *)extra, len) != 0) ||
+      rd_io_handshake(cli->io, tls_done_cb) != 0)
+    handshake_fail(cli, "tls: handshake could not start");
+}
+
+/* ---- through an HTTP proxy ---- */
+
+static void proxy_read_cb(rd_io *io, ssize_t nread, const uv_buf_t *buf) {
+  (void)buf;
+  rd_client *cli = rd_io_data(io);
+  if (nread == 0 || cli->io != io)
+    return;
+  const client_target *t = &cli->targets[cli->current];
+  char why[2 * RD_ADDR_JOINED_MAX + 160];
+  if (nread < 0 && nread != UV_ENOBUFS) {
+    snprintf(why, sizeof why, "proxyconnect tcp: proxy %s: %s before answering CONNECT",
+             t->proxy_addr, nread == UV_EOF ? "connection closed" : rd_strerror((int)nread));
+    handshake_fail(cli, why);
+    return;
+  }
+  if (nread > 0)
+    cli->resp_len += (size_t)nread;
+  int status = 0;
+  char line[96];
+  int n = rd_proxy_connect_response(cli->resp, cli->resp_len, sizeof cli->resp, &status, line,
+                                    sizeof line);
+  if (n == RD_EPARTIAL && cli->resp_len < sizeof cli->resp)
+    return;
+  if (n == RD_EPARTIAL)
+    n = RD_ETOOLARGE; /* a full buffer and still no end of the head */
+  if (n < 0 || status != 200) {
+    if (n < 0)
+      snprintf(why, sizeof why, "proxyconnect tcp: proxy %s: %s answer to CONNECT",
+               t->proxy_addr, n == RD_ETOOLARGE ? "oversized" : "malformed");
+    else
+      snprintf(why, sizeof why, "proxyconnect tcp: proxy %s refused CONNECT %s: %s",
+               t->proxy_addr, t->host, line);
+    handshake_fail(cli, why);
+    return;
+  }
+  cli->proxy_stage = 0;
+  rd_io_read_stop(io);
+  tunnel_ready(cli, cli->resp + n, cli->resp_len - (size_t)n);
+}
+
+/* Asks the proxy for a tunnel to the server; its answer is read into resp. */
+static void proxy_connect(rd_client *cli) {
+  const char *request = cli->targets[cli->current].proxy_request;
+  size_t len = strlen(request);
+  hs_write *w = rd_malloc(sizeof *w + len);
+  if (w == NULL) {
+    handshake_fail(cli, "out of memory");
+    return;
+  }
+  memcpy(w->data, request, len);
+  uv_buf_t buf = uv_buf_init(w->data, (unsigned)len);
+  if (rd_io_write(cli->io, &w->req, &buf, 1, hs_write_cb) != 0) {
+    rd_free(w);
+    handshake_fail(cli, "proxyconnect tcp: write failed");
+    return;
+  }
+  cli->resp_len = 0;
+  cli->proxy_stage = 1;
+  rd_io_read_start(cli->io, hs_alloc_cb, proxy_read_cb);
 }
 
 static void dial_cb(void *ctx, int status, uv_stream_t *stream, const char *error) {
@@ -494,38 +596,37 @@ static void dial_cb(void *ctx, int status, uv_stream_t *stream, const char *erro
     client_unref(cli);
     return;
   }
+  const client_target *t = &cli->targets[cli->current];
   if (status < 0) {
     client_unref(cli);
-    schedule_retry(cli, error, 1);
+    if (t->proxy_addr != NULL) {
+      /* Go's net/http words a failed dial to the proxy so. */
+      char why[256];
+      snprintf(why, sizeof why, "proxyconnect tcp: %s", error);
+      schedule_retry(cli, why, 1);
+    } else {
+      schedule_retry(cli, error, 1);
+    }
     return;
   }
-  /* The dial's reference becomes the handshake's. */
+  /* The dial's reference becomes the handshake's. The stream starts plain:
+   * TLS, if any, begins once the proxy (if any) has opened its tunnel. */
   cli->state = CLI_HANDSHAKE;
-  rd_tls *tls = NULL;
-  const client_target *t = &cli->targets[cli->current];
-  if (t->tls) {
-    char err[160];
-    tls = rd_tls_new(cli->cfg.tls, t->server_name, err, sizeof err);
-    if (tls == NULL) {
-      uv_close((uv_handle_t *)stream, stream_free_cb);
-      client_unref(cli);
-      schedule_retry(cli, err, 1);
-      return;
-    }
-  }
-  cli->io = rd_io_new(stream, tls);
+  cli->proxy_stage = 0;
+  cli->io = rd_io_new(stream, NULL);
   if (cli->io == NULL) {
     client_unref(cli);
     schedule_retry(cli, "out of memory", 1);
     return;
   }
   rd_io_set_data(cli->io, cli);
-  /* One timer bounds the TLS handshake and the HTTP upgrade together. */
+  /* One timer bounds the proxy's CONNECT, the TLS handshake and the HTTP
+   * upgrade together. */
   uv_timer_start(&cli->timer, hs_timeout_cb, cli->cfg.handshake_timeout_ms, 0);
-  if (tls == NULL)
-    send_upgrade(cli);
-  else if (rd_io_handshake(cli->io, tls_done_cb) != 0)
-    handshake_fail(cli, "tls: handshake could not start");
+  if (t->proxy_request != NULL)
+    proxy_connect(cli);
+  else
+    tunnel_ready(cli, NULL, 0);
 }
 
 static void start_attempt(rd_client *cli) {
@@ -538,7 +639,8 @@ static void start_attempt(rd_client *cli) {
   int status = 0;
   char err[160];
   cli->refs++;
-  cli->dial = rd_dial_start(rd_loop(), "tcp", cli->targets[cli->current].host,
+  const client_target *t = &cli->targets[cli->current];
+  cli->dial = rd_dial_start(rd_loop(), "tcp", t->proxy_addr != NULL ? t->proxy_addr : t->host,
                             cli->cfg.handshake_timeout_ms, dial_cb, cli, &status, err, sizeof err);
   if (cli->dial == NULL) {
     client_unref(cli);
@@ -580,7 +682,7 @@ void rd_client_close(rd_client *cli) { client_close(&cli->obj, NULL); }
  * default port filled in), the name TLS verifies (server_name, else the
  * bare host) and the request head with its Host header and path. */
 static int target_init(client_target *t, const char *url, const char *headers,
-                       const char *server_name, char *err, size_t errlen) {
+                       const char *server_name, const char *proxy, char *err, size_t errlen) {
   rd_addr_url u;
   int rc = rd_addr_parse_url(url, strlen(url), &u);
   if (rc == RD_ADDR_EBAD_SCHEME) {
@@ -610,6 +712,25 @@ static int target_init(client_target *t, const char *url, const char *headers,
            "Sec-WebSocket-Version: 13\r\n%s",
            (int)path_len, u.path_len > 0 ? u.path : "/", (int)u.authority_len, u.authority,
            headers);
+  if (proxy == NULL || proxy[0] == '\0')
+    return RD_OK;
+  /* The URL may hold a password: errors name the server URL instead. */
+  rd_proxy_url pu;
+  rc = rd_proxy_parse_url(proxy, strlen(proxy), &pu);
+  if (rc < 0) {
+    snprintf(err, errlen, "invalid proxy URL for %s (want http://[user:pass@]host[:port]): %s",
+             url, rc == RD_EMALFORMED ? "bad credentials or path" : rd_addr_strerror(rc));
+    return RD_EMALFORMED;
+  }
+  char paddr[RD_ADDR_JOINED_MAX], req[RD_PROXY_REQUEST_MAX];
+  rd_addr_join(paddr, sizeof paddr, pu.addr.host, pu.addr.host_len, pu.addr.port);
+  int n = rd_proxy_connect_request(req, sizeof req, t->host, &pu);
+  t->proxy_addr = rd_strndup(paddr, strlen(paddr));
+  t->proxy_request = n > 0 ? rd_strndup(req, (size_t)n) : NULL;
+  if (t->proxy_addr == NULL || t->proxy_request == NULL) {
+    snprintf(err, errlen, "out of memory");
+    return RD_ENOMEM;
+  }
   return RD_OK;
 }
 
@@ -626,7 +747,8 @@ int rd_client_start(const char *const *urls, size_t nurls, const char *headers,
   }
   int tls = 0;
   for (size_t i = 0; i < nurls; i++) {
-    int rc = target_init(&targets[i], urls[i], headers, cfg->server_name, err, errlen);
+    int rc = target_init(&targets[i], urls[i], headers, cfg->server_name,
+                         cfg->proxies != NULL ? cfg->proxies[i] : NULL, err, errlen);
     if (rc != RD_OK) {
       targets_free(targets, nurls);
       return rc;
@@ -652,6 +774,7 @@ int rd_client_start(const char *const *urls, size_t nurls, const char *headers,
     return RD_ENOMEM;
   }
   cli->refs = 1; /* the timer */
+  cli->cfg.proxies = NULL; /* read above; the caller's strings are not kept */
   cli->targets = targets;
   cli->ntargets = nurls;
   if (!tls)

@@ -41,6 +41,10 @@ typedef struct rd_client_config {
   uint64_t backoff_max_ms;
   rd_tls_ctx *tls;        /* required for wss:// (the client takes a reference) */
   char server_name[256];  /* wss: name to verify and send as SNI; "" = the URL's host */
+  /* One HTTP proxy URL per server URL ("http://[user:pass@]host[:port]";
+   * NULL or "" for a direct connection), or NULL for no proxy at all. The
+   * strings are read during rd_client_start only. */
+  const char *const *proxies;
   rd_session_config session;
   /* A peer link: hooks (with hooks_ctx) replace the agent's behaviour, the
    * session counts into metrics (a registry the caller keeps) as a link,
@@ -53,7 +57,10 @@ typedef struct rd_client_config {
 
 void rd_client_config_default(rd_client_config *cfg);
 
-/* Parses the urls (ws:// or wss://host[:port][/path]; nurls >= 1), copies
+/* Parses the urls (ws:// or wss://host[:port][/path]; nurls >= 1) and
+ * their proxies (cfg->proxies: an attempt through a proxy dials it, sends
+ * CONNECT for the server's host:port and goes on, TLS and upgrade, through
+ * the tunnel once it answers 200, all within handshake_timeout), copies
  * headers ("Name: value\r\n" lines) and the patterns, and starts connecting
  * to the first URL. A failed attempt moves on to the next URL at once; the
  * backoff grows once a whole round has failed. A session that ends is

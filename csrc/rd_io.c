@@ -65,6 +65,16 @@ int rd_io_is_tls(const rd_io *io) { return io->tls != NULL; }
 int rd_io_is_closing(const rd_io *io) { return io->closing; }
 const char *rd_io_error(const rd_io *io) { return io->tls != NULL ? rd_tls_error(io->tls) : ""; }
 
+int rd_io_start_tls(rd_io *io, rd_tls *tls) {
+  if (io->tls != NULL || io->reading || io->closing) {
+    rd_tls_free(tls);
+    return UV_EINVAL;
+  }
+  /* Plain writes still queued go to libuv's queue ahead of any ciphertext. */
+  io->tls = tls;
+  return 0;
+}
+
 /* ---- TLS writes ---- */
 
 static void complete_writes(rd_io *io, int force_status) {

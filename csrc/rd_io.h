@@ -38,6 +38,12 @@ int rd_io_is_tls(const rd_io *io);
 /* Text for the last RD_ETLS (or "" when none). */
 const char *rd_io_error(const rd_io *io);
 
+/* Plain only, reading stopped: the stream carries TLS from now on (the
+ * CONNECT exchange with an HTTP proxy is plain, the tunnel after it may
+ * not be). Ownership of tls passes, also on failure. Returns 0 or
+ * UV_EINVAL (the io is TLS already, reading or closing). */
+int rd_io_start_tls(rd_io *io, rd_tls *tls);
+
 /* TLS only: runs the handshake; cb gets 0 or a negative code and text.
  * Reading for the owner starts only with rd_io_read_start. */
 int rd_io_handshake(rd_io *io, rd_io_handshake_cb cb);

@@ -534,9 +534,11 @@ static PyObject *py_server_connections(PyObject *module, PyObject *args) {
 #define RD_PY_MAX_URLS 64
 
 static PyObject *client_new_impl(PyObject *module, const char *const *urls, size_t nurls,
-                                 int any_wss, PyObject *headers, PyObject *opts) {
+                                 const char *const *proxies, int any_wss, PyObject *headers,
+                                 PyObject *opts) {
   rd_client_config cfg;
   rd_client_config_default(&cfg);
+  cfg.proxies = proxies;
   char allow[16] = "all";
   if (opt_str(opts, "allow", allow, sizeof allow) < 0 ||
       table_options(opts, RD_OPT_CLIENT, &cfg) < 0)
@@ -662,8 +664,28 @@ static PyObject *py_client_new(PyObject *module, PyObject *args) {
     }
     any_wss |= strncmp(urls[i], "wss://", 6) == 0;
   }
-  PyObject *r = client_new_impl(module, urls, (size_t)n, any_wss, headers, opts);
-  Py_DECREF(useq); /* it kept the URL strings alive */
+  /* "proxies": one per URL, "" for a direct connection (client.py resolves
+   * the proxy= argument and the environment into this list). */
+  const char *proxies[RD_PY_MAX_URLS];
+  PyObject *pseq = NULL, *prox = PyDict_GetItemString(opts, "proxies");
+  if (prox != NULL) {
+    pseq = PySequence_Fast(prox, "proxies must be a list of str");
+    if (pseq != NULL && PySequence_Fast_GET_SIZE(pseq) != n) {
+      PyErr_SetString(PyExc_ValueError, "proxies must have one item per server URL");
+      Py_CLEAR(pseq);
+    }
+    for (Py_ssize_t i = 0; pseq != NULL && i < n; i++)
+      if ((proxies[i] = PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(pseq, i))) == NULL)
+        Py_CLEAR(pseq);
+    if (pseq == NULL) {
+      Py_DECREF(useq);
+      return NULL;
+    }
+  }
+  PyObject *r = client_new_impl(module, urls, (size_t)n, pseq != NULL ? proxies : NULL, any_wss,
+                                headers, opts);
+  Py_XDECREF(pseq); /* it kept the proxy strings alive */
+  Py_DECREF(useq);  /* and this the URL strings */
   return r;
 }
 
@@ -688,7 +710,7 @@ static PyObject *py_client_state(PyObject *module, PyObject *args) {
   if (!PyArg_ParseTuple(args, "K:client_state", &handle))
     return NULL;
   int connected = 0, rc;
-  char err[160], url[512];
+  char err[256], url[512];
   Py_BEGIN_ALLOW_THREADS
   rc = rd_api_client_state_url(handle, &connected, err, sizeof err, url, sizeof url);
   Py_END_ALLOW_THREADS

@@ -157,7 +157,7 @@ def __getattr__(name: str) -> Any:
 # as keywords would contradict those parameters.
 _RESERVED = {
     "Server": {"auth": "authorizer", "path": "path"},
-    "Client": {"allow": "allow", "patterns": "allow"},
+    "Client": {"allow": "allow", "patterns": "allow", "proxies": "proxy"},
 }
 
 

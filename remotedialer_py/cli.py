@@ -210,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="private key for --client-cert")
     cli.add_argument("--server-name", metavar="NAME", default=None,
                      help="wss: verify this name instead of the URL's host")
+    cli.add_argument("--proxy", metavar="URL", default=None,
+                     help="reach the servers through this HTTP proxy "
+                          "(http://[USER:PASSWORD@]HOST[:PORT], CONNECT); '' for none; "
+                          "default: HTTPS_PROXY / HTTP_PROXY / NO_PROXY as Go reads them")
     cli.add_argument("--debug", "-debug", action=_GoBool, help="debug logging")
 
     demo = sub.add_parser(
@@ -419,7 +423,7 @@ def run_client(args: argparse.Namespace) -> int:
         if args.insecure:
             tls["insecure"] = True
     try:
-        cli = Client(urls, headers=headers, allow=args.allow, **tls)
+        cli = Client(urls, headers=headers, allow=args.allow, proxy=args.proxy, **tls)
         cli.start()
     except (TunnelError, ValueError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
@@ -448,7 +452,9 @@ def run_client(args: argparse.Namespace) -> int:
         state["url"] = url
 
     try:
-        log.info("connecting to %s as %s", where, args.id)
+        via = {p for p in cli.proxies if p}
+        log.info("connecting to %s as %s%s", where, args.id,
+                 f" through proxy {', '.join(sorted(via))}" if via else "")
         _run_until_signal(report, interval=0.2)
     finally:
         cli.close()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import weakref
 from typing import Any, Callable, Iterable, Mapping, Optional, Tuple, Union
 
-from . import _callbacks, _engine, _options
+from . import _callbacks, _engine, _options, _proxy
 from .server import MetricsDict, _Handle, _metrics_dict
 
 log = logging.getLogger("remotedialer_py")
@@ -83,7 +84,7 @@ def _check_allow(allow: Allow) -> Tuple[str, list[str], Optional[Callable[[str, 
 class Client(_Handle):
     """A tunnel client (the agent).
 
-    ``Client(url, headers=None, allow=None, **options)``
+    ``Client(url, headers=None, allow=None, proxy=None, **options)``
 
     - ``url``: the server's ``ws://host:port/path``, or a list of them for
       an HA group whose servers the agent reaches directly: a failed
@@ -101,6 +102,14 @@ class Client(_Handle):
       A unix socket path is judged, and dialed, cleaned ("." and ".."
       resolved, "//" collapsed): ``"unix//run/ok/*"`` does not allow
       ``/run/ok/../secret.sock``, and the callable sees ``/run/secret.sock``.
+    - ``proxy``: an HTTP proxy to reach the servers through, with CONNECT:
+      ``"http://[user:password@]host[:port]"`` (port 80 by default; the
+      credentials, percent-encoded, go as Basic Proxy-Authorization). None
+      (the default) reads the environment once, here, as Go's
+      ``http.ProxyFromEnvironment`` does: ``HTTPS_PROXY`` for wss:// URLs,
+      ``HTTP_PROXY`` for ws://, lower-case names too, ``NO_PROXY``
+      exclusions, never for localhost or loopback addresses. ``""`` or
+      False: no proxy, whatever the environment says.
     - ``options``: keywords from the engine's options table, seconds as
       int or float (``remotedialer-py options`` prints every name with its
       default and meaning).
@@ -111,7 +120,8 @@ class Client(_Handle):
 
     _kind = "client"
 
-    def __init__(self, url: Any, headers: Any = None, allow: Allow = None, **options: Any) -> None:
+    def __init__(self, url: Any, headers: Any = None, allow: Allow = None, proxy: Any = None,
+                 **options: Any) -> None:
         super().__init__()
         if isinstance(url, (list, tuple)):
             if not url:
@@ -123,6 +133,7 @@ class Client(_Handle):
             self._urls = [_check_url(url)]
         self._url = self._urls[0]
         self._headers = _check_headers(headers)
+        self._proxies = _proxy.resolve(self._urls, proxy, os.environ)
         self._allow_mode, self._patterns, self._allow_fn = _check_allow(allow)
         self._options = _options.validate("Client", _options.CLIENT_OPTIONS, options)
         lo = self._options.get("backoff_min", _options.default("Client", "backoff_min"))
@@ -139,6 +150,12 @@ class Client(_Handle):
     def urls(self) -> list[str]:
         """Every server URL, in the order they are tried."""
         return list(self._urls)
+
+    @property
+    def proxies(self) -> list[Optional[str]]:
+        """Per server URL, the proxy it is reached through (its password
+        redacted), or None for a direct connection."""
+        return [_proxy.redact(p) if p else None for p in self._proxies]
 
     @property
     def current_url(self) -> Optional[str]:
@@ -162,6 +179,8 @@ class Client(_Handle):
                 return self
             opts = dict(self._options)
             opts["allow"] = self._allow_mode
+            if any(self._proxies):
+                opts["proxies"] = list(self._proxies)
             if self._allow_mode == "patterns":
                 opts["patterns"] = list(self._patterns)
             if self._allow_fn is None:
