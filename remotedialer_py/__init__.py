@@ -30,6 +30,7 @@ __all__ = [
     "ClosedError",
     "TunnelTimeoutError",
     "errors",
+    "aio",
     "engine_stats",
     "engine_trim",
     "__version__",
@@ -48,11 +49,12 @@ _LAZY = {
     "ClosedError": ("errors", "ClosedError"),
     "TunnelTimeoutError": ("errors", "TunnelTimeoutError"),
     "errors": ("errors", None),
+    "aio": ("aio", None),
     "engine_stats": ("_runtime", "engine_stats"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover - static analysers see plain imports
-    from . import errors
+    from . import aio, errors
     from ._runtime import engine_stats
     from .client import Client
     from .errors import ClientNotFoundError, ClosedError, TunnelError, TunnelTimeoutError
