@@ -263,6 +263,24 @@ def test_cancelled_close_still_closes(rd, tunnel_leak_check):
     run(main())
 
 
+def test_objects_dropped_unclosed_are_closed(rd, echo_server, tunnel_leak_check):
+    async def main():
+        srv = await rd.aio.Server().start()
+        cli = await rd.aio.Client(srv.url, headers={"X-Tunnel-ID": AGENT_KEY}).start()
+        await cli.wait_connected(TIMEOUT)
+        await until(lambda: srv.has_session(AGENT_KEY), "the agent's session")
+        reader, writer = await srv.open_connection(AGENT_KEY, "tcp", echo_server.address)
+        writer.write(b"x")
+        assert await reader.readexactly(1) == b"x"
+        writer.close()
+        await writer.wait_closed()
+        with pytest.warns(ResourceWarning, match="unclosed <aio"):
+            del srv, cli
+            gc.collect()
+
+    run(main())
+
+
 def test_peering_calls(rd, echo_server, tunnel_leak_check):
     async def main():
         async with rd.aio.Server(peer_id="A", peer_token="token-a") as a, \
