@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "rd_alloc.h"
 #include "rd_block.h"
@@ -701,3 +702,112 @@ static void trim_fn(api_cmd *a, void *p) {
 }
 
 int rd_api_trim(void) { return api_call(trim_fn, NULL, NULL, 0); }
+
+/* ---- calls posted without waiting ---- */
+
+typedef enum { OP_DIAL, OP_CLOSE, OP_WAIT } op_kind;
+
+struct rd_api_op {
+  api_cmd a; /* first: the loop thread finishes &a.cmd */
+  op_kind kind;
+  int early; /* completed in rd_api_op_post, never queued */
+  union {
+    dial_ctx dial;
+    uint64_t handle; /* close */
+    wait_ctx wait;
+  };
+  int connected;
+  char strings[]; /* a dial's key, proto and address */
+};
+
+static rd_api_op *op_new(op_kind kind, void (*fn)(api_cmd *, void *), size_t extra) {
+  rd_api_op *op = rd_calloc(1, sizeof *op + extra);
+  if (op == NULL)
+    return NULL;
+  op->kind = kind;
+  op->a.cmd.run = api_run;
+  op->a.fn = fn;
+  op->a.ctx = &op->dial; /* the union's address, whichever member */
+  return op;
+}
+
+rd_api_op *rd_api_op_dial(uint64_t handle, const char *client_key, const char *proto,
+                          const char *address, uint64_t timeout_ms, uint64_t idle_timeout_ms) {
+  size_t kl = strlen(client_key), pl = strlen(proto), al = strlen(address);
+  rd_api_op *op = op_new(OP_DIAL, dial_fn, kl + pl + al + 3);
+  if (op == NULL)
+    return NULL;
+  char *s = op->strings;
+  memcpy(s, client_key, kl + 1);
+  memcpy(s + kl + 1, proto, pl + 1);
+  memcpy(s + kl + pl + 2, address, al + 1);
+  op->dial = (dial_ctx){handle,
+                        {.client_key = s, .proto = s + kl + 1, .address = s + kl + pl + 2,
+                         .idle_timeout_ms = idle_timeout_ms, .timeout_ms = timeout_ms, .fd = -1}};
+  return op;
+}
+
+rd_api_op *rd_api_op_close(uint64_t handle) {
+  rd_api_op *op = op_new(OP_CLOSE, close_fn, 0);
+  if (op != NULL)
+    op->handle = handle;
+  return op;
+}
+
+rd_api_op *rd_api_op_wait_connected(uint64_t handle, uint64_t timeout_ms) {
+  rd_api_op *op = op_new(OP_WAIT, wait_fn, 0);
+  if (op != NULL)
+    op->wait = (wait_ctx){handle, timeout_ms};
+  return op;
+}
+
+int rd_api_op_post(rd_api_op *op, int notify_fd) {
+  if (op->kind == OP_CLOSE && rd_handle_is_stale(op->handle)) {
+    op->early = 1; /* the parent's object: the parent closes it */
+    op->a.cmd.status = RD_OK;
+    return 0;
+  }
+  if (rd_engine_post(&op->a.cmd, notify_fd) != RD_OK) {
+    op->early = 1; /* status and error say why */
+    return 0;
+  }
+  return 1;
+}
+
+int rd_api_op_done(rd_api_op *op) { return op->early || rd_cmd_done(&op->a.cmd); }
+
+int rd_api_op_status(const rd_api_op *op, char *err, size_t errlen) {
+  int rc = op->a.cmd.status;
+  if (err != NULL && errlen > 0)
+    snprintf(err, errlen, "%s", op->a.cmd.error);
+  /* wait_connected finishes with 1 when connected (rd_api_client_wait_connected) */
+  return op->kind == OP_WAIT && rc > 0 ? RD_OK : rc;
+}
+
+int rd_api_op_connected(const rd_api_op *op) { return op->kind == OP_WAIT && op->a.cmd.status == 1; }
+
+void rd_api_op_take_dial(rd_api_op *op, int *fd, int64_t *conn_id, rd_dial_status **status) {
+  if (op->kind != OP_DIAL) {
+    *fd = -1;
+    *conn_id = 0;
+    *status = NULL;
+    return;
+  }
+  *fd = op->dial.req.fd;
+  *conn_id = op->dial.req.conn_id;
+  *status = op->dial.req.status;
+  op->dial.req.fd = -1;
+  op->dial.req.status = NULL;
+}
+
+void rd_api_op_free(rd_api_op *op) {
+  if (op == NULL)
+    return;
+  if (op->kind == OP_DIAL) {
+    if (op->dial.req.fd >= 0)
+      close(op->dial.req.fd); /* ends the connection on the engine's side */
+    if (op->dial.req.status != NULL)
+      rd_dial_status_unref(op->dial.req.status);
+  }
+  rd_free(op);
+}

@@ -98,6 +98,30 @@ void rd_sample_list_free(rd_sample_list *l);
 /* The exposition text (rd_free it). */
 int rd_api_prometheus(uint64_t handle, char **text, size_t *len);
 
+/* Calls posted without waiting, for a caller that waits on an event loop
+ * (rd_engine_post): dial, close and wait_connected, as above. rd_api_op_post
+ * returns 1 when queued (the loop thread then adds 1 to notify_fd once the
+ * op is done), or 0 when the op completed at once (its status is readable,
+ * nothing is signalled). A queued op must not be freed before
+ * rd_api_op_done; rd_api_op_free then releases it with any result not
+ * taken (a dialed descriptor is closed, a status unreferenced). */
+typedef struct rd_api_op rd_api_op;
+/* NULL when out of memory. The strings are copied. */
+rd_api_op *rd_api_op_dial(uint64_t handle, const char *client_key, const char *proto,
+                          const char *address, uint64_t timeout_ms, uint64_t idle_timeout_ms);
+rd_api_op *rd_api_op_close(uint64_t handle);
+rd_api_op *rd_api_op_wait_connected(uint64_t handle, uint64_t timeout_ms);
+int rd_api_op_post(rd_api_op *op, int notify_fd);
+int rd_api_op_done(rd_api_op *op);
+/* Once done: 0 or the error code, with its text in err. */
+int rd_api_op_status(const rd_api_op *op, char *err, size_t errlen);
+/* Once done with 0: a dial's results, ownership passing to the caller
+ * (fd -1 for another kind of op). */
+void rd_api_op_take_dial(rd_api_op *op, int *fd, int64_t *conn_id, rd_dial_status **status);
+/* Once done with 0: whether wait_connected saw a session. */
+int rd_api_op_connected(const rd_api_op *op);
+void rd_api_op_free(rd_api_op *op);
+
 /* Returns the engine's idle pools (I/O blocks, write requests) to the
  * allocator, so heap figures show only memory in use. */
 int rd_api_trim(void);

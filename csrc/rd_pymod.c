@@ -5,6 +5,8 @@
 
 #include <stdatomic.h>
 #include <string.h>
+#include <poll.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include "rd_alloc.h"
@@ -802,6 +804,353 @@ static PyObject *py_prometheus(PyObject *module, PyObject *args) {
   return s;
 }
 
+
+/* ---- calls posted without waiting (asyncio) ----
+ * A Completer owns an eventfd an event loop watches and the Pending calls
+ * posted with it. The loop thread adds 1 to the eventfd as each call
+ * completes; collect() then returns the completed ones. A Pending owns its
+ * rd_api_op: the completer keeps it referenced until the loop thread is done
+ * with it, whatever Python drops meanwhile, and a result never taken (a
+ * cancelled dial's descriptor) is released with it. */
+
+typedef struct PendingObject {
+  PyObject_HEAD
+  rd_api_op *op;
+  PyObject *module;
+  PyObject *tag; /* the caller's, e.g. its Future */
+  int taken;
+  struct PendingObject *prev, *next; /* on the completer's list while queued */
+} PendingObject;
+
+typedef struct {
+  PyObject_HEAD
+  int fd;
+  /* Calls queued, signals read from fd, queued calls collected. The fd stays
+   * open until every queued call has signalled: the loop thread writes to it
+   * just after marking the call done. */
+  uint64_t queued, signalled, collected;
+  PendingObject *head, *tail; /* queued, not collected, oldest first */
+  PyObject *module;
+} CompleterObject;
+
+static PyTypeObject PendingType, CompleterType;
+/* The module whose exceptions Pending.result raises (set by engine_exec). */
+static PyObject *completer_module;
+
+static void pending_dealloc(PendingObject *p) {
+  /* Never queued, or done: the loop thread no longer touches the op (the
+   * completer holds a queued one until it is done). */
+  if (p->op != NULL && rd_api_op_done(p->op))
+    rd_api_op_free(p->op);
+  Py_XDECREF(p->tag);
+  Py_XDECREF(p->module);
+  Py_TYPE(p)->tp_free((PyObject *)p);
+}
+
+static PyObject *pending_done(PendingObject *p, void *closure) {
+  (void)closure;
+  return PyBool_FromLong(p->op != NULL && rd_api_op_done(p->op));
+}
+
+static PyObject *pending_tag(PendingObject *p, void *closure) {
+  (void)closure;
+  return Py_NewRef(p->tag);
+}
+
+/* The blocking call's return value: (fd, conn_id, status) for a dial, None
+ * for a close, a bool for wait_connected; or its exception. */
+static PyObject *pending_result(PendingObject *p, PyObject *noargs) {
+  (void)noargs;
+  if (p->op == NULL || !rd_api_op_done(p->op)) {
+    PyErr_SetString(PyExc_RuntimeError, "the call has not completed");
+    return NULL;
+  }
+  if (p->taken) {
+    PyErr_SetString(PyExc_RuntimeError, "the result was already taken");
+    return NULL;
+  }
+  char err[256];
+  int rc = rd_api_op_status(p->op, err, sizeof err);
+  PyObject *connected = PyBool_FromLong(rd_api_op_connected(p->op));
+  int fd = -1;
+  int64_t conn_id = 0;
+  rd_dial_status *st = NULL;
+  if (rc == RD_OK)
+    rd_api_op_take_dial(p->op, &fd, &conn_id, &st);
+  p->taken = 1;
+  if (fd < 0) {
+    if (rc == RD_OK)
+      return connected;
+    Py_DECREF(connected);
+    return raise_rc(p->module, rc, err);
+  }
+  Py_DECREF(connected);
+  PyObject *cap = PyCapsule_New(st, "remotedialer_py.dial_status", status_capsule_free);
+  if (cap == NULL) {
+    rd_dial_status_unref(st);
+    close(fd);
+    return NULL;
+  }
+  return Py_BuildValue("(iLN)", fd, (long long)conn_id, cap);
+}
+
+/* Releases a completed call's result now (a cancelled dial's socket). */
+static PyObject *pending_discard(PendingObject *p, PyObject *noargs) {
+  (void)noargs;
+  if (p->op != NULL && rd_api_op_done(p->op)) {
+    rd_api_op_free(p->op);
+    p->op = NULL;
+  }
+  Py_RETURN_NONE;
+}
+
+static PyMethodDef pending_methods[] = {
+    {"result", (PyCFunction)pending_result, METH_NOARGS,
+     "result(): what the blocking call returns, or its exception (once done)"},
+    {"discard", (PyCFunction)pending_discard, METH_NOARGS,
+     "discard(): release a completed call's result untaken (closes a dialed socket)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef pending_getset[] = {
+    {"done", (getter)pending_done, NULL, "True once the engine completed the call", NULL},
+    {"tag", (getter)pending_tag, NULL, "the object given when posting", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject PendingType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "remotedialer_py._engine.Pending",
+    .tp_basicsize = sizeof(PendingObject),
+    .tp_dealloc = (destructor)pending_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A call posted to the engine's loop thread (Completer).",
+    .tp_methods = pending_methods,
+    .tp_getset = pending_getset,
+};
+
+static PyObject *completer_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+  if (PyTuple_GET_SIZE(args) != 0 || (kw != NULL && PyDict_GET_SIZE(kw) != 0)) {
+    PyErr_SetString(PyExc_TypeError, "Completer() takes no arguments");
+    return NULL;
+  }
+  int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (fd < 0)
+    return PyErr_SetFromErrno(PyExc_OSError);
+  CompleterObject *c = (CompleterObject *)type->tp_alloc(type, 0);
+  if (c == NULL) {
+    close(fd);
+    return NULL;
+  }
+  c->fd = fd;
+  c->module = Py_XNewRef(completer_module);
+  return (PyObject *)c;
+}
+
+static void completer_unlink(CompleterObject *c, PendingObject *p) {
+  if (p->prev != NULL)
+    p->prev->next = p->next;
+  else
+    c->head = p->next;
+  if (p->next != NULL)
+    p->next->prev = p->prev;
+  else
+    c->tail = p->prev;
+  p->prev = p->next = NULL;
+}
+
+/* Adds the signals waiting on the eventfd; 1 when there were any. */
+static int completer_read(CompleterObject *c) {
+  uint64_t n;
+  if (c->fd < 0 || read(c->fd, &n, sizeof n) != (ssize_t)sizeof n)
+    return 0; /* EAGAIN: none yet */
+  c->signalled += n;
+  return 1;
+}
+
+/* Moves completed calls to list (a new reference each, taken from ours).
+ * Each completed call signals once, so the scan can stop once it has found
+ * as many as were signalled; calls complete roughly in the order posted. */
+static int completer_take(CompleterObject *c, PyObject *list, int all) {
+  PendingObject *p = c->head;
+  while (p != NULL && (all || c->collected < c->signalled)) {
+    PendingObject *next = p->next;
+    if (rd_api_op_done(p->op)) {
+      completer_unlink(c, p);
+      c->collected++;
+      int rc = PyList_Append(list, (PyObject *)p);
+      Py_DECREF(p); /* the list's reference now, or gone on error */
+      if (rc < 0)
+        return -1;
+    }
+    p = next;
+  }
+  return 0;
+}
+
+static PyObject *completer_collect(CompleterObject *c, PyObject *noargs) {
+  (void)noargs;
+  completer_read(c);
+  PyObject *list = PyList_New(0);
+  if (list != NULL && completer_take(c, list, 0) < 0)
+    Py_CLEAR(list);
+  return list;
+}
+
+/* Waits, without the GIL, until every queued call has signalled. */
+static void completer_drain(CompleterObject *c) {
+  while (c->fd >= 0 && c->signalled < c->queued) {
+    if (completer_read(c))
+      continue;
+    struct pollfd pfd = {c->fd, POLLIN, 0};
+    Py_BEGIN_ALLOW_THREADS
+    poll(&pfd, 1, -1);
+    Py_END_ALLOW_THREADS
+  }
+}
+
+static PyObject *completer_shutdown(CompleterObject *c, PyObject *noargs) {
+  (void)noargs;
+  completer_drain(c);
+  PyObject *list = PyList_New(0);
+  if (list == NULL || completer_take(c, list, 1) < 0) {
+    Py_XDECREF(list);
+    return NULL;
+  }
+  if (c->fd >= 0) {
+    close(c->fd);
+    c->fd = -1;
+  }
+  return list;
+}
+
+static void completer_dealloc(CompleterObject *c) {
+  /* Queued calls are still the loop thread's: wait for them (callers close
+   * their engine object first, which ends its calls promptly). */
+  completer_drain(c);
+  while (c->head != NULL) {
+    PendingObject *p = c->head;
+    completer_unlink(c, p);
+    Py_DECREF(p);
+  }
+  if (c->fd >= 0)
+    close(c->fd);
+  Py_XDECREF(c->module);
+  Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+/* Posts op (ownership passes) as a Pending tagged with tag. */
+static PyObject *completer_post(CompleterObject *c, rd_api_op *op, PyObject *tag) {
+  if (op == NULL)
+    return PyErr_NoMemory();
+  if (c->fd < 0) {
+    rd_api_op_free(op);
+    PyErr_SetString(PyExc_RuntimeError, "the completer is shut down");
+    return NULL;
+  }
+  PendingObject *p = PyObject_New(PendingObject, &PendingType);
+  if (p == NULL) {
+    rd_api_op_free(op);
+    return NULL;
+  }
+  p->op = op;
+  p->module = Py_XNewRef(c->module);
+  p->tag = Py_NewRef(tag);
+  p->taken = 0;
+  p->prev = p->next = NULL;
+  if (rd_api_op_post(op, c->fd)) {
+    Py_INCREF(p); /* the list's, until collected */
+    p->prev = c->tail;
+    if (c->tail != NULL)
+      c->tail->next = p;
+    else
+      c->head = p;
+    c->tail = p;
+    c->queued++;
+  }
+  return (PyObject *)p;
+}
+
+static PyObject *completer_dial(CompleterObject *c, PyObject *args) {
+  unsigned long long handle;
+  const char *key, *proto, *address;
+  double timeout, idle;
+  PyObject *tag;
+  if (!PyArg_ParseTuple(args, "KsssddO:dial", &handle, &key, &proto, &address, &timeout, &idle,
+                        &tag))
+    return NULL;
+  if (idle < 0 || timeout < 0) {
+    PyErr_SetString(PyExc_ValueError, idle < 0 ? "idle_timeout must not be negative"
+                                               : "timeout must not be negative");
+    return NULL;
+  }
+  return completer_post(c,
+                        rd_api_op_dial(handle, key, proto, address, (uint64_t)(timeout * 1000.0),
+                                       (uint64_t)(idle * 1000.0)),
+                        tag);
+}
+
+static PyObject *completer_close_handle(CompleterObject *c, PyObject *args) {
+  unsigned long long handle;
+  PyObject *tag;
+  if (!PyArg_ParseTuple(args, "KO:close", &handle, &tag))
+    return NULL;
+  return completer_post(c, rd_api_op_close(handle), tag);
+}
+
+static PyObject *completer_wait_connected(CompleterObject *c, PyObject *args) {
+  unsigned long long handle;
+  double timeout;
+  PyObject *tag;
+  if (!PyArg_ParseTuple(args, "KdO:wait_connected", &handle, &timeout, &tag))
+    return NULL;
+  if (timeout < 0)
+    timeout = 0;
+  return completer_post(c, rd_api_op_wait_connected(handle, (uint64_t)(timeout * 1000.0)), tag);
+}
+
+static PyObject *completer_fileno(CompleterObject *c, PyObject *noargs) {
+  (void)noargs;
+  return PyLong_FromLong(c->fd);
+}
+
+static PyObject *completer_in_flight(CompleterObject *c, void *closure) {
+  (void)closure;
+  return PyLong_FromUnsignedLongLong(c->queued - c->collected);
+}
+
+static PyMethodDef completer_methods[] = {
+    {"fileno", (PyCFunction)completer_fileno, METH_NOARGS,
+     "fileno(): the eventfd, readable when calls have completed (-1 once shut down)"},
+    {"dial", (PyCFunction)completer_dial, METH_VARARGS,
+     "dial(handle, key, proto, address, timeout, idle_timeout, tag) -> Pending"},
+    {"close", (PyCFunction)completer_close_handle, METH_VARARGS,
+     "close(handle, tag) -> Pending: close any object"},
+    {"wait_connected", (PyCFunction)completer_wait_connected, METH_VARARGS,
+     "wait_connected(handle, timeout, tag) -> Pending"},
+    {"collect", (PyCFunction)completer_collect, METH_NOARGS,
+     "collect() -> [Pending]: the calls completed since the last collect"},
+    {"shutdown", (PyCFunction)completer_shutdown, METH_NOARGS,
+     "shutdown() -> [Pending]: waits for every queued call, returns those not collected, "
+     "closes the eventfd"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef completer_getset[] = {
+    {"in_flight", (getter)completer_in_flight, NULL, "calls queued and not yet collected", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject CompleterType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "remotedialer_py._engine.Completer",
+    .tp_basicsize = sizeof(CompleterObject),
+    .tp_dealloc = (destructor)completer_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Completer(): posts engine calls without waiting; an eventfd signals completions.",
+    .tp_methods = completer_methods,
+    .tp_getset = completer_getset,
+    .tp_new = completer_new,
+};
+
 /* ---- requests for Python decisions ---- */
 
 /* The request's fields as Python values; NULL with an exception set. */
@@ -1046,6 +1395,11 @@ static int engine_exec(PyObject *module) {
   if (st->TunnelTimeoutError == NULL ||
       PyModule_AddObjectRef(module, "TunnelTimeoutError", st->TunnelTimeoutError) < 0)
     return -1;
+  if (PyType_Ready(&PendingType) < 0 || PyType_Ready(&CompleterType) < 0 ||
+      PyModule_AddObjectRef(module, "Completer", (PyObject *)&CompleterType) < 0 ||
+      PyModule_AddObjectRef(module, "Pending", (PyObject *)&PendingType) < 0)
+    return -1;
+  Py_XSETREF(completer_module, Py_NewRef(module));
   /* Verdict names for answer(); _callbacks.Verdict mirrors them. */
   if (PyModule_AddIntConstant(module, "VERDICT_ACCEPT", RD_VERDICT_ACCEPT) < 0 ||
       PyModule_AddIntConstant(module, "VERDICT_UNAUTHORIZED", RD_VERDICT_UNAUTHORIZED) < 0 ||

@@ -30,6 +30,7 @@ __all__ = [
     "ClosedError",
     "TunnelTimeoutError",
     "errors",
+    "aio",
     "engine_stats",
     "engine_trim",
     "set_callback_threads",
@@ -49,12 +50,13 @@ _LAZY = {
     "ClosedError": ("errors", "ClosedError"),
     "TunnelTimeoutError": ("errors", "TunnelTimeoutError"),
     "errors": ("errors", None),
+    "aio": ("aio", None),
     "engine_stats": ("_runtime", "engine_stats"),
     "set_callback_threads": ("_callbacks", "set_pool_size"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover - static analysers see plain imports
-    from . import errors
+    from . import aio, errors
     from ._callbacks import set_pool_size as set_callback_threads
     from ._runtime import engine_stats
     from .client import Client

@@ -193,9 +193,9 @@ class Client(_Handle):
             _live.add(self)
         return self
 
-    def _close_impl(self) -> None:
+    def _released(self) -> None:
         _live.discard(self)
-        super()._close_impl()
+        super()._released()
 
     def __enter__(self) -> "Client":
         return self.start()
@@ -230,8 +230,7 @@ class Client(_Handle):
         """Waits until a session is up; raises TimeoutError after ``timeout``
         seconds (None waits forever)."""
         handle = self._live_handle()
-        if timeout is not None:
-            timeout = _options.duration("timeout", timeout) if timeout != 0 else 0.0
+        timeout = self._wait_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = _WAIT_SLICE if deadline is None else max(0.0, deadline - time.monotonic())
@@ -240,11 +239,19 @@ class Client(_Handle):
             if self._closing:
                 raise _engine.ClosedError("client is closed")
             if deadline is not None and time.monotonic() >= deadline:
-                why = self.last_error
-                where = self._url if len(self._urls) == 1 else \
-                    "any of " + ", ".join(self._urls)
-                raise TimeoutError(f"not connected to {where} within {timeout:g} s"
-                                   + (f" (last error: {why})" if why else ""))
+                raise self._not_connected(timeout)
+
+    def _wait_timeout(self, timeout: Optional[float]) -> Optional[float]:
+        """wait_connected's timeout, checked (None: no limit)."""
+        if timeout is None:
+            return None
+        return 0.0 if timeout == 0 else _options.duration("timeout", timeout)
+
+    def _not_connected(self, timeout: float) -> TimeoutError:
+        why = self.last_error
+        where = self._url if len(self._urls) == 1 else "any of " + ", ".join(self._urls)
+        return TimeoutError(f"not connected to {where} within {timeout:g} s"
+                            + (f" (last error: {why})" if why else ""))
 
     def metrics(self) -> MetricsDict:
         """Same shape as ``Server.metrics()``; the agent's own counters."""

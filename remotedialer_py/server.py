@@ -164,16 +164,21 @@ class _Handle:
         """Closes the object and waits until the engine has ended everything it
         owned. Idempotent; safe from any thread (a concurrent caller waits for
         the first one to finish)."""
-        with self._lock:
-            first = not self._closing
-            self._closing = True
-        if not first:
+        if not self._begin_close():
             self._closed.wait()
             return
         try:
             self._close_impl()
         finally:
             self._closed.set()
+
+    def _begin_close(self) -> bool:
+        """Marks the object closing; True for the first caller, who must
+        close it and then set ``_closed``."""
+        with self._lock:
+            first = not self._closing
+            self._closing = True
+        return first
 
     def _close_impl(self) -> None:
         handle = self._handle
@@ -184,7 +189,12 @@ class _Handle:
         except _engine.ClosedError:
             pass  # already ended by the engine's shutdown
         finally:
-            _callbacks.unregister(handle)
+            self._released()
+
+    def _released(self) -> None:
+        """Bookkeeping once the engine object is closed (or failed to)."""
+        if self._handle is not None:
+            _callbacks.unregister(self._handle)
 
     def __del__(self) -> None:
         # getattr: __init__ may have failed before setting the fields.
@@ -219,11 +229,9 @@ class Forward(_Handle):
         self.proto = proto
         self.address = address
 
-    def _close_impl(self) -> None:
-        try:
-            super()._close_impl()
-        finally:
-            self._server = None  # let the server be collected once unused
+    def _released(self) -> None:
+        super()._released()
+        self._server = None  # let the server be collected once unused
 
     def __enter__(self) -> "Forward":
         return self
@@ -235,6 +243,19 @@ class Forward(_Handle):
         state = "closed" if self._closing else "open"
         return (f"<Forward {_options.format_hostport(self.host, self.port)} -> "
                 f"{self.client_key}:{self.proto}/{self.address} {state}>")
+
+
+def _dialed(args: Tuple[int, str, str, str, float, float],
+            result: Tuple[int, int, Any]) -> TunnelSocket:
+    """The socket for a dial's (fd, conn_id, status); the fd is closed if that fails."""
+    _, key, proto, address, _, _ = args
+    fd, conn_id, status = result
+    try:
+        return TunnelSocket._from_dial(fd, conn_id=conn_id, client_key=key, proto=proto,
+                                       address=address, status=status)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class TokenAuthorizer:
@@ -377,8 +398,11 @@ class Server(_Handle):
     def _close_impl(self) -> None:
         for fwd in list(self._forwards):
             fwd.close()
-        _live.discard(self)
         super()._close_impl()
+
+    def _released(self) -> None:
+        _live.discard(self)
+        super()._released()
 
     def __enter__(self) -> "Server":
         return self.start()
@@ -457,24 +481,28 @@ class Server(_Handle):
         ``idle_timeout`` ends this connection after that many idle seconds
         (None: the server's ``idle_timeout`` option, off by default).
         """
+        args = self._dial_args(client_key, proto, address, timeout, idle_timeout)
+        sock = _dialed(args, _engine.server_dial(*args))
+        self._track(sock)
+        return sock
+
+    def _track(self, sock: TunnelSocket) -> None:
+        """Notes where a dial came from and keeps it findable for the leak
+        report (sync and asyncio dials alike)."""
+        sock.dialed_at = _caller()
+        if sock.conn_id is not None:
+            self._dialed[sock.conn_id] = sock
+
+    def _dial_args(self, client_key: str, proto: str, address: str, timeout: Optional[float],
+                   idle_timeout: Optional[float]) -> Tuple[int, str, str, str, float, float]:
+        """The engine's dial arguments: (handle, key, proto, address, timeout,
+        idle_timeout), idle_timeout 0 for the server's option."""
         handle = self._live_handle()
         key = _options.client_key(client_key)
         proto, address = _options.connect_target(proto, address)
         wait = _options.MAX_SECONDS if timeout is None else _options.duration("timeout", timeout)
-        if idle_timeout is None:
-            fd, conn_id, status = _engine.server_dial(handle, key, proto, address, wait)
-        else:
-            idle = _options.duration("idle_timeout", idle_timeout)
-            fd, conn_id, status = _engine.server_dial(handle, key, proto, address, wait, idle)
-        try:
-            sock = TunnelSocket._from_dial(fd, conn_id=conn_id, client_key=key, proto=proto,
-                                           address=address, status=status)
-        except BaseException:
-            os.close(fd)
-            raise
-        sock.dialed_at = _caller()
-        self._dialed[conn_id] = sock
-        return sock
+        idle = 0.0 if idle_timeout is None else _options.duration("idle_timeout", idle_timeout)
+        return handle, key, proto, address, wait, idle
 
     def forward(self, client_key: str, proto: str, address: str,
                 listen: Any = "127.0.0.1:0") -> Forward:

@@ -4,10 +4,13 @@
  * that closes and comes back on the same port, and the engine's end: a
  * shutdown with everything still open must free everything too, as must
  * one after everything was closed, and a process that keeps SIGPIPE's
- * default must not be killed by the engine's writes. Each case runs in a
+ * default must not be killed by the engine's writes; calls posted without
+ * waiting (rd_api_op) complete on an eventfd. Each case runs in a
  * process of its own with a fresh engine (rd_test_engine.h). */
 #define _GNU_SOURCE
 #include "rd_test_engine.h"
+
+#include <sys/eventfd.h>
 
 /* ---- connect ---- */
 
@@ -442,6 +445,72 @@ TEST(test_sigpipe_default) {
   ts_stop(&http);
 }
 
+/* ---- calls posted without waiting ---- */
+
+/* Waits until efd has counted n completions in all. */
+static int wait_signals(int efd, uint64_t n) {
+  uint64_t seen = 0, deadline = now_ms() + WAIT_MS, v;
+  while (seen < n && now_ms() < deadline) {
+    struct pollfd p = {efd, POLLIN, 0};
+    if (poll(&p, 1, 50) == 1 && read(efd, &v, sizeof v) == (ssize_t)sizeof v)
+      seen += v;
+  }
+  return seen == n;
+}
+
+TEST(test_posted_ops) {
+  start_echo();
+  CHECK(start_server_and_agent());
+  int efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  CHECK(efd >= 0);
+  rd_api_op *ops[6] = {
+      rd_api_op_dial(g_srv, "agent-1", "tcp", g_echo_addr, DIAL_WAIT_MS, 0),
+      rd_api_op_dial(g_srv, "nobody", "tcp", g_echo_addr, DIAL_WAIT_MS, 0),
+      rd_api_op_dial(999999, "agent-1", "tcp", g_echo_addr, DIAL_WAIT_MS, 0),
+      rd_api_op_wait_connected(g_cli, WAIT_MS),
+      rd_api_op_dial(g_srv, "agent-1", "tcp", g_echo_addr, DIAL_WAIT_MS, 0), /* never taken */
+      rd_api_op_close(999999),
+  };
+  for (int i = 0; i < 6; i++) {
+    CHECK(ops[i] != NULL);
+    CHECK_EQ_INT(rd_api_op_post(ops[i], efd), 1);
+  }
+  CHECK(wait_signals(efd, 6));
+  char err[256];
+  for (int i = 0; i < 6; i++)
+    CHECK(rd_api_op_done(ops[i]));
+  CHECK_EQ_INT(rd_api_op_status(ops[0], err, sizeof err), RD_OK);
+  int fd = -1;
+  int64_t id = 0;
+  rd_dial_status *st = NULL;
+  rd_api_op_take_dial(ops[0], &fd, &id, &st);
+  CHECK(fd >= 0 && id > 0 && st != NULL);
+  char buf[4] = "";
+  CHECK_EQ_INT(write_all(fd, "ping", 4, WAIT_MS), 0);
+  CHECK(read_n(fd, buf, 4, WAIT_MS) == 4 && memcmp(buf, "ping", 4) == 0);
+  close(fd);
+  rd_dial_status_unref(st);
+  CHECK_EQ_INT(rd_api_op_status(ops[1], err, sizeof err), RD_ENOSESSION);
+  CHECK_STR(err, "failed to find Session for client nobody");
+  CHECK_EQ_INT(rd_api_op_status(ops[2], err, sizeof err), RD_ECLOSED);
+  CHECK_EQ_INT(rd_api_op_status(ops[3], err, sizeof err), RD_OK);
+  CHECK(rd_api_op_connected(ops[3]));
+  CHECK_EQ_INT(rd_api_op_status(ops[4], err, sizeof err), RD_OK);
+  CHECK_EQ_INT(rd_api_op_status(ops[5], err, sizeof err), RD_OK);
+  for (int i = 0; i < 6; i++)
+    rd_api_op_free(ops[i]); /* closes the untaken socket: its connection ends */
+  CHECK(wait_balanced(g_srv, "server"));
+  CHECK(wait_balanced(g_cli, "client"));
+  /* After shutdown a post completes at once, unqueued. */
+  rd_api_op *late = rd_api_op_close(g_srv);
+  rd_engine_shutdown();
+  CHECK_EQ_INT(rd_api_op_post(late, efd), 0);
+  CHECK(rd_api_op_done(late));
+  CHECK_EQ_INT(rd_api_op_status(late, err, sizeof err), RD_ECLOSED);
+  rd_api_op_free(late);
+  close(efd);
+}
+
 /* ---- close everything, shut down, nothing left ---- */
 
 TEST(test_shutdown_frees_everything) {
@@ -475,4 +544,5 @@ TEST(test_shutdown_frees_everything) {
 RD_ENGINE_TEST_MAIN(T(test_connect), T(test_http_routes), T(test_bad_arguments),
                     T(test_shared_key), T(test_connection_limits), T(test_read_deadline),
                     T(test_server_restart), T(test_shutdown_with_open_objects),
-                    T(test_sigpipe_default), T(test_shutdown_frees_everything))
+                    T(test_sigpipe_default), T(test_posted_ops),
+                    T(test_shutdown_frees_everything))
