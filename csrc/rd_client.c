@@ -62,6 +62,8 @@ struct rd_client {
   int refs;
   rd_cmd *close_waiter;
   char last_error[256];
+  int was_up; /* the session that is up, or just ended, was told */
+  unsigned failures; /* failed attempts since the last session, for news */
 };
 
 void rd_client_config_default(rd_client_config *cfg) {
@@ -113,10 +115,18 @@ static void client_unref(rd_client *cli) {
     hooks->on_freed(ctx);
 }
 
-/* Tells a link's owner where the client stands. */
+/* Tells a link's owner where the client stands, or an agent's Python side
+ * what happened. */
 static void client_tell(rd_client *cli, int state, const char *why) {
   if (cli->cfg.hooks != NULL && cli->cfg.hooks->on_state != NULL)
     cli->cfg.hooks->on_state(cli->cfg.hooks_ctx, cli, state, why);
+  if (!cli->cfg.events || state == RD_CLIENT_DIALING)
+    return;
+  const char *what = state == RD_CLIENT_CONNECTED ? "connect" : cli->was_up ? "disconnect" : "fail";
+  cli->failures = what[0] == 'f' ? cli->failures + 1 : 0;
+  cli->was_up = state == RD_CLIENT_CONNECTED;
+  rd_event_post(cli->obj.handle, what, NULL, NULL, cli->targets[cli->current].url, why, 0,
+                cli->failures);
 }
 
 /* ---- wait_connected ---- */

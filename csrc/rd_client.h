@@ -53,6 +53,9 @@ typedef struct rd_client_config {
   const rd_client_hooks *hooks;
   void *hooks_ctx;
   rd_metrics *metrics;
+  /* An agent: post news for Python (rd_event_post) when its session comes
+   * up ("connect") or ends ("disconnect"), and when an attempt fails. */
+  int events;
 } rd_client_config;
 
 void rd_client_config_default(rd_client_config *cfg);

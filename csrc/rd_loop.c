@@ -45,6 +45,8 @@ static struct {
   uv_mutex_t req_lock;
   uv_cond_t req_cond;
   rd_request *req_head, *req_tail; /* posted, not yet taken */
+  uv_cond_t ev_cond;
+  rd_request *ev_head, *ev_tail; /* news (RD_REQ_EVENT), one taker keeps its order */
   rd_map req_pending;             /* loop thread: posted, not yet answered */
   uint64_t next_req;
   int req_closed;
@@ -185,14 +187,18 @@ static void begin_shutdown(void) {
   rd_map_foreach(&eng.objects, close_object_cb, NULL);
   uv_mutex_lock(&eng.req_lock);
   eng.req_closed = 1;
-  rd_request *queued = eng.req_head;
+  rd_request *queued = eng.req_head, *news = eng.ev_head;
   eng.req_head = eng.req_tail = NULL;
+  eng.ev_head = eng.ev_tail = NULL;
   uv_cond_broadcast(&eng.req_cond);
+  uv_cond_broadcast(&eng.ev_cond);
   uv_mutex_unlock(&eng.req_lock);
-  while (queued != NULL) { /* the queue's references */
-    rd_request *next = queued->next;
-    request_unref(queued);
-    queued = next;
+  for (int i = 0; i < 2; i++, queued = news) {
+    while (queued != NULL) { /* the queues' references */
+      rd_request *next = queued->next;
+      request_unref(queued);
+      queued = next;
+    }
   }
   rd_map_foreach(&eng.req_pending, drop_pending_request_cb, NULL);
   uv_close((uv_handle_t *)&eng.wake, NULL);
@@ -250,6 +256,7 @@ static void engine_locks_init(void) {
   uv_mutex_init(&eng.fork_lock);
   uv_mutex_init(&eng.park_lock);
   uv_cond_init(&eng.req_cond);
+  uv_cond_init(&eng.ev_cond);
   uv_cond_init(&eng.joined_cond);
   uv_cond_init(&eng.park_cond);
 }
@@ -484,6 +491,7 @@ static void fork_child(void) {
   rd_map_init(&eng.objects);
   rd_map_init(&eng.req_pending);
   eng.req_head = eng.req_tail = NULL;
+  eng.ev_head = eng.ev_tail = NULL;
   eng.req_closed = 0;
   atomic_store(&eng.stale_below, eng.next_handle + 1);
   atomic_store(&count_sessions, 0);
@@ -510,8 +518,52 @@ void rd_request_free(rd_request *req) {
   } else if (req->kind == RD_REQ_CONNECT) {
     rd_free(req->connect.proto);
     rd_free(req->connect.address);
+  } else if (req->kind == RD_REQ_EVENT) {
+    rd_free(req->event.key);
+    rd_free(req->event.remote);
+    rd_free(req->event.url);
+    rd_free(req->event.reason);
   }
   rd_free(req);
+}
+
+static char *dup_or_empty(const char *s) { return rd_strndup(s != NULL ? s : "", s != NULL ? strlen(s) : 0); }
+
+/* Appends req to a queue (requests, or news) and wakes a taker. */
+static void request_enqueue(rd_request **head, rd_request **tail, uv_cond_t *cond,
+                            rd_request *req) {
+  uv_mutex_lock(&eng.req_lock);
+  if (*tail != NULL)
+    (*tail)->next = req;
+  else
+    *head = req;
+  *tail = req;
+  uv_cond_signal(cond);
+  uv_mutex_unlock(&eng.req_lock);
+}
+
+void rd_event_post(uint64_t owner, const char *what, const char *key, const char *remote,
+                   const char *url, const char *reason, int peer, unsigned attempt) {
+  if (eng.stopping)
+    return;
+  rd_request *req = rd_request_new(RD_REQ_EVENT);
+  if (req == NULL)
+    return;
+  req->owner = owner;
+  req->event.what = what;
+  req->event.peer = peer;
+  req->event.attempt = attempt;
+  if ((req->event.key = dup_or_empty(key)) == NULL ||
+      (req->event.remote = dup_or_empty(remote)) == NULL ||
+      (req->event.url = dup_or_empty(url)) == NULL ||
+      (req->event.reason = dup_or_empty(reason)) == NULL) {
+    rd_request_free(req);
+    return;
+  }
+  req->id = ++eng.next_req;
+  req->next = NULL;
+  atomic_store(&req->_refs, 1); /* the queue's, then the taker's */
+  request_enqueue(&eng.ev_head, &eng.ev_tail, &eng.ev_cond, req);
 }
 
 int rd_verdict_fits(rd_request_kind kind, int verdict) {
@@ -532,34 +584,37 @@ void rd_request_post(rd_request *req) {
     return;
   }
   atomic_store(&req->_refs, 2); /* pending and queued */
-  uv_mutex_lock(&eng.req_lock);
-  if (eng.req_tail != NULL)
-    eng.req_tail->next = req;
-  else
-    eng.req_head = req;
-  eng.req_tail = req;
-  uv_cond_signal(&eng.req_cond);
-  uv_mutex_unlock(&eng.req_lock);
+  request_enqueue(&eng.req_head, &eng.req_tail, &eng.req_cond, req);
 }
 
-rd_request *rd_request_next(int64_t timeout_ms) {
+/* Takes the first of a queue, waiting up to timeout_ms. */
+static rd_request *request_take(rd_request **head, rd_request **tail, uv_cond_t *cond,
+                                int64_t timeout_ms) {
   uv_once(&eng.once, engine_init_once);
   uv_mutex_lock(&eng.req_lock);
   uint64_t deadline = uv_hrtime() + (uint64_t)timeout_ms * 1000000u;
-  while (eng.req_head == NULL && !eng.req_closed) {
+  while (*head == NULL && !eng.req_closed) {
     uint64_t now = uv_hrtime();
-    if (now >= deadline || uv_cond_timedwait(&eng.req_cond, &eng.req_lock, deadline - now) != 0)
+    if (now >= deadline || uv_cond_timedwait(cond, &eng.req_lock, deadline - now) != 0)
       break;
   }
-  rd_request *req = eng.req_head; /* the queue's reference passes to the caller */
+  rd_request *req = *head; /* the queue's reference passes to the caller */
   if (req != NULL) {
-    eng.req_head = req->next;
-    if (eng.req_head == NULL)
-      eng.req_tail = NULL;
+    *head = req->next;
+    if (*head == NULL)
+      *tail = NULL;
     req->next = NULL;
   }
   uv_mutex_unlock(&eng.req_lock);
   return req;
+}
+
+rd_request *rd_request_next(int64_t timeout_ms) {
+  return request_take(&eng.req_head, &eng.req_tail, &eng.req_cond, timeout_ms);
+}
+
+rd_request *rd_event_next(int64_t timeout_ms) {
+  return request_take(&eng.ev_head, &eng.ev_tail, &eng.ev_cond, timeout_ms);
 }
 
 void rd_request_release(rd_request *req) { request_unref(req); }

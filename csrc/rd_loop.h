@@ -94,7 +94,11 @@ int rd_handle_is_stale(uint64_t handle);
  * and reference counted, because two threads hold it: the engine until it is
  * answered (or shut down) and the Python-side thread from rd_request_next
  * until rd_request_release. Its kind's fields are immutable once posted. */
-typedef enum rd_request_kind { RD_REQ_AUTH = 1, RD_REQ_CONNECT = 2 } rd_request_kind;
+typedef enum rd_request_kind {
+  RD_REQ_AUTH = 1,
+  RD_REQ_CONNECT = 2,
+  RD_REQ_EVENT = 3 /* news for Python, never answered (rd_event_post) */
+} rd_request_kind;
 
 /* Python's answers, named so that neither side guesses at integers. Each
  * kind has its own; one of another kind counts as a refusal. */
@@ -119,6 +123,19 @@ typedef struct rd_connect_request {
   char *proto, *address;
 } rd_connect_request;
 
+/* News of a session: "connect" or "disconnect" (a server's agent or peer
+ * session), or an agent's "connect", "disconnect" and "fail" (an attempt
+ * that failed). Strings not given are "". */
+typedef struct rd_event {
+  const char *what;  /* static */
+  char *key;         /* server: the client key or peer id */
+  char *remote;      /* server: the far address */
+  char *url;         /* agent: the server URL */
+  char *reason;      /* why it ended or failed */
+  int peer;          /* server: a peer's session */
+  unsigned attempt;  /* agent: failed attempts in a row */
+} rd_event;
+
 typedef struct rd_request rd_request;
 struct rd_request {
   rd_request *next; /* on the queue for Python */
@@ -129,6 +146,7 @@ struct rd_request {
   union { /* by kind; strings rd_malloc'ed, freed with the request */
     rd_auth_request auth;
     rd_connect_request connect;
+    rd_event event;
   };
   /* Loop thread: called once with the verdict. The asker sets target NULL
    * when it goes away first; the answer is then dropped. */
@@ -143,12 +161,20 @@ rd_request *rd_request_new(rd_request_kind kind);
 void rd_request_post(rd_request *req);
 /* Frees a request that was never posted (loop thread). */
 void rd_request_free(rd_request *req);
+/* Queues news for Python (loop thread): an RD_REQ_EVENT for owner, with
+ * copies of the strings (NULL: ""). Nothing waits for it; dropped when out
+ * of memory or shutting down. */
+void rd_event_post(uint64_t owner, const char *what, const char *key, const char *remote,
+                   const char *url, const char *reason, int peer, unsigned attempt);
 /* 1 when verdict is one of kind's answers. */
 int rd_verdict_fits(rd_request_kind kind, int verdict);
 /* Python-side thread: waits up to timeout_ms for a request; NULL on timeout
  * or shutdown. The caller holds a reference: the request stays readable,
  * even across shutdown, until rd_request_release. */
 rd_request *rd_request_next(int64_t timeout_ms);
+/* The same for news (RD_REQ_EVENT), in their own queue: one taker sees
+ * them in the order they happened. */
+rd_request *rd_event_next(int64_t timeout_ms);
 /* Drops the reference rd_request_next gave; the last holder frees. */
 void rd_request_release(rd_request *req);
 /* Any thread but the loop thread: answers by id (value is copied or used

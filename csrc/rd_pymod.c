@@ -165,7 +165,8 @@ static PyObject *py_server_new(PyObject *module, PyObject *args) {
   rd_server_config_default(&cfg);
   char auth[16] = "header";
   /* path and auth come from the Server's own parameters. */
-  if (opt_str(opts, "path", cfg.path, sizeof cfg.path) < 0 ||
+  if (opt_bool(opts, "events", &cfg.events) < 0 ||
+      opt_str(opts, "path", cfg.path, sizeof cfg.path) < 0 ||
       opt_str(opts, "auth", auth, sizeof auth) < 0 ||
       opt_str(opts, "peer_id", cfg.peer_id, sizeof cfg.peer_id) < 0 ||
       opt_str(opts, "peer_token", cfg.peer_token, sizeof cfg.peer_token) < 0 ||
@@ -542,7 +543,8 @@ static PyObject *client_new_impl(PyObject *module, const char *const *urls, size
   rd_client_config_default(&cfg);
   cfg.proxies = proxies;
   char allow[16] = "all";
-  if (opt_str(opts, "allow", allow, sizeof allow) < 0 ||
+  if (opt_bool(opts, "events", &cfg.events) < 0 ||
+      opt_str(opts, "allow", allow, sizeof allow) < 0 ||
       table_options(opts, RD_OPT_CLIENT, &cfg) < 0)
     return NULL;
   if (strcmp(allow, "all") == 0) {
@@ -1155,6 +1157,12 @@ static PyTypeObject CompleterType = {
 
 /* The request's fields as Python values; NULL with an exception set. */
 static PyObject *request_payload(const rd_request *r) {
+  if (r->kind == RD_REQ_EVENT) {
+    const rd_event *e = &r->event;
+    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:s,s:O,s:I}", "what", e->what, "key", e->key,
+                         "remote", e->remote, "url", e->url, "reason", e->reason, "peer",
+                         e->peer ? Py_True : Py_False, "attempt", e->attempt);
+  }
   if (r->kind == RD_REQ_CONNECT)
     return Py_BuildValue("(ss)", r->connect.proto, r->connect.address);
   const rd_auth_request *a = &r->auth;
@@ -1200,6 +1208,23 @@ static PyObject *py_next_request(PyObject *module, PyObject *args) {
     return NULL;
   }
   return Py_BuildValue("(KKsN)", (unsigned long long)id, (unsigned long long)owner, kind, payload);
+}
+
+static PyObject *py_next_event(PyObject *module, PyObject *args) {
+  (void)module;
+  double timeout;
+  if (!PyArg_ParseTuple(args, "d:next_event", &timeout))
+    return NULL;
+  rd_request *r;
+  Py_BEGIN_ALLOW_THREADS
+  r = rd_event_next((int64_t)(timeout * 1000.0));
+  Py_END_ALLOW_THREADS
+  if (r == NULL)
+    Py_RETURN_NONE;
+  uint64_t owner = r->owner;
+  PyObject *payload = request_payload(r);
+  rd_request_release(r);
+  return payload == NULL ? NULL : Py_BuildValue("(KN)", (unsigned long long)owner, payload);
 }
 
 static PyObject *py_answer(PyObject *module, PyObject *args) {
@@ -1358,6 +1383,8 @@ static PyMethodDef engine_methods[] = {
     {"prometheus", py_prometheus, METH_VARARGS, "prometheus(handle) -> str"},
     {"next_request", py_next_request, METH_VARARGS,
      "next_request(timeout) -> None | (id, owner, kind, payload)"},
+    {"next_event", py_next_event, METH_VARARGS,
+     "next_event(timeout) -> (owner, news) or None: sessions that came and went"},
     {"answer", py_answer, METH_VARARGS, "answer(id, verdict, value): verdict is a VERDICT_* constant"},
     {"options", py_options, METH_NOARGS,
      "options() -> (dict, ...): the engine's options table, in documentation order"},

@@ -39,6 +39,8 @@ typedef struct rd_server_config {
    * reference); NULL: made at the first such peer, without verification,
    * as Go's peers do. */
   rd_tls_ctx *peer_tls;
+  /* Post news of sessions that come and go for Python (rd_event_post). */
+  int events;
   rd_session_config session;
 } rd_server_config;
 

@@ -153,8 +153,11 @@ void rd_srv_forwards_close(rd_server *srv);
  * decides). */
 const char *rd_srv_peer_auth(rd_server *srv, const rd_http_request *req);
 /* Serves an upgraded stream as the session peer id opened to us. */
-void rd_srv_peer_accept(rd_server *srv, rd_io *io, const char *id, const uint8_t *rest,
-                        size_t rest_len);
+void rd_srv_peer_accept(rd_server *srv, rd_io *io, const char *id, const char *remote,
+                        const uint8_t *rest, size_t rest_len);
+/* News of a session for Python, when the server posts events: what is
+ * "connect" or "disconnect". */
+void rd_srv_session_news(rd_server *srv, rd_session *s, const char *what, const char *reason);
 /* The oldest peer session that announced key, or NULL. */
 rd_session *rd_srv_peer_route(rd_server *srv, const char *key);
 /* A local session of key came (add 1) or went: tell every connected link. */

@@ -50,6 +50,7 @@ struct peer_session {
   peer_session *prev, *next;
   rd_server *srv;
   rd_session *s;
+  int told; /* its "connect" news went out: its "disconnect" follows */
   rd_map keys; /* remote_key nodes, by hash of the key */
 };
 
@@ -142,7 +143,6 @@ static void peer_on_disconnect_client(rd_session *s, void *owner, const char *ke
 }
 
 static void peer_on_end(rd_session *s, void *owner, const char *reason) {
-  (void)reason;
   peer_session *ps = owner;
   rd_server *srv = ps->srv;
   if (ps->prev != NULL)
@@ -154,6 +154,8 @@ static void peer_on_end(rd_session *s, void *owner, const char *reason) {
   srv->sessions--;
   keys_clear(ps); /* the peer's routes go at once */
   rd_srv_room_waits_wake(srv, s, 1);
+  if (ps->told)
+    rd_srv_session_news(srv, s, "disconnect", reason);
 }
 
 static void peer_session_freed(void *owner) {
@@ -201,8 +203,8 @@ const char *rd_srv_peer_auth(rd_server *srv, const rd_http_request *req) {
   return NULL;
 }
 
-void rd_srv_peer_accept(rd_server *srv, rd_io *io, const char *id, const uint8_t *rest,
-                        size_t rest_len) {
+void rd_srv_peer_accept(rd_server *srv, rd_io *io, const char *id, const char *remote,
+                        const uint8_t *rest, size_t rest_len) {
   peer_session *ps = rd_calloc(1, sizeof *ps);
   if (ps == NULL) {
     rd_io_close(io, NULL);
@@ -223,6 +225,11 @@ void rd_srv_peer_accept(rd_server *srv, rd_io *io, const char *id, const uint8_t
     peer_session_freed(ps);
     return;
   }
+  if (rd_session_is_ended(ps->s))
+    return; /* ended while reading what came with the upgrade */
+  rd_session_set_remote(ps->s, remote);
+  ps->told = 1;
+  rd_srv_session_news(srv, ps->s, "connect", NULL);
   /* A peer keeps one link to us: a new session from it means the older ones
    * are dead (a peer that restarted, or a path that broke without a reset,
    * which the read deadline would notice only later). They go now, with

@@ -67,16 +67,19 @@ static int client_add(rd_server *srv, const char *key, rd_session *s) {
   return RD_OK;
 }
 
-static void client_remove(rd_server *srv, rd_session *s) {
+/* Takes s out of its key's entry; 0 when it was never in one. */
+static int client_remove(rd_server *srv, rd_session *s) {
   client_entry *e = client_find(srv, rd_session_client_key(s));
   if (e == NULL)
-    return;
+    return 0;
+  int found = 0;
   for (size_t i = 0; i < e->count; i++) {
     if (e->sessions[i] == s) {
       memmove(&e->sessions[i], &e->sessions[i + 1], (e->count - i - 1) * sizeof *e->sessions);
       e->count--;
       srv->sessions--;
       rd_srv_peers_announce(srv, e->key, rd_session_key(s), 0);
+      found = 1;
       break;
     }
   }
@@ -86,6 +89,7 @@ static void client_remove(rd_server *srv, rd_session *s) {
     rd_free(e->key);
     rd_free(e);
   }
+  return found;
 }
 
 rd_session *rd_srv_session_for(rd_server *srv, const char *key) {
@@ -114,10 +118,17 @@ size_t rd_srv_end_client_sessions(rd_server *srv, const char *key, const char *r
   return ended;
 }
 
+void rd_srv_session_news(rd_server *srv, rd_session *s, const char *what, const char *reason) {
+  if (srv->cfg.events)
+    rd_event_post(srv->obj.handle, what, rd_session_client_key(s), rd_session_remote(s), NULL,
+                  reason, rd_session_kind(s) == RD_SESSION_PEER, 0);
+}
+
 static void session_on_end(rd_session *s, void *owner, const char *reason) {
-  (void)reason;
-  client_remove(owner, s);
+  int registered = client_remove(owner, s);
   rd_srv_room_waits_wake(owner, s, 1);
+  if (registered) /* its "connect" was told */
+    rd_srv_session_news(owner, s, "disconnect", reason);
 }
 
 static void session_on_freed(void *owner) { rd_srv_unref(owner); }
@@ -130,6 +141,25 @@ static const rd_session_owner server_session_ops = {
     .on_end = session_on_end, .on_freed = session_on_freed, .on_room = session_on_room};
 
 /* ---- the upgrade and its authentication ---- */
+
+static char *format_remote(uv_tcp_t *tcp, char *out, size_t outlen) {
+  struct sockaddr_storage ss;
+  int len = sizeof ss;
+  out[0] = '\0';
+  if (uv_tcp_getpeername(tcp, (struct sockaddr *)&ss, &len) != 0)
+    return out;
+  char ip[64] = "";
+  int port;
+  if (ss.ss_family == AF_INET6) {
+    uv_ip6_name((struct sockaddr_in6 *)&ss, ip, sizeof ip);
+    port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+  } else {
+    uv_ip4_name((struct sockaddr_in *)&ss, ip, sizeof ip);
+    port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+  }
+  rd_addr_join(out, outlen, ip, strlen(ip), port);
+  return out;
+}
 
 /* Answers the upgrade and serves the stream as client_key's session, or as
  * the session peer client_key opened to us (peer 1). */
@@ -165,9 +195,11 @@ static void upgrade_accept(httpconn *hc, const char *client_key, int peer) {
   }
   size_t leftover = hc->len - hc->head_len;
   const uint8_t *rest = (const uint8_t *)hc->buf + hc->head_len;
+  char remote[80];
+  format_remote((uv_tcp_t *)rd_io_stream(hc->io), remote, sizeof remote);
   rd_io *io = rd_srv_httpconn_take_stream(hc); /* hc is closing; buf lives until its close cb */
   if (peer) {
-    rd_srv_peer_accept(srv, io, client_key, rest, leftover);
+    rd_srv_peer_accept(srv, io, client_key, remote, rest, leftover);
     return;
   }
   srv->refs++;
@@ -179,8 +211,12 @@ static void upgrade_accept(httpconn *hc, const char *client_key, int peer) {
   }
   if (rd_session_is_ended(s))
     return; /* ended while reading the leftover bytes: never registered */
-  if (client_add(srv, client_key, s) != RD_OK)
+  rd_session_set_remote(s, remote);
+  if (client_add(srv, client_key, s) != RD_OK) {
     rd_session_end(s, RD_WS_CLOSE_GOING_AWAY, "out of memory");
+    return;
+  }
+  rd_srv_session_news(srv, s, "connect", NULL);
 }
 
 static void auth_answer_cb(rd_request *req, rd_verdict verdict, const char *value) {
@@ -196,24 +232,6 @@ static void auth_answer_cb(rd_request *req, rd_verdict verdict, const char *valu
     rd_srv_respond_text(hc, 401, "Unauthorized", "failed authentication");
 }
 
-static char *format_remote(uv_tcp_t *tcp, char *out, size_t outlen) {
-  struct sockaddr_storage ss;
-  int len = sizeof ss;
-  out[0] = '\0';
-  if (uv_tcp_getpeername(tcp, (struct sockaddr *)&ss, &len) != 0)
-    return out;
-  char ip[64] = "";
-  int port;
-  if (ss.ss_family == AF_INET6) {
-    uv_ip6_name((struct sockaddr_in6 *)&ss, ip, sizeof ip);
-    port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
-  } else {
-    uv_ip4_name((struct sockaddr_in *)&ss, ip, sizeof ip);
-    port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
-  }
-  rd_addr_join(out, outlen, ip, strlen(ip), port);
-  return out;
-}
 
 void rd_srv_handle_upgrade(httpconn *hc, rd_http_request *req) {
   rd_server *srv = hc->srv;

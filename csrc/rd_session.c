@@ -582,6 +582,7 @@ static void session_free_if_closed(rd_session *s) {
   rd_block_unref(s->rblock);
   rd_map_dispose(&s->conns);
   rd_free(s->client_key);
+  rd_free(s->remote);
   void (*on_freed)(void *) = s->ops.on_freed;
   void *owner = s->owner;
   rd_free(s);
@@ -685,6 +686,12 @@ const char *rd_session_client_key(const rd_session *s) { return s->client_key; }
 int64_t rd_session_key(const rd_session *s) { return s->session_key; }
 int rd_session_is_ended(const rd_session *s) { return s->ended; }
 int rd_session_kind(const rd_session *s) { return s->kind; }
+const char *rd_session_remote(const rd_session *s) { return s->remote != NULL ? s->remote : ""; }
+
+void rd_session_set_remote(rd_session *s, const char *remote) {
+  rd_free(s->remote);
+  s->remote = rd_strndup(remote, strlen(remote)); /* NULL when out of memory: "" */
+}
 size_t rd_session_conn_count(const rd_session *s) { return s->conns.count; }
 int rd_session_has_room(const rd_session *s) { return rd_session_can_send(s) && !s->write_blocked; }
 

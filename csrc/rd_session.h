@@ -81,6 +81,9 @@ const char *rd_session_client_key(const rd_session *s);
 int64_t rd_session_key(const rd_session *s);
 int rd_session_is_ended(const rd_session *s);
 int rd_session_kind(const rd_session *s); /* RD_SESSION_* */
+/* The far address the owner gave (rd_session_set_remote), or "". */
+const char *rd_session_remote(const rd_session *s);
+void rd_session_set_remote(rd_session *s, const char *remote);
 size_t rd_session_conn_count(const rd_session *s);
 /* Whether the queue toward the peer has room (under write_high) and the
  * session is not ending: a new connection's bytes would move now. */

@@ -23,6 +23,7 @@ struct rd_session {
   int role;
   int kind; /* RD_SESSION_* */
   char *client_key;
+  char *remote; /* the far address, for news of the session (may be NULL) */
   int64_t session_key;
   rd_metrics *metrics;
   rd_session_config cfg;

@@ -36,6 +36,9 @@ _cond = threading.Condition(threading.RLock())
 _owners: dict[int, "weakref.ref[Any]"] = {}
 _pending = 0  # owners being created whose handle is not known yet
 _threads: list[threading.Thread] = []
+# News of sessions (events) come on a queue of their own, taken by one
+# thread so that each object's callbacks see them in order.
+_news_thread: threading.Thread | None = None
 _size = 4  # threads in the pool
 _MAX_SIZE = 256
 _stopping = False
@@ -114,7 +117,7 @@ def stop(timeout: float = 2.0) -> None:
     global _stopping
     with _cond:
         _stopping = True
-        threads = list(_threads)
+        threads = list(_threads) + ([_news_thread] if _news_thread is not None else [])
     deadline = time.monotonic() + timeout
     for thread in threads:
         if thread is not threading.current_thread():
@@ -122,9 +125,15 @@ def stop(timeout: float = 2.0) -> None:
 
 
 def _ensure_threads() -> None:
-    """Tops the pool up to its size (the caller holds _cond)."""
+    """Tops the pool up to its size, and starts the news thread (the caller
+    holds _cond)."""
+    global _news_thread
     if _stopping:
         return
+    if _news_thread is None or not _news_thread.is_alive():
+        _news_thread = threading.Thread(target=_run_news, name="remotedialer-events",
+                                        daemon=True)
+        _news_thread.start()
     _threads[:] = [t for t in _threads if t.is_alive()]
     while len(_threads) < _size:
         thread = threading.Thread(target=_run, name=f"remotedialer-callbacks-{len(_threads)}",
@@ -183,8 +192,10 @@ def _handle(request: Any) -> None:
 def _after_fork_in_child() -> None:
     # Only the forking thread survives: the lock may be held by a thread that
     # is gone, the owners are the parent's (their handles are stale here).
-    global _cond, _pending
+    global _cond, _pending, _news_thread
     _cond = threading.Condition(threading.RLock())
+    if _news_thread is not threading.current_thread():
+        _news_thread = None
     _owners.clear()
     _pending = 0
     _threads[:] = [t for t in _threads if t is threading.current_thread()]
@@ -210,3 +221,27 @@ def _run() -> None:
             continue
         if request is not None:
             _handle(request)
+
+
+def _run_news() -> None:
+    while True:
+        with _cond:
+            if _stopping:
+                return
+        try:
+            news = _engine.next_event(_POLL)
+        except _engine.ClosedError:
+            return
+        except Exception:  # noqa: BLE001
+            log.exception("remotedialer-py: waiting for engine news failed")
+            time.sleep(_POLL)
+            continue
+        if news is None:
+            continue
+        owner_handle, payload = news
+        try:
+            owner = _lookup(owner_handle)
+            if owner is not None:
+                owner._on_event(payload)
+        except BaseException:  # noqa: BLE001 - a hook bug must not stop the thread
+            log.exception("remotedialer-py: unexpected error delivering news")

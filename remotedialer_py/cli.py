@@ -9,6 +9,7 @@ working.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--path", "-path", type=_path, default="/connect",
                      help="WebSocket path agents connect to (default /connect)")
     srv.add_argument("--debug", "-debug", action=_GoBool, help="debug logging")
+    srv.add_argument("--log-format", choices=("text", "json"), default="text",
+                     help="text (default) or json: one JSON object per line, for log shippers")
     srv.add_argument("--debug-connections", action="store_true",
                      help="serve GET /debug/connections (every open session and connection) "
                           "and GET /debug/peers (each HA peer: link state, last error, "
@@ -215,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(http://[USER:PASSWORD@]HOST[:PORT], CONNECT); '' for none; "
                           "default: HTTPS_PROXY / HTTP_PROXY / NO_PROXY as Go reads them")
     cli.add_argument("--debug", "-debug", action=_GoBool, help="debug logging")
+    cli.add_argument("--log-format", choices=("text", "json"), default="text",
+                     help="text (default) or json: one JSON object per line, for log shippers")
 
     demo = sub.add_parser(
         "demo", allow_abbrev=False, help="run the loopback demo",
@@ -297,9 +302,24 @@ def _resolve_peers(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     args.peer_notes = notes
 
 
-def _setup_logging(debug: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname,
+               "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def _setup_logging(debug: bool, log_format: str = "text") -> None:
+    """INFO by default: sessions that come and go are logged by component
+    (remotedialer_py.server, remotedialer_py.client)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
 
 
 def _run_until_signal(tick: Optional[Callable[[], None]] = None, interval: float = 0.5) -> None:
@@ -318,7 +338,7 @@ def _run_until_signal(tick: Optional[Callable[[], None]] = None, interval: float
 
 
 def run_server(args: argparse.Namespace) -> int:
-    _setup_logging(args.debug)
+    _setup_logging(args.debug, args.log_format)
     log = logging.getLogger("remotedialer_py")
     for note in getattr(args, "peer_notes", []):
         print(f"{PROG}: warning: {note}", file=sys.stderr)
@@ -408,7 +428,7 @@ def _peer_reporter(srv: Any, log: logging.Logger) -> Callable[[], None]:
 
 
 def run_client(args: argparse.Namespace) -> int:
-    _setup_logging(args.debug)
+    _setup_logging(args.debug, args.log_format)
     log = logging.getLogger("remotedialer_py")
     from .client import Client
     from .errors import TunnelError

@@ -9,6 +9,7 @@ import weakref
 from typing import Any, Callable, Iterable, Mapping, Optional, Tuple, Union
 
 from . import _callbacks, _engine, _options, _proxy
+from . import events as _events
 from .server import MetricsDict, _Handle, _metrics_dict
 
 log = logging.getLogger("remotedialer_py")
@@ -121,8 +122,11 @@ class Client(_Handle):
     _kind = "client"
 
     def __init__(self, url: Any, headers: Any = None, allow: Allow = None, proxy: Any = None,
-                 **options: Any) -> None:
+                 *, on_connect: Optional[_events.EventCallback] = None,
+                 on_disconnect: Optional[_events.EventCallback] = None, **options: Any) -> None:
         super().__init__()
+        self._on_connect = _events.check_callback("on_connect", on_connect)
+        self._on_disconnect = _events.check_callback("on_disconnect", on_disconnect)
         if isinstance(url, (list, tuple)):
             if not url:
                 raise ValueError("url: an empty list of server URLs")
@@ -183,7 +187,9 @@ class Client(_Handle):
                 opts["proxies"] = list(self._proxies)
             if self._allow_mode == "patterns":
                 opts["patterns"] = list(self._patterns)
-            if self._allow_fn is None:
+            opts["events"] = _events.wanted(_events.client_log, self._on_connect,
+                                            self._on_disconnect)
+            if self._allow_fn is None and not opts["events"]:
                 handle = _engine.client_new(list(self._urls), list(self._headers), opts)
             else:
                 with _callbacks.creating():
@@ -259,6 +265,9 @@ class Client(_Handle):
 
     def prometheus(self) -> str:
         return _engine.prometheus(self._live_handle())
+
+    def _on_event(self, payload: Any) -> None:
+        _events.deliver(payload, _events.client_log, self._on_connect, self._on_disconnect)
 
     def _answer_request(self, kind: str, payload: Any) -> Tuple[int, str]:
         fn = self._allow_fn

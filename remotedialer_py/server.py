@@ -14,6 +14,7 @@ import weakref
 from typing import Any, Callable, Iterator, Mapping, Optional, Tuple, Union
 
 from . import _callbacks, _engine, _options, _runtime  # noqa: F401 - _runtime registers the exit hook
+from . import events as _events
 from .tunnel_socket import TunnelSocket
 
 log = logging.getLogger("remotedialer_py")
@@ -324,8 +325,12 @@ class Server(_Handle):
                  authorizer: Union[Authorizer, TokenAuthorizer, None] = None,
                  path: str = "/connect", *, peer_id: Optional[str] = None,
                  peer_token: Optional[str] = None, peers: Any = (),
-                 peer_ca_file: Any = None, **options: Any) -> None:
+                 peer_ca_file: Any = None, on_connect: Optional[_events.EventCallback] = None,
+                 on_disconnect: Optional[_events.EventCallback] = None,
+                 **options: Any) -> None:
         super().__init__()
+        self._on_connect = _events.check_callback("on_connect", on_connect)
+        self._on_disconnect = _events.check_callback("on_disconnect", on_disconnect)
         self._peer_id = None if peer_id is None else _options.peer_field("peer_id", peer_id)
         self._peer_token = None if peer_token is None else \
             _options.peer_field("peer_token", peer_token)
@@ -379,7 +384,10 @@ class Server(_Handle):
             if isinstance(self._authorizer, TokenAuthorizer):
                 opts["auth"] = "token"
                 opts["tokens"] = self._authorizer.text()
-            if self._authorizer is None or isinstance(self._authorizer, TokenAuthorizer):
+            opts["events"] = _events.wanted(_events.server_log, self._on_connect,
+                                            self._on_disconnect)
+            if (self._authorizer is None or isinstance(self._authorizer, TokenAuthorizer)) \
+                    and not opts["events"]:
                 handle, port = _engine.server_new(host, self._listen_port, opts)
             else:
                 with _callbacks.creating():
@@ -593,6 +601,9 @@ class Server(_Handle):
         return _engine.prometheus(self._live_handle())
 
     # -- engine requests ----------------------------------------------------
+
+    def _on_event(self, payload: Any) -> None:
+        _events.deliver(payload, _events.server_log, self._on_connect, self._on_disconnect)
 
     def _answer_request(self, kind: str, payload: Any) -> Tuple[int, str]:
         authorizer = self._authorizer

@@ -257,7 +257,50 @@ TEST(test_shutdown_with_peers) {
   tconn_close(&c);
 }
 
+/* ---- news of sessions (rd_event_post / rd_event_next) ---- */
+
+static int take_news(const char *what, const char *key, int peer) {
+  rd_request *r = rd_event_next(WAIT_MS);
+  if (r == NULL) {
+    fprintf(stderr, "  no news, want %s %s\n", what, key);
+    return 0;
+  }
+  int ok = r->kind == RD_REQ_EVENT && strcmp(r->event.what, what) == 0 &&
+           strcmp(r->event.key, key) == 0 && r->event.peer == peer;
+  if (!ok)
+    fprintf(stderr, "  news %s %s peer=%d, want %s %s peer=%d\n", r->event.what, r->event.key,
+            r->event.peer, what, key, peer);
+  rd_request_release(r);
+  return ok;
+}
+
+TEST(test_session_news) {
+  rd_server_config cfg;
+  rd_server_config_default(&cfg);
+  cfg.events = 1;
+  snprintf(cfg.peer_id, sizeof cfg.peer_id, "A");
+  snprintf(cfg.peer_token, sizeof cfg.peer_token, "tok");
+  CHECK_EQ_INT(start_own_server(&cfg, &g_a.h, g_a.url, sizeof g_a.url), RD_OK);
+  CHECK_EQ_INT(peer_start(&g_b, "B", "tok"), RD_OK);
+  rd_client_config ccfg;
+  client_config(&ccfg);
+  CHECK_EQ_INT(start_client_at(g_a.url, "agent-1", &ccfg, &g_cli), RD_OK);
+  CHECK(wait_connected(g_cli));
+  CHECK(take_news("connect", "agent-1", 0));
+  CHECK_EQ_INT(add_peer(&g_a, &g_b, "B", "tok"), RD_OK);
+  CHECK_EQ_INT(add_peer(&g_b, &g_a, "A", "tok"), RD_OK);
+  CHECK(take_news("connect", "B", 1));
+  CHECK_EQ_INT(rd_api_close(g_cli), RD_OK);
+  CHECK(take_news("disconnect", "agent-1", 0));
+  CHECK_EQ_INT(rd_api_close(g_b.h), RD_OK);
+  CHECK(take_news("disconnect", "B", 1));
+  /* News nobody takes is freed at shutdown (end_case checks the heap). */
+  CHECK_EQ_INT(start_client_at(g_a.url, "agent-2", &ccfg, &g_cli), RD_OK);
+  CHECK(wait_connected(g_cli));
+}
+
 RD_ENGINE_TEST_MAIN(T(test_dial_via_peer), T(test_unknown_key_via_peer), T(test_wrong_token),
                     T(test_lost_peer_drops_keys), T(test_remove_and_readd_peer),
                     T(test_add_peer_errors), T(test_disconnect_across_peers),
-                    T(test_agent_fails_over), T(test_shutdown_with_peers))
+                    T(test_agent_fails_over), T(test_shutdown_with_peers),
+                    T(test_session_news))

@@ -1,0 +1,84 @@
+"""News of sessions, for callbacks and logs.
+
+A Server tells ``on_connect(event)`` / ``on_disconnect(event)`` when an
+agent's or a peer's session comes and goes; a Client tells them when its
+session comes up or ends, and ``on_disconnect`` also when an attempt fails.
+The engine posts the news from its loop and the callback threads deliver it
+(never the loop itself), in the order it happened for each object. The same
+news is logged on ``remotedialer_py.server`` / ``remotedialer_py.client``
+(connects and disconnects at INFO, failed attempts at WARNING): the engine
+posts it only when a callback is given or that logger is enabled for INFO
+when the object starts, so silent objects cost nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+server_log = logging.getLogger("remotedialer_py.server")
+client_log = logging.getLogger("remotedialer_py.client")
+
+log = logging.getLogger("remotedialer_py")
+
+
+@dataclass(frozen=True)
+class Event:
+    """``kind``: ``"connect"``, ``"disconnect"`` or (agents) ``"fail"``.
+    Server news names ``client_key`` (a peer's id for a peer session),
+    ``peer`` and ``remote`` (the far address); an agent's names ``url`` and
+    ``attempt`` (failed attempts in a row). ``reason`` says why a session
+    ended or an attempt failed."""
+
+    kind: str
+    client_key: str = ""
+    peer: bool = False
+    remote: str = ""
+    url: str = ""
+    reason: str = ""
+    attempt: int = 0
+
+
+EventCallback = Callable[[Event], Any]
+
+
+def check_callback(name: str, fn: Any) -> Optional[EventCallback]:
+    if fn is not None and not callable(fn):
+        raise TypeError(f"{name} must be callable or None, not {type(fn).__name__}")
+    return fn
+
+
+def wanted(logger: logging.Logger, *callbacks: Optional[EventCallback]) -> bool:
+    return any(cb is not None for cb in callbacks) or logger.isEnabledFor(logging.INFO)
+
+
+def _describe(e: Event) -> str:
+    if e.url:
+        return e.url
+    who = f"peer {e.client_key}" if e.peer else f"client {e.client_key}"
+    return f"{who} from {e.remote}" if e.remote else who
+
+
+def deliver(payload: Mapping[str, Any], logger: logging.Logger,
+            on_connect: Optional[EventCallback], on_disconnect: Optional[EventCallback]) -> None:
+    """Logs one piece of engine news and hands it to the callback for it."""
+    e = Event(kind=str(payload.get("what", "")), client_key=str(payload.get("key", "")),
+              peer=bool(payload.get("peer", False)), remote=str(payload.get("remote", "")),
+              url=str(payload.get("url", "")), reason=str(payload.get("reason", "")),
+              attempt=int(payload.get("attempt", 0)))
+    if e.kind == "connect":
+        logger.info("connected: %s", _describe(e))
+        fn = on_connect
+    elif e.kind == "disconnect":
+        logger.info("disconnected: %s (%s)", _describe(e), e.reason or "closed")
+        fn = on_disconnect
+    else:
+        logger.warning("connection attempt %d to %s failed: %s", e.attempt, e.url, e.reason)
+        fn = on_disconnect
+    if fn is None:
+        return
+    try:
+        fn(e)
+    except Exception:  # noqa: BLE001 - a callback bug must not stop the news
+        log.exception("remotedialer-py: the %s callback raised", e.kind)
