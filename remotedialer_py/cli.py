@@ -377,8 +377,9 @@ def run_server(args: argparse.Namespace) -> int:
     if authorizer is not None:
         def reload_tokens(signum: int, frame: object) -> None:
             try:
-                srv.reload_tokens()
-                log.info("tokens reloaded from %s", args.tokens)
+                revoked = srv.reload_tokens()
+                log.info("tokens reloaded from %s%s", args.tokens,
+                         f"; revoked, sessions ended: {', '.join(revoked)}" if revoked else "")
             except (OSError, ValueError) as exc:
                 log.error("tokens not reloaded: %s", exc)
 

@@ -259,6 +259,16 @@ def _dialed(args: Tuple[int, str, str, str, float, float],
         raise
 
 
+def _token_keys(text: str) -> set[str]:
+    """The client keys a token table names ("TOKEN CLIENT_KEY" lines)."""
+    keys = set()
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and not parts[0].startswith("#"):
+            keys.add(parts[1])
+    return keys
+
+
 class TokenAuthorizer:
     """The built-in authorizer for real deployments: ``Authorization: Bearer
     TOKEN`` mapped to a client key, checked in the engine in constant time.
@@ -331,6 +341,7 @@ class Server(_Handle):
         super().__init__()
         self._on_connect = _events.check_callback("on_connect", on_connect)
         self._on_disconnect = _events.check_callback("on_disconnect", on_disconnect)
+        self._token_keys: set[str] = set()  # the keys the loaded token table names
         self._peer_id = None if peer_id is None else _options.peer_field("peer_id", peer_id)
         self._peer_token = None if peer_token is None else \
             _options.peer_field("peer_token", peer_token)
@@ -384,6 +395,7 @@ class Server(_Handle):
             if isinstance(self._authorizer, TokenAuthorizer):
                 opts["auth"] = "token"
                 opts["tokens"] = self._authorizer.text()
+                self._token_keys = _token_keys(opts["tokens"])
             opts["events"] = _events.wanted(_events.server_log, self._on_connect,
                                             self._on_disconnect)
             if (self._authorizer is None or isinstance(self._authorizer, TokenAuthorizer)) \
@@ -443,12 +455,22 @@ class Server(_Handle):
         hostport = _options.format_hostport(_url_host(self._host or ""), self._port or 0)
         return f"{scheme}://{hostport}{self._path}"
 
-    def reload_tokens(self) -> None:
-        """Re-reads the TokenAuthorizer's file (or table); new handshakes use it,
-        open sessions stay. A bad file raises ValueError and changes nothing."""
+    def reload_tokens(self) -> list[str]:
+        """Re-reads the TokenAuthorizer's file (or table); new handshakes use
+        it. A client key that no token names any more is revoked: its open
+        sessions end, here and on every peer (:meth:`disconnect`), and are
+        returned (sorted). Other sessions stay. A bad file raises ValueError
+        and changes nothing."""
         if not isinstance(self._authorizer, TokenAuthorizer):
             raise ValueError("the server does not use a TokenAuthorizer")
-        _engine.server_set_tokens(self._live_handle(), self._authorizer.text())
+        handle = self._live_handle()
+        text = self._authorizer.text()
+        _engine.server_set_tokens(handle, text)
+        old, self._token_keys = self._token_keys, _token_keys(text)
+        revoked = sorted(old - self._token_keys)
+        for key in revoked:
+            self.disconnect(key)
+        return revoked
 
     def reload_tls(self, cert: Any = None, key: Any = None, client_ca: Any = None) -> None:
         """Loads a new certificate and key (default: the same paths again, for

@@ -621,16 +621,20 @@ def test_token_reload(rd, tunnel_leak_check, token_file):
     with rd.Server(listen="127.0.0.1:0", authorizer=auth) as srv:
         with rd.Client(srv.url, headers=bearer(TOKEN_A)) as a:
             a.wait_connected(TIMEOUT)
-            # Alpha's token is revoked, gamma's added.
-            token_file.write_text(f"{TOKEN_B} beta\n{TOKEN_C} gamma\n")
-            srv.reload_tokens()
+            with rd.Client(srv.url, headers=bearer(TOKEN_B)) as b:
+                b.wait_connected(TIMEOUT)
+                # Alpha's token is revoked, gamma's added: alpha's session
+                # ends (its agent is refused from now on), beta's stays.
+                token_file.write_text(f"{TOKEN_B} beta\n{TOKEN_C} gamma\n")
+                assert srv.reload_tokens() == ["alpha"]
+                wait_for(lambda: not srv.has_session("alpha"), what="alpha's session to end")
+                wait_for(lambda: "401" in (a.last_error or ""), what="alpha's retry refused")
+                assert b.connected and srv.has_session("beta")
             assert refused_upgrade(srv.port, bearer(TOKEN_A)) == (401, b"failed authentication")
             status, body, ws = raw_upgrade(srv.port,
                                            upgrade_bytes(srv.port, None, bearer(TOKEN_C).items()))
             assert status == 101, body
             ws.close()
-            # Sessions opened before the reload stay.
-            assert a.connected and srv.has_session("alpha")
 
             # A bad file changes nothing.
             token_file.write_text(f"{TOKEN_C} gamma\nshort-token delta\n")
