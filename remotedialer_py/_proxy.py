@@ -178,7 +178,7 @@ def _no_proxy_rules(no_proxy: str) -> Optional[list]:
             return None
         if "/" in p:
             try:
-                net: Network = ipaddress.ip_network(p, strict=False)
+                net: Optional[Network] = ipaddress.ip_network(p, strict=False)
             except ValueError:
                 net = None
             if net is not None and "%" not in p:

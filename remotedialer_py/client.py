@@ -253,7 +253,7 @@ class Client(_Handle):
             return None
         return 0.0 if timeout == 0 else _options.duration("timeout", timeout)
 
-    def _not_connected(self, timeout: float) -> TimeoutError:
+    def _not_connected(self, timeout: Optional[float]) -> TimeoutError:
         why = self.last_error
         where = self._url if len(self._urls) == 1 else "any of " + ", ".join(self._urls)
         return TimeoutError(f"not connected to {where} within {timeout:g} s"
