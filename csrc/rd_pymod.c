@@ -153,6 +153,15 @@ static int opt_cstr(PyObject *opts, const char *key, const char **out) {
   return 0;
 }
 
+/* Appends item (a new reference, or NULL after a failure) to list, giving
+ * the reference up; any failure drops the list. Returns list, or NULL. */
+static PyObject *list_take(PyObject *list, PyObject *item) {
+  if (list == NULL || item == NULL || PyList_Append(list, item) < 0)
+    Py_CLEAR(list);
+  Py_XDECREF(item);
+  return list;
+}
+
 /* ---- server ---- */
 
 static PyObject *py_server_new(PyObject *module, PyObject *args) {
@@ -391,9 +400,7 @@ static PyObject *py_server_clients(PyObject *module, PyObject *args) {
     if (i > 0 && strcmp(l.items[i], l.items[i - 1]) == 0)
       continue;
     PyObject *s = PyUnicode_FromString(l.items[i]);
-    if (s == NULL || PyList_Append(list, s) < 0)
-      Py_CLEAR(list);
-    Py_XDECREF(s);
+    list = list_take(list, s);
   }
   rd_string_list_free(&l);
   return list;
@@ -462,9 +469,7 @@ static PyObject *py_server_peers(PyObject *module, PyObject *args) {
                                 "state", p->state, "since", p->since, "attempts",
                                 (unsigned long long)p->attempts, "last_error", p->last_error,
                                 "inbound", (Py_ssize_t)p->inbound, "keys", (Py_ssize_t)p->keys);
-    if (d == NULL || PyList_Append(list, d) < 0)
-      Py_CLEAR(list);
-    Py_XDECREF(d);
+    list = list_take(list, d);
   }
   rd_peer_list_free(&l);
   return list;
@@ -523,9 +528,7 @@ static PyObject *py_server_connections(PyObject *module, PyObject *args) {
         c->state, "tx_bytes", (unsigned long long)c->tx_bytes, "rx_bytes",
         (unsigned long long)c->rx_bytes, "paused", c->paused ? Py_True : Py_False, "buffered",
         (Py_ssize_t)c->buffered);
-    if (d == NULL || PyList_Append(list, d) < 0)
-      Py_CLEAR(list);
-    Py_XDECREF(d);
+    list = list_take(list, d);
   }
   rd_conn_list_free(&l);
   return list;
@@ -781,9 +784,7 @@ static PyObject *py_metrics(PyObject *module, PyObject *args) {
       PyTuple_SET_ITEM(labels, (Py_ssize_t)j, pair);
     }
     PyObject *t = labels != NULL ? Py_BuildValue("(sNd)", f->name, labels, l.items[i].value) : NULL;
-    if (t == NULL || PyList_Append(list, t) < 0)
-      Py_CLEAR(list);
-    Py_XDECREF(t);
+    list = list_take(list, t);
   }
   rd_sample_list_free(&l);
   return list;

@@ -897,3 +897,49 @@ def wait_agent(port, client_key):
 
 def wait_served_balanced(port):
     return wait_balanced(lambda: served_metrics(port))
+
+
+class StalledReader(_ThreadedTCPServer):
+    """Reads nothing until `go` is set, then everything, hashing it."""
+
+    def __init__(self):
+        self.go = threading.Event()
+        super().__init__()
+
+    def serve(self, conn):
+        self.go.wait(TIMEOUT)
+        h = hashlib.sha256()
+        n = 0
+        while True:
+            chunk = conn.recv(1 << 20)
+            if not chunk:
+                return Finished(n, h.hexdigest())
+            h.update(chunk)
+            n += len(chunk)
+
+
+class Sampler:
+    """Polls engine_stats() on a thread and keeps the peaks: bytes held
+    toward local sockets, held in all (both directions), and live heap.
+    stop() returns the peak held in all."""
+
+    def __init__(self, rd):
+        self.rd = rd
+        self.peak_buffered = 0
+        self.peak_held = 0
+        self.peak_heap = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.002):
+            s = self.rd.engine_stats()
+            self.peak_buffered = max(self.peak_buffered, s["buffered_to_local"])
+            self.peak_held = max(self.peak_held, s["buffered_bytes"])
+            self.peak_heap = max(self.peak_heap, s["heap_bytes"] - s["pool_bytes"])
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(TIMEOUT)
+        return self.peak_held

@@ -38,47 +38,6 @@ def session_gone(srv, client_key="raw-1"):
     wait_for(lambda: not srv.has_session(client_key), what=f"the {client_key} session to end")
 
 
-class StalledReader(support._ThreadedTCPServer):
-    """Reads nothing until `go` is set, then everything, hashing it."""
-
-    def __init__(self):
-        self.go = threading.Event()
-        super().__init__()
-
-    def serve(self, conn):
-        self.go.wait(TIMEOUT)
-        h = hashlib.sha256()
-        n = 0
-        while True:
-            chunk = conn.recv(1 << 20)
-            if not chunk:
-                return support.Finished(n, h.hexdigest())
-            h.update(chunk)
-            n += len(chunk)
-
-
-class Sampler:
-    """Polls engine_stats() on a thread and keeps the peaks."""
-
-    def __init__(self, rd):
-        self.rd = rd
-        self.peak_buffered = 0
-        self.peak_heap = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.wait(0.002):
-            s = self.rd.engine_stats()
-            self.peak_buffered = max(self.peak_buffered, s["buffered_to_local"])
-            self.peak_heap = max(self.peak_heap, s["heap_bytes"] - s["pool_bytes"])
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join(TIMEOUT)
-
-
 def test_stalled_reader_and_fast_writer(tunnel):
     """48 MiB from a fast writer to a reader behind the agent that reads
     nothing at first: the agent sends PAUSE (the server stops reading the
@@ -87,8 +46,8 @@ def test_stalled_reader_and_fast_writer(tunnel):
     rd = tunnel.rd
     max_buffer, hard_cap = 256 << 10, 16 << 20
     tunnel.add_client("agent-bp", max_buffer=max_buffer, hard_cap=hard_cap)
-    reader = StalledReader()
-    sampler = Sampler(rd)
+    reader = support.StalledReader()
+    sampler = support.Sampler(rd)
     try:
         sock = tunnel.dial(reader.port, key="agent-bp")
         total = 48 << 20

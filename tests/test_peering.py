@@ -981,25 +981,6 @@ def test_link_as_seen_by_a_raw_peer(rd, tunnel_leak_check, echo_server):
 # Flow control across the splice on the agent's server
 
 
-class StalledReader(support._ThreadedTCPServer):
-    """Reads nothing until `go` is set, then everything, hashing it."""
-
-    def __init__(self):
-        self.go = threading.Event()
-        super().__init__()
-
-    def serve(self, conn):
-        self.go.wait(TIMEOUT)
-        h = hashlib.sha256()
-        n = 0
-        while True:
-            chunk = conn.recv(1 << 20)
-            if not chunk:
-                return support.Finished(n, h.hexdigest())
-            h.update(chunk)
-            n += len(chunk)
-
-
 class Sender(support._ThreadedTCPServer):
     """Sends `total` deterministic bytes to each client, then closes."""
 
@@ -1011,26 +992,6 @@ class Sender(support._ThreadedTCPServer):
         for _ in range(self.total // len(self.block)):
             conn.sendall(self.block)
         return support.Finished(self.total, "")
-
-
-class PeakBuffered:
-    """Polls engine_stats() on a thread and keeps the peak of bytes held."""
-
-    def __init__(self, rd):
-        self.rd = rd
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self.rd.engine_stats()["buffered_bytes"])
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join(TIMEOUT)
-        return self.peak
 
 
 # PAUSE at 256 KiB held. What is in flight when it lands (session queues,
@@ -1070,8 +1031,8 @@ def test_pause_crosses_the_splice_toward_the_dialer(flow_mesh, rd):
     the agent pauses A, A passes the PAUSE on to B over the link, B stops
     reading its writer; nothing hits the hard cap and every byte arrives."""
     a, b = flow_mesh["A"], flow_mesh["B"]
-    reader = StalledReader()
-    peak = PeakBuffered(rd)
+    reader = support.StalledReader()
+    peak = support.Sampler(rd)
     try:
         sock = b.dial("foo", "tcp", reader.address, timeout=TIMEOUT)
         block = random.Random(5).randbytes(1 << 20)
@@ -1097,7 +1058,7 @@ def test_pause_crosses_the_splice_toward_the_dialer(flow_mesh, rd):
         assert (done.nbytes, done.sha256) == (FLOW_TOTAL, sent_hash)
         assert sock.tunnel_error is None
         sock.close()
-        assert peak.stop() < FLOW_TOTAL // 2, peak.peak
+        assert peak.stop() < FLOW_TOTAL // 2, peak.peak_held
     finally:
         peak.stop()
         reader.go.set()
@@ -1111,7 +1072,7 @@ def test_pause_crosses_the_splice_toward_the_agent(flow_mesh, rd):
     a, b = flow_mesh["A"], flow_mesh["B"]
     block = random.Random(6).randbytes(1 << 20)
     sender = Sender(FLOW_TOTAL, block)
-    peak = PeakBuffered(rd)
+    peak = support.Sampler(rd)
     try:
         sock = b.dial("foo", "tcp", sender.address, timeout=TIMEOUT)
         wait_for(lambda: _all_paused(b, 1) and _all_paused(a, 2), what="PAUSE along the chain")
@@ -1120,7 +1081,7 @@ def test_pause_crosses_the_splice_toward_the_agent(flow_mesh, rd):
         assert len(data) == FLOW_TOTAL and data == block * (FLOW_TOTAL // len(block))
         sock.close()
         sender.wait_finished(1)
-        assert peak.stop() < FLOW_TOTAL // 2, peak.peak
+        assert peak.stop() < FLOW_TOTAL // 2, peak.peak_held
     finally:
         peak.stop()
         sender.close()
