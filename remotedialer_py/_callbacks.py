@@ -17,8 +17,11 @@ collected (its ``__del__`` closes it).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import enum
+import inspect
 import logging
 import os
 import threading
@@ -245,3 +248,30 @@ def _run_news() -> None:
                 owner._on_event(payload)
         except BaseException:  # noqa: BLE001 - a hook bug must not stop the thread
             log.exception("remotedialer-py: unexpected error delivering news")
+
+
+# How long a callback's coroutine may take before it counts as failed.
+_AWAIT_LIMIT = 60.0
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def resolve(owner: Any, result: Any) -> Any:
+    """A callback's result; an ``async def`` callback's coroutine is run to
+    its end first: on the event loop the owner was started on (an aio object;
+    this pool thread waits for it, the loop does not), else in a fresh loop
+    on this thread. Past _AWAIT_LIMIT it is cancelled and TimeoutError is
+    raised, like any failure of the callback."""
+    if not inspect.isawaitable(result):
+        return result
+    loop = getattr(owner, "_callback_loop", None)
+    if loop is None or loop.is_closed():
+        return asyncio.run(asyncio.wait_for(_await(result), _AWAIT_LIMIT))
+    fut = asyncio.run_coroutine_threadsafe(_await(result), loop)
+    try:
+        return fut.result(_AWAIT_LIMIT)
+    except concurrent.futures.TimeoutError:
+        fut.cancel()
+        raise TimeoutError(f"callback did not finish within {_AWAIT_LIMIT:g} s") from None

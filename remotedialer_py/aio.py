@@ -143,6 +143,8 @@ class _Object:
         once). Returns self; a second call does nothing."""
         if self._calls is None and not self._sync.closed:
             self._calls = _Calls(asyncio.get_running_loop())
+            # async def callbacks (authorizer, allow) run on this loop.
+            self._sync._callback_loop = asyncio.get_running_loop()
         try:
             self._sync.start()
         except BaseException:

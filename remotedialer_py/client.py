@@ -267,7 +267,7 @@ class Client(_Handle):
         return _engine.prometheus(self._live_handle())
 
     def _on_event(self, payload: Any) -> None:
-        _events.deliver(payload, _events.client_log, self._on_connect, self._on_disconnect)
+        _events.deliver(self, payload, _events.client_log, self._on_connect, self._on_disconnect)
 
     def _answer_request(self, kind: str, payload: Any) -> Tuple[int, str]:
         fn = self._allow_fn
@@ -275,7 +275,7 @@ class Client(_Handle):
             return _callbacks.Verdict.REFUSE, ""
         proto, address = payload
         try:
-            allowed = bool(fn(proto, address))
+            allowed = bool(_callbacks.resolve(self, fn(proto, address)))
         except Exception:  # noqa: BLE001 - a failing authorizer refuses
             log.warning("remotedialer-py: connect authorizer raised for %s/%s; refusing",
                         proto, address, exc_info=True)

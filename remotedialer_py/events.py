@@ -17,6 +17,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
+from . import _callbacks
+
 server_log = logging.getLogger("remotedialer_py.server")
 client_log = logging.getLogger("remotedialer_py.client")
 
@@ -60,9 +62,10 @@ def _describe(e: Event) -> str:
     return f"{who} from {e.remote}" if e.remote else who
 
 
-def deliver(payload: Mapping[str, Any], logger: logging.Logger,
+def deliver(owner: Any, payload: Mapping[str, Any], logger: logging.Logger,
             on_connect: Optional[EventCallback], on_disconnect: Optional[EventCallback]) -> None:
-    """Logs one piece of engine news and hands it to the callback for it."""
+    """Logs one piece of engine news and hands it to the callback for it (an
+    ``async def`` one runs to its end, see _callbacks.resolve)."""
     e = Event(kind=str(payload.get("what", "")), client_key=str(payload.get("key", "")),
               peer=bool(payload.get("peer", False)), remote=str(payload.get("remote", "")),
               url=str(payload.get("url", "")), reason=str(payload.get("reason", "")),
@@ -79,6 +82,6 @@ def deliver(payload: Mapping[str, Any], logger: logging.Logger,
     if fn is None:
         return
     try:
-        fn(e)
+        _callbacks.resolve(owner, fn(e))
     except Exception:  # noqa: BLE001 - a callback bug must not stop the news
         log.exception("remotedialer-py: the %s callback raised", e.kind)

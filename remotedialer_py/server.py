@@ -148,6 +148,8 @@ class _Handle:
         self._handle: Optional[int] = None
         self._closing = False
         self._closed = threading.Event()
+        # The event loop async def callbacks run on (set by the aio classes).
+        self._callback_loop: Any = None
 
     def _live_handle(self) -> int:
         handle = self._handle
@@ -625,7 +627,7 @@ class Server(_Handle):
     # -- engine requests ----------------------------------------------------
 
     def _on_event(self, payload: Any) -> None:
-        _events.deliver(payload, _events.server_log, self._on_connect, self._on_disconnect)
+        _events.deliver(self, payload, _events.server_log, self._on_connect, self._on_disconnect)
 
     def _answer_request(self, kind: str, payload: Any) -> Tuple[int, str]:
         authorizer = self._authorizer
@@ -638,7 +640,7 @@ class Server(_Handle):
             remote_addr=str(payload.get("remote", "")),
         )
         try:
-            result = authorizer(request)
+            result = _callbacks.resolve(self, authorizer(request))
         except Exception as exc:  # noqa: BLE001 - the authorizer's way to answer 400
             log.debug("remotedialer-py: authorizer raised for %s", request.remote_addr, exc_info=True)
             text = str(exc) or type(exc).__name__

@@ -75,3 +75,66 @@ def test_pool_size(rd):
                    for t in threading.enumerate()) >= 6
     finally:
         rd.set_callback_threads(before)
+
+
+def test_async_callbacks_without_a_loop(rd, tunnel_leak_check, echo_server):
+    # async def callbacks on the blocking classes: each runs to its end in a
+    # loop of its own on the callback thread.
+    import asyncio
+
+    async def authorizer(request):
+        await asyncio.sleep(0)
+        key = request.headers.get("X-Tunnel-ID", "")
+        return key, key != "refused"
+
+    async def allow(proto, address):
+        await asyncio.sleep(0)
+        return address == echo_server.address
+
+    with rd.Server(authorizer=authorizer) as srv:
+        with support.make_client(rd, srv.url, "async-ok", allow=allow):
+            support.dial_round_trip(srv, "async-ok", echo_server.address, b"allowed")
+            sock = srv.dial("async-ok", "tcp", "127.0.0.1:9")
+            assert support.recv_until_eof(sock) == b""
+            assert sock.tunnel_error == "connect not allowed"
+            sock.close()
+        refused = rd.Client(srv.url, headers={"X-Tunnel-ID": "refused"}).start()
+        try:
+            wait_for(lambda: "401" in (refused.last_error or ""), what="the refusal")
+        finally:
+            refused.close()
+        echo_server.wait_open(0)
+
+
+def test_async_callbacks_on_the_aio_loop(rd, tunnel_leak_check, echo_server):
+    # With the aio classes, async def callbacks run on the event loop the
+    # object was started on (they may use its objects); the loop is never
+    # blocked while they wait.
+    import asyncio
+    from remotedialer_py import aio
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        seen_loops = []
+
+        async def authorizer(request):
+            seen_loops.append(asyncio.get_running_loop())
+            await asyncio.sleep(0.01)
+            return request.headers.get("X-Tunnel-ID", ""), True
+
+        async def allow(proto, address):
+            seen_loops.append(asyncio.get_running_loop())
+            return True
+
+        async with aio.Server(authorizer=authorizer) as srv, \
+                aio.Client(srv.url, headers={"X-Tunnel-ID": "aio-async"}, allow=allow) as cli:
+            await cli.wait_connected(TIMEOUT)
+            reader, writer = await srv.open_connection("aio-async", "tcp", echo_server.address)
+            writer.write(b"on the loop")
+            assert await reader.readexactly(11) == b"on the loop"
+            writer.close()
+            await writer.wait_closed()
+        assert seen_loops and all(lp is loop for lp in seen_loops)
+
+    asyncio.run(main())
+    echo_server.wait_open(0)
