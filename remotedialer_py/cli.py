@@ -250,6 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
                "back to within its margin of the post-warm-up baseline.\n"
                "Long run: remotedialer-py soak -n 100000 -c 8 --csv soak.csv --plot soak.png")
     _soak.add_arguments(soak, _positive_int)
+
+    status = sub.add_parser(
+        "status", allow_abbrev=False, help="what a running server holds",
+        description="Sessions, connection counters (added, removed, open, by client key) "
+                    "and, with the server's --debug-connections, each session, the oldest "
+                    "connections and the HA peers. Exit status 1 when added - removed is not "
+                    "what is open for a key.")
+    status.add_argument("url", metavar="URL",
+                        help="the server: http(s)://HOST:PORT or its ws(s):// connect URL")
+    status.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="for each request (default 10)")
     parser.subcommands = {"server": srv, "client": cli}  # for errors found after parsing
     return parser
 
@@ -523,10 +534,20 @@ def run_soak(args: argparse.Namespace) -> int:
                     rss_margin_bytes=rss)
 
 
+def run_status(args: argparse.Namespace) -> int:
+    from . import status
+
+    try:
+        return status.report(args.url, sys.stdout, args.timeout)
+    except (ValueError, OSError) as exc:
+        print(f"{PROG} status: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     command = {"server": run_server, "client": run_client, "demo": run_demo,
-               "options": run_options, "soak": run_soak}[args.command]
+               "options": run_options, "soak": run_soak, "status": run_status}[args.command]
     try:
         return command(args)
     except KeyboardInterrupt:

@@ -179,3 +179,81 @@ def test_server_peers_without_id_exits_2(run_cli):
     proc = run_cli("server", "-peers", "b:tb:ws://127.0.0.1:1/connect", ready=None)
     assert proc.wait_exit(TIMEOUT) == 2
     assert "--id" in proc.output and "--token" in proc.output
+
+
+def test_status_of_a_running_server(run_cli, echo_server):
+    srv = run_cli("server", "--listen", "127.0.0.1:0", "--debug-connections")
+    url = srv.wait_line(r"listening on (ws://\S+)").group(1)
+    agent = run_cli("client", "--connect", url, "-id", "status-agent", ready=None)
+    agent.wait_line(r"connected to .* as status-agent")
+    import subprocess
+    import sys
+
+    def status(*args):
+        return subprocess.run([sys.executable, "-m", "remotedialer_py", "status", *args],
+                              capture_output=True, text=True, timeout=60)
+
+    with socket.create_connection(("127.0.0.1", int(url.split(":")[2].split("/")[0]))) as s:
+        s.sendall(f"GET /client/status-agent/http/{echo_server.address}/x HTTP/1.1\r\n"
+                  "Host: x\r\n\r\n".encode())
+        s.recv(100)  # the echo server answers with the request itself
+        r = status(url)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "status-agent: 1, 0, 1" in r.stdout  # the request's connection, open
+        assert "sessions open: 1 agent, 0 peer" in r.stdout
+        assert "session status-agent #" in r.stdout
+        assert f"tcp/{echo_server.address}" in r.stdout
+    support.wait_for(lambda: "status-agent: 1, 1, 0" in status(url).stdout,
+                     what="the connection to end")
+    r = status(url.replace("ws://", "http://").rsplit("/", 1)[0])
+    assert r.returncode == 0 and "status-agent: 1, 1, 0" in r.stdout, r.stdout
+    assert status("ftp://x").returncode == 2
+    assert agent.stop() == 0 and srv.stop() == 0
+
+
+def test_status_without_the_debug_route(run_cli):
+    import subprocess
+    import sys
+    srv = run_cli("server", "--listen", "127.0.0.1:0")
+    url = srv.wait_line(r"listening on (ws://\S+)").group(1)
+    r = subprocess.run([sys.executable, "-m", "remotedialer_py", "status", url],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "start the server with --debug-connections" in r.stdout
+    assert srv.stop() == 0
+
+
+def test_status_flags_counters_that_do_not_balance(capsys):
+    # A scrape where added - removed is not what is open for a key: the
+    # Rancher v2.11.0 pattern. status marks it and exits 1.
+    import http.server
+    import threading
+    from remotedialer_py import status as status_mod
+
+    text = ('session_server_total_add_connections{addr="a",clientkey="leaky",proto="tcp"} 3\n'
+            'session_server_total_remove_connections{addr="a",clientkey="leaky",proto="tcp"} 1\n'
+            'remotedialer_open_connections{clientkey="leaky"} 1\n'
+            'remotedialer_open_sessions{peer="false"} 1\n')
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body = text.encode() if self.path == "/metrics" else b"404 page not found\n"
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    try:
+        import io
+        out = io.StringIO()
+        assert status_mod.report(f"http://127.0.0.1:{httpd.server_port}", out) == 1
+        assert "leaky: 3, 1, 1  <- added - removed != open" in out.getvalue()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
