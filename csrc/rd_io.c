@@ -61,6 +61,7 @@ rd_io *rd_io_new(uv_stream_t *stream, rd_tls *tls) {
 void rd_io_set_data(rd_io *io, void *data) { io->data = data; }
 void *rd_io_data(const rd_io *io) { return io->data; }
 uv_stream_t *rd_io_stream(const rd_io *io) { return io->stream; }
+rd_tls *rd_io_tls(const rd_io *io) { return io->tls; }
 int rd_io_is_tls(const rd_io *io) { return io->tls != NULL; }
 int rd_io_is_closing(const rd_io *io) { return io->closing; }
 const char *rd_io_error(const rd_io *io) { return io->tls != NULL ? rd_tls_error(io->tls) : ""; }

@@ -35,6 +35,8 @@ void rd_io_set_data(rd_io *io, void *data);
 void *rd_io_data(const rd_io *io);
 uv_stream_t *rd_io_stream(const rd_io *io);
 int rd_io_is_tls(const rd_io *io);
+/* The stream's TLS state, or NULL for a plain stream. */
+rd_tls *rd_io_tls(const rd_io *io);
 /* Text for the last RD_ETLS (or "" when none). */
 const char *rd_io_error(const rd_io *io);
 

@@ -515,6 +515,9 @@ void rd_request_free(rd_request *req) {
     rd_free(req->auth.path);
     rd_free(req->auth.remote);
     rd_free(req->auth.headers);
+    rd_free(req->auth.cert_subject);
+    rd_free(req->auth.cert_sans);
+    rd_free(req->auth.cert_sha256);
   } else if (req->kind == RD_REQ_CONNECT) {
     rd_free(req->connect.proto);
     rd_free(req->connect.address);

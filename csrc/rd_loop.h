@@ -116,6 +116,9 @@ typedef struct rd_auth_request {
   char *method, *path, *remote;
   char *headers; /* "name\0value\0" pairs, headers_len bytes in all */
   size_t headers_len;
+  /* The client certificate of an mTLS session (all NULL without one):
+   * rd_tls_peer_cert's subject, SANs and SHA-256. */
+  char *cert_subject, *cert_sans, *cert_sha256;
 } rd_auth_request;
 
 /* A connect request for the client's authorizer. */

@@ -1179,8 +1179,19 @@ static PyObject *request_payload(const rd_request *r) {
   }
   if (headers == NULL)
     return NULL;
-  return Py_BuildValue("{s:s,s:s,s:N,s:s}", "method", a->method, "path", a->path, "headers",
-                       headers, "remote", a->remote);
+  PyObject *cert = Py_None;
+  Py_INCREF(cert);
+  if (a->cert_sha256 != NULL) {
+    Py_DECREF(cert);
+    cert = Py_BuildValue("{s:s,s:s,s:s}", "subject", a->cert_subject, "sans", a->cert_sans,
+                         "sha256", a->cert_sha256);
+    if (cert == NULL) {
+      Py_DECREF(headers);
+      return NULL;
+    }
+  }
+  return Py_BuildValue("{s:s,s:s,s:N,s:s,s:N}", "method", a->method, "path", a->path, "headers",
+                       headers, "remote", a->remote, "client_cert", cert);
 }
 
 static PyObject *py_next_request(PyObject *module, PyObject *args) {

@@ -319,6 +319,13 @@ void rd_srv_handle_upgrade(httpconn *hc, rd_http_request *req) {
     *p++ = '\0';
   }
   r->auth.headers_len = hlen;
+  rd_tls *tls = rd_io_tls(hc->io);
+  if (tls != NULL && rd_tls_peer_cert(tls, &r->auth.cert_subject, &r->auth.cert_sans,
+                                      &r->auth.cert_sha256) < 0) {
+    rd_request_free(r);
+    rd_srv_respond_text(hc, 500, "Internal Server Error", "out of memory");
+    return;
+  }
   r->owner = srv->obj.handle;
   r->on_answer = auth_answer_cb;
   r->target = hc;

@@ -926,3 +926,61 @@ const char *rd_tls_cipher(const rd_tls *t) {
   const char *c = t->hs_done ? SSL_get_cipher_name(t->ssl) : NULL;
   return c != NULL ? c : "";
 }
+
+/* A memory BIO's contents as an rd_malloc'ed string. */
+static char *bio_string(BIO *b) {
+  char *data = NULL;
+  long n = BIO_get_mem_data(b, &data);
+  return n >= 0 ? rd_strndup(data != NULL ? data : "", (size_t)n) : NULL;
+}
+
+/* One SAN as "KIND:value\n" into b. */
+static void san_print(BIO *b, const GENERAL_NAME *g) {
+  if (g->type == GEN_DNS || g->type == GEN_URI || g->type == GEN_EMAIL) {
+    const char *kind = g->type == GEN_DNS ? "DNS" : g->type == GEN_URI ? "URI" : "email";
+    const ASN1_IA5STRING *v = g->d.ia5;
+    BIO_printf(b, "%s:%.*s\n", kind, v->length, (const char *)v->data);
+  } else if (g->type == GEN_IPADD) {
+    const ASN1_OCTET_STRING *ip = g->d.iPAddress;
+    char text[64] = "";
+    if (ip->length == 4 || ip->length == 16)
+      inet_ntop(ip->length == 4 ? AF_INET : AF_INET6, ip->data, text, sizeof text);
+    BIO_printf(b, "IP:%s\n", text);
+  }
+}
+
+int rd_tls_peer_cert(const rd_tls *t, char **subject, char **sans, char **sha256_hex) {
+  *subject = *sans = *sha256_hex = NULL;
+  X509 *cert = t->hs_done ? SSL_get1_peer_certificate(t->ssl) : NULL;
+  if (cert == NULL)
+    return 0;
+  BIO *sb = BIO_new(BIO_s_mem()), *nb = BIO_new(BIO_s_mem());
+  int rc = RD_ENOMEM;
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int mdlen = 0;
+  if (sb != NULL && nb != NULL && X509_digest(cert, EVP_sha256(), md, &mdlen) == 1) {
+    X509_NAME_print_ex(sb, X509_get_subject_name(cert), 0, XN_FLAG_RFC2253);
+    GENERAL_NAMES *names = X509_get_ext_d2i(cert, NID_subject_alt_name, NULL, NULL);
+    for (int i = 0; names != NULL && i < sk_GENERAL_NAME_num(names); i++)
+      san_print(nb, sk_GENERAL_NAME_value(names, i));
+    GENERAL_NAMES_free(names);
+    *subject = bio_string(sb);
+    *sans = bio_string(nb);
+    *sha256_hex = rd_malloc(2 * mdlen + 1);
+    if (*sha256_hex != NULL)
+      for (unsigned int i = 0; i < mdlen; i++)
+        snprintf(*sha256_hex + 2 * i, 3, "%02x", md[i]);
+    if (*subject != NULL && *sans != NULL && *sha256_hex != NULL) {
+      rc = 1;
+    } else {
+      rd_free(*subject);
+      rd_free(*sans);
+      rd_free(*sha256_hex);
+      *subject = *sans = *sha256_hex = NULL;
+    }
+  }
+  BIO_free(sb);
+  BIO_free(nb);
+  X509_free(cert);
+  return rc;
+}

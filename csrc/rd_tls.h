@@ -139,6 +139,12 @@ const char *rd_tls_error(const rd_tls *t);
 /* Negotiated protocol ("TLSv1.3") and cipher names; static strings, or
  * "" before the handshake completes. */
 const char *rd_tls_version(const rd_tls *t);
+/* The verified certificate the peer presented, after the handshake: its
+ * subject (RFC 2253 one line), its subject alternative names ("DNS:name",
+ * "IP:addr", "URI:...", "email:...", each line ended by '\n') and the
+ * SHA-256 of its DER as lowercase hex. Each is an rd_malloc'ed string the
+ * caller frees. Returns 1, 0 when there is none, RD_ENOMEM. */
+int rd_tls_peer_cert(const rd_tls *t, char **subject, char **sans, char **sha256_hex);
 const char *rd_tls_cipher(const rd_tls *t);
 
 #endif

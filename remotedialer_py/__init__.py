@@ -22,6 +22,7 @@ __all__ = [
     "Server",
     "Client",
     "Request",
+    "ClientCert",
     "Forward",
     "TokenAuthorizer",
     "TunnelSocket",
@@ -41,6 +42,7 @@ __all__ = [
 _LAZY = {
     "Server": ("server", "Server"),
     "Request": ("server", "Request"),
+    "ClientCert": ("server", "ClientCert"),
     "Forward": ("server", "Forward"),
     "TokenAuthorizer": ("server", "TokenAuthorizer"),
     "Client": ("client", "Client"),
@@ -61,7 +63,7 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see plain imports
     from ._runtime import engine_stats
     from .client import Client
     from .errors import ClientNotFoundError, ClosedError, TunnelError, TunnelTimeoutError
-    from .server import Forward, Request, Server, TokenAuthorizer
+    from .server import ClientCert, Forward, Request, Server, TokenAuthorizer
     from .tunnel_socket import TunnelSocket
 
 

@@ -76,13 +76,53 @@ class Headers(Mapping[str, str]):
 
 
 @dataclasses.dataclass(frozen=True)
+class ClientCert:
+    """The verified certificate an agent presented (mTLS: ``tls_client_ca``)."""
+
+    subject: str  # RFC 2253, e.g. "CN=agent-1,O=Example"
+    sans: Tuple[str, ...]  # ("DNS:agent-1.example", "IP:10.0.0.7", "URI:...", ...)
+    sha256: str  # of the certificate's DER, lowercase hex
+
+    @property
+    def common_name(self) -> Optional[str]:
+        """The subject's CN (the first one), or None."""
+        for part in _rfc2253_parts(self.subject):
+            name, _, value = part.partition("=")
+            if name.strip().upper() == "CN":
+                return value
+        return None
+
+
+def _rfc2253_parts(subject: str) -> list[str]:
+    """Splits an RFC 2253 name at its unescaped commas, escapes removed."""
+    parts, cur, i = [], "", 0
+    while i < len(subject):
+        ch = subject[i]
+        if ch == "\\" and i + 1 < len(subject):
+            cur += subject[i + 1]
+            i += 2
+            continue
+        if ch == ",":
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+        i += 1
+    parts.append(cur)
+    return parts
+
+
+@dataclasses.dataclass(frozen=True)
 class Request:
-    """The upgrade request an authorizer decides on."""
+    """The upgrade request an authorizer decides on. ``client_cert``: the
+    agent's verified certificate when the server requires one
+    (``tls_client_ca``), so that it can name the client key; else None."""
 
     method: str
     path: str
     headers: Headers
     remote_addr: str  # "ip:port" of the peer
+    client_cert: Optional[ClientCert] = None
 
 
 Authorizer = Callable[[Request], Tuple[str, bool]]
@@ -259,6 +299,14 @@ def _dialed(args: Tuple[int, str, str, str, float, float],
     except BaseException:
         os.close(fd)
         raise
+
+
+def _client_cert(info: Any) -> Optional[ClientCert]:
+    if not info:
+        return None
+    return ClientCert(subject=str(info["subject"]),
+                      sans=tuple(line for line in str(info["sans"]).split("\n") if line),
+                      sha256=str(info["sha256"]))
 
 
 def _token_keys(text: str) -> set[str]:
@@ -638,6 +686,7 @@ class Server(_Handle):
             path=str(payload.get("path", "")),
             headers=Headers(payload.get("headers", ())),
             remote_addr=str(payload.get("remote", "")),
+            client_cert=_client_cert(payload.get("client_cert")),
         )
         try:
             result = _callbacks.resolve(self, authorizer(request))

@@ -69,6 +69,7 @@ keyUsage = critical,digitalSignature
 extendedKeyUsage = clientAuth
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid
+subjectAltName = $ENV::RD_SAN
 """
 
 LOCAL_SAN = "DNS:localhost,IP:127.0.0.1,IP:::1"
@@ -191,7 +192,8 @@ def pki(tmp_path_factory):
         client=None,
         rogue_client=None,
     )
-    certs.client = p.sign("client-ca", "client-one", "client")
+    certs.client = p.sign("client-ca", "client-one", "client",
+                          san="DNS:client-one.example,IP:10.0.0.7,URI:spiffe://example/agent")
     p.root("rogue-ca", 0x4000)
     certs.rogue_client = p.sign("rogue-ca", "rogue-client", "client")
     return certs
@@ -1012,3 +1014,42 @@ def test_wss_peer_with_untrusted_certificate_stays_down(rd, tunnel_leak_check, p
         assert peer["state"] != "connected"
         assert "certificate" in peer["last_error"]
         assert [p["inbound"] for p in a.peers()] == [0]
+
+
+def test_authorizer_sees_the_client_certificate(rd, tunnel_leak_check, pki, echo_server):
+    # The certificate names the client key: the authorizer reads its CN.
+    import ssl as _ssl
+    seen = []
+
+    def authorizer(request):
+        seen.append(request.client_cert)
+        cert = request.client_cert
+        return (cert.common_name if cert else ""), cert is not None
+
+    with tls_server(rd, pki.server, tls_client_ca=pki.client_ca, authorizer=authorizer) as srv:
+        with tls_client(rd, srv, key="ignored", ca_file=pki.root, client_cert=pki.client.cert,
+                        client_key=pki.client.key) as cli:
+            cli.wait_connected(TIMEOUT)
+            wait_for(lambda: srv.list_clients() == ["client-one"], what="the CN as client key")
+            echo_round_trip(srv, echo_server, key="client-one")
+    cert = seen[0]
+    assert cert.subject == "CN=client-one" and cert.common_name == "client-one"
+    assert cert.sans == ("DNS:client-one.example", "IP:10.0.0.7", "URI:spiffe://example/agent")
+    der = _ssl.PEM_cert_to_DER_cert(open(pki.client.leaf).read())
+    assert cert.sha256 == hashlib.sha256(der).hexdigest()
+    # Without mTLS (or over ws://) there is no certificate.
+    seen.clear()
+    with rd.Server(authorizer=authorizer) as plain:
+        cli = rd.Client(plain.url, headers={"X-Tunnel-ID": "x"}, backoff_min=0.1,
+                        backoff_max=0.2).start()
+        try:
+            wait_for(lambda: seen, what="the authorizer's call")
+            assert seen[0] is None
+        finally:
+            cli.close()
+
+
+def test_client_cert_common_name_parsing(rd):
+    cc = rd.ClientCert(subject=r"O=Example\, Inc.,CN=agent\,7", sans=(), sha256="")
+    assert cc.common_name == "agent,7"
+    assert rd.ClientCert(subject="O=x", sans=(), sha256="").common_name is None
