@@ -118,15 +118,23 @@ static void client_unref(rd_client *cli) {
 /* Tells a link's owner where the client stands, or an agent's Python side
  * what happened. */
 static void client_tell(rd_client *cli, int state, const char *why) {
-  if (cli->cfg.hooks != NULL && cli->cfg.hooks->on_state != NULL)
-    cli->cfg.hooks->on_state(cli->cfg.hooks_ctx, cli, state, why);
-  if (!cli->cfg.events || state == RD_CLIENT_DIALING)
+  if (cli->cfg.hooks != NULL) { /* a link: the peer_ws counters count it */
+    if (cli->cfg.hooks->on_state != NULL)
+      cli->cfg.hooks->on_state(cli->cfg.hooks_ctx, cli, state, why);
     return;
+  }
+  const char *labels[1] = {cli->targets[cli->current].url};
+  if (state == RD_CLIENT_DIALING) {
+    rd_metrics_add(cli->metrics, RD_M_AGENT_ATTEMPTS, labels, 1);
+    return;
+  }
   const char *what = state == RD_CLIENT_CONNECTED ? "connect" : cli->was_up ? "disconnect" : "fail";
+  if (what[0] == 'f')
+    rd_metrics_add(cli->metrics, RD_M_AGENT_FAILURES, labels, 1);
   cli->failures = what[0] == 'f' ? cli->failures + 1 : 0;
   cli->was_up = state == RD_CLIENT_CONNECTED;
-  rd_event_post(cli->obj.handle, what, NULL, NULL, cli->targets[cli->current].url, why, 0,
-                cli->failures);
+  if (cli->cfg.events)
+    rd_event_post(cli->obj.handle, what, NULL, NULL, labels[0], why, 0, cli->failures);
 }
 
 /* ---- wait_connected ---- */

@@ -21,6 +21,8 @@ enum rd_metric_family {
   /* Our gauges. */
   RD_M_OPEN_SESSIONS,      /* remotedialer_open_sessions{peer} */
   RD_M_OPEN_CONNECTIONS,   /* remotedialer_open_connections{clientkey} */
+  RD_M_AGENT_ATTEMPTS,     /* remotedialer_agent_connect_attempts_total{url} */
+  RD_M_AGENT_FAILURES,     /* remotedialer_agent_connect_failures_total{url} */
   /* Engine-wide gauges, refreshed when read (rd_stats). */
   RD_M_BUFFERED_BYTES,     /* remotedialer_buffered_bytes{direction} */
   RD_M_HEAP_BYTES,         /* remotedialer_engine_heap_bytes */

@@ -70,6 +70,10 @@ FAMILIES: dict[str, tuple[str, str, bool]] = {
          "rancher-server", False),
     "remotedialer_open_sessions": ("gauge", "Open tunnel sessions", False),
     "remotedialer_open_connections": ("gauge", "Open tunneled connections", False),
+    "remotedialer_agent_connect_attempts_total":
+        ("counter", "Connection attempts of the agent, by server URL", False),
+    "remotedialer_agent_connect_failures_total":
+        ("counter", "Failed connection attempts of the agent, by server URL", False),
     "remotedialer_buffered_bytes":
         ("gauge", "Bytes queued in the engine, toward local sockets or the tunnel", True),
     "remotedialer_engine_heap_bytes": ("gauge", "Bytes allocated by the engine", True),

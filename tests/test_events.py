@@ -67,6 +67,14 @@ def test_agent_tells_sessions_and_failed_attempts(rd, tunnel_leak_check):
             # Nothing listens any more: failed attempts (on both URLs), counted.
             attempts = [take(q, "fail").attempt for _ in range(3)]
             assert attempts == [1, 2, 3]
+            # The same, counted: attempts and failures by URL.
+            m = cli.metrics()
+            tried = support.family(m, "remotedialer_agent_connect_attempts_total")
+            failed = support.family(m, "remotedialer_agent_connect_failures_total")
+            for u in (dead, url):
+                label = (("url", u),)
+                assert tried[label] >= failed.get(label, 0) >= 1, (u, tried, failed)
+            assert sum(tried.values()) - sum(failed.values()) in (1, 2)  # one connected
 
 
 def test_news_in_order_and_a_raising_callback(rd, tunnel_leak_check, caplog):
