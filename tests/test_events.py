@@ -118,6 +118,7 @@ def test_cli_logs_sessions_as_json(run_cli):
     srv = run_cli("server", "--listen", "127.0.0.1:0", "--log-format", "json")
     url = srv.wait_line(r"listening on (ws://\S+)").group(1)
     agent = run_cli("client", "--connect", url, "-id", "json-agent", ready=None)
+    agent.wait_line(r"connected to .* as json-agent")  # its signal handlers are set by then
     m = srv.wait_line(r'^\{.*"connected: client json-agent from 127\.0\.0\.1:\d+".*\}$')
     doc = json.loads(m.group(0))
     assert doc["logger"] == "remotedialer_py.server" and doc["level"] == "INFO"
