@@ -115,7 +115,7 @@ def split_go_peers(text: str) -> tuple[list[tuple[str, str, str]], list[str]]:
 
 def _client_urls(values: Optional[Sequence[str]]) -> list[str]:
     """``--connect`` values, each possibly a comma-separated list, in order."""
-    urls = []
+    urls: list[str] = []
     for value in values or [DEFAULT_CONNECT]:
         urls.extend(u.strip() for u in value.split(",") if u.strip())
     return urls
@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the server: http(s)://HOST:PORT or its ws(s):// connect URL")
     status.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                         help="for each request (default 10)")
-    parser.subcommands = {"server": srv, "client": cli}  # for errors found after parsing
+    # For errors found after parsing, under each subcommand's own usage.
+    setattr(parser, "subcommands", {"server": srv, "client": cli})
     return parser
 
 
@@ -274,13 +275,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     URLs."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    subcommands: dict[str, argparse.ArgumentParser] = getattr(parser, "subcommands")
     args = parser.parse_args(_split_go_bools(argv, ("debug",)))
     if args.command == "server":
-        _resolve_peers(parser.subcommands["server"], args)
+        _resolve_peers(subcommands["server"], args)
     elif args.command == "client":
         args.connect = _client_urls(args.connect)
         if not args.connect:
-            parser.subcommands["client"].error("--connect: no server URL given")
+            subcommands["client"].error("--connect: no server URL given")
     return args
 
 

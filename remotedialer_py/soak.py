@@ -283,7 +283,7 @@ class Roles:
                 obj.close()
         if self.service is not None:
             self.service.close()
-        out = {"pid": os.getpid()}
+        out: dict[str, Any] = {"pid": os.getpid()}
         if self.srv is not None or self.cli is not None:
             out["engine"] = engine_figures()
         return out
@@ -534,10 +534,10 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 def plot(path: str, rows: list[dict], names: tuple, title: str) -> None:
     """Draws the series into a PNG (needs matplotlib: the `plot` extra)."""
-    import matplotlib
+    import matplotlib  # type: ignore[import-not-found]
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # type: ignore[import-not-found]
 
     t = [r["time_s"] for r in rows]
     fig, axes = plt.subplots(4, 1, sharex=True, figsize=(8, 8), dpi=80)
