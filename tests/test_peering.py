@@ -179,10 +179,7 @@ def mesh(rd, tunnel_leak_check):
             support.check_balanced(obj)
     finally:
         m.close()
-    gc.collect()  # the sockets' dial records go with the socket objects
-    support.wait_engine_idle(rd)
-    support.assert_no_new_fds(fds_before)
-    tunnel_leak_check.heap_margin = 0
+    left_clean(rd, fds_before, tunnel_leak_check)
 
 
 @pytest.fixture
@@ -200,10 +197,17 @@ def raw_server(rd, tunnel_leak_check):
         support.check_balanced(srv)
     finally:
         srv.close()
-    gc.collect()
+    left_clean(rd, fds_before, tunnel_leak_check)
+
+
+def left_clean(rd, fds_before, leak_check=None):
+    """After everything is closed: the engine idle, no descriptor left and,
+    given the leak fixture, the engine heap back to its baseline to the byte."""
+    gc.collect()  # the sockets' dial records go with the socket objects
     support.wait_engine_idle(rd)
     support.assert_no_new_fds(fds_before)
-    tunnel_leak_check.heap_margin = 0
+    if leak_check is not None:
+        leak_check.heap_margin = 0
 
 
 def conn_label(client_key, proto, address):
@@ -317,10 +321,7 @@ def test_server_dies_agent_fails_over(rd, tunnel_leak_check, echo_server, tmp_pa
             assert srv.metrics()[PEER_DISCONNECTED][key(peer="A")] == 1
     finally:
         m.close()
-    gc.collect()
-    support.wait_engine_idle(rd)
-    support.assert_no_new_fds(fds_before)
-    tunnel_leak_check.heap_margin = 0
+    left_clean(rd, fds_before, tunnel_leak_check)
 
 
 # ---------------------------------------------------------------------------
@@ -824,10 +825,7 @@ def test_client_url_list_skips_a_dead_url(rd, tunnel_leak_check, echo_server):
             support.check_balanced(srv)
             support.check_balanced(cli)
         assert cli.current_url is None
-    gc.collect()
-    support.wait_engine_idle(rd)
-    support.assert_no_new_fds(fds_before)
-    tunnel_leak_check.heap_margin = 0
+    left_clean(rd, fds_before, tunnel_leak_check)
 
 
 # ---------------------------------------------------------------------------
@@ -971,10 +969,7 @@ def test_link_as_seen_by_a_raw_peer(rd, tunnel_leak_check, echo_server):
         finally:
             for cli in agents:
                 cli.close()
-    gc.collect()
-    support.wait_engine_idle(rd)
-    support.assert_no_new_fds(fds_before)
-    tunnel_leak_check.heap_margin = 0
+    left_clean(rd, fds_before, tunnel_leak_check)
 
 
 # ---------------------------------------------------------------------------
@@ -1015,10 +1010,7 @@ def flow_mesh(rd, tunnel_leak_check):
             support.check_balanced(obj)
     finally:
         m.close()
-    gc.collect()
-    support.wait_engine_idle(rd)
-    support.assert_no_new_fds(fds_before)
-    tunnel_leak_check.heap_margin = 0
+    left_clean(rd, fds_before, tunnel_leak_check)
 
 
 def _all_paused(srv, n):
@@ -1153,6 +1145,4 @@ def test_five_server_group(rd, tunnel_leak_check, echo_server):
             assert [p["state"] for p in srv.peers() if p["id"] == "A"] != ["connected"]
     finally:
         m.close()
-    gc.collect()
-    support.wait_engine_idle(rd)
-    support.assert_no_new_fds(fds_before)
+    left_clean(rd, fds_before)
