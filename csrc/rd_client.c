@@ -605,7 +605,8 @@ static void proxy_connect(rd_client *cli) {
   rd_io_read_start(cli->io, hs_alloc_cb, proxy_read_cb);
 }
 
-static void dial_cb(void *ctx, int status, uv_stream_t *stream, const char *error) {
+static void dial_cb(void *ctx, int status, uv_stream_t *stream, int fd, const char *error) {
+  (void)fd; /* a tcp dial */
   rd_client *cli = ctx;
   cli->dial = NULL;
   if (cli->state == CLI_CLOSED) {

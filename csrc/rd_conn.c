@@ -163,6 +163,12 @@ static void conn_unref(rd_conn *c) {
   rd_free(c);
 }
 
+/* A UDP flow has no end of its own: it gets udp_idle_timeout, the rest
+ * idle_timeout. */
+static uint64_t default_idle_ms(const rd_conn *c) {
+  return rd_proto_is_udp(c->proto) ? c->s->cfg.udp_idle_timeout_ms : c->s->cfg.idle_timeout_ms;
+}
+
 rd_conn *rd_conn_new(rd_session *s, int64_t id, const char *proto, size_t proto_len,
                      const char *address, size_t address_len) {
   if (s->conns.count >= s->cfg.max_connections)
@@ -193,7 +199,7 @@ rd_conn *rd_conn_new(rd_session *s, int64_t id, const char *proto, size_t proto_
   rd_metrics_add(s->metrics, RD_M_ADD_CONNECTIONS, labels, 1);
   rd_metrics_add(s->metrics, RD_M_OPEN_CONNECTIONS, labels, 1);
   rd_engine_counts_add(0, 1, 0);
-  if (s->cfg.idle_timeout_ms > 0)
+  if (default_idle_ms(c) > 0)
     rd_conn_set_idle_timeout(c, 0);
   return c;
 }
@@ -225,12 +231,23 @@ static void conn_fail(rd_conn *c, const char *what, int status) {
 
 rd_conn **rd_conn_reap_link(rd_conn *c) { return &c->reap_next; }
 
+/* "what: reason" for a failed read or write of the local end; Go's
+ * "read udp 127.0.0.1:5->127.0.0.1:6: read: connection refused" for a UDP
+ * socket, as the Go agent reports it. */
+static void local_error_text(rd_conn *c, char *err, size_t len, const char *what, int status) {
+  rd_io *io = local_io(c);
+  if (io != NULL && rd_io_is_dgram(io) &&
+      rd_dial_op_error(err, len, what, c->proto, rd_io_fileno(io), status))
+    return;
+  snprintf(err, len, "%s: %s", what, rd_strerror(status));
+}
+
 /* Ends c because its local end failed: "what: reason" (or what alone for
  * status 0) goes to the far side. */
 static void end_local_failed(rd_conn *c, const char *what, int status) {
-  char err[96];
+  char err[160];
   if (status != 0)
-    snprintf(err, sizeof err, "%s: %s", what, rd_strerror(status));
+    local_error_text(c, err, sizeof err, what, status);
   else
     snprintf(err, sizeof err, "%s", what);
   c->local_broken = 1;
@@ -412,8 +429,10 @@ static void local_read_cb(rd_io *io, ssize_t nread, const uv_buf_t *buf) {
     rd_conn_end(c, NULL, 1);
   } else {
     char err[160];
-    snprintf(err, sizeof err, "read: %s",
-             nread == RD_ETLS ? rd_io_error(io) : rd_strerror((int)nread));
+    if (nread == RD_ETLS)
+      snprintf(err, sizeof err, "read: %s", rd_io_error(io));
+    else
+      local_error_text(c, err, sizeof err, "read", (int)nread);
     c->local_broken = 1;
     rd_conn_end(c, err, 1);
   }
@@ -682,6 +701,14 @@ int rd_conn_attach_fd(rd_conn *c, int fd) {
     close(fd);
     return c->state == CONN_ENDED ? RD_ECLOSED : RD_EINVAL;
   }
+  if (rd_fd_is_dgram(fd)) { /* one record per read and per write */
+    rd_io *dio = rd_io_new_dgram(rd_loop(), fd);
+    if (dio == NULL) {
+      rd_conn_end(c, "out of memory", 1);
+      return RD_ENOMEM;
+    }
+    return rd_conn_attach_io(c, dio);
+  }
   int rc;
   uv_stream_t *stream = fd_stream(fd, &rc);
   if (stream == NULL) {
@@ -730,16 +757,19 @@ int rd_conn_splice(rd_conn *a, rd_conn *b) {
 
 /* ---- local dials ---- */
 
-static void conn_dial_cb(void *ctx, int status, uv_stream_t *stream, const char *error) {
+static void conn_dial_cb(void *ctx, int status, uv_stream_t *stream, int fd,
+                         const char *error) {
   rd_conn *c = ctx;
   c->end_kind = END_NONE;
   if (c->state == CONN_ENDED) {
     if (stream != NULL)
       uv_close((uv_handle_t *)stream, stream_free_cb);
+    if (fd >= 0)
+      close(fd);
   } else if (status < 0) {
     rd_conn_end(c, error, 1);
   } else {
-    rd_io *io = rd_io_new(stream, NULL);
+    rd_io *io = stream != NULL ? rd_io_new(stream, NULL) : rd_io_new_dgram(rd_loop(), fd);
     if (io == NULL)
       rd_conn_end(c, "out of memory", 1);
     else
@@ -799,7 +829,7 @@ void rd_conn_set_idle_timeout(rd_conn *c, uint64_t timeout_ms) {
     return;
   rd_session *s = c->s;
   if (timeout_ms == 0)
-    timeout_ms = s->cfg.idle_timeout_ms;
+    timeout_ms = default_idle_ms(c);
   if (c->idle_ms == 0 && timeout_ms > 0)
     s->idle_watched++;
   else if (c->idle_ms > 0 && timeout_ms == 0)
@@ -819,8 +849,8 @@ void rd_conn_set_idle_timeout(rd_conn *c, uint64_t timeout_ms) {
 static void check_paused_local(rd_conn *c) {
   if (!c->peer_paused || c->local_gone || local_io(c) == NULL || c->state != CONN_OPEN)
     return;
-  uv_os_fd_t fd;
-  if (uv_fileno((uv_handle_t *)rd_io_stream(local_io(c)), &fd) != 0)
+  int fd = rd_io_fileno(local_io(c));
+  if (fd < 0)
     return;
   struct pollfd p = {.fd = fd, .events = POLLIN | POLLRDHUP};
   if (poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0) {

@@ -33,8 +33,9 @@ void rd_dial_status_unref(rd_dial_status *st);
  * (RD_ECLOSED: it had ended already). */
 /* A connected stream; ownership passes to the connection, also on failure. */
 int rd_conn_attach_io(rd_conn *c, rd_io *io);
-/* A connected socket descriptor (TCP or unix stream); the connection owns it
- * from here, also on failure (then it is closed). */
+/* A connected socket descriptor (TCP or unix stream; or a datagram socket,
+ * UDP or unix SOCK_SEQPACKET, carried one record per DATA message); the
+ * connection owns it from here, also on failure (then it is closed). */
 int rd_conn_attach_fd(rd_conn *c, int fd);
 /* Joins two connections on different sessions: each one's far side talks to
  * the other's. Backpressure crosses over (a PAUSE on one pauses the other's
@@ -60,7 +61,7 @@ void rd_conn_set_http_errors(rd_conn *c);
 /* Ends the connection after timeout_ms (0 = never). */
 int rd_conn_set_deadline(rd_conn *c, uint64_t timeout_ms);
 /* Ends the connection once no byte moved either way for timeout_ms
- * (0 = the session's idle_timeout_ms). */
+ * (0 = the session's idle_timeout_ms, or udp_idle_timeout_ms for udp). */
 void rd_conn_set_idle_timeout(rd_conn *c, uint64_t timeout_ms);
 
 /* One open connection, as connections() reports it. */

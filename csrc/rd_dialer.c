@@ -9,10 +9,13 @@
  * resolver order, each given Go's share of the time left. */
 #include "rd_dialer.h"
 
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/un.h>
+#include <unistd.h>
 
 #include "rd_addr.h"
 #include "rd_alloc.h"
@@ -39,9 +42,11 @@ struct rd_dial {
   uv_loop_t *loop;
   rd_dial_cb cb;
   void *ctx;
-  char net[8];       /* "tcp", "tcp4", "tcp6" or "unix", for error texts */
+  char net[8];       /* "tcp", "tcp4", "udp6", "unix"...: for error texts */
   int family;        /* AF_UNSPEC, or the only family tcp4/tcp6 accept */
   int is_unix;
+  int is_udp;
+  int udp_fd;        /* udp: the connected socket until delivered, or -1 */
   char *host;        /* tcp: the host (may be ""); unix: the path */
   const char *zone;  /* numeric IPv6 host: its "%zone" suffix, or "" */
   unsigned port;
@@ -199,10 +204,12 @@ static void timer_close_cb(uv_handle_t *h) {
 static void deliver(rd_dial *d, uv_stream_t *stream) {
   d->delivered = 1;
   uv_close((uv_handle_t *)&d->timer, timer_close_cb);
-  if (stream != NULL)
-    d->cb(d->ctx, 0, stream, NULL);
+  int fd = d->udp_fd;
+  d->udp_fd = -1;
+  if (stream != NULL || fd >= 0)
+    d->cb(d->ctx, 0, stream, fd, NULL);
   else
-    d->cb(d->ctx, d->status, NULL, d->error);
+    d->cb(d->ctx, d->status, NULL, -1, d->error);
 }
 
 static void next_attempt(rd_dial *d);
@@ -287,6 +294,29 @@ static void connect_cb(uv_connect_t *req, int status) {
   abandon_stream(d);
 }
 
+/* UDP "connects" at once (it only fixes the peer address), so an attempt
+ * either gives the socket or moves on to the next address now. */
+static void udp_attempt(rd_dial *d, const rd_dial_addr *a) {
+  int fd = socket(a->sa.sa_family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    int e = -errno;
+    record_error(d, e, "dial %s %s: socket: %s", d->net, d->cur_addr, errno_text(e));
+    next_attempt(d);
+    return;
+  }
+  socklen_t len = a->sa.sa_family == AF_INET6 ? sizeof a->in6 : sizeof a->in;
+  if (connect(fd, &a->sa, len) != 0) {
+    int e = -errno;
+    close(fd);
+    record_error(d, e, "dial %s %s: connect: %s", d->net, d->cur_addr, errno_text(e));
+    next_attempt(d);
+    return;
+  }
+  d->udp_fd = fd;
+  d->status = 0;
+  dial_finish(d, NULL);
+}
+
 /* Starts the next address, or ends the dial when none is left or the
  * deadline passed. Failures to even start an attempt are recorded like a
  * failed connect and surface through the close callback. */
@@ -319,6 +349,10 @@ static void next_attempt(rd_dial *d) {
     share = left / remaining_addrs;
     if (share < RD_DIAL_MIN_SHARE_MS)
       share = left < RD_DIAL_MIN_SHARE_MS ? left : RD_DIAL_MIN_SHARE_MS;
+  }
+  if (d->is_udp) {
+    udp_attempt(d, a);
+    return;
   }
 
   rd_dial_stream *s = rd_malloc(sizeof *s);
@@ -369,7 +403,8 @@ static void gai_cb(uv_getaddrinfo_t *req, int status, struct addrinfo *res) {
   }
   if (status < 0) {
     if (status == UV_EAI_SERVICE)
-      set_error(d, status, "dial %s: lookup tcp/%s: unknown port", d->net, d->port_text);
+      set_error(d, status, "dial %s: lookup %s/%s: unknown port", d->net,
+                d->is_udp ? "udp" : "tcp", d->port_text);
     else
       set_error(d, status, "dial %s: lookup %s: %s", d->net, d->host, lookup_text(status));
     dial_finish(d, NULL);
@@ -427,13 +462,19 @@ rd_dial *rd_dial_start(uv_loop_t *loop, const char *proto, const char *address,
   if (loop == NULL || proto == NULL || address == NULL || cb == NULL)
     return start_error(status_out, error_out, errlen, "dial: invalid argument");
 
-  int family = AF_UNSPEC, is_unix = 0;
+  int family = AF_UNSPEC, is_unix = 0, is_udp = 0;
   if (strcmp(proto, "tcp") == 0)
     family = AF_UNSPEC;
   else if (strcmp(proto, "tcp4") == 0)
     family = AF_INET;
   else if (strcmp(proto, "tcp6") == 0)
     family = AF_INET6;
+  else if (strcmp(proto, "udp") == 0)
+    is_udp = 1;
+  else if (strcmp(proto, "udp4") == 0)
+    family = AF_INET, is_udp = 1;
+  else if (strcmp(proto, "udp6") == 0)
+    family = AF_INET6, is_udp = 1;
   else if (strcmp(proto, "unix") == 0)
     is_unix = 1;
   else
@@ -503,6 +544,8 @@ rd_dial *rd_dial_start(uv_loop_t *loop, const char *proto, const char *address,
   snprintf(d->net, sizeof d->net, "%s", proto);
   d->family = family;
   d->is_unix = is_unix;
+  d->is_udp = is_udp;
+  d->udp_fd = -1;
   d->port = (unsigned)portnum;
   d->port_named = named;
   d->addrs = &d->one;
@@ -544,8 +587,8 @@ rd_dial *rd_dial_start(uv_loop_t *loop, const char *proto, const char *address,
     struct addrinfo hints;
     memset(&hints, 0, sizeof hints);
     hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_protocol = IPPROTO_TCP;
+    hints.ai_socktype = is_udp ? SOCK_DGRAM : SOCK_STREAM;
+    hints.ai_protocol = is_udp ? IPPROTO_UDP : IPPROTO_TCP;
     d->gai.data = d;
     const char *node = d->host;
     if (node[0] == '\0')
@@ -568,7 +611,13 @@ void rd_dial_cancel(rd_dial *d) {
   if (d == NULL || d->delivered)
     return;
   if (d->done) {
-    /* A failure waiting for its deferred delivery: report the cancel. */
+    /* A result waiting for its deferred delivery: report the cancel (a UDP
+     * socket made meanwhile is dropped). */
+    if (d->udp_fd >= 0) {
+      close(d->udp_fd);
+      d->udp_fd = -1;
+      d->status = -1;
+    }
     if (d->status != 0)
       set_error(d, UV_ECANCELED, "operation was canceled");
     return;
@@ -577,4 +626,28 @@ void rd_dial_cancel(rd_dial *d) {
   set_error(d, UV_ECANCELED, "operation was canceled");
   dial_finish(d, NULL);
   d->in_api = 0;
+}
+
+int rd_proto_is_udp(const char *proto) {
+  const char *p = proto, *sep;
+  while ((sep = strstr(p, "::")) != NULL)
+    p = sep + 2;
+  return strcmp(p, "udp") == 0 || strcmp(p, "udp4") == 0 || strcmp(p, "udp6") == 0;
+}
+
+int rd_dial_op_error(char *out, size_t len, const char *op, const char *net, int fd,
+                     int status) {
+  rd_dial_addr local, peer;
+  socklen_t ll = sizeof local, pl = sizeof peer;
+  memset(&local, 0, sizeof local);
+  memset(&peer, 0, sizeof peer);
+  if (fd < 0 || getsockname(fd, &local.sa, &ll) != 0 ||
+      (local.sa.sa_family != AF_INET && local.sa.sa_family != AF_INET6))
+    return 0;
+  char l[RD_DIAL_ADDRLEN], r[RD_DIAL_ADDRLEN] = "";
+  format_addr(l, sizeof l, &local, "");
+  if (getpeername(fd, &peer.sa, &pl) == 0)
+    format_addr(r, sizeof r, &peer, "");
+  snprintf(out, len, "%s %s %s->%s: %s: %s", op, net, l, r, op, errno_text(status));
+  return 1;
 }

@@ -5,9 +5,12 @@
 #include "rd_io.h"
 
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "rd_alloc.h"
 #include "rd_block.h"
+#include "rd_dgram.h"
 
 typedef struct pending_write {
   struct pending_write *next;
@@ -24,7 +27,8 @@ typedef struct cipher_write {
 } cipher_write;
 
 struct rd_io {
-  uv_stream_t *stream;
+  uv_stream_t *stream; /* NULL for a datagram io */
+  rd_dgram *dg;        /* a datagram io's socket */
   rd_tls *tls;
   void *data;
   rd_io_alloc_cb alloc_cb;
@@ -58,6 +62,60 @@ rd_io *rd_io_new(uv_stream_t *stream, rd_tls *tls) {
   return io;
 }
 
+/* ---- datagram ios: rd_dgram does the work ---- */
+
+int rd_fd_is_dgram(int fd) {
+  int type = 0;
+  socklen_t len = sizeof type;
+  return getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) == 0 &&
+         (type == SOCK_DGRAM || type == SOCK_SEQPACKET);
+}
+
+rd_io *rd_io_new_dgram(uv_loop_t *loop, int fd) {
+  rd_io *io = rd_calloc(1, sizeof *io);
+  if (io != NULL && (io->dg = rd_dgram_new(loop, fd, io)) == NULL) {
+    rd_free(io);
+    io = NULL;
+  }
+  if (io == NULL)
+    close(fd);
+  return io;
+}
+
+static void dgram_alloc_cb(void *ctx, uv_buf_t *buf) {
+  rd_io *io = ctx;
+  io->alloc_cb(io, RD_DGRAM_MAX, buf);
+}
+
+static void dgram_read_cb(void *ctx, ssize_t nread, const uv_buf_t *buf) {
+  rd_io *io = ctx;
+  io->read_cb(io, nread, buf);
+}
+
+static void dgram_drain_cb(void *ctx, int status) {
+  rd_io *io = ctx;
+  rd_io_shutdown_cb cb = io->shutdown_cb;
+  io->shutdown_cb = NULL;
+  if (cb != NULL)
+    cb(io, status);
+}
+
+static void dgram_closed_cb(void *ctx) {
+  rd_io *io = ctx;
+  if (io->close_cb != NULL)
+    io->close_cb(io);
+  rd_free(io);
+}
+
+int rd_io_is_dgram(const rd_io *io) { return io->dg != NULL; }
+
+int rd_io_fileno(const rd_io *io) {
+  if (io->dg != NULL)
+    return rd_dgram_fd(io->dg);
+  uv_os_fd_t fd;
+  return uv_fileno((const uv_handle_t *)io->stream, &fd) == 0 ? fd : -1;
+}
+
 void rd_io_set_data(rd_io *io, void *data) { io->data = data; }
 void *rd_io_data(const rd_io *io) { return io->data; }
 uv_stream_t *rd_io_stream(const rd_io *io) { return io->stream; }
@@ -67,7 +125,7 @@ int rd_io_is_closing(const rd_io *io) { return io->closing; }
 const char *rd_io_error(const rd_io *io) { return io->tls != NULL ? rd_tls_error(io->tls) : ""; }
 
 int rd_io_start_tls(rd_io *io, rd_tls *tls) {
-  if (io->tls != NULL || io->reading || io->closing) {
+  if (io->tls != NULL || io->dg != NULL || io->reading || io->closing) {
     rd_tls_free(tls);
     return UV_EINVAL;
   }
@@ -134,6 +192,8 @@ int rd_io_write(rd_io *io, uv_write_t *req, const uv_buf_t bufs[], unsigned nbuf
                 uv_write_cb cb) {
   if (io->closing)
     return UV_EPIPE;
+  if (io->dg != NULL)
+    return rd_dgram_write(io->dg, req, bufs, nbufs, cb);
   if (io->tls == NULL)
     return uv_write(req, io->stream, bufs, nbufs, cb);
   if (io->write_error != 0)
@@ -168,13 +228,17 @@ int rd_io_write(rd_io *io, uv_write_t *req, const uv_buf_t bufs[], unsigned nbuf
 ssize_t rd_io_try_write(rd_io *io, const uv_buf_t bufs[], unsigned nbufs) {
   if (io->closing)
     return UV_EPIPE;
+  if (io->dg != NULL)
+    return rd_dgram_try_write(io->dg, bufs, nbufs);
   if (io->tls != NULL || io->stream->write_queue_size > 0)
     return 0;
   int n = uv_try_write(io->stream, bufs, nbufs);
   return n == UV_EAGAIN ? 0 : n;
 }
 
-size_t rd_io_write_queue_size(const rd_io *io) { return io->stream->write_queue_size; }
+size_t rd_io_write_queue_size(const rd_io *io) {
+  return io->dg != NULL ? rd_dgram_queue_size(io->dg) : io->stream->write_queue_size;
+}
 
 /* ---- reading ---- */
 
@@ -284,7 +348,7 @@ static void tls_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
 static void kick_cb(uv_timer_t *t) { pump(t->data); }
 
 int rd_io_handshake(rd_io *io, rd_io_handshake_cb cb) {
-  if (io->tls == NULL || io->closing)
+  if (io->tls == NULL || io->dg != NULL || io->closing)
     return UV_EINVAL;
   io->hs_cb = cb;
   io->handshaking = 1;
@@ -302,6 +366,8 @@ int rd_io_read_start(rd_io *io, rd_io_alloc_cb alloc_cb, rd_io_read_cb read_cb) 
   io->alloc_cb = alloc_cb;
   io->read_cb = read_cb;
   io->reading = 1;
+  if (io->dg != NULL)
+    return rd_dgram_read_start(io->dg, dgram_alloc_cb, dgram_read_cb);
   if (io->tls == NULL)
     return uv_read_start(io->stream, plain_alloc_cb, plain_read_cb);
   if (io->failed)
@@ -325,6 +391,10 @@ int rd_io_read_start(rd_io *io, rd_io_alloc_cb alloc_cb, rd_io_read_cb read_cb) 
 
 void rd_io_read_stop(rd_io *io) {
   io->reading = 0;
+  if (io->dg != NULL) {
+    rd_dgram_read_stop(io->dg);
+    return;
+  }
   if (!io->handshaking && !io->closing)
     uv_read_stop(io->stream);
   if (io->kick != NULL)
@@ -344,6 +414,15 @@ static void shutdown_cb(uv_shutdown_t *req, int status) {
 int rd_io_shutdown(rd_io *io, rd_io_shutdown_cb cb) {
   if (io->closing || io->shutting_down)
     return UV_EINVAL;
+  if (io->dg != NULL) { /* no half-close: wait for queued records only */
+    io->shutdown_cb = cb;
+    int rc = rd_dgram_drain(io->dg, dgram_drain_cb);
+    if (rc == 0)
+      io->shutting_down = 1;
+    else
+      io->shutdown_cb = NULL;
+    return rc;
+  }
   if (io->tls != NULL && rd_tls_handshake_done(io->tls)) {
     rd_tls_shutdown(io->tls);
     int rc = flush(io);
@@ -382,6 +461,10 @@ void rd_io_close(rd_io *io, rd_io_close_cb cb) {
   io->closing = 1;
   io->reading = 0;
   io->close_cb = cb;
+  if (io->dg != NULL) {
+    rd_dgram_close(io->dg, dgram_closed_cb);
+    return;
+  }
   if (io->kick != NULL)
     uv_close((uv_handle_t *)io->kick, io_handle_closed_cb);
   uv_close((uv_handle_t *)io->stream, io_handle_closed_cb);
@@ -406,6 +489,10 @@ static void reject_write_cb(uv_write_t *req, int status) {
 void rd_io_reject_plain(rd_io *io, const char *data, size_t len, rd_io_close_cb cb) {
   if (io->closing)
     return;
+  if (io->dg != NULL) {
+    rd_io_close(io, cb);
+    return;
+  }
   reject_write *w = rd_malloc(sizeof *w + len);
   uv_read_stop(io->stream);
   io->reading = 0;

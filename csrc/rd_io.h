@@ -29,11 +29,22 @@ typedef void (*rd_io_close_cb)(rd_io *io);
  * ownership passes too). Returns NULL on allocation failure (the stream is
  * then closed and freed, the TLS connection freed). */
 rd_io *rd_io_new(uv_stream_t *stream, rd_tls *tls);
+/* Wraps a connected datagram socket (UDP or unix SOCK_SEQPACKET, as
+ * rd_dgram): every read is one record, every write one record; shutdown
+ * only waits for queued records (UV_EALREADY when none). Takes fd, also on
+ * failure (NULL: closed). */
+rd_io *rd_io_new_dgram(uv_loop_t *loop, int fd);
+/* Whether fd is a datagram socket (SOCK_DGRAM or SOCK_SEQPACKET). */
+int rd_fd_is_dgram(int fd);
 
 /* The owner's pointer. */
 void rd_io_set_data(rd_io *io, void *data);
 void *rd_io_data(const rd_io *io);
+/* The stream (NULL for a datagram io). */
 uv_stream_t *rd_io_stream(const rd_io *io);
+int rd_io_is_dgram(const rd_io *io);
+/* The descriptor, or -1. */
+int rd_io_fileno(const rd_io *io);
 int rd_io_is_tls(const rd_io *io);
 /* The stream's TLS state, or NULL for a plain stream. */
 rd_tls *rd_io_tls(const rd_io *io);

@@ -29,6 +29,10 @@ const rd_option rd_options[] = {
     {"idle_timeout", RD_OPT_SECONDS_OFF, BOTH, SES(idle_timeout_ms),
      SFIELD(session.idle_timeout_ms), 0, 0, NULL, "end connections idle this long (0: never)",
      "ERROR `idle timeout`, that connection ends"},
+    {"udp_idle_timeout", RD_OPT_SECONDS_OFF, BOTH, SES(udp_idle_timeout_ms),
+     SFIELD(session.udp_idle_timeout_ms), 0, 60000, NULL,
+     "end udp connections idle this long (0: never)",
+     "ERROR `idle timeout`, that connection ends"},
     {"max_connections", RD_OPT_COUNT, BOTH, SES(max_connections), SFIELD(session.max_connections),
      0, 65536, NULL, "open connections per session",
      "server: `srv.dial` raises `TunnelError` `too many connections`; agent: ERROR `too many "

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "rd_alloc.h"
+#include "rd_dialer.h"
 #include "rd_io.h"
 #include "rd_server_int.h"
 
@@ -45,17 +46,28 @@ int rd_srv_io_on_fd(int fd, rd_tls *tls, rd_io **out, char *err, size_t errlen) 
 
 /* Dials proto/address through s with one end of a fresh socket pair as the
  * connection's local end: *fd_out is the other end, *st_out a referenced
- * status, *c_out the connection. 0 or a negative code with err. */
+ * status, *c_out the connection. 0 or a negative code with err. For udp the
+ * pair is SOCK_SEQPACKET: each send() on the caller's end is one datagram
+ * and each recv() one, and closing still reads as EOF. */
 int rd_srv_dial_pair(rd_session *s, const char *proto, const char *address, int *fd_out,
                      rd_dial_status **st_out, rd_conn **c_out, char *err, size_t errlen) {
   int fds[2];
-  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
+  int udp = rd_proto_is_udp(proto);
+  if (socketpair(AF_UNIX, (udp ? SOCK_SEQPACKET : SOCK_STREAM) | SOCK_CLOEXEC, 0, fds) != 0) {
     int e = -errno;
     snprintf(err, errlen, "socketpair: %s", rd_strerror(e));
     return e;
   }
   rd_io *io;
-  int rc = rd_srv_io_on_fd(fds[0], NULL, &io, err, errlen);
+  int rc;
+  if (udp) {
+    io = rd_io_new_dgram(rd_loop(), fds[0]);
+    rc = io != NULL ? RD_OK : RD_ENOMEM;
+    if (io == NULL)
+      snprintf(err, errlen, "out of memory");
+  } else {
+    rc = rd_srv_io_on_fd(fds[0], NULL, &io, err, errlen);
+  }
   if (rc != RD_OK) {
     close(fds[1]);
     return rc;

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "rd_alloc.h"
+#include "rd_dialer.h"
 #include "rd_io.h"
 #include "rd_server_int.h"
 
@@ -83,6 +84,10 @@ static void failed_listener_closed_cb(uv_handle_t *h) { rd_free(h->data); }
 int rd_server_forward(rd_server *srv, const char *client_key, const char *proto,
                       const char *address, const char *host, int port, uint64_t *handle_out,
                       int *port_out, char *err, size_t errlen) {
+  if (rd_proto_is_udp(proto)) { /* a TCP listener's streams have no datagrams to give */
+    snprintf(err, errlen, "forward carries streams only: %s is a datagram protocol", proto);
+    return RD_EINVAL;
+  }
   size_t kl = strlen(client_key), pl = strlen(proto), al = strlen(address);
   rd_forward *f = rd_calloc(1, sizeof *f);
   if (f == NULL || (f->key = rd_malloc(kl + pl + al + 3)) == NULL) {

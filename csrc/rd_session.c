@@ -33,6 +33,7 @@ void rd_session_config_default(rd_session_config *cfg) {
   cfg->write_high = 1u << 22;
   cfg->dial_timeout_ms = 60000;
   cfg->idle_timeout_ms = 0;
+  cfg->udp_idle_timeout_ms = 60000;
   cfg->max_connections = 65536;
   cfg->max_pending_dials = 1024;
 }

@@ -35,6 +35,7 @@ typedef struct rd_session_config {
                                 and the peer itself above twice this */
   uint64_t dial_timeout_ms;  /* client: local dial limit */
   uint64_t idle_timeout_ms;  /* end connections idle this long (0 = never) */
+  uint64_t udp_idle_timeout_ms; /* the same for udp connections */
   size_t max_connections;    /* per session; past it dials and CONNECTs fail */
   size_t max_pending_dials;  /* client: local dials in flight per session */
 } rd_session_config;

@@ -588,10 +588,14 @@ class Server(_Handle):
                 listen: Any = "127.0.0.1:0") -> Forward:
         """Listens on ``listen`` and dials every accepted TCP connection through
         the agent ``client_key`` to ``proto``/``address``. Close the returned
-        Forward (or the server) to stop listening."""
+        Forward (or the server) to stop listening. Streams only: a udp
+        target raises ValueError (``dial`` carries datagrams)."""
         handle = self._live_handle()
         key = _options.client_key(client_key)
         proto, address = _options.connect_target(proto, address)
+        if proto in ("udp", "udp4", "udp6"):
+            raise ValueError(f"forward carries streams only: {proto} is a datagram protocol "
+                             "(dial it with Server.dial)")
         host, port = _options.parse_listen(listen)
         host = _resolve_listen(host)
         fhandle, bound = _engine.server_forward(handle, key, proto, address, host, port)

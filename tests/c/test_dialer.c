@@ -25,16 +25,18 @@ typedef struct {
   int calls;
   int status;
   uv_stream_t *stream;
+  int fd; /* udp: the connected socket, or -1 */
   char error[512];
   int in_api; /* set around API calls: the callback must not run inside */
   int called_inside_api;
 } result;
 
-static void dial_cb(void *ctx, int status, uv_stream_t *stream, const char *error) {
+static void dial_cb(void *ctx, int status, uv_stream_t *stream, int fd, const char *error) {
   result *r = ctx;
   r->calls++;
   r->status = status;
   r->stream = stream;
+  r->fd = fd;
   if (r->in_api)
     r->called_inside_api = 1;
   snprintf(r->error, sizeof r->error, "%s", error ? error : "");
@@ -489,7 +491,9 @@ TEST(bad_arguments) {
       {"tcp", "127.0.0.1:99999999999999999999",
        "dial tcp: address 99999999999999999999: invalid port"},
       {"tcp4", "localhost", "dial tcp4: address localhost: missing port in address"},
-      {"udp", "127.0.0.1:53", "dial udp: unknown network udp"},
+      {"sctp", "127.0.0.1:53", "dial sctp: unknown network sctp"},
+      {"udp", "127.0.0.1", "dial udp: address 127.0.0.1: missing port in address"},
+      {"udp6", "[::1]:70000", "dial udp6: address 70000: invalid port"},
       {"", "x", "dial : unknown network "},
       {"unix", "", "dial unix : missing address"},
   };
@@ -647,9 +651,10 @@ typedef struct {
   rd_dial *d;
 } self_cancel;
 
-static void self_cancel_cb(void *ctx, int status, uv_stream_t *stream, const char *error) {
+static void self_cancel_cb(void *ctx, int status, uv_stream_t *stream, int fd,
+                           const char *error) {
   self_cancel *sc = ctx;
-  dial_cb(&sc->r, status, stream, error);
+  dial_cb(&sc->r, status, stream, fd, error);
   rd_dial_cancel(sc->d); /* the dial still exists during its callback */
 }
 
