@@ -316,7 +316,8 @@ enum {
   MODE_ATTACH_TCP,    /* attach one end of a loopback TCP pair */
   MODE_ATTACH_DEVNULL, /* attach /dev/null: not a socket */
   MODE_ATTACH_PIPE,   /* attach the read end of a pipe(2): not a socket */
-  MODE_ATTACH_DGRAM,  /* attach a unix datagram socket: not a stream */
+  MODE_ATTACH_DGRAM,  /* attach a unix datagram socket: records */
+  MODE_ATTACH_SEQPACKET, /* attach a unix seqpacket socket: records with an EOF */
   MODE_ATTACH_TWICE,  /* attach a socketpair end, then another */
   MODE_ATTACH_ENDED,  /* end it, then attach a descriptor and an io */
 };
@@ -448,11 +449,15 @@ static void owner_on_connect(rd_session *s, void *owner, rd_conn *c) {
     atomic_store(&t->rc1, rd_conn_attach_fd(c, sv[0]));
     break;
   case MODE_ATTACH_DGRAM:
-    if (socketpair(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0, sv) != 0) {
+  case MODE_ATTACH_SEQPACKET:
+    if (socketpair(AF_UNIX,
+                   (atomic_load(&t->mode) == MODE_ATTACH_DGRAM ? SOCK_DGRAM : SOCK_SEQPACKET) |
+                       SOCK_CLOEXEC,
+                   0, sv) != 0) {
       rd_conn_refuse(c, "no socket pair");
       break;
     }
-    close(sv[1]);
+    atomic_store(&t->fd1, sv[1]);
     atomic_store(&t->rc1, rd_conn_attach_fd(c, sv[0]));
     break;
   case MODE_ATTACH_TWICE: {
@@ -812,7 +817,54 @@ static void attach_refused(int mode, int64_t id, const char *target) {
 
 TEST(test_attach_devnull) { attach_refused(MODE_ATTACH_DEVNULL, 19, "tcp/null:1"); }
 
-TEST(test_attach_dgram) { attach_refused(MODE_ATTACH_DGRAM, 21, "tcp/dgram:1"); }
+/* One record from fd within ms: its length (cap bytes at most), or -1. */
+static ssize_t recv_record(int fd, char *buf, size_t cap, int ms) {
+  struct pollfd p = {.fd = fd, .events = POLLIN};
+  if (poll(&p, 1, ms) != 1)
+    return -1;
+  return recv(fd, buf, cap, MSG_DONTWAIT);
+}
+
+/* A datagram descriptor is carried one record per DATA message both ways;
+ * nothing is joined or split. SEQPACKET ends with its EOF, a datagram
+ * socket (no EOF) with the far side's close. */
+static void attach_records(int mode, int64_t id, const char *target) {
+  expect_connect(&g_a, mode);
+  far_connect(&g_a, id, target);
+  CHECK_EQ_INT(atomic_load(&g_a.rc1), RD_OK);
+  int fd = atomic_load(&g_a.fd1);
+  CHECK(fd >= 0);
+  if (fd < 0)
+    return;
+  CHECK_CONNS(&g_a, 1);
+  CHECK_EQ_INT(send(fd, "ab", 2, 0), 2);
+  CHECK_EQ_INT(send(fd, "cdef", 4, 0), 4);
+  EXPECT(&g_a.far, RD_MSG_DATA, id, "ab");
+  EXPECT(&g_a.far, RD_MSG_DATA, id, "cdef");
+  far_send_str(&g_a.far, RD_MSG_DATA, id, "x");
+  far_send_str(&g_a.far, RD_MSG_DATA, id, "yz");
+  char buf[16];
+  CHECK_EQ_INT(recv_record(fd, buf, sizeof buf, WAIT_MS), 1);
+  CHECK(buf[0] == 'x');
+  CHECK_EQ_INT(recv_record(fd, buf, sizeof buf, WAIT_MS), 2);
+  CHECK(memcmp(buf, "yz", 2) == 0);
+  if (mode == MODE_ATTACH_SEQPACKET) {
+    CHECK_EQ_INT(send(fd, "last", 4, 0), 4);
+    close(fd); /* the record sent before the close still goes first */
+    EXPECT(&g_a.far, RD_MSG_DATA, id, "last");
+    EXPECT(&g_a.far, RD_MSG_ERROR, id, "EOF");
+  } else {
+    far_send_str(&g_a.far, RD_MSG_ERROR, id, "EOF");
+    close(fd);
+  }
+  FAR_QUIET(&g_a.far);
+  CHECK_CONNS(&g_a, 0);
+  CHECK_EQ_INT(rd_engine_counts_get().buffered_bytes, 0);
+}
+
+TEST(test_attach_dgram) { attach_records(MODE_ATTACH_DGRAM, 21, "udp/dgram:1"); }
+
+TEST(test_attach_seqpacket) { attach_records(MODE_ATTACH_SEQPACKET, 25, "udp/seq:1"); }
 
 /* A pipe(2) end is no socket either, though libuv guesses it a named pipe. */
 TEST(test_attach_pipe) {
@@ -959,6 +1011,7 @@ TEST(test_end_and_free) {
 
 RD_TEST_MAIN(T(test_start_sessions), T(test_splice), T(test_splice_backlog),
              T(test_attach_fd_unix), T(test_attach_fd_tcp), T(test_attach_fd_later),
-             T(test_attach_devnull), T(test_attach_dgram), T(test_attach_pipe),
+             T(test_attach_devnull), T(test_attach_dgram), T(test_attach_seqpacket),
+             T(test_attach_pipe),
              T(test_splice_same_session), T(test_attach_twice), T(test_attach_ended),
              T(test_end_and_free))

@@ -1,6 +1,7 @@
 /* Local dials on a real loop, loopback only: success, Go-shaped failures,
  * deadlines and cancels at every stage. Every test ends with a loop that has
  * no handles left and the allocator back where it started. */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -141,6 +142,7 @@ static void check_dial_connects(uv_loop_t *loop, const char *proto, const char *
 /* A failure: no stream, the status (< 0 at least) and the Go-shaped text. */
 static void check_failed(const result *r, int status, const char *error) {
   CHECK(r->stream == NULL);
+  CHECK_EQ_INT(r->fd, -1);
   if (status == ANY_FAILURE)
     CHECK(r->status < 0);
   else
@@ -415,6 +417,106 @@ TEST(ipv6) {
   check_failed(&r, ANY_FAILURE, "dial tcp6: address 127.0.0.1: no suitable address found");
   check_called_once(&r);
   loop_end(&loop, start_bytes);
+}
+
+/* ---- udp ---- */
+
+/* A UDP socket bound to ip port 0 (its port in *port), or -1. */
+static int udp_bound(const char *ip, int *port) {
+  struct sockaddr_in a = {.sin_family = AF_INET};
+  socklen_t len = sizeof a;
+  inet_pton(AF_INET, ip, &a.sin_addr);
+  int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) != 0 ||
+      getsockname(fd, (struct sockaddr *)&a, &len) != 0) {
+    if (fd >= 0)
+      close(fd);
+    return -1;
+  }
+  *port = ntohs(a.sin_port);
+  return fd;
+}
+
+static int open_fd_count(void) {
+  int n = 0;
+  for (int fd = 0; fd < 1024; fd++)
+    n += fcntl(fd, F_GETFD) >= 0;
+  return n;
+}
+
+/* A udp dial gives a connected, non-blocking UDP socket (never inside the
+ * start call); a datagram on it reaches the bound address. */
+static void check_udp_dial(uv_loop_t *loop, int srv, const char *proto, const char *addr) {
+  result r;
+  CHECK(dial_and_wait(loop, proto, addr, 5000, &r));
+  CHECK_EQ_INT(r.status, 0);
+  CHECK(r.stream == NULL);
+  CHECK(r.fd >= 0);
+  CHECK_STR(r.error, "");
+  check_called_once(&r);
+  if (r.fd < 0)
+    return;
+  int type = 0;
+  socklen_t len = sizeof type;
+  CHECK_EQ_INT(getsockopt(r.fd, SOL_SOCKET, SO_TYPE, &type, &len), 0);
+  CHECK_EQ_INT(type, SOCK_DGRAM);
+  CHECK((fcntl(r.fd, F_GETFL) & O_NONBLOCK) != 0);
+  CHECK_EQ_INT(send(r.fd, "hello", 5, 0), 5);
+  char buf[16];
+  struct sockaddr_in from, mine;
+  socklen_t flen = sizeof from, mlen = sizeof mine;
+  CHECK_EQ_INT(recvfrom(srv, buf, sizeof buf, 0, (struct sockaddr *)&from, &flen), 5);
+  CHECK_EQ_INT(getsockname(r.fd, (struct sockaddr *)&mine, &mlen), 0);
+  CHECK_EQ_INT(from.sin_port, mine.sin_port);
+  close(r.fd);
+}
+
+TEST(udp_success) {
+  uv_loop_t loop;
+  int64_t start_bytes = loop_begin(&loop);
+  int port = 0;
+  int srv = udp_bound("127.0.0.1", &port);
+  CHECK(srv >= 0);
+  char addr[64];
+  snprintf(addr, sizeof addr, "127.0.0.1:%d", port);
+  check_udp_dial(&loop, srv, "udp", addr);
+  check_udp_dial(&loop, srv, "udp4", addr);
+  snprintf(addr, sizeof addr, "localhost:%d", port);
+  check_udp_dial(&loop, srv, "udp4", addr); /* resolved */
+  close(srv);
+  loop_end(&loop, start_bytes);
+}
+
+TEST(udp_failures) {
+  uv_loop_t loop;
+  int64_t start_bytes = loop_begin(&loop);
+  result r;
+  CHECK(dial_and_wait(&loop, "udp", "nonexistent.invalid:53", 5000, &r));
+  CHECK(r.status < 0);
+  CHECK_EQ_INT(r.fd, -1);
+  CHECK_PREFIX(r.error, "dial udp: lookup nonexistent.invalid: ");
+  CHECK(dial_and_wait(&loop, "udp", "127.0.0.1:nosuchservice", 5000, &r));
+  check_failed(&r, ANY_FAILURE, "dial udp: lookup udp/nosuchservice: unknown port");
+  CHECK(dial_and_wait(&loop, "udp4", "[::1]:53", 5000, &r));
+  check_failed(&r, ANY_FAILURE, "dial udp4: address ::1: no suitable address found");
+  /* connect(2) itself refuses a broadcast address without SO_BROADCAST. */
+  CHECK(dial_and_wait(&loop, "udp", "255.255.255.255:9", 5000, &r));
+  check_failed(&r, UV_EACCES, "dial udp 255.255.255.255:9: connect: permission denied");
+  loop_end(&loop, start_bytes);
+}
+
+/* A udp socket made inside start waits for the loop; a cancel before then
+ * reports the cancel and closes that socket. */
+TEST(udp_cancel) {
+  int fds_before = open_fd_count(); /* the loop's own count too */
+  uv_loop_t loop;
+  int64_t start_bytes = loop_begin(&loop);
+  result r;
+  CHECK(start_and_cancel(&loop, "udp", "127.0.0.1:9", 5000, &r));
+  check_failed(&r, UV_ECANCELED, "operation was canceled");
+  check_called_once(&r);
+  loop_end(&loop, start_bytes);
+  CHECK_EQ_INT(open_fd_count(), fds_before);
 }
 
 TEST(unix_socket) {
@@ -715,7 +817,8 @@ TEST(failing_allocations) {
 }
 
 RD_TEST_MAIN(T(tcp_success), T(tcp_refused), T(lookup_failure), T(localhost_by_name),
-             T(named_ports), T(ipv6), T(unix_socket), T(unix_socket_path_cleaned),
+             T(named_ports), T(ipv6), T(udp_success), T(udp_failures), T(udp_cancel),
+             T(unix_socket), T(unix_socket_path_cleaned),
              T(bad_arguments),
              T(cancel_while_resolving), T(cancel_right_after_start), T(lookup_timeout),
              T(connect_timeout), T(cancel_while_connecting), T(cancel_inside_callback),
