@@ -1,6 +1,8 @@
 /* A byte stream that is plain or TLS: the one stream type that sessions,
  * tunneled connections and HTTP connections use, so none of them knows
- * whether its bytes are encrypted. It mirrors libuv's stream calls (read
+ * whether its bytes are encrypted. A tunneled connection's local end may
+ * also be a datagram socket (rd_io_new_dgram, on rd_dgram): the same calls,
+ * one record each. It mirrors libuv's stream calls (read
  * start/stop with alloc and read callbacks, write with a uv_write_t the
  * caller owns, shutdown, close) and, like libuv, never calls back inside the
  * call that started the work. For TLS the socket's ciphertext goes through

@@ -559,7 +559,10 @@ class Server(_Handle):
         keeping up): past it, TunnelTimeoutError (also a TimeoutError) and no
         connection. Go's server bounds the write of CONNECT the same way.
         ``idle_timeout`` ends this connection after that many idle seconds
-        (None: the server's ``idle_timeout`` option, off by default).
+        (None: the server's ``idle_timeout`` option, off by default; for udp
+        its ``udp_idle_timeout``, 60 s).
+        For proto ``udp`` (``udp4``, ``udp6``) the socket is SOCK_SEQPACKET:
+        each send() is one datagram at ``address``, each recv() one from it.
         """
         args = self._dial_args(client_key, proto, address, timeout, idle_timeout)
         sock = _dialed(args, _engine.server_dial(*args))

@@ -2,6 +2,7 @@
 
 The engine creates a connected AF_UNIX stream socketpair, keeps one end on its
 loop and pipes it into the tunneled connection, and hands us the other end.
+For udp the pair is SOCK_SEQPACKET: one send() or recv() is one datagram.
 Because it is a real ``socket.socket``, http.client, ssl, selectors and
 asyncio all work on it unchanged. Closing it (or dropping it: the socket's
 finalizer closes the fd) ends the tunneled connection.

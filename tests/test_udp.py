@@ -265,3 +265,32 @@ def test_empty_datagram_is_not_carried(tunnel, udp_echo):
 def test_forward_refuses_udp(tunnel, udp_echo):
     with pytest.raises(ValueError, match="streams only"):
         tunnel.srv.forward(tunnel.key, "udp", f"127.0.0.1:{udp_echo.port}")
+
+
+def test_through_a_peer(rd, tunnel_leak_check, udp_echo):
+    """A dial on B for an agent of its peer A: the datagrams keep their
+    boundaries across both hops (the peer link splices DATA one for one)."""
+    fds_before = support.open_fds()
+    a = rd.Server("127.0.0.1:0", peer_id="A", peer_token="token-a").start()
+    b = rd.Server("127.0.0.1:0", peer_id="B", peer_token="token-b").start()
+    cli = None
+    try:
+        a.add_peer(b.url, "B", "token-b")
+        b.add_peer(a.url, "A", "token-a")
+        cli = support.make_client(rd, a.url, "far")
+        wait_for(lambda: b.route("far") == "A", TIMEOUT, "B's route to the agent via A")
+        with b.dial("far", "udp", f"127.0.0.1:{udp_echo.port}", timeout=TIMEOUT) as sock:
+            sock.settimeout(TIMEOUT)
+            assert sock.type == socket.SOCK_SEQPACKET
+            for n in (1, 60000, 1400):
+                sock.send(b"p" * n)
+            assert [len(sock.recv(65536)) for _ in range(3)] == [1, 60000, 1400]
+        for obj in (a, b, cli):
+            support.check_balanced(obj)
+    finally:
+        if cli is not None:
+            cli.close()
+        b.close()
+        a.close()
+    support.wait_engine_idle(rd)
+    support.assert_no_new_fds(fds_before)
