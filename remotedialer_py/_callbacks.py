@@ -177,6 +177,9 @@ def _refusal(kind: str) -> tuple[Verdict, str]:
 
 def _handle(request: Any) -> None:
     req_id, owner_handle, kind, payload = request
+    if kind == "dial":
+        _handle_dial(req_id, owner_handle, payload)
+        return
     try:
         owner = _lookup(owner_handle)
         if owner is None:
@@ -190,6 +193,20 @@ def _handle(request: Any) -> None:
         _engine.answer(req_id, verdict, value)
     except Exception:  # noqa: BLE001 - the request may have expired meanwhile
         log.debug("remotedialer-py: answer to request %s not delivered", req_id, exc_info=True)
+
+
+def _handle_dial(req_id: int, owner_handle: int, payload: Any) -> None:
+    """Runs an agent's own dialer and hands the engine its socket's
+    descriptor (the engine owns it from then on) or the error text."""
+    fd, error = -1, "agent closed"
+    try:
+        owner = _lookup(owner_handle)
+        if owner is not None:
+            fd, error = owner._dial(*payload)
+    except BaseException:  # noqa: BLE001 - a hook bug must not stop the thread
+        log.exception("remotedialer-py: unexpected error running a dialer")
+        fd, error = -1, "dialer failed"
+    _engine.answer_fd(req_id, fd, error.replace("\0", " "))
 
 
 def _after_fork_in_child() -> None:
