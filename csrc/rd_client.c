@@ -272,7 +272,9 @@ static void dial_answer_cb(rd_request *req, rd_verdict verdict, const char *valu
     req->dial.fd = -1;
     rd_conn_attach_fd(c, fd);
   } else {
-    rd_conn_refuse(c, verdict == RD_VERDICT_DIAL_ERROR ? value : "agent closed");
+    rd_conn_refuse(c, verdict != RD_VERDICT_DIAL_ERROR ? "agent closed"
+                      : value != NULL && value[0] != '\0' ? value
+                                                          : "dial failed");
   }
 }
 

@@ -1,10 +1,11 @@
 """The pool of Python threads that answer the engine's questions.
 
 The engine's loop thread never takes the GIL. When it needs a decision from
-Python code (a server authorizer, a client's connect authorizer) it queues a
-request; each pool thread takes requests with ``_engine.next_request`` (one
-queue, any number of takers), calls the owner's hook and posts the verdict
-with ``_engine.answer``. So one slow authorizer holds one thread, not every
+Python code (a server authorizer, a client's connect authorizer or dialer)
+it queues a request; each pool thread takes requests with
+``_engine.next_request`` (one queue, any number of takers), calls the
+owner's hook and posts the verdict with ``_engine.answer`` (a dialer's
+socket with ``_engine.answer_fd``). So one slow authorizer holds one thread, not every
 other agent's handshake or every other dial. The threads start when the
 first owner with a Python callable registers (``set_callback_threads`` sets
 how many) and run until shutdown. In a forked child they start again for the

@@ -95,6 +95,20 @@ def test_dialer_serves_every_allowed_target(tunnel, echo_server):
     echo_server.wait_finished(2)
 
 
+def test_many_dials_at_once_balance(tunnel, echo_server):
+    dialer = Recorder()
+    tunnel.add_client(AGENT, dialer=dialer)
+    socks = [dial(tunnel, echo_server.address) for _ in range(64)]
+    for i, sock in enumerate(socks):
+        round_trip(sock, b"conn %d" % i)
+    for sock in socks:
+        sock.close()
+    assert len(dialer.calls) == 64
+    echo_server.wait_finished(64)
+    for obj in (tunnel.srv, tunnel.extra_clients[0]):
+        support.check_balanced(obj)
+
+
 def test_dialer_gets_unix_paths_cleaned(tunnel):
     base = tempfile.mkdtemp(prefix="rdd", dir="/tmp")
     backend = support.UnixEchoServer(base + "/echo.sock")
@@ -249,7 +263,12 @@ def test_late_answer_after_the_dial_timeout_is_closed(tunnel, echo_server):
     support.assert_no_new_fds(fds_before)
     sock = dial(tunnel, "192.0.2.1:443")  # this one is answered in time
     round_trip(sock)
+    # Once attached, the dial timeout no longer applies: still open after it.
+    # (No event marks a timer that must not fire: this waits it out.)
+    threading.Event().wait(0.6)
+    round_trip(sock, b"still open")
     sock.close()
+    assert sock.tunnel_error is None
 
 
 def test_answer_after_the_agent_closed_is_closed(tunnel, echo_server):
