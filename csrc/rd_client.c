@@ -264,12 +264,61 @@ static int allowed_by_pattern(rd_client *cli, rd_conn *c) {
   return 0;
 }
 
+static void dial_answer_cb(rd_request *req, rd_verdict verdict, const char *value) {
+  rd_conn *c = req->target;
+  *rd_conn_owner_slot(c) = NULL;
+  if (verdict == RD_VERDICT_DIALED) {
+    int fd = req->dial.fd;
+    req->dial.fd = -1;
+    rd_conn_attach_fd(c, fd);
+  } else {
+    rd_conn_refuse(c, verdict != RD_VERDICT_DIAL_ERROR ? "agent closed"
+                      : value != NULL && value[0] != '\0' ? value
+                                                          : "dial failed");
+  }
+}
+
+/* Hands an allowed target to Python's dialer: the connection waits for its
+ * socket, up to the dial timeout. */
+static void dial_by_python(rd_client *cli, rd_conn *c) {
+  char clean[300];
+  const char *address = decision_address(c, clean, sizeof clean);
+  if (address == NULL) {
+    rd_conn_refuse(c, "connect not allowed");
+    return;
+  }
+  rd_request *r = rd_request_new(RD_REQ_DIAL);
+  if (r == NULL ||
+      (r->dial.proto = rd_strndup(rd_conn_proto(c), strlen(rd_conn_proto(c)))) == NULL ||
+      (r->dial.address = rd_strndup(address, strlen(address))) == NULL ||
+      rd_conn_set_dial_deadline(c, cli->cfg.session.dial_timeout_ms) != RD_OK) {
+    if (r != NULL)
+      rd_request_free(r);
+    rd_conn_refuse(c, "out of memory");
+    return;
+  }
+  r->owner = cli->obj.handle;
+  r->on_answer = dial_answer_cb;
+  r->target = c;
+  *rd_conn_owner_slot(c) = r;
+  rd_request_post(r);
+}
+
+/* An allowed target: dialed here, or by Python's dialer. */
+static void dial_allowed(rd_client *cli, rd_conn *c) {
+  if (cli->cfg.dialer)
+    dial_by_python(cli, c);
+  else
+    rd_conn_dial_local(c);
+}
+
 static void connect_answer_cb(rd_request *req, rd_verdict verdict, const char *value) {
   (void)value;
   rd_conn *c = req->target;
   *rd_conn_owner_slot(c) = NULL;
-  if (verdict == RD_VERDICT_ALLOW)
-    rd_conn_dial_local(c);
+  rd_client *cli = (rd_client *)rd_object_find(req->owner, RD_OBJ_CLIENT);
+  if (verdict == RD_VERDICT_ALLOW && cli != NULL)
+    dial_allowed(cli, c);
   else
     rd_conn_refuse(c, "connect not allowed");
 }
@@ -279,10 +328,10 @@ static void session_on_connect(rd_session *s, void *owner, rd_conn *c) {
   if (cli->cfg.hooks != NULL) {
     cli->cfg.hooks->on_connect(cli->cfg.hooks_ctx, s, c);
   } else if (cli->cfg.allow_mode == RD_ALLOW_ALL) {
-    rd_conn_dial_local(c);
+    dial_allowed(cli, c);
   } else if (cli->cfg.allow_mode == RD_ALLOW_PATTERNS) {
     if (allowed_by_pattern(cli, c))
-      rd_conn_dial_local(c);
+      dial_allowed(cli, c);
     else
       rd_conn_refuse(c, "connect not allowed");
   } else {

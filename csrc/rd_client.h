@@ -56,6 +56,10 @@ typedef struct rd_client_config {
   /* An agent: post news for Python (rd_event_post) when its session comes
    * up ("connect") or ends ("disconnect"), and when an attempt fails. */
   int events;
+  /* An agent: allowed targets are dialed by Python's own dialer (an
+   * RD_REQ_DIAL answered with a socket), not locally; session.dial_timeout_ms
+   * bounds the wait for it. */
+  int dialer;
 } rd_client_config;
 
 void rd_client_config_default(rd_client_config *cfg);

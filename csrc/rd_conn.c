@@ -61,6 +61,7 @@ struct rd_conn {
   unsigned peer_paused : 1, we_paused : 1, http_errors : 1, got_data : 1, local_broken : 1;
   unsigned local_gone : 1; /* the local peer closed while we were paused */
   unsigned failed : 1;     /* the local end failed: on the session's reap list */
+  unsigned dial_deadline : 1; /* `deadline` waits for a local end, not the whole life */
   size_t pending;          /* memory held toward the local end */
   slice_list backlog;      /* the far side's bytes before a local end */
   /* Read from the local end while the far side has us paused: held back so
@@ -640,6 +641,10 @@ static int attachable(rd_conn *c) {
 static void conn_open(rd_conn *c) {
   c->s->connecting--;
   c->state = CONN_OPEN;
+  if (c->dial_deadline && c->deadline != NULL) {
+    uv_close((uv_handle_t *)c->deadline, deadline_closed_cb);
+    c->deadline = NULL;
+  }
 }
 
 int rd_conn_attach_io(rd_conn *c, rd_io *io) {
@@ -808,7 +813,23 @@ void **rd_conn_owner_slot(rd_conn *c) { return &c->owner_slot; }
 void rd_conn_set_http_errors(rd_conn *c) { c->http_errors = 1; }
 uint64_t rd_conn_age_ms(const rd_conn *c) { return rd_now() - c->created; }
 
-static void deadline_cb(uv_timer_t *t) { rd_conn_end(t->data, "i/o timeout", 1); }
+static void deadline_cb(uv_timer_t *t) {
+  rd_conn *c = t->data;
+  if (!c->dial_deadline) {
+    rd_conn_end(c, "i/o timeout", 1);
+    return;
+  }
+  char err[320];
+  snprintf(err, sizeof err, "dial %s %s: i/o timeout", c->proto, rd_conn_address(c));
+  rd_conn_end(c, err, 1);
+}
+
+int rd_conn_set_dial_deadline(rd_conn *c, uint64_t timeout_ms) {
+  if (timeout_ms == 0 || c->state != CONN_CONNECTING || c->deadline != NULL)
+    return RD_OK;
+  c->dial_deadline = 1;
+  return rd_conn_set_deadline(c, timeout_ms);
+}
 
 int rd_conn_set_deadline(rd_conn *c, uint64_t timeout_ms) {
   if (timeout_ms == 0 || c->state == CONN_ENDED || c->deadline != NULL)

@@ -60,6 +60,10 @@ void **rd_conn_owner_slot(rd_conn *c);
 void rd_conn_set_http_errors(rd_conn *c);
 /* Ends the connection after timeout_ms (0 = never). */
 int rd_conn_set_deadline(rd_conn *c, uint64_t timeout_ms);
+/* Ends a connection still without a local end after timeout_ms (0 = never)
+ * with Go's dial timeout text, "dial tcp ADDRESS: i/o timeout": for a local
+ * end that comes from elsewhere (an owner's own dialer). */
+int rd_conn_set_dial_deadline(rd_conn *c, uint64_t timeout_ms);
 /* Ends the connection once no byte moved either way for timeout_ms
  * (0 = the session's idle_timeout_ms, or udp_idle_timeout_ms for udp). */
 void rd_conn_set_idle_timeout(rd_conn *c, uint64_t timeout_ms);

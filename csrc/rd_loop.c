@@ -506,6 +506,8 @@ rd_request *rd_request_new(rd_request_kind kind) {
   rd_request *req = rd_calloc(1, sizeof *req);
   if (req != NULL)
     req->kind = kind;
+  if (req != NULL && kind == RD_REQ_DIAL)
+    req->dial.fd = -1;
   return req;
 }
 
@@ -521,6 +523,11 @@ void rd_request_free(rd_request *req) {
   } else if (req->kind == RD_REQ_CONNECT) {
     rd_free(req->connect.proto);
     rd_free(req->connect.address);
+  } else if (req->kind == RD_REQ_DIAL) {
+    rd_free(req->dial.proto);
+    rd_free(req->dial.address);
+    if (req->dial.fd >= 0) /* answered, but its taker never came */
+      close(req->dial.fd);
   } else if (req->kind == RD_REQ_EVENT) {
     rd_free(req->event.key);
     rd_free(req->event.remote);
@@ -573,11 +580,13 @@ int rd_verdict_fits(rd_request_kind kind, int verdict) {
   if (kind == RD_REQ_AUTH)
     return verdict == RD_VERDICT_ACCEPT || verdict == RD_VERDICT_UNAUTHORIZED ||
            verdict == RD_VERDICT_ERROR;
+  if (kind == RD_REQ_DIAL) /* a socket comes only through rd_request_answer_fd */
+    return verdict == RD_VERDICT_DIAL_ERROR;
   return verdict == RD_VERDICT_ALLOW || verdict == RD_VERDICT_REFUSE;
 }
 
 void rd_request_post(rd_request *req) {
-  assert(req->kind == RD_REQ_AUTH || req->kind == RD_REQ_CONNECT);
+  assert(req->kind == RD_REQ_AUTH || req->kind == RD_REQ_CONNECT || req->kind == RD_REQ_DIAL);
   req->id = ++eng.next_req;
   req->next = NULL;
   if (eng.stopping || rd_map_insert(&eng.req_pending, &req->node, rd_hash_u64(req->id)) != RD_OK) {
@@ -627,27 +636,68 @@ typedef struct {
   uint64_t id;
   int verdict;
   const char *value;
+  int fd; /* rd_request_answer_fd: the socket, -1 once taken or closed */
 } answer_cmd;
+
+static rd_request *pending_find(uint64_t id) {
+  for (rd_map_node *n = rd_map_find(&eng.req_pending, rd_hash_u64(id)); n != NULL;
+       n = rd_map_next_same(n))
+    if (request_of(n)->id == id)
+      return request_of(n);
+  return NULL;
+}
+
+/* Settles req with an answer that is not one to its question: the safe one. */
+static void settle_refused(rd_request *req) {
+  if (req->kind == RD_REQ_AUTH)
+    request_settle(req, RD_VERDICT_UNAUTHORIZED, "");
+  else if (req->kind == RD_REQ_DIAL)
+    request_settle(req, RD_VERDICT_DIAL_ERROR, "dialer gave no socket");
+  else
+    request_settle(req, RD_VERDICT_REFUSE, "");
+}
 
 static void answer_run(rd_cmd *c) {
   answer_cmd *a = (answer_cmd *)c;
-  for (rd_map_node *n = rd_map_find(&eng.req_pending, rd_hash_u64(a->id)); n != NULL;
-       n = rd_map_next_same(n)) {
-    rd_request *req = request_of(n);
-    if (req->id != a->id)
-      continue;
-    if (rd_verdict_fits(req->kind, a->verdict))
-      request_settle(req, (rd_verdict)a->verdict, a->value != NULL ? a->value : "");
-    else /* not an answer to this question: the safe one */
-      request_settle(req, req->kind == RD_REQ_AUTH ? RD_VERDICT_UNAUTHORIZED : RD_VERDICT_REFUSE,
-                     "");
-    break;
-  }
+  rd_request *req = pending_find(a->id);
+  if (req != NULL && rd_verdict_fits(req->kind, a->verdict))
+    request_settle(req, (rd_verdict)a->verdict, a->value != NULL ? a->value : "");
+  else if (req != NULL)
+    settle_refused(req);
   rd_cmd_finish(c, RD_OK, NULL);
 }
 
 int rd_request_answer(uint64_t req_id, int verdict, const char *value) {
-  answer_cmd a = {.id = req_id, .verdict = verdict, .value = value};
+  answer_cmd a = {.id = req_id, .verdict = verdict, .value = value, .fd = -1};
   a.cmd.run = answer_run;
   return rd_engine_call(&a.cmd);
+}
+
+static void answer_fd_run(rd_cmd *c) {
+  answer_cmd *a = (answer_cmd *)c;
+  rd_request *req = pending_find(a->id);
+  if (req != NULL && req->kind != RD_REQ_DIAL) {
+    settle_refused(req);
+  } else if (req != NULL && req->target != NULL && a->fd >= 0) {
+    req->dial.fd = a->fd; /* on_answer takes it */
+    a->fd = -1;
+    request_settle(req, RD_VERDICT_DIALED, "");
+  } else if (req != NULL) { /* an error, or nobody waits any more */
+    request_settle(req, RD_VERDICT_DIAL_ERROR,
+                   a->value != NULL && a->value[0] != '\0' ? a->value : "dial failed");
+  }
+  if (a->fd >= 0) { /* unknown, abandoned or of another kind: ours to close */
+    close(a->fd);
+    a->fd = -1;
+  }
+  rd_cmd_finish(c, RD_OK, NULL);
+}
+
+int rd_request_answer_fd(uint64_t req_id, int fd, const char *error) {
+  answer_cmd a = {.id = req_id, .value = error, .fd = fd};
+  a.cmd.run = answer_fd_run;
+  int rc = rd_engine_call(&a.cmd);
+  if (a.fd >= 0) /* never ran: the engine has stopped */
+    close(a.fd);
+  return rc;
 }

@@ -97,7 +97,8 @@ int rd_handle_is_stale(uint64_t handle);
 typedef enum rd_request_kind {
   RD_REQ_AUTH = 1,
   RD_REQ_CONNECT = 2,
-  RD_REQ_EVENT = 3 /* news for Python, never answered (rd_event_post) */
+  RD_REQ_EVENT = 3, /* news for Python, never answered (rd_event_post) */
+  RD_REQ_DIAL = 4   /* the agent's own dialer: answered with rd_request_answer_fd */
 } rd_request_kind;
 
 /* Python's answers, named so that neither side guesses at integers. Each
@@ -109,6 +110,8 @@ typedef enum rd_verdict {
   RD_VERDICT_ERROR = 2,        /* AUTH: 400 with value as its text */
   RD_VERDICT_ALLOW = 3,        /* CONNECT: dial the address */
   RD_VERDICT_REFUSE = 4,       /* CONNECT: refuse the connection */
+  RD_VERDICT_DIALED = 5,       /* DIAL, engine only: dial.fd holds the socket */
+  RD_VERDICT_DIAL_ERROR = 6,   /* DIAL: failed; value is the text for the far side */
 } rd_verdict;
 
 /* An upgrade request for the server's authorizer. */
@@ -125,6 +128,13 @@ typedef struct rd_auth_request {
 typedef struct rd_connect_request {
   char *proto, *address;
 } rd_connect_request;
+
+/* A dial for the agent's own dialer (an allowed target). fd is -1 until an
+ * answer brings a socket; on_answer takes it from there. */
+typedef struct rd_dial_request {
+  char *proto, *address;
+  int fd;
+} rd_dial_request;
 
 /* News of a session: "connect" or "disconnect" (a server's agent or peer
  * session), or an agent's "connect", "disconnect" and "fail" (an attempt
@@ -149,6 +159,7 @@ struct rd_request {
   union { /* by kind; strings rd_malloc'ed, freed with the request */
     rd_auth_request auth;
     rd_connect_request connect;
+    rd_dial_request dial;
     rd_event event;
   };
   /* Loop thread: called once with the verdict. The asker sets target NULL
@@ -185,5 +196,11 @@ void rd_request_release(rd_request *req);
  * Returns RD_OK, or RD_ECLOSED when the engine has stopped (the request was
  * answered RD_VERDICT_CLOSED then). An unknown id is ignored. */
 int rd_request_answer(uint64_t req_id, int verdict, const char *value);
+/* Answers an RD_REQ_DIAL (any thread but the loop thread): fd, a connected
+ * socket the engine then owns, or -1 and error, the text for the far side.
+ * The fd is never leaked: when the request is unknown, was abandoned (its
+ * connection ended meanwhile), is of another kind, or the engine has
+ * stopped, the engine closes it. Returns like rd_request_answer. */
+int rd_request_answer_fd(uint64_t req_id, int fd, const char *error);
 
 #endif

@@ -546,7 +546,7 @@ static PyObject *client_new_impl(PyObject *module, const char *const *urls, size
   rd_client_config_default(&cfg);
   cfg.proxies = proxies;
   char allow[16] = "all";
-  if (opt_bool(opts, "events", &cfg.events) < 0 ||
+  if (opt_bool(opts, "events", &cfg.events) < 0 || opt_bool(opts, "dialer", &cfg.dialer) < 0 ||
       opt_str(opts, "allow", allow, sizeof allow) < 0 ||
       table_options(opts, RD_OPT_CLIENT, &cfg) < 0)
     return NULL;
@@ -1166,6 +1166,8 @@ static PyObject *request_payload(const rd_request *r) {
   }
   if (r->kind == RD_REQ_CONNECT)
     return Py_BuildValue("(ss)", r->connect.proto, r->connect.address);
+  if (r->kind == RD_REQ_DIAL)
+    return Py_BuildValue("(ss)", r->dial.proto, r->dial.address);
   const rd_auth_request *a = &r->auth;
   PyObject *headers = PyList_New(0);
   for (const char *p = a->headers; headers != NULL && p < a->headers + a->headers_len;) {
@@ -1208,14 +1210,16 @@ static PyObject *py_next_request(PyObject *module, PyObject *args) {
   /* Our reference keeps r readable even if the engine shuts down meanwhile;
    * everything Python needs is copied before it is dropped. */
   uint64_t id = r->id, owner = r->owner;
-  const char *kind = r->kind == RD_REQ_AUTH ? "auth" : "connect";
-  rd_verdict refusal = r->kind == RD_REQ_AUTH ? RD_VERDICT_UNAUTHORIZED : RD_VERDICT_REFUSE;
+  const char *kind = r->kind == RD_REQ_AUTH ? "auth" : r->kind == RD_REQ_DIAL ? "dial" : "connect";
+  rd_verdict refusal = r->kind == RD_REQ_AUTH   ? RD_VERDICT_UNAUTHORIZED
+                       : r->kind == RD_REQ_DIAL ? RD_VERDICT_DIAL_ERROR
+                                                : RD_VERDICT_REFUSE;
   PyObject *payload = request_payload(r);
   rd_request_release(r);
   if (payload == NULL) {
     /* Never leave the engine waiting: refuse what we could not present. */
     Py_BEGIN_ALLOW_THREADS
-    rd_request_answer(id, refusal, "");
+    rd_request_answer(id, refusal, "out of memory");
     Py_END_ALLOW_THREADS
     return NULL;
   }
@@ -1254,6 +1258,24 @@ static PyObject *py_answer(PyObject *module, PyObject *args) {
    * that has stopped answered the request itself. */
   Py_BEGIN_ALLOW_THREADS
   rd_request_answer(id, verdict, value);
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+static PyObject *py_answer_fd(PyObject *module, PyObject *args) {
+  (void)module;
+  unsigned long long id;
+  int fd;
+  const char *error;
+  if (!PyArg_ParseTuple(args, "Kis:answer_fd", &id, &fd, &error))
+    return NULL;
+  if (fd < -1) {
+    PyErr_Format(PyExc_ValueError, "invalid descriptor %d", fd);
+    return NULL;
+  }
+  /* From here the engine owns fd: it attaches or closes it. */
+  Py_BEGIN_ALLOW_THREADS
+  rd_request_answer_fd(id, fd, error);
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
@@ -1398,6 +1420,9 @@ static PyMethodDef engine_methods[] = {
     {"next_event", py_next_event, METH_VARARGS,
      "next_event(timeout) -> (owner, news) or None: sessions that came and went"},
     {"answer", py_answer, METH_VARARGS, "answer(id, verdict, value): verdict is a VERDICT_* constant"},
+    {"answer_fd", py_answer_fd, METH_VARARGS,
+     "answer_fd(id, fd, error): a dial request's socket (the engine owns fd from here, and "
+     "closes it if nobody waits), or -1 and the error text"},
     {"options", py_options, METH_NOARGS,
      "options() -> (dict, ...): the engine's options table, in documentation order"},
     {"engine_stats", py_engine_stats, METH_NOARGS, "engine_stats() -> dict"},

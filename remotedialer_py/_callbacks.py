@@ -1,10 +1,11 @@
 """The pool of Python threads that answer the engine's questions.
 
 The engine's loop thread never takes the GIL. When it needs a decision from
-Python code (a server authorizer, a client's connect authorizer) it queues a
-request; each pool thread takes requests with ``_engine.next_request`` (one
-queue, any number of takers), calls the owner's hook and posts the verdict
-with ``_engine.answer``. So one slow authorizer holds one thread, not every
+Python code (a server authorizer, a client's connect authorizer or dialer)
+it queues a request; each pool thread takes requests with
+``_engine.next_request`` (one queue, any number of takers), calls the
+owner's hook and posts the verdict with ``_engine.answer`` (a dialer's
+socket with ``_engine.answer_fd``). So one slow authorizer holds one thread, not every
 other agent's handshake or every other dial. The threads start when the
 first owner with a Python callable registers (``set_callback_threads`` sets
 how many) and run until shutdown. In a forked child they start again for the
@@ -177,6 +178,9 @@ def _refusal(kind: str) -> tuple[Verdict, str]:
 
 def _handle(request: Any) -> None:
     req_id, owner_handle, kind, payload = request
+    if kind == "dial":
+        _handle_dial(req_id, owner_handle, payload)
+        return
     try:
         owner = _lookup(owner_handle)
         if owner is None:
@@ -190,6 +194,20 @@ def _handle(request: Any) -> None:
         _engine.answer(req_id, verdict, value)
     except Exception:  # noqa: BLE001 - the request may have expired meanwhile
         log.debug("remotedialer-py: answer to request %s not delivered", req_id, exc_info=True)
+
+
+def _handle_dial(req_id: int, owner_handle: int, payload: Any) -> None:
+    """Runs an agent's own dialer and hands the engine its socket's
+    descriptor (the engine owns it from then on) or the error text."""
+    fd, error = -1, "agent closed"
+    try:
+        owner = _lookup(owner_handle)
+        if owner is not None:
+            fd, error = owner._dial(*payload)
+    except BaseException:  # noqa: BLE001 - a hook bug must not stop the thread
+        log.exception("remotedialer-py: unexpected error running a dialer")
+        fd, error = -1, "dialer failed"
+    _engine.answer_fd(req_id, fd, error.replace("\0", " "))
 
 
 def _after_fork_in_child() -> None:

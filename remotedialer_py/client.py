@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import ssl
 import time
 import weakref
 from typing import Any, Callable, Iterable, Mapping, Optional, Tuple, Union
@@ -18,6 +20,7 @@ log = logging.getLogger("remotedialer_py")
 _live: "weakref.WeakSet[Client]" = weakref.WeakSet()
 
 Allow = Union[None, str, Iterable[str], Callable[[str, str], bool]]
+Dialer = Callable[[str, str], Any]  # f(proto, address) -> socket.socket (or a coroutine of one)
 
 # Slice long waits so that a KeyboardInterrupt reaches the main thread
 # promptly: the engine waits with the GIL released and cannot see signals.
@@ -82,6 +85,24 @@ def _check_allow(allow: Allow) -> Tuple[str, list[str], Optional[Callable[[str, 
     return "patterns", patterns, None
 
 
+def _adopt(sock: Any) -> Tuple[int, str]:
+    """A dialer's result as (descriptor, "") once it is known to be a
+    connected socket (detached: the engine owns it now), else (-1, why)."""
+    if not isinstance(sock, socket.socket):
+        return -1, f"dialer returned {type(sock).__name__}, not a connected socket.socket"
+    if isinstance(sock, ssl.SSLSocket):
+        sock.close()
+        return -1, "dialer returned an ssl.SSLSocket; the tunnel needs the plain socket"
+    if sock.fileno() < 0:
+        return -1, "dialer returned a closed socket"
+    try:
+        sock.getpeername()
+    except OSError as exc:
+        sock.close()
+        return -1, f"dialer returned a socket that is not connected ({exc.strerror or exc})"
+    return sock.detach(), ""
+
+
 class Client(_Handle):
     """A tunnel client (the agent).
 
@@ -103,6 +124,13 @@ class Client(_Handle):
       A unix socket path is judged, and dialed, cleaned ("." and ".."
       resolved, "//" collapsed): ``"unix//run/ok/*"`` does not allow
       ``/run/ok/../secret.sock``, and the callable sees ``/run/secret.sock``.
+    - ``dialer``: the agent's own dialer, ``f(proto, address) ->
+      socket.socket`` (connected; TCP or unix stream), called for each
+      allowed target in place of the engine's dial (on the callback
+      threads, like ``allow``; may be ``async def``). The engine takes over
+      the socket. An exception's text, or a note that the result was not a
+      connected socket, is the connection's error on the server side;
+      ``dial_timeout`` bounds the wait for it.
     - ``proxy``: an HTTP proxy to reach the servers through, with CONNECT:
       ``"http://[user:password@]host[:port]"`` (port 80 by default; the
       credentials, percent-encoded, go as Basic Proxy-Authorization). None
@@ -122,7 +150,8 @@ class Client(_Handle):
     _kind = "client"
 
     def __init__(self, url: Any, headers: Any = None, allow: Allow = None, proxy: Any = None,
-                 *, on_connect: Optional[_events.EventCallback] = None,
+                 *, dialer: Optional[Dialer] = None,
+                 on_connect: Optional[_events.EventCallback] = None,
                  on_disconnect: Optional[_events.EventCallback] = None, **options: Any) -> None:
         super().__init__()
         self._on_connect = _events.check_callback("on_connect", on_connect)
@@ -139,6 +168,10 @@ class Client(_Handle):
         self._headers = _check_headers(headers)
         self._proxies = _proxy.resolve(self._urls, proxy, os.environ)
         self._allow_mode, self._patterns, self._allow_fn = _check_allow(allow)
+        if dialer is not None and not callable(dialer):
+            raise TypeError("dialer must be None or a callable(proto, address) -> socket.socket, "
+                            f"not {type(dialer).__name__}")
+        self._dialer = dialer
         self._options = _options.validate("Client", _options.CLIENT_OPTIONS, options)
         lo = self._options.get("backoff_min", _options.default("Client", "backoff_min"))
         hi = self._options.get("backoff_max", _options.default("Client", "backoff_max"))
@@ -183,13 +216,14 @@ class Client(_Handle):
                 return self
             opts = dict(self._options)
             opts["allow"] = self._allow_mode
+            opts["dialer"] = self._dialer is not None
             if any(self._proxies):
                 opts["proxies"] = list(self._proxies)
             if self._allow_mode == "patterns":
                 opts["patterns"] = list(self._patterns)
             opts["events"] = _events.wanted(_events.client_log, self._on_connect,
                                             self._on_disconnect)
-            if self._allow_fn is None and not opts["events"]:
+            if self._allow_fn is None and self._dialer is None and not opts["events"]:
                 handle = _engine.client_new(list(self._urls), list(self._headers), opts)
             else:
                 with _callbacks.creating():
@@ -281,6 +315,19 @@ class Client(_Handle):
                         proto, address, exc_info=True)
             return _callbacks.Verdict.REFUSE, ""
         return (_callbacks.Verdict.ALLOW if allowed else _callbacks.Verdict.REFUSE), ""
+
+    def _dial(self, proto: str, address: str) -> Tuple[int, str]:
+        """Runs the dialer: (the socket's descriptor, detached, "") or (-1,
+        the error text for the server)."""
+        fn = self._dialer
+        if fn is None:
+            return -1, "no dialer"
+        try:
+            sock = _callbacks.resolve(self, fn(proto, address))
+        except Exception as exc:  # noqa: BLE001 - its text goes to the server
+            log.info("remotedialer-py: dialer raised for %s/%s: %r", proto, address, exc)
+            return -1, str(exc) or type(exc).__name__
+        return _adopt(sock)
 
     def __repr__(self) -> str:
         if self._closing:

@@ -1,6 +1,7 @@
 /* Tests of the loop thread's own contracts (rd_loop.h): posting without
  * waiting and completion on an eventfd, the lifetime of a request Python
- * holds across shutdown, and fork. The engine is a process-wide singleton,
+ * holds across shutdown, the descriptor a dial request's answer carries,
+ * and fork. The engine is a process-wide singleton,
  * so every test runs in a child process of its own (as libuv runs its
  * tests) and ends with the engine shut down and every allocation returned.
  * Synchronisation is on real events: eventfds, poll, waitpid. */
@@ -12,6 +13,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -123,12 +125,17 @@ typedef struct {
   int answers;
   rd_verdict verdict;
   char value[64];
+  int fd; /* a DIAL answer's socket */
 } ask_cmd;
 
 static void ask_answer_cb(rd_request *req, rd_verdict verdict, const char *value) {
   ask_cmd *a = req->target;
   a->answers++;
   a->verdict = verdict;
+  if (verdict == RD_VERDICT_DIALED) {
+    a->fd = req->dial.fd;
+    req->dial.fd = -1;
+  }
   snprintf(a->value, sizeof a->value, "%s", value != NULL ? value : "(null)");
 }
 
@@ -143,6 +150,9 @@ static void ask_run(rd_cmd *c) {
   if (a->kind == RD_REQ_CONNECT) {
     r->connect.proto = rd_strndup("tcp", 3);
     r->connect.address = rd_strndup("10.0.0.1:80", 11);
+  } else if (a->kind == RD_REQ_DIAL) {
+    r->dial.proto = rd_strndup("tcp", 3);
+    r->dial.address = rd_strndup("10.0.0.1:80", 11);
   } else {
     r->auth.method = rd_strndup("GET", 3);
     r->auth.path = rd_strndup("/connect", 8);
@@ -162,6 +172,7 @@ static void ask(ask_cmd *a, rd_request_kind kind) {
   memset(a, 0, sizeof *a);
   a->cmd.run = ask_run;
   a->kind = kind;
+  a->fd = -1;
   CHECK_EQ_INT(rd_engine_call(&a->cmd), RD_OK);
 }
 
@@ -229,6 +240,120 @@ static int request_child(void) {
 }
 
 TEST(test_request_answers) { run_in_child(request_child, "request answers", CHILD_SECONDS); }
+
+/* A socket pair: the answer carries s[0]; s[1] shows whether it was closed. */
+static int pair(int s[2]) { return socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, s); }
+
+/* 1 when the other end of peer's pair is closed (peer reads EOF). */
+static int closed_far(int peer) {
+  char c;
+  return readable(peer) && read(peer, &c, 1) == 0;
+}
+
+typedef struct {
+  rd_cmd cmd;
+  rd_request *req;
+} abandon_cmd;
+
+/* What a connection that ends does to the request it waits on. */
+static void abandon_run(rd_cmd *c) {
+  ((abandon_cmd *)c)->req->target = NULL;
+  rd_cmd_finish(c, RD_OK, NULL);
+}
+
+/* Takes the next request, checks it is a DIAL, returns its id (0: none). */
+static uint64_t take_dial(rd_request **keep) {
+  rd_request *r = rd_request_next(WAIT_MS);
+  CHECK(r != NULL && r->kind == RD_REQ_DIAL);
+  if (r == NULL)
+    return 0;
+  CHECK(strcmp(r->dial.proto, "tcp") == 0 && strcmp(r->dial.address, "10.0.0.1:80") == 0);
+  uint64_t id = r->id;
+  if (keep != NULL)
+    *keep = r;
+  else
+    rd_request_release(r);
+  return id;
+}
+
+/* An fd given in answer to a DIAL goes to the asker, or is closed: never
+ * leaked, whatever became of the request. */
+static int dial_answer_child(void) {
+  int before = rd_test_failed_checks;
+  int s[2];
+  ask_cmd a;
+  /* Answered: the asker takes the socket. */
+  ask(&a, RD_REQ_DIAL);
+  uint64_t id = take_dial(NULL);
+  CHECK_EQ_INT(pair(s), 0);
+  CHECK_EQ_INT(rd_request_answer_fd(id, s[0], ""), RD_OK);
+  sync_loop();
+  CHECK_EQ_INT(a.answers, 1);
+  CHECK_EQ_INT(a.verdict, RD_VERDICT_DIALED);
+  CHECK_EQ_INT(a.fd, s[0]);
+  close(a.fd);
+  close(s[1]);
+  /* A second answer to that id: unknown now, its fd is closed. */
+  CHECK_EQ_INT(pair(s), 0);
+  CHECK_EQ_INT(rd_request_answer_fd(id, s[0], ""), RD_OK);
+  CHECK(closed_far(s[1]));
+  close(s[1]);
+  CHECK_EQ_INT(a.answers, 1);
+  /* An error text. */
+  ask(&a, RD_REQ_DIAL);
+  id = take_dial(NULL);
+  CHECK_EQ_INT(rd_request_answer_fd(id, -1, "no route via bastion"), RD_OK);
+  sync_loop();
+  CHECK_EQ_INT(a.verdict, RD_VERDICT_DIAL_ERROR);
+  CHECK(strcmp(a.value, "no route via bastion") == 0);
+  /* Another kind's verdict through rd_request_answer: an error, no socket. */
+  ask(&a, RD_REQ_DIAL);
+  id = take_dial(NULL);
+  CHECK_EQ_INT(rd_request_answer(id, RD_VERDICT_ALLOW, ""), RD_OK);
+  sync_loop();
+  CHECK_EQ_INT(a.verdict, RD_VERDICT_DIAL_ERROR);
+  CHECK(strcmp(a.value, "dialer gave no socket") == 0);
+  /* Abandoned: the asker went away first; the late fd is closed. */
+  ask(&a, RD_REQ_DIAL);
+  rd_request *r = NULL;
+  id = take_dial(&r);
+  abandon_cmd ab = {.req = r};
+  ab.cmd.run = abandon_run;
+  CHECK_EQ_INT(rd_engine_call(&ab.cmd), RD_OK);
+  CHECK_EQ_INT(pair(s), 0);
+  CHECK_EQ_INT(rd_request_answer_fd(id, s[0], ""), RD_OK);
+  CHECK(closed_far(s[1]));
+  close(s[1]);
+  CHECK_EQ_INT(a.answers, 0);
+  if (r != NULL)
+    rd_request_release(r);
+  /* An fd in answer to an authorizer's question: refused, fd closed. */
+  ask(&a, RD_REQ_AUTH);
+  r = rd_request_next(WAIT_MS);
+  CHECK(r != NULL && r->kind == RD_REQ_AUTH);
+  CHECK_EQ_INT(pair(s), 0);
+  if (r != NULL) {
+    CHECK_EQ_INT(rd_request_answer_fd(r->id, s[0], ""), RD_OK);
+    rd_request_release(r);
+  }
+  CHECK(closed_far(s[1]));
+  close(s[1]);
+  sync_loop();
+  CHECK_EQ_INT(a.verdict, RD_VERDICT_UNAUTHORIZED);
+  /* The engine has stopped: the asker heard CLOSED, the fd is closed. */
+  ask(&a, RD_REQ_DIAL);
+  id = take_dial(NULL);
+  rd_engine_shutdown();
+  CHECK_EQ_INT(a.verdict, RD_VERDICT_CLOSED);
+  CHECK_EQ_INT(pair(s), 0);
+  CHECK_EQ_INT(rd_request_answer_fd(id, s[0], ""), RD_ECLOSED);
+  CHECK(closed_far(s[1]));
+  close(s[1]);
+  check_engine_freed();
+  return rd_test_failed_checks - before;
+}
+
+TEST(test_dial_answer_fd) { run_in_child(dial_answer_child, "dial answers", CHILD_SECONDS); }
 
 /* The Python-side thread takes a request, then the engine shuts down (at
  * exit, or close from another thread) before it has read the fields. The
@@ -371,5 +496,5 @@ static int fork_child_body(void) {
 
 TEST(test_fork_with_running_engine) { run_in_child(fork_child_body, "fork", CHILD_SECONDS); }
 
-RD_TEST_MAIN(T(test_post_signals_eventfd), T(test_request_answers),
+RD_TEST_MAIN(T(test_post_signals_eventfd), T(test_request_answers), T(test_dial_answer_fd),
              T(test_request_held_across_shutdown), T(test_fork_with_running_engine))
