@@ -294,3 +294,25 @@ def test_through_a_peer(rd, tunnel_leak_check, udp_echo):
         a.close()
     support.wait_engine_idle(rd)
     support.assert_no_new_fds(fds_before)
+
+
+def test_own_dialer_returns_a_udp_socket(tunnel, udp_echo):
+    """Client(dialer=f) may hand back a connected UDP socket: the engine sees
+    its type and carries it datagram by datagram, as its own udp dial."""
+    calls = []
+
+    def dialer(proto, address):
+        calls.append((proto, address))
+        host, port = address.rsplit(":", 1)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.connect((host, int(port)))
+        return sock
+
+    tunnel.add_client("agent-udp-dialer", dialer=dialer)
+    address = f"127.0.0.1:{udp_echo.port}"
+    with _dial(tunnel, address, key="agent-udp-dialer") as sock:
+        for n in (1, 1400, 60000):
+            sock.send(b"u" * n)
+        assert [len(sock.recv(65536)) for _ in range(3)] == [1, 1400, 60000]
+    assert calls == [("udp", address)]
+    assert udp_echo.sizes == [1, 1400, 60000]
