@@ -47,6 +47,9 @@ _ARGUMENT_ERROR = re.compile(r"argument (\S+): (.*)", re.S)
 class Parser(argparse.ArgumentParser):
     """The top-level parser; its subcommands are ``Subcommand`` parsers."""
 
+    # True for a subcommand: arguments it does not know are its own error.
+    _strict = False
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
@@ -71,8 +74,6 @@ class Parser(argparse.ArgumentParser):
             if self._given(namespace, flag) and not self._given(namespace, other):
                 self.error(f"{self.typed(flag)} needs {other}")
         return namespace, extras
-
-    _strict = False
 
     def _given(self, namespace: argparse.Namespace, flag: str) -> bool:
         action = self._option_string_actions[flag]
