@@ -7,9 +7,10 @@
 #   make fuzz      libFuzzer targets in fuzz/ for FUZZ_SECONDS each (clang)
 #   make fuzz-ci   the same, FUZZ_CI_SECONDS each (CI's short pass)
 #   make bench     the benchmark
+#   make docs      regenerate docs/API.md from the docstrings
 #   make deps      apt-get install what is missing (root only; checks first)
 #
-# Variables: PYTHON (default python3), CC, CLANG, FUZZ_SECONDS, FUZZ_CI_SECONDS, PYTEST_ARGS.
+# Variables: PYTHON (the interpreter of every target; default python3), CC, CLANG, FUZZ_SECONDS, FUZZ_CI_SECONDS, PYTEST_ARGS.
 
 PYTHON ?= python3
 FUZZ_SECONDS ?= 60
@@ -51,10 +52,10 @@ LIBS := -luv -lssl -lcrypto -lpthread
 SAN_ENV := ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 
 .PHONY: help demo test ctest pytest asan-test build deps testdeps fuzz fuzz-ci fuzz-deps bench \
-  clean _demo _test
+  docs clean _demo _test
 
 help:
-	@sed -n '3,13s/^# \{0,1\}//p' Makefile
+	@sed -n '3,/^[^#]/s/^# \{0,1\}//p' Makefile
 
 # The set-up steps are run by a second make so that the Python chosen above is
 # chosen again after `deps` may have installed one.
@@ -199,6 +200,12 @@ build/fuzz/%: fuzz/%.c fuzz/fuzz.h $(ENGINE_SRC) $(HEADERS)
 
 bench: build
 	$(PY) bench/bench.py
+
+# The API reference is generated (tests/test_apidoc.py checks it is current);
+# written through a temporary file so that a failure leaves the page whole.
+docs: build
+	$(PY) -m remotedialer_py._apidoc > docs/API.md.tmp
+	mv docs/API.md.tmp docs/API.md
 
 clean:
 	rm -rf build dist .pytest_cache *.egg-info remotedialer_py/*.so

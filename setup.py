@@ -155,7 +155,21 @@ def headers():
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.h")))
 
 
+def license_metadata():
+    """Apache-2.0, as the Go library whose protocol the package speaks. Given
+    here (pyproject.toml lists it as dynamic) because no one spelling works
+    without a warning on every setuptools the build may run with: the SPDX
+    string of PEP 639 needs setuptools 77, which deprecates the older
+    ``{text = ...}`` table."""
+    import setuptools
+
+    if int(setuptools.__version__.split(".")[0]) >= 77:
+        return {"license_expression": "Apache-2.0", "license_files": ["LICENSE"]}
+    return {"license": "Apache-2.0", "license_files": ["LICENSE"]}
+
+
 setup(
+    **license_metadata(),
     # Listed here rather than in pyproject.toml, where setuptools < 68 calls
     # [tool.setuptools] "beta" and warns on every build.
     packages=["remotedialer_py"],

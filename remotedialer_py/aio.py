@@ -180,6 +180,7 @@ class _Object:
 
     @property
     def closed(self) -> bool:
+        """True once ``close()`` has been called (or has begun)."""
         return self._sync.closed
 
     async def __aenter__(self) -> Any:
@@ -217,9 +218,11 @@ class Forward:
 
     @property
     def closed(self) -> bool:
+        """True once ``close()`` has been called (or has begun)."""
         return self._sync.closed
 
     async def close(self) -> None:
+        """Stops listening; connections already accepted are not ended."""
         await _aclose(self._sync, self._server._calls)
 
     async def __aenter__(self) -> "Forward":
@@ -266,9 +269,10 @@ class Server(_Object):
 
     host = property(lambda self: self._sync.host, doc="The bound address (None before start).")
     port = property(lambda self: self._sync.port, doc="The bound port (None before start).")
-    path = property(lambda self: self._sync.path)
+    path = property(lambda self: self._sync.path, doc="The WebSocket path agents connect to.")
     url = property(lambda self: self._sync.url, doc="The URL agents connect to.")
-    peer_id = property(lambda self: self._sync.peer_id)
+    peer_id = property(lambda self: self._sync.peer_id,
+                       doc="This server's id in an HA group, or None.")
 
     def _dependents(self) -> list:
         return list(self._sync._forwards)
@@ -317,40 +321,52 @@ class Server(_Object):
         self._sync.add_peer(url, id, token)
 
     async def remove_peer(self, id: str) -> bool:
+        """:meth:`remotedialer_py.Server.remove_peer`."""
         self._live()
         return self._sync.remove_peer(id)
 
     async def peers(self) -> list[dict]:
+        """:meth:`remotedialer_py.Server.peers`."""
         self._live()
         return self._sync.peers()
 
     async def route(self, client_key: str) -> Optional[str]:
+        """:meth:`remotedialer_py.Server.route`."""
         self._live()
         return self._sync.route(client_key)
 
     async def disconnect(self, client_key: str) -> int:
+        """:meth:`remotedialer_py.Server.disconnect`."""
         self._live()
         return self._sync.disconnect(client_key)
 
     def reload_tokens(self) -> None:
+        """:meth:`remotedialer_py.Server.reload_tokens` (answered at once;
+        not a coroutine)."""
         self._sync.reload_tokens()
 
     def reload_tls(self, cert: Any = None, key: Any = None, client_ca: Any = None) -> None:
+        """:meth:`remotedialer_py.Server.reload_tls` (not a coroutine)."""
         self._sync.reload_tls(cert, key, client_ca)
 
     def list_clients(self) -> list[str]:
+        """:meth:`remotedialer_py.Server.list_clients` (not a coroutine)."""
         return self._sync.list_clients()
 
     def has_session(self, client_key: str) -> bool:
+        """:meth:`remotedialer_py.Server.has_session` (not a coroutine)."""
         return self._sync.has_session(client_key)
 
     def connections(self) -> list[dict]:
+        """:meth:`remotedialer_py.Server.connections` (not a coroutine)."""
         return self._sync.connections()
 
     def metrics(self) -> _server.MetricsDict:
+        """:meth:`remotedialer_py.Server.metrics` (not a coroutine)."""
         return self._sync.metrics()
 
     def prometheus(self) -> str:
+        """:meth:`remotedialer_py.Server.prometheus` (not a coroutine)."""
         return self._sync.prometheus()
 
     def __repr__(self) -> str:
@@ -363,12 +379,16 @@ class Client(_Object):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._setup(_client.Client(*args, **kwargs))
 
-    url = property(lambda self: self._sync.url)
-    urls = property(lambda self: self._sync.urls)
-    current_url = property(lambda self: self._sync.current_url)
+    url = property(lambda self: self._sync.url, doc="The first server URL.")
+    urls = property(lambda self: self._sync.urls,
+                    doc="Every server URL, in the order they are tried.")
+    current_url = property(lambda self: self._sync.current_url,
+                           doc="The URL of the session that is up, or of the attempt in "
+                               "progress (None before start and after close).")
     connected = property(lambda self: self._sync.connected,
                          doc="True while a session with the server is up.")
-    last_error = property(lambda self: self._sync.last_error)
+    last_error = property(lambda self: self._sync.last_error,
+                          doc="Why the last connection attempt or session failed, or None.")
 
     async def wait_connected(self, timeout: Optional[float] = 5) -> None:
         """Waits until a session is up; TimeoutError after ``timeout`` seconds
@@ -391,9 +411,11 @@ class Client(_Object):
                 raise sync._not_connected(timeout)
 
     def metrics(self) -> _server.MetricsDict:
+        """:meth:`remotedialer_py.Client.metrics` (not a coroutine)."""
         return self._sync.metrics()
 
     def prometheus(self) -> str:
+        """:meth:`remotedialer_py.Client.prometheus` (not a coroutine)."""
         return self._sync.prometheus()
 
     def __repr__(self) -> str:

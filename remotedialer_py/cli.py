@@ -16,44 +16,13 @@ import sys
 import threading
 from typing import Any, Callable, Optional, Sequence
 
-from . import __version__, _options
+from . import __version__, _cliparse, _options
 
 PROG = "remotedialer-py"
 DEFAULT_CONNECT = "ws://localhost:8123/connect"
 
 
-class _GoBool(argparse.Action):
-    """A boolean flag that also takes Go's ``-flag=true``/``-flag=false``."""
-
-    _VALUES = {"1": True, "t": True, "true": True, "0": False, "f": False, "false": False}
-
-    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
-        kwargs.setdefault("default", False)
-        super().__init__(option_strings, dest, nargs=0, **kwargs)
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: Any, option_string: Optional[str] = None) -> None:
-        setattr(namespace, self.dest, True)
-
-
-def _split_go_bools(argv: Sequence[str], names: Sequence[str]) -> list[str]:
-    """Rewrites Go-style ``-debug=false`` into what argparse understands.
-
-    argparse cannot give an optional value to a flag without letting it eat
-    the next argument, which Go's bool flags never do.
-    """
-    out = []
-    for arg in argv:
-        head, sep, value = arg.partition("=")
-        if sep and head.lstrip("-") in names and head.startswith("-"):
-            flag = _GoBool._VALUES.get(value.lower())
-            if flag is None:
-                raise SystemExit(f"{PROG}: invalid boolean value {value!r} for {head}")
-            if flag:
-                out.append(head)
-            continue
-        out.append(arg)
-    return out
+_GoBool = _cliparse.GoBool
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -79,15 +48,44 @@ def _header(value: str) -> tuple[str, str]:
     name, sep, val = value.partition(":")
     if not sep or not name.strip():
         raise argparse.ArgumentTypeError(f"header {value!r} must look like 'Name: value'")
-    return name.strip(), val.strip()
+    try:
+        _options.header_name("header name", name.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return name.strip(), _cliparse.header_value(val.strip())
 
 
 def _peer(value: str) -> tuple[str, str, str]:
     """One ``--peer ID:TOKEN:URL``: strict, unlike the items of ``-peers``."""
     try:
-        return _options.parse_peer(value.strip())
+        peer = _options.parse_peer(value.strip())
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    _cliparse.ws_url(peer[2])
+    return peer
+
+
+def _client_id(value: str) -> str:
+    if not value:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return _cliparse.header_value(value)
+
+
+def _server_name(value: str) -> str:
+    try:
+        return _options.host_name("name", value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("name ")) from None
+
+
+def _status_url(value: str) -> str:
+    from . import status
+
+    try:
+        status.base_url(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def split_go_peers(text: str) -> tuple[list[tuple[str, str, str]], list[str]]:
@@ -121,18 +119,11 @@ def _client_urls(values: Optional[Sequence[str]]) -> list[str]:
     return urls
 
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {n}")
-    return n
+_positive_int = _cliparse.positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _cliparse.Parser(
         prog=PROG, allow_abbrev=False,
         description="A reverse tunnel over WebSocket, wire-compatible with rancher/remotedialer.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -153,17 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve GET /debug/connections (every open session and connection) "
                           "and GET /debug/peers (each HA peer: link state, last error, "
                           "announced agents)")
-    srv.add_argument("--tls-cert", metavar="PEM", default=None,
+    srv.add_argument("--tls-cert", metavar="PEM", default=None, type=_cliparse.input_file,
                      help="serve wss:// with this certificate (chain allowed)")
-    srv.add_argument("--tls-key", metavar="PEM", default=None, help="private key for --tls-cert")
-    srv.add_argument("--tls-client-ca", metavar="PEM", default=None,
+    srv.add_argument("--tls-key", metavar="PEM", default=None, type=_cliparse.input_file,
+                     help="private key for --tls-cert")
+    srv.needs("--tls-cert", "--tls-key")
+    srv.needs("--tls-key", "--tls-cert")
+    srv.needs("--tls-client-ca", "--tls-cert")
+    srv.add_argument("--tls-client-ca", metavar="PEM", default=None, type=_cliparse.input_file,
                      help="require client certificates signed by this CA")
-    srv.add_argument("--proxy-ca-file", metavar="PEM", default=None,
+    srv.add_argument("--proxy-ca-file", metavar="PEM", default=None, type=_cliparse.input_file,
                      help="https targets of /client/...: trust these CAs instead of the "
                           "system store")
     srv.add_argument("--proxy-insecure", action="store_true",
                      help="https targets of /client/...: skip certificate verification")
-    srv.add_argument("--tokens", metavar="FILE", default=None,
+    srv.add_argument("--tokens", metavar="FILE", default=None, type=_cliparse.input_file,
                      help="authorize agents by 'Authorization: Bearer TOKEN' from FILE "
                           "(lines 'TOKEN CLIENT_KEY'; re-read on SIGHUP) instead of "
                           "trusting X-Tunnel-ID")
@@ -185,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "is skipped, so every server can get the same list")
     group.add_argument("--peer", dest="peer", action="append", type=_peer, default=[],
                        metavar="ID:TOKEN:URL", help="one peer (repeatable; strict)")
-    group.add_argument("--peer-ca-file", metavar="PEM", default=None,
+    group.add_argument("--peer-ca-file", metavar="PEM", default=None, type=_cliparse.input_file,
                        help="wss:// peers: verify their certificates against these CAs "
                             "(default, as in Go: not verified; the tokens authenticate)")
 
@@ -196,24 +191,27 @@ def build_parser() -> argparse.ArgumentParser:
                      help="server URL (default ws://localhost:8123/connect); repeat it, or "
                           "separate URLs with commas, to fail over between the servers of "
                           "an HA group: tried in order, a lost session on its own URL first")
-    cli.add_argument("--id", "-id", default="foo", help="client id sent as X-Tunnel-ID (default foo)")
+    cli.add_argument("--id", "-id", default="foo", type=_client_id,
+                     help="client id sent as X-Tunnel-ID (default foo)")
     cli.add_argument("--allow", "-allow", action="append", type=_pattern, default=None,
                      metavar="PATTERN",
                      help="allow dials matching proto/host:port, '*' wildcards "
                           "(repeatable; default: allow everything)")
     cli.add_argument("--header", "-header", action="append", type=_header, default=[],
                      metavar="'NAME: VALUE'", help="extra handshake header (repeatable)")
-    cli.add_argument("--ca-file", metavar="PEM", default=None,
+    cli.add_argument("--ca-file", metavar="PEM", default=None, type=_cliparse.input_file,
                      help="wss: trust these CAs instead of the system store")
     cli.add_argument("--insecure", action="store_true",
                      help="wss: do not verify the server's certificate")
-    cli.add_argument("--client-cert", metavar="PEM", default=None,
+    cli.add_argument("--client-cert", metavar="PEM", default=None, type=_cliparse.input_file,
                      help="wss: present this client certificate")
-    cli.add_argument("--client-key", metavar="PEM", default=None,
+    cli.add_argument("--client-key", metavar="PEM", default=None, type=_cliparse.input_file,
                      help="private key for --client-cert")
-    cli.add_argument("--server-name", metavar="NAME", default=None,
+    cli.needs("--client-cert", "--client-key")
+    cli.needs("--client-key", "--client-cert")
+    cli.add_argument("--server-name", metavar="NAME", default=None, type=_server_name,
                      help="wss: verify this name instead of the URL's host")
-    cli.add_argument("--proxy", metavar="URL", default=None,
+    cli.add_argument("--proxy", metavar="URL", default=None, type=_cliparse.proxy_url,
                      help="reach the servers through this HTTP proxy "
                           "(http://[USER:PASSWORD@]HOST[:PORT], CONNECT); '' for none; "
                           "default: HTTPS_PROXY / HTTP_PROXY / NO_PROXY as Go reads them")
@@ -233,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     opts = sub.add_parser(
         "options", allow_abbrev=False, help="print the Server and Client options (Markdown)",
         description="The options table and the limits table, from the engine's own table.")
-    opts.add_argument("--readme", metavar="FILE", default=None,
+    opts.add_argument("--readme", metavar="FILE", default=None, type=_cliparse.input_file,
                       help="rewrite FILE's generated tables instead of printing them")
 
     from . import soak as _soak  # pure Python; the engine loads when the soak runs
@@ -257,9 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "and, with the server's --debug-connections, each session, the oldest "
                     "connections and the HA peers. Exit status 1 when added - removed is not "
                     "what is open for a key.")
-    status.add_argument("url", metavar="URL",
+    status.add_argument("url", metavar="URL", type=_status_url,
                         help="the server: http(s)://HOST:PORT or its ws(s):// connect URL")
-    status.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+    status.add_argument("--timeout", type=_cliparse.positive_float, default=10.0, metavar="SECONDS",
                         help="for each request (default 10)")
     # For errors found after parsing, under each subcommand's own usage.
     setattr(parser, "subcommands", {"server": srv, "client": cli})
@@ -275,22 +273,31 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     URLs."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    subcommands: dict[str, argparse.ArgumentParser] = getattr(parser, "subcommands")
-    args = parser.parse_args(_split_go_bools(argv, ("debug",)))
+    subcommands: dict[str, _cliparse.Parser] = getattr(parser, "subcommands")
+    args = parser.parse_args(argv)
     if args.command == "server":
         _resolve_peers(subcommands["server"], args)
     elif args.command == "client":
+        client = subcommands["client"]
         args.connect = _client_urls(args.connect)
         if not args.connect:
-            subcommands["client"].error("--connect: no server URL given")
+            client.error(f"{client.typed('--connect')}: no server URL given")
+        for url in args.connect:
+            try:
+                _cliparse.ws_url(url)
+            except argparse.ArgumentTypeError as exc:
+                client.error(f"{client.typed('--connect')}: {exc}")
     return args
 
 
-def _resolve_peers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _resolve_peers(parser: _cliparse.Parser, args: argparse.Namespace) -> None:
+    flag = parser.typed("--peers")
     try:
         go_peers, skipped = split_go_peers(args.peers)
-    except ValueError as exc:
-        parser.error(f"-peers: {exc}")
+        for _pid, _token, url in go_peers:
+            _cliparse.ws_url(url)
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        parser.error(f"{flag}: {exc}")
     notes = [f"-peers: skipping {item!r}: not id:token:url" for item in skipped]
     merged: dict = {}
     args.peer_self = None
@@ -310,7 +317,7 @@ def _resolve_peers(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             try:
                 _options.peer_field(name, value)
             except ValueError as exc:
-                parser.error(f"--{name}: {exc}")
+                parser.error(f"{parser.typed('--' + name)}: {exc}")
     args.peer_list = list(merged.values())
     args.peer_notes = notes
 
@@ -385,8 +392,10 @@ def run_server(args: argparse.Namespace) -> int:
                      peers=peers, **group, **tls)
         srv.start()
     except (TunnelError, ValueError, TypeError, OSError) as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
+        return _start_failed("server", exc, {
+            "--tokens": args.tokens, "--tls-cert": args.tls_cert, "--tls-key": args.tls_key,
+            "--tls-client-ca": args.tls_client_ca, "--proxy-ca-file": args.proxy_ca_file,
+            "--peer-ca-file": args.peer_ca_file})
     if authorizer is not None:
         def reload_tokens(signum: int, frame: object) -> None:
             try:
@@ -411,6 +420,29 @@ def run_server(args: argparse.Namespace) -> int:
     finally:
         srv.close()
     return 0
+
+
+def _start_failed(command: str, exc: BaseException, files: dict[str, Optional[str]]) -> int:
+    """Reports a server or agent that would not start. A file given on the
+    command line that the engine could not use (its message names the file;
+    a token table's starts ``tokens:``) is a bad argument: exit status 2,
+    naming the flag. Anything else (an address in use) is a failure to run:
+    exit status 1."""
+    text = str(exc)
+    tokens = files.get("--tokens")
+    # The flag whose file the message names first; for one file given twice
+    # (a combined PEM), the one whose kind it names ("key", "cert").
+    named = sorted((text.find(path), flag.rsplit("-", 1)[1] not in text, flag)
+                   for flag, path in files.items() if path and path in text)
+    if tokens and text.startswith("tokens: "):
+        flag, text = "--tokens", f"{tokens}: {text.removeprefix('tokens: ')}"
+    elif named:
+        flag, text = named[0][2], text.removeprefix("tls: ")
+    else:
+        print(f"{PROG} {command}: {text}", file=sys.stderr)
+        return 1
+    print(f"{PROG} {command}: error: {flag}: {text}", file=sys.stderr)
+    return 2
 
 
 def _peer_reporter(srv: Any, log: logging.Logger) -> Callable[[], None]:
@@ -459,9 +491,10 @@ def run_client(args: argparse.Namespace) -> int:
     try:
         cli = Client(urls, headers=headers, allow=args.allow, proxy=args.proxy, **tls)
         cli.start()
-    except (TunnelError, ValueError) as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
+    except (TunnelError, ValueError, TypeError) as exc:
+        return _start_failed("client", exc, {
+            "--ca-file": args.ca_file, "--client-cert": args.client_cert,
+            "--client-key": args.client_key})
     state: dict = {"url": None, "error": None}
     where = urls[0] if len(urls) == 1 else ", ".join(urls)
 
@@ -512,8 +545,8 @@ def run_options(args: argparse.Namespace) -> int:
     try:
         new = _optdoc.render_readme(text)
     except ValueError as exc:
-        print(f"{PROG}: {args.readme}: {exc}", file=sys.stderr)
-        return 1
+        print(f"{PROG} options: error: --readme: {args.readme}: {exc}", file=sys.stderr)
+        return 2
     if new != text:
         with open(args.readme, "w", encoding="utf-8") as f:
             f.write(new)
@@ -523,12 +556,6 @@ def run_options(args: argparse.Namespace) -> int:
 def run_soak(args: argparse.Namespace) -> int:
     from . import soak
 
-    if args.warmup is not None and args.warmup < 0:
-        print(f"{PROG}: --warmup must not be negative", file=sys.stderr)
-        return 2
-    if not args.interval > 0:
-        print(f"{PROG}: --interval must be positive", file=sys.stderr)
-        return 2
     rss = None if args.rss_margin is None else int(args.rss_margin * (1 << 20))
     return soak.run(n=args.n, concurrency=args.concurrency, processes=args.processes,
                     warmup=args.warmup, interval=args.interval, csv_path=args.csv_path,
@@ -542,7 +569,13 @@ def run_status(args: argparse.Namespace) -> int:
     try:
         return status.report(args.url, sys.stdout, args.timeout)
     except (ValueError, OSError) as exc:
-        print(f"{PROG} status: {exc}", file=sys.stderr)
+        # urlopen's "<urlopen error [Errno 111] Connection refused>" says it
+        # less plainly than its reason.
+        reason = getattr(exc, "reason", None)
+        if reason is not None and not hasattr(exc, "code"):  # not an HTTP error status
+            exc = reason
+        print(f"{PROG} status: {args.url}: {getattr(exc, 'strerror', None) or exc}",
+              file=sys.stderr)
         return 2
 
 

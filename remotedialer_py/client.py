@@ -298,6 +298,8 @@ class Client(_Handle):
         return _metrics_dict(_engine.metrics(self._live_handle()))
 
     def prometheus(self) -> str:
+        """The agent's counters in the Prometheus text exposition (the
+        server's ``GET /metrics`` format)."""
         return _engine.prometheus(self._live_handle())
 
     def _on_event(self, payload: Any) -> None:

@@ -125,6 +125,8 @@ class Collector:
         return [_family(name) for name in self._names()]
 
     def collect(self) -> Iterator[Metric]:
+        """The families with their samples now, merged over the sources
+        (called by the registry on every scrape)."""
         with self._lock:
             sources = list(self._sources)
         merged: dict[str, dict[tuple, float]] = {}

@@ -292,6 +292,8 @@ class LeakCheck:
         return out
 
     def check(self, settle: float = SETTLE_SECONDS, heap_margin: Optional[int] = None) -> None:
+        """Fails the test (``pytest.fail``) listing :meth:`problems`, if any:
+        what the fixture does after the test, callable in its middle."""
         problems = self.problems(settle, heap_margin)
         if problems:
             pytest.fail("tunnel leak check failed:\n" + "\n".join(problems), pytrace=False)

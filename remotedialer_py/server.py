@@ -114,9 +114,12 @@ def _rfc2253_parts(subject: str) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """The upgrade request an authorizer decides on. ``client_cert``: the
-    agent's verified certificate when the server requires one
-    (``tls_client_ca``), so that it can name the client key; else None."""
+    """The upgrade request an authorizer decides on. ``headers``: read-only,
+    names case-insensitive (``headers.get("x-tunnel-id")``;
+    ``headers.get_all(name)`` for every value, ``headers.raw`` the pairs as
+    received). ``client_cert``: the agent's verified certificate when the
+    server requires one (``tls_client_ca``), so that it can name the client
+    key; else None."""
 
     method: str
     path: str
@@ -201,6 +204,7 @@ class _Handle:
 
     @property
     def closed(self) -> bool:
+        """True once ``close()`` has been called (or has begun)."""
         return self._closing
 
     def close(self) -> None:
@@ -494,6 +498,7 @@ class Server(_Handle):
 
     @property
     def path(self) -> str:
+        """The WebSocket path agents connect to (``/connect`` by default)."""
         return self._path
 
     @property
@@ -543,6 +548,7 @@ class Server(_Handle):
         return list(_engine.server_clients(self._live_handle()))
 
     def has_session(self, client_key: str) -> bool:
+        """True while ``client_key`` has a live session on this server."""
         return bool(_engine.server_has_session(self._live_handle(), _options.client_key(client_key)))
 
     def dial(self, client_key: str, proto: str, address: str, timeout: Optional[float] = 10,
@@ -622,6 +628,7 @@ class Server(_Handle):
 
     @property
     def peer_id(self) -> Optional[str]:
+        """This server's id in an HA group (``peer_id=``), or None."""
         return self._peer_id
 
     def add_peer(self, url: str, id: str, token: str) -> None:

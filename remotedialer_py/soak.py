@@ -763,6 +763,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser, positive_int: Callable[[str], int]) -> None:
     """The soak subcommand's options (cli.py builds the parser)."""
+    from . import _cliparse
+
     parser.add_argument("-n", "--requests", dest="n", type=positive_int, default=5000,
                         help="requests to make after the warm-up (default 5000; the long run "
                              "documented in the README uses 100000)")
@@ -771,21 +773,23 @@ def add_arguments(parser: argparse.ArgumentParser, positive_int: Callable[[str],
     parser.add_argument("--processes", action="store_true",
                         help="run the service, the server (which makes the requests) and the "
                              "agent as separate processes")
-    parser.add_argument("--warmup", type=int, default=None, metavar="N",
+    parser.add_argument("--warmup", type=_cliparse.non_negative_int, default=None, metavar="N",
                         help="warm-up requests before the baselines are taken (default: a tenth "
                              "of -n, between 200 and 2000)")
-    parser.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+    parser.add_argument("--interval", type=_cliparse.positive_float, default=1.0, metavar="SECONDS",
                         help="sampling interval (default 1)")
-    parser.add_argument("--csv", dest="csv_path", metavar="FILE", help="write the series as CSV")
-    parser.add_argument("--plot", dest="plot_path", metavar="FILE.png",
+    parser.add_argument("--csv", dest="csv_path", metavar="FILE", type=_cliparse.output_file,
+                        help="write the series as CSV")
+    parser.add_argument("--plot", dest="plot_path", metavar="FILE.png", type=_cliparse.output_file,
                         help="draw the series (needs matplotlib: pip install "
                              "'remotedialer-py[plot]')")
-    parser.add_argument("--heap-margin", type=int, default=HEAP_MARGIN, metavar="BYTES",
+    parser.add_argument("--heap-margin", type=_cliparse.non_negative_int, default=HEAP_MARGIN,
+                        metavar="BYTES",
                         help="allowed engine heap growth over the post-warm-up baseline, after "
                              "idle pools are returned (default 65536: the heap then holds only "
                              "live objects, so it must come back; 64 KiB shows a 16-byte leak "
                              "per request within 4096 requests)")
-    parser.add_argument("--rss-margin", type=float, default=None, metavar="MIB",
+    parser.add_argument("--rss-margin", type=_cliparse.non_negative_float, default=None, metavar="MIB",
                         help="allowed RSS growth over the post-warm-up baseline (default: the "
                              "larger of 8 MiB and 10%%, since RSS also moves with the Python "
                              "allocator, thread stacks and C library arenas; the heap check is "

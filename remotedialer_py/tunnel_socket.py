@@ -53,6 +53,8 @@ class TunnelSocket(socket.socket):
         return sock
 
     def dup(self) -> "TunnelSocket":
+        """A new socket on the same connection (``socket.dup``), with the
+        tunnel attributes; the connection ends when every copy is closed."""
         sock = super().dup()
         sock.conn_id, sock.client_key = self.conn_id, self.client_key
         sock.tunnel_proto, sock.address = self.tunnel_proto, self.address

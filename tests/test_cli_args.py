@@ -2,7 +2,8 @@
 
 The address and command-line checks load no C extension, so they run (and
 explain a failure) even when the engine does not build; the option checks
-read the engine's options table.
+read the engine's options table, and the command's errors about files the
+engine cannot use come from a server or agent that starts.
 """
 
 import math
@@ -266,11 +267,13 @@ def test_server_go_peer_flags():
     assert args.peer_notes == []
 
 
-def test_server_gnu_peer_flags_and_aliases():
+def test_server_gnu_peer_flags_and_aliases(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")  # read by the engine when the server starts; here it only must exist
     args = cli.parse_args(["server", "--peer-id", "a", "--peer-token", "ta",
                            "--peer", f"b:tb:{URL_B}", "--peer", f"c:tc:{URL_C}",
-                           "--peer-ca-file", "/etc/ca.pem"])
-    assert (args.id, args.token, args.peer_ca_file) == ("a", "ta", "/etc/ca.pem")
+                           "--peer-ca-file", str(ca)])
+    assert (args.id, args.token, args.peer_ca_file) == ("a", "ta", str(ca))
     assert args.peer_list == [("b", "tb", URL_B), ("c", "tc", URL_C)]
     args = cli.parse_args(["server", "--id=a", "--token=ta", f"--peers=b:tb:{URL_B}"])
     assert args.peer_list == [("b", "tb", URL_B)]
@@ -407,3 +410,223 @@ def test_version_matches_pyproject():
     with open(os.path.join(ROOT, "pyproject.toml")) as f:
         match = re.search(r'^version = "([^"]+)"', f.read(), re.M)
     assert match and match.group(1) == remotedialer_py.__version__
+
+
+# -- errors of the real command: the flag named, exit status 2 -------------------
+
+def _run_cli(*argv, timeout=60):
+    return subprocess.run([sys.executable, "-m", "remotedialer_py", *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Stand-ins for the command line's file arguments: {TEXT} a readable
+    file that is not PEM, {MISSING} no file, {DIR} a directory."""
+    text = tmp_path / "not.pem"
+    text.write_text("not a certificate\n")
+    return {"{TEXT}": str(text), "{MISSING}": str(tmp_path / "missing.pem"),
+            "{DIR}": str(tmp_path), "{NODIR}": str(tmp_path / "no" / "dir")}
+
+
+def _fill(items, files):
+    out = []
+    for item in items:
+        for key, value in files.items():
+            item = item.replace(key, value)
+        out.append(item)
+    return out
+
+
+GROUP = ["-id", "a", "-token", "ta"]
+
+PARSE_ERRORS = [
+    # (argv, the error after "remotedialer-py COMMAND: error: ")
+    (["server", "--bogus"], "unrecognized arguments: --bogus"),
+    (["server", "-listen", ":8123", "extra"], "unrecognized arguments: extra"),
+    (["server", "-listen", "8123"], "-listen: invalid listen address '8123': missing port"),
+    (["server", "--listen", "127.0.0.1:99999"], "--listen: invalid listen address"),
+    (["server", "--listen=[::1:80"], "--listen: invalid listen address"),
+    (["server", "--listen"], "--listen: expected one argument"),
+    (["server", "-path", "connect"], "-path: path must start with '/'"),
+    (["server", "-debug=maybe"], "-debug: invalid boolean value 'maybe'"),
+    (["server", "--log-format", "xml"], "--log-format: invalid choice: 'xml'"),
+    (["server", "--tls-cert", "{TEXT}"], "--tls-cert needs --tls-key"),
+    (["server", "--tls-key", "{TEXT}"], "--tls-key needs --tls-cert"),
+    (["server", "--tls-client-ca", "{TEXT}"], "--tls-client-ca needs --tls-cert"),
+    (["server", "--tls-cert", "{MISSING}", "--tls-key", "{TEXT}"],
+     "--tls-cert: cannot read '{MISSING}': No such file or directory"),
+    (["server", "--tls-cert", "{TEXT}", "--tls-key", "{DIR}"],
+     "--tls-key: cannot read '{DIR}': Is a directory"),
+    (["server", "--tls-cert", "{TEXT}", "--tls-key", "{TEXT}", "--tls-client-ca", "{MISSING}"],
+     "--tls-client-ca: cannot read '{MISSING}'"),
+    (["server", "--tokens", "{MISSING}"], "--tokens: cannot read '{MISSING}'"),
+    (["server", "--tokens", ""], "--tokens: needs a file name"),
+    (["server", "--proxy-ca-file", "{MISSING}"], "--proxy-ca-file: cannot read '{MISSING}'"),
+    (["server", "--peer-ca-file", "{MISSING}"], "--peer-ca-file: cannot read '{MISSING}'"),
+    (["server", *GROUP, "-peers", "b:tb:10.0.0.2:8123/connect"],
+     "-peers: peer url must be ws:// or wss://"),
+    (["server", *GROUP, "--peers", "b:tb:ws://"], "--peers: invalid server URL 'ws://'"),
+    (["server", *GROUP, "--peers", "b::ws://h/c"], "--peers: token must be a non-empty"),
+    (["server", *GROUP, "--peer", "b:tb"], "--peer: a peer is id:token:ws[s]://host:port/path"),
+    (["server", *GROUP, "--peer", "b:tb:ws://:1/c"], "--peer: invalid server URL"),
+    (["server", "-peers", "b:tb:ws://h/c"], "--peers/--peer need this server's own --id"),
+    (["server", "-id", "a b\n", "-token", "ta", "--peer", "b:tb:ws://h/c"],
+     "-id: id must be a non-empty single-line"),
+    (["client", "--bogus"], "unrecognized arguments: --bogus"),
+    (["client", "-connect", "http://h/c"],
+     "-connect: invalid server URL 'http://h/c': expected ws://HOST[:PORT]/PATH"),
+    (["client", "--connect", "ws://a:1/c,ws://b:x/c"],
+     "--connect: invalid server URL 'ws://b:x/c'"),
+    (["client", "--connect", " , "], "--connect: no server URL given"),
+    (["client", "--id", ""], "--id: must not be empty"),
+    (["client", "-id", "a\nb"], "-id: 'a\\nb' contains control characters"),
+    (["client", "--allow", "127.0.0.1:*"], "--allow: allow pattern '127.0.0.1:*' must look like"),
+    (["client", "--header", "novalue"], "--header: header 'novalue' must look like 'Name: value'"),
+    (["client", "--header", "X Y: z"], "--header: header name must be an HTTP header name"),
+    (["client", "--header", "X-A: a\rb"], "--header: 'a\\rb' contains control characters"),
+    (["client", "--ca-file", "{MISSING}"], "--ca-file: cannot read '{MISSING}'"),
+    (["client", "--client-cert", "{TEXT}"], "--client-cert needs --client-key"),
+    (["client", "--client-key", "{TEXT}"], "--client-key needs --client-cert"),
+    (["client", "--client-cert", "{TEXT}", "--client-key", "{MISSING}"],
+     "--client-key: cannot read '{MISSING}'"),
+    (["client", "--proxy", "ftp://p:1"], "--proxy: invalid proxy URL 'ftp://p:1': the scheme"),
+    (["client", "--proxy", "https://p:1"], "--proxy: https:// proxies are not supported"),
+    (["client", "--server-name", "a b"], "--server-name: must be a host name or address"),
+    (["client", "-debug=2"], "-debug: invalid boolean value '2'"),
+    (["demo", "-n", "0"], "-n: must be positive, got 0"),
+    (["demo", "--concurrency", "x"], "--concurrency: 'x' is not an integer"),
+    (["demo", "--bogus"], "unrecognized arguments: --bogus"),
+    (["options", "--readme", "{MISSING}"], "--readme: cannot read '{MISSING}'"),
+    (["options", "--bogus"], "unrecognized arguments: --bogus"),
+    (["soak", "-c", "0"], "-c: must be positive, got 0"),
+    (["soak", "--warmup", "-1"], "--warmup: must not be negative, got -1"),
+    (["soak", "--interval", "0"], "--interval: must be a positive number, got 0"),
+    (["soak", "--interval", "nan"], "--interval: 'nan' is not a number"),
+    (["soak", "--heap-margin", "x"], "--heap-margin: 'x' is not an integer"),
+    (["soak", "--rss-margin", "-1"], "--rss-margin: must not be negative"),
+    (["soak", "--csv", "{NODIR}/x.csv"], "--csv: cannot write '{NODIR}/x.csv': no directory"),
+    (["soak", "--plot", "{DIR}"], "--plot: '{DIR}' is a directory"),
+    (["status", "ftp://h"], "URL: a server URL is http(s)://HOST:PORT"),
+    (["status", "--timeout", "0", "http://127.0.0.1:1"], "--timeout: must be a positive number"),
+    (["status", "http://127.0.0.1:1", "--bogus"], "unrecognized arguments: --bogus"),
+]
+
+
+@pytest.mark.parametrize("argv, message", PARSE_ERRORS,
+                         ids=[" ".join(argv) for argv, _ in PARSE_ERRORS])
+def test_bad_argument_names_the_flag(argv, message, files):
+    """Each bad value: the subcommand's usage, then `PROG COMMAND: error:
+    FLAG: what is wrong`, exit status 2, no traceback."""
+    res = _run_cli(*_fill(argv, files))
+    assert res.returncode == 2, res
+    assert "Traceback" not in res.stderr
+    command = argv[0]
+    assert res.stderr.startswith(f"usage: remotedialer-py {command} "), res.stderr
+    last = res.stderr.rstrip("\n").splitlines()[-1]
+    assert last.startswith(f"remotedialer-py {command}: error: {_fill([message], files)[0]}"), \
+        res.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "the following arguments are required: COMMAND"),
+    (["bogus"], "COMMAND: invalid choice: 'bogus'"),
+    (["--bogus", "demo"], "unrecognized arguments: --bogus"),
+])
+def test_bad_top_level_arguments(argv, message):
+    res = _run_cli(*argv)
+    assert res.returncode == 2
+    assert res.stderr.startswith("usage: remotedialer-py [-h]"), res.stderr
+    assert res.stderr.rstrip("\n").splitlines()[-1].startswith(f"remotedialer-py: error: {message}")
+
+
+def _tokens_file(tmp_path):
+    path = tmp_path / "tokens"
+    path.write_text("# TOKEN CLIENT_KEY\nonly-one-field\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["server", "--listen", "127.0.0.1:0", "--tls-cert", "{TEXT}", "--tls-key", "{TEXT}"],
+     "--tls-cert: cannot load certificate chain from {TEXT}"),
+    (["server", "--listen", "127.0.0.1:0", "--proxy-ca-file", "{TEXT}"],
+     "--proxy-ca-file: cannot load CA file {TEXT}"),
+    (["server", "--listen", "127.0.0.1:0", "--tokens", "{TOKENS}"],
+     "--tokens: {TOKENS}: line 2: "),
+    (["client", "--connect", "wss://127.0.0.1:1/connect", "--ca-file", "{TEXT}"],
+     "--ca-file: cannot load CA file {TEXT}"),
+    (["client", "--connect", "wss://127.0.0.1:1/connect", "--client-cert", "{TEXT}",
+      "--client-key", "{TEXT}"], "--client-cert: cannot load certificate chain from {TEXT}"),
+])
+def test_unusable_file_names_the_flag(argv, message, files, tmp_path):
+    """A file that exists but that the engine cannot use is found when the
+    server or agent starts: the same form of error, naming the flag."""
+    files = dict(files, **{"{TOKENS}": _tokens_file(tmp_path)})
+    res = _run_cli(*_fill(argv, files))
+    assert res.returncode == 2, res
+    assert "Traceback" not in res.stderr
+    assert res.stderr.rstrip("\n").splitlines()[-1].startswith(
+        f"remotedialer-py {argv[0]}: error: {_fill([message], files)[0]}"), res.stderr
+
+
+def test_server_that_cannot_listen_exits_1():
+    """A good argument the machine refuses (the port is taken) is a failure
+    to run, not a usage error."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        res = _run_cli("server", "--listen", f"127.0.0.1:{port}")
+    assert res.returncode == 1, res
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip() == \
+        f"remotedialer-py server: listen tcp 127.0.0.1:{port}: address already in use"
+
+
+def test_status_of_nothing_says_why():
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+    res = _run_cli("status", f"http://127.0.0.1:{port}")
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"remotedialer-py status: http://127.0.0.1:{port}: " \
+                                 "Connection refused"
+
+
+@pytest.mark.parametrize("command", ["server", "client", "demo", "options", "soak", "status"])
+def test_every_subcommand_has_its_help(command):
+    res = _run_cli(command, "--help")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"usage: remotedialer-py {command} ")
+
+
+def test_a_new_subcommand_gets_the_same_errors(capsys):
+    """What a subcommand added later gets without asking: its own usage on an
+    unknown flag, the flag as typed in an error, Go's -flag=false, needs()."""
+    from remotedialer_py import _cliparse
+
+    parser = _cliparse.Parser(prog="remotedialer-py")
+    sub = parser.add_subparsers(dest="command")
+    new = sub.add_parser("new")
+    new.add_argument("--port", "-port", type=_cliparse.positive_int, default=1)
+    new.add_argument("--debug", "-debug", action=_cliparse.GoBool)
+    new.add_argument("--cert", type=_cliparse.input_file)
+    new.add_argument("--key", type=_cliparse.input_file)
+    new.needs("--cert", "--key")
+
+    args = parser.parse_args(["new", "-port=5", "-debug=true"])
+    assert (args.port, args.debug) == (5, True)
+    assert parser.parse_args(["new", "-debug=false"]).debug is False
+    for argv, message in [
+        (["new", "--bogus"], "remotedialer-py new: error: unrecognized arguments: --bogus"),
+        (["new", "-port", "0"], "remotedialer-py new: error: -port: must be positive, got 0"),
+        (["new", "-debug=no"], "remotedialer-py new: error: -debug: invalid boolean value 'no'"),
+        (["new", "--cert", __file__], "remotedialer-py new: error: --cert needs --key"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            parser.parse_args(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("usage: remotedialer-py new ")
+        assert err.splitlines()[-1].startswith(message), err

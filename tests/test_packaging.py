@@ -86,7 +86,8 @@ def test_sdist_and_wheel_install_into_a_fresh_venv(tmp_path):
     with tarfile.open(sdists[0]) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     for name in ("csrc/rd_pymod.c", "remotedialer_py/py.typed", "remotedialer_py/_engine.pyi",
-                 "remotedialer_py/prometheus.py", "README.md", "pyproject.toml", "setup.py"):
+                 "remotedialer_py/prometheus.py", "README.md", "LICENSE", "pyproject.toml",
+                 "setup.py"):
         assert name in names, f"{name} missing from the sdist"
 
     with zipfile.ZipFile(wheels[0]) as whl:
@@ -101,6 +102,12 @@ def test_sdist_and_wheel_install_into_a_fresh_venv(tmp_path):
     assert any(re.fullmatch(r'prometheus[-_]client; extra == "prometheus"', r)
                for r in meta.get_all("Requires-Dist")), meta.get_all("Requires-Dist")
     assert "Typing :: Typed" in meta.get_all("Classifier")
+    # Apache-2.0: an SPDX License-Expression (setuptools 77 and later) or,
+    # from older setuptools, the License field; the text in the dist-info.
+    assert "Apache-2.0" in (meta.get("License-Expression"), meta.get("License")), meta.items()
+    assert meta.get_all("License-File") == ["LICENSE"]
+    assert any(re.fullmatch(r"remotedialer_py-[^/]+\.dist-info/(licenses/)?LICENSE", n)
+               for n in names), sorted(names)
     assert any("github.com/rancher/remotedialer" in u for u in meta.get_all("Project-URL"))
     assert not [r for r in meta.get_all("Requires-Dist") if "extra ==" not in r], \
         "the wheel has runtime dependencies"
