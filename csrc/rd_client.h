@@ -56,6 +56,9 @@ typedef struct rd_client_config {
   /* An agent: post news for Python (rd_event_post) when its session comes
    * up ("connect") or ends ("disconnect"), and when an attempt fails. */
   int events;
+  /* An agent: post "dial_failed" news (rd_event_post_dial) for each
+   * CONNECT it refused or whose local dial failed. */
+  int conn_events;
 } rd_client_config;
 
 void rd_client_config_default(rd_client_config *cfg);

@@ -526,6 +526,8 @@ void rd_request_free(rd_request *req) {
     rd_free(req->event.remote);
     rd_free(req->event.url);
     rd_free(req->event.reason);
+    rd_free(req->event.proto);
+    rd_free(req->event.address);
   }
   rd_free(req);
 }
@@ -545,21 +547,24 @@ static void request_enqueue(rd_request **head, rd_request **tail, uv_cond_t *con
   uv_mutex_unlock(&eng.req_lock);
 }
 
-void rd_event_post(uint64_t owner, const char *what, const char *key, const char *remote,
-                   const char *url, const char *reason, int peer, unsigned attempt) {
+/* Queues news with copies of the strings (NULL: ""); dropped when out of
+ * memory or shutting down. */
+static void event_post(uint64_t owner, const rd_event *e) {
   if (eng.stopping)
     return;
   rd_request *req = rd_request_new(RD_REQ_EVENT);
   if (req == NULL)
     return;
   req->owner = owner;
-  req->event.what = what;
-  req->event.peer = peer;
-  req->event.attempt = attempt;
-  if ((req->event.key = dup_or_empty(key)) == NULL ||
-      (req->event.remote = dup_or_empty(remote)) == NULL ||
-      (req->event.url = dup_or_empty(url)) == NULL ||
-      (req->event.reason = dup_or_empty(reason)) == NULL) {
+  req->event.what = e->what;
+  req->event.peer = e->peer;
+  req->event.attempt = e->attempt;
+  if ((req->event.key = dup_or_empty(e->key)) == NULL ||
+      (req->event.remote = dup_or_empty(e->remote)) == NULL ||
+      (req->event.url = dup_or_empty(e->url)) == NULL ||
+      (req->event.reason = dup_or_empty(e->reason)) == NULL ||
+      (req->event.proto = dup_or_empty(e->proto)) == NULL ||
+      (req->event.address = dup_or_empty(e->address)) == NULL) {
     rd_request_free(req);
     return;
   }
@@ -567,6 +572,20 @@ void rd_event_post(uint64_t owner, const char *what, const char *key, const char
   req->next = NULL;
   atomic_store(&req->_refs, 1); /* the queue's, then the taker's */
   request_enqueue(&eng.ev_head, &eng.ev_tail, &eng.ev_cond, req);
+}
+
+void rd_event_post(uint64_t owner, const char *what, const char *key, const char *remote,
+                   const char *url, const char *reason, int peer, unsigned attempt) {
+  rd_event e = {.what = what, .key = (char *)key, .remote = (char *)remote, .url = (char *)url,
+                .reason = (char *)reason, .peer = peer, .attempt = attempt};
+  event_post(owner, &e);
+}
+
+void rd_event_post_dial(uint64_t owner, const char *key, const char *url, const char *proto,
+                        const char *address, const char *reason) {
+  rd_event e = {.what = "dial_failed", .key = (char *)key, .url = (char *)url,
+                .proto = (char *)proto, .address = (char *)address, .reason = (char *)reason};
+  event_post(owner, &e);
 }
 
 int rd_verdict_fits(rd_request_kind kind, int verdict) {
