@@ -1246,8 +1246,8 @@ static PyObject *py_next_event(PyObject *module, PyObject *args) {
 /* Records one next_trace call copies out at most. */
 #define RD_PY_TRACE_BATCH 256
 
-/* The data trace's records as (role, key, dir, type, msg_id, conn_id, len,
- * head) tuples, with the count dropped since the last call; None when none
+/* The data trace's records as (role, key, session, dir, type, msg_id,
+ * conn_id, len, head) tuples, with the count dropped since the last call; None when none
  * came within timeout. One thread takes them. */
 static PyObject *py_next_trace(PyObject *module, PyObject *args) {
   (void)module;
@@ -1268,8 +1268,8 @@ static PyObject *py_next_trace(PyObject *module, PyObject *args) {
     for (size_t i = 0; list != NULL && i < n; i++) {
       const rd_trace_rec *r = &recs[i];
       list = list_take(list, Py_BuildValue(
-                                 "(ssiLLLKy#)", r->role == RD_ROLE_SERVER ? "server" : "client",
-                                 r->key, (int)r->dir, (long long)r->type, (long long)r->msg_id,
+                                 "(ssLiLLLKy#)", r->role == RD_ROLE_SERVER ? "server" : "client",
+                                 r->key, (long long)r->session, (int)r->dir, (long long)r->type, (long long)r->msg_id,
                                  (long long)r->conn_id, (unsigned long long)r->len,
                                  (const char *)r->head, (Py_ssize_t)r->head_len));
     }
@@ -1441,7 +1441,8 @@ static PyMethodDef engine_methods[] = {
     {"next_event", py_next_event, METH_VARARGS,
      "next_event(timeout) -> (owner, news) or None: sessions that came and went"},
     {"next_trace", py_next_trace, METH_VARARGS,
-     "next_trace(timeout) -> ([(role, key, dir, type, msg_id, conn_id, len, head)], dropped) "
+     "next_trace(timeout) -> ([(role, key, session, dir, type, msg_id, conn_id, len, head)], "
+     "dropped) "
      "or None: the data trace"},
     {"answer", py_answer, METH_VARARGS, "answer(id, verdict, value): verdict is a VERDICT_* constant"},
     {"options", py_options, METH_NOARGS,

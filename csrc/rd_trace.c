@@ -42,8 +42,8 @@ static void init_once(void) {
   pthread_atfork(NULL, NULL, fork_child);
 }
 
-void rd_trace_msg(int dir, int role, const char *key, int64_t msg_id, int64_t conn_id,
-                  int64_t type, const uint8_t *payload, size_t len) {
+void rd_trace_msg(int dir, int role, const char *key, int64_t session, int64_t msg_id,
+                  int64_t conn_id, int64_t type, const uint8_t *payload, size_t len) {
   uv_once(&once, init_once);
   size_t t = atomic_load_explicit(&tail, memory_order_relaxed);
   if (t - atomic_load_explicit(&head, memory_order_acquire) >= RD_TRACE_CAPACITY) {
@@ -51,6 +51,7 @@ void rd_trace_msg(int dir, int role, const char *key, int64_t msg_id, int64_t co
     return;
   }
   rd_trace_rec *r = &ring[t % RD_TRACE_CAPACITY];
+  r->session = session;
   r->msg_id = msg_id;
   r->conn_id = conn_id;
   r->type = type;

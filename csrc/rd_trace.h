@@ -20,6 +20,7 @@ enum { RD_TRACE_RECV = 0, RD_TRACE_SEND = 1 };
 #define RD_TRACE_KEY 64
 
 typedef struct rd_trace_rec {
+  int64_t session; /* the session's key (rd_session_key) */
   int64_t msg_id;
   int64_t conn_id;
   int64_t type;   /* RD_MSG_* (any value a peer sent) */
@@ -32,8 +33,8 @@ typedef struct rd_trace_rec {
 } rd_trace_rec;
 
 /* Loop thread: records one message (payload[0..len) unmasked). */
-void rd_trace_msg(int dir, int role, const char *key, int64_t msg_id, int64_t conn_id,
-                  int64_t type, const uint8_t *payload, size_t len);
+void rd_trace_msg(int dir, int role, const char *key, int64_t session, int64_t msg_id,
+                  int64_t conn_id, int64_t type, const uint8_t *payload, size_t len);
 
 /* The one reader (any thread but the loop's): waits up to timeout_ms for
  * records and copies up to max of them into out, oldest first. Returns how

@@ -73,10 +73,11 @@ def _escape(head: bytes, length: int) -> str:
 
 
 def _record(rec: tuple) -> None:
-    side, key, sent, mtype, msg_id, conn_id, length, head = rec
+    side, key, session, sent, mtype, msg_id, conn_id, length, head = rec
     name = TYPES.get(mtype, "UNKNOWN")
     verb = "WRITE" if sent else "REQUEST"
-    extra: dict[str, Any] = {"side": side, "direction": "send" if sent else "recv",
+    extra: dict[str, Any] = {"side": side, "session": session,
+                             "direction": "send" if sent else "recv",
                              "msg_type": name, "msg_id": msg_id, "conn_id": conn_id,
                              "length": length}
     if side == "server":
