@@ -549,22 +549,24 @@ static void request_enqueue(rd_request **head, rd_request **tail, uv_cond_t *con
 
 /* Queues news with copies of the strings (NULL: ""); dropped when out of
  * memory or shutting down. */
-static void event_post(uint64_t owner, const rd_event *e) {
+static void event_post(uint64_t owner, const char *what, const char *key, const char *remote,
+                       const char *url, const char *reason, const char *proto,
+                       const char *address, int peer, unsigned attempt) {
   if (eng.stopping)
     return;
   rd_request *req = rd_request_new(RD_REQ_EVENT);
   if (req == NULL)
     return;
   req->owner = owner;
-  req->event.what = e->what;
-  req->event.peer = e->peer;
-  req->event.attempt = e->attempt;
-  if ((req->event.key = dup_or_empty(e->key)) == NULL ||
-      (req->event.remote = dup_or_empty(e->remote)) == NULL ||
-      (req->event.url = dup_or_empty(e->url)) == NULL ||
-      (req->event.reason = dup_or_empty(e->reason)) == NULL ||
-      (req->event.proto = dup_or_empty(e->proto)) == NULL ||
-      (req->event.address = dup_or_empty(e->address)) == NULL) {
+  req->event.what = what;
+  req->event.peer = peer;
+  req->event.attempt = attempt;
+  if ((req->event.key = dup_or_empty(key)) == NULL ||
+      (req->event.remote = dup_or_empty(remote)) == NULL ||
+      (req->event.url = dup_or_empty(url)) == NULL ||
+      (req->event.reason = dup_or_empty(reason)) == NULL ||
+      (req->event.proto = dup_or_empty(proto)) == NULL ||
+      (req->event.address = dup_or_empty(address)) == NULL) {
     rd_request_free(req);
     return;
   }
@@ -576,16 +578,12 @@ static void event_post(uint64_t owner, const rd_event *e) {
 
 void rd_event_post(uint64_t owner, const char *what, const char *key, const char *remote,
                    const char *url, const char *reason, int peer, unsigned attempt) {
-  rd_event e = {.what = what, .key = (char *)key, .remote = (char *)remote, .url = (char *)url,
-                .reason = (char *)reason, .peer = peer, .attempt = attempt};
-  event_post(owner, &e);
+  event_post(owner, what, key, remote, url, reason, NULL, NULL, peer, attempt);
 }
 
 void rd_event_post_dial(uint64_t owner, const char *key, const char *url, const char *proto,
                         const char *address, const char *reason) {
-  rd_event e = {.what = "dial_failed", .key = (char *)key, .url = (char *)url,
-                .proto = (char *)proto, .address = (char *)address, .reason = (char *)reason};
-  event_post(owner, &e);
+  event_post(owner, "dial_failed", key, NULL, url, reason, proto, address, 0, 0);
 }
 
 int rd_verdict_fits(rd_request_kind kind, int verdict) {

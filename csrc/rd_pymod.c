@@ -1247,8 +1247,8 @@ static PyObject *py_next_event(PyObject *module, PyObject *args) {
 #define RD_PY_TRACE_BATCH 256
 
 /* The data trace's records as (role, key, session, dir, type, msg_id,
- * conn_id, len, head) tuples, with the count dropped since the last call; None when none
- * came within timeout. One thread takes them. */
+ * conn_id, len, head) tuples, with the count dropped since the last call;
+ * None when none came within timeout. One thread takes them. */
 static PyObject *py_next_trace(PyObject *module, PyObject *args) {
   (void)module;
   double timeout;
@@ -1262,16 +1262,17 @@ static PyObject *py_next_trace(PyObject *module, PyObject *args) {
   Py_BEGIN_ALLOW_THREADS
   n = rd_trace_take(recs, RD_PY_TRACE_BATCH, (int64_t)(timeout * 1000.0), &dropped);
   Py_END_ALLOW_THREADS
-  PyObject *out = NULL;
+  PyObject *out;
   if (n > 0 || dropped > 0) {
     PyObject *list = PyList_New(0);
     for (size_t i = 0; list != NULL && i < n; i++) {
       const rd_trace_rec *r = &recs[i];
-      list = list_take(list, Py_BuildValue(
-                                 "(ssLiLLLKy#)", r->role == RD_ROLE_SERVER ? "server" : "client",
-                                 r->key, (long long)r->session, (int)r->dir, (long long)r->type, (long long)r->msg_id,
-                                 (long long)r->conn_id, (unsigned long long)r->len,
-                                 (const char *)r->head, (Py_ssize_t)r->head_len));
+      list = list_take(list, Py_BuildValue("(ssLiLLLKy#)",
+                                           r->role == RD_ROLE_SERVER ? "server" : "client",
+                                           r->key, (long long)r->session, (int)r->dir,
+                                           (long long)r->type, (long long)r->msg_id,
+                                           (long long)r->conn_id, (unsigned long long)r->len,
+                                           (const char *)r->head, (Py_ssize_t)r->head_len));
     }
     out = list != NULL ? Py_BuildValue("(NK)", list, (unsigned long long)dropped) : NULL;
   } else {
@@ -1442,8 +1443,7 @@ static PyMethodDef engine_methods[] = {
      "next_event(timeout) -> (owner, news) or None: sessions that came and went"},
     {"next_trace", py_next_trace, METH_VARARGS,
      "next_trace(timeout) -> ([(role, key, session, dir, type, msg_id, conn_id, len, head)], "
-     "dropped) "
-     "or None: the data trace"},
+     "dropped) or None: the data trace"},
     {"answer", py_answer, METH_VARARGS, "answer(id, verdict, value): verdict is a VERDICT_* constant"},
     {"options", py_options, METH_NOARGS,
      "options() -> (dict, ...): the engine's options table, in documentation order"},

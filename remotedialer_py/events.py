@@ -35,8 +35,9 @@ client_log = logging.getLogger("remotedialer_py.client")
 conn_log = logging.getLogger("remotedialer_py.conn")
 
 # The attributes our records carry beyond logging's own, in output order.
-FIELDS = ("side", "session", "client_key", "peer", "remote", "url", "proto", "address", "reason", "attempt",
-          "direction", "msg_type", "msg_id", "conn_id", "length", "data", "dropped")
+FIELDS = ("side", "session", "client_key", "peer", "remote", "url", "proto", "address",
+          "reason", "attempt", "direction", "msg_type", "msg_id", "conn_id", "length", "data",
+          "dropped")
 
 log = logging.getLogger("remotedialer_py")
 

@@ -122,6 +122,28 @@ def test_server_side_failure_text(rd, tunnel_leak_check, caplog, echo_server):
                 [f"127.0.0.1:{port}"]
 
 
+def test_failure_through_a_peer(rd, tunnel_leak_check):
+    """B dials an agent of A's: both servers tell of the failure, B with the
+    agent's key and proto (not the wire's "key::proto") and A's text."""
+    qa, qb = queue.Queue(), queue.Queue()
+    port = support.closed_port()
+    with rd.Server(peer_id="A", peer_token="tok-a", on_dial_failed=qa.put) as a, \
+            rd.Server(peer_id="B", peer_token="tok-b", on_dial_failed=qb.put) as b:
+        a.add_peer(b.url, "B", "tok-b")
+        b.add_peer(a.url, "A", "tok-a")
+        with support.make_client(rd, a.url, "far-agent"):
+            wait_for(lambda: b.route("far-agent") == "A", what="B's route through A")
+            sock = b.dial("far-agent", "tcp", f"127.0.0.1:{port}")
+            assert support.recv_until_eof(sock) == b""
+            sock.close()
+            text = f"dial tcp 127.0.0.1:{port}: connect: connection refused"
+            for q in (qa, qb):
+                e = q.get(timeout=TIMEOUT)
+                assert (e.kind, e.client_key, e.proto, e.address, e.reason) == \
+                    ("dial_failed", "far-agent", "tcp", f"127.0.0.1:{port}", text)
+            support.wait_balanced(b)
+
+
 def test_quiet_without_logger_or_hook(rd, tunnel_leak_check, caplog):
     caplog.set_level(logging.WARNING, logger=CONN)
     with rd.Server() as srv:
