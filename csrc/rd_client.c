@@ -365,11 +365,22 @@ static void session_on_disconnect_client(rd_session *s, void *owner, const char 
     cli->cfg.hooks->on_disconnect_client(cli->cfg.hooks_ctx, client_key);
 }
 
+/* An agent's refusals and failed local dials, as news for Python. */
+static void session_on_conn_failed(rd_session *s, void *owner, rd_conn *c, const char *err,
+                                   int far) {
+  (void)s;
+  rd_client *cli = owner;
+  if (!far && cli->cfg.conn_events && cli->cfg.hooks == NULL)
+    rd_event_post_dial(cli->obj.handle, NULL, rd_client_url(cli), rd_conn_proto(c),
+                       rd_conn_address(c), err);
+}
+
 static const rd_session_owner client_session_ops = {.on_end = session_on_end,
                                                     .on_freed = session_on_freed,
                                                     .on_connect = session_on_connect,
                                                     .on_disconnect_client =
-                                                        session_on_disconnect_client};
+                                                        session_on_disconnect_client,
+                                                    .on_conn_failed = session_on_conn_failed};
 
 static void stream_free_cb(uv_handle_t *h) { rd_free(h); }
 

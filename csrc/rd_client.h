@@ -60,6 +60,9 @@ typedef struct rd_client_config {
    * RD_REQ_DIAL answered with a socket), not locally; session.dial_timeout_ms
    * bounds the wait for it. */
   int dialer;
+  /* An agent: post "dial_failed" news (rd_event_post_dial) for each
+   * CONNECT it refused or whose local dial failed. */
+  int conn_events;
 } rd_client_config;
 
 void rd_client_config_default(rd_client_config *cfg);

@@ -215,6 +215,14 @@ rd_conn *rd_conn_find(rd_session *s, int64_t id) {
   return NULL;
 }
 
+/* Tells the session's owner that c failed before carrying data (see
+ * rd_session_owner.on_conn_failed); c has not ended yet. */
+static void conn_failed(rd_conn *c, const char *err, int far) {
+  rd_session *s = c->s;
+  if (s->ops.on_conn_failed != NULL && err != NULL)
+    s->ops.on_conn_failed(s, s->owner, c, err, far);
+}
+
 /* The local end failed inside a send: stop using it and end at the next
  * reap, so the sender need not look back. */
 static void conn_fail(rd_conn *c, const char *what, int status) {
@@ -520,7 +528,10 @@ void rd_conn_on_error(rd_conn *c, const char *text, size_t len) {
     len = RD_MSG_ERROR_LIMIT;
   memcpy(err, text, len);
   err[len] = '\0';
-  rd_conn_end(c, strcmp(err, "EOF") == 0 ? NULL : err, 0);
+  int eof = strcmp(err, "EOF") == 0;
+  if (!eof && !c->got_data)
+    conn_failed(c, err, 1);
+  rd_conn_end(c, eof ? NULL : err, 0);
 }
 
 void rd_conn_on_pause(rd_conn *c, int paused) {
@@ -772,6 +783,7 @@ static void conn_dial_cb(void *ctx, int status, uv_stream_t *stream, int fd,
     if (fd >= 0)
       close(fd);
   } else if (status < 0) {
+    conn_failed(c, error, 0);
     rd_conn_end(c, error, 1);
   } else {
     rd_io *io = stream != NULL ? rd_io_new(stream, NULL) : rd_io_new_dgram(rd_loop(), fd);
@@ -795,13 +807,16 @@ void rd_conn_dial_local(rd_conn *c) {
     c->end_kind = END_DIAL;
   else {
     c->refs--;
+    conn_failed(c, err, 0);
     rd_conn_end(c, err, 1);
   }
 }
 
 void rd_conn_refuse(rd_conn *c, const char *reason) {
-  if (c->state == CONN_CONNECTING)
+  if (c->state == CONN_CONNECTING) {
+    conn_failed(c, reason, 0);
     rd_conn_end(c, reason, 1);
+  }
 }
 
 /* ---- timers and facts ---- */

@@ -533,6 +533,8 @@ void rd_request_free(rd_request *req) {
     rd_free(req->event.remote);
     rd_free(req->event.url);
     rd_free(req->event.reason);
+    rd_free(req->event.proto);
+    rd_free(req->event.address);
   }
   rd_free(req);
 }
@@ -552,8 +554,11 @@ static void request_enqueue(rd_request **head, rd_request **tail, uv_cond_t *con
   uv_mutex_unlock(&eng.req_lock);
 }
 
-void rd_event_post(uint64_t owner, const char *what, const char *key, const char *remote,
-                   const char *url, const char *reason, int peer, unsigned attempt) {
+/* Queues news with copies of the strings (NULL: ""); dropped when out of
+ * memory or shutting down. */
+static void event_post(uint64_t owner, const char *what, const char *key, const char *remote,
+                       const char *url, const char *reason, const char *proto,
+                       const char *address, int peer, unsigned attempt) {
   if (eng.stopping)
     return;
   rd_request *req = rd_request_new(RD_REQ_EVENT);
@@ -566,7 +571,9 @@ void rd_event_post(uint64_t owner, const char *what, const char *key, const char
   if ((req->event.key = dup_or_empty(key)) == NULL ||
       (req->event.remote = dup_or_empty(remote)) == NULL ||
       (req->event.url = dup_or_empty(url)) == NULL ||
-      (req->event.reason = dup_or_empty(reason)) == NULL) {
+      (req->event.reason = dup_or_empty(reason)) == NULL ||
+      (req->event.proto = dup_or_empty(proto)) == NULL ||
+      (req->event.address = dup_or_empty(address)) == NULL) {
     rd_request_free(req);
     return;
   }
@@ -574,6 +581,16 @@ void rd_event_post(uint64_t owner, const char *what, const char *key, const char
   req->next = NULL;
   atomic_store(&req->_refs, 1); /* the queue's, then the taker's */
   request_enqueue(&eng.ev_head, &eng.ev_tail, &eng.ev_cond, req);
+}
+
+void rd_event_post(uint64_t owner, const char *what, const char *key, const char *remote,
+                   const char *url, const char *reason, int peer, unsigned attempt) {
+  event_post(owner, what, key, remote, url, reason, NULL, NULL, peer, attempt);
+}
+
+void rd_event_post_dial(uint64_t owner, const char *key, const char *url, const char *proto,
+                        const char *address, const char *reason) {
+  event_post(owner, "dial_failed", key, NULL, url, reason, proto, address, 0, 0);
 }
 
 int rd_verdict_fits(rd_request_kind kind, int verdict) {

@@ -138,13 +138,16 @@ typedef struct rd_dial_request {
 
 /* News of a session: "connect" or "disconnect" (a server's agent or peer
  * session), or an agent's "connect", "disconnect" and "fail" (an attempt
- * that failed). Strings not given are "". */
+ * that failed); or of a connection: "dial_failed" (rd_event_post_dial).
+ * Strings not given are "". */
 typedef struct rd_event {
   const char *what;  /* static */
   char *key;         /* server: the client key or peer id */
   char *remote;      /* server: the far address */
   char *url;         /* agent: the server URL */
   char *reason;      /* why it ended or failed */
+  char *proto;       /* dial_failed: the connection's protocol */
+  char *address;     /* dial_failed: and its address */
   int peer;          /* server: a peer's session */
   unsigned attempt;  /* agent: failed attempts in a row */
 } rd_event;
@@ -180,6 +183,11 @@ void rd_request_free(rd_request *req);
  * of memory or shutting down. */
 void rd_event_post(uint64_t owner, const char *what, const char *key, const char *remote,
                    const char *url, const char *reason, int peer, unsigned attempt);
+/* The same for a connection that failed before carrying data: "dial_failed"
+ * with the client key (server), the server URL (agent), proto, address and
+ * the error text. */
+void rd_event_post_dial(uint64_t owner, const char *key, const char *url, const char *proto,
+                        const char *address, const char *reason);
 /* 1 when verdict is one of kind's answers. */
 int rd_verdict_fits(rd_request_kind kind, int verdict);
 /* Python-side thread: waits up to timeout_ms for a request; NULL on timeout

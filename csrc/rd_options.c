@@ -45,6 +45,9 @@ const rd_option rd_options[] = {
     {"hard_cap", RD_OPT_SIZE, BOTH, SES(hard_cap), SFIELD(session.hard_cap), 0, 64 * MIB, NULL,
      "bytes held for one connection past which it ends",
      "a peer that ignores PAUSE: ERROR `buffer limit exceeded`, that connection ends"},
+    {"data_trace", RD_OPT_BOOL, BOTH, SES(trace), SFIELD(session.trace), 0, 0,
+     "False (True with `CATTLE_TUNNEL_DATA_DEBUG=true`)",
+     "log each tunnel message sent and received on `remotedialer_py.conn` (DEBUG)", NULL},
 
     {"handshake_timeout", RD_OPT_SECONDS, RD_OPT_SERVER, SRV(handshake_timeout_ms), NONE,
      SFIELD(handshake_timeout_ms), 0, 5000, NULL, "TLS handshake and HTTP upgrade request together",

@@ -15,6 +15,7 @@
 #include "rd_options.h"
 #include "rd_tls.h"
 #include "rd_tokens.h"
+#include "rd_trace.h"
 
 typedef struct {
   PyObject *TunnelError;
@@ -175,6 +176,7 @@ static PyObject *py_server_new(PyObject *module, PyObject *args) {
   char auth[16] = "header";
   /* path and auth come from the Server's own parameters. */
   if (opt_bool(opts, "events", &cfg.events) < 0 ||
+      opt_bool(opts, "conn_events", &cfg.conn_events) < 0 ||
       opt_str(opts, "path", cfg.path, sizeof cfg.path) < 0 ||
       opt_str(opts, "auth", auth, sizeof auth) < 0 ||
       opt_str(opts, "peer_id", cfg.peer_id, sizeof cfg.peer_id) < 0 ||
@@ -547,6 +549,7 @@ static PyObject *client_new_impl(PyObject *module, const char *const *urls, size
   cfg.proxies = proxies;
   char allow[16] = "all";
   if (opt_bool(opts, "events", &cfg.events) < 0 || opt_bool(opts, "dialer", &cfg.dialer) < 0 ||
+      opt_bool(opts, "conn_events", &cfg.conn_events) < 0 ||
       opt_str(opts, "allow", allow, sizeof allow) < 0 ||
       table_options(opts, RD_OPT_CLIENT, &cfg) < 0)
     return NULL;
@@ -1160,8 +1163,9 @@ static PyTypeObject CompleterType = {
 static PyObject *request_payload(const rd_request *r) {
   if (r->kind == RD_REQ_EVENT) {
     const rd_event *e = &r->event;
-    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:s,s:O,s:I}", "what", e->what, "key", e->key,
-                         "remote", e->remote, "url", e->url, "reason", e->reason, "peer",
+    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:s,s:s,s:s,s:O,s:I}", "what", e->what, "key",
+                         e->key, "remote", e->remote, "url", e->url, "reason", e->reason,
+                         "proto", e->proto, "address", e->address, "peer",
                          e->peer ? Py_True : Py_False, "attempt", e->attempt);
   }
   if (r->kind == RD_REQ_CONNECT)
@@ -1241,6 +1245,46 @@ static PyObject *py_next_event(PyObject *module, PyObject *args) {
   PyObject *payload = request_payload(r);
   rd_request_release(r);
   return payload == NULL ? NULL : Py_BuildValue("(KN)", (unsigned long long)owner, payload);
+}
+
+/* Records one next_trace call copies out at most. */
+#define RD_PY_TRACE_BATCH 256
+
+/* The data trace's records as (role, key, session, dir, type, msg_id,
+ * conn_id, len, head) tuples, with the count dropped since the last call;
+ * None when none came within timeout. One thread takes them. */
+static PyObject *py_next_trace(PyObject *module, PyObject *args) {
+  (void)module;
+  double timeout;
+  if (!PyArg_ParseTuple(args, "d:next_trace", &timeout))
+    return NULL;
+  rd_trace_rec *recs = PyMem_Malloc(RD_PY_TRACE_BATCH * sizeof *recs);
+  if (recs == NULL)
+    return PyErr_NoMemory();
+  size_t n;
+  uint64_t dropped;
+  Py_BEGIN_ALLOW_THREADS
+  n = rd_trace_take(recs, RD_PY_TRACE_BATCH, (int64_t)(timeout * 1000.0), &dropped);
+  Py_END_ALLOW_THREADS
+  PyObject *out;
+  if (n > 0 || dropped > 0) {
+    PyObject *list = PyList_New(0);
+    for (size_t i = 0; list != NULL && i < n; i++) {
+      const rd_trace_rec *r = &recs[i];
+      list = list_take(list, Py_BuildValue("(ssLiLLLKy#)",
+                                           r->role == RD_ROLE_SERVER ? "server" : "client",
+                                           r->key, (long long)r->session, (int)r->dir,
+                                           (long long)r->type, (long long)r->msg_id,
+                                           (long long)r->conn_id, (unsigned long long)r->len,
+                                           (const char *)r->head, (Py_ssize_t)r->head_len));
+    }
+    out = list != NULL ? Py_BuildValue("(NK)", list, (unsigned long long)dropped) : NULL;
+  } else {
+    out = Py_None;
+    Py_INCREF(out);
+  }
+  PyMem_Free(recs);
+  return out;
 }
 
 static PyObject *py_answer(PyObject *module, PyObject *args) {
@@ -1419,6 +1463,9 @@ static PyMethodDef engine_methods[] = {
      "next_request(timeout) -> None | (id, owner, kind, payload)"},
     {"next_event", py_next_event, METH_VARARGS,
      "next_event(timeout) -> (owner, news) or None: sessions that came and went"},
+    {"next_trace", py_next_trace, METH_VARARGS,
+     "next_trace(timeout) -> ([(role, key, session, dir, type, msg_id, conn_id, len, head)], "
+     "dropped) or None: the data trace"},
     {"answer", py_answer, METH_VARARGS, "answer(id, verdict, value): verdict is a VERDICT_* constant"},
     {"answer_fd", py_answer_fd, METH_VARARGS,
      "answer_fd(id, fd, error): a dial request's socket (the engine owns fd from here, and "

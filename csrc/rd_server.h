@@ -41,6 +41,9 @@ typedef struct rd_server_config {
   rd_tls_ctx *peer_tls;
   /* Post news of sessions that come and go for Python (rd_event_post). */
   int events;
+  /* Post "dial_failed" news (rd_event_post_dial) for each connection an
+   * agent (or a peer) ended with an error before any data. */
+  int conn_events;
   rd_session_config session;
 } rd_server_config;
 

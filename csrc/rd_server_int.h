@@ -158,6 +158,9 @@ void rd_srv_peer_accept(rd_server *srv, rd_io *io, const char *id, const char *r
 /* News of a session for Python, when the server posts events: what is
  * "connect" or "disconnect". */
 void rd_srv_session_news(rd_server *srv, rd_session *s, const char *what, const char *reason);
+/* A session's on_conn_failed (owner: the server): the far side's error
+ * before any data, as news for Python when the server posts conn_events. */
+void rd_srv_conn_news(rd_server *srv, rd_session *s, rd_conn *c, const char *err, int far);
 /* The oldest peer session that announced key, or NULL. */
 rd_session *rd_srv_peer_route(rd_server *srv, const char *key);
 /* A local session of key came (add 1) or went: tell every connected link. */

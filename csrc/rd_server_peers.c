@@ -169,6 +169,11 @@ static void peer_on_room(rd_session *s, void *owner) {
   rd_srv_room_waits_wake(((peer_session *)owner)->srv, s, 0);
 }
 
+static void peer_on_conn_failed(rd_session *s, void *owner, rd_conn *c, const char *err,
+                                int far) {
+  rd_srv_conn_news(((peer_session *)owner)->srv, s, c, err, far);
+}
+
 /* A peer's session never carries CONNECTs toward us (on_connect unset):
  * we dial through it, the peer does not dial us on it. */
 static const rd_session_owner peer_session_ops = {.on_end = peer_on_end,
@@ -177,7 +182,8 @@ static const rd_session_owner peer_session_ops = {.on_end = peer_on_end,
                                                   .on_add_client = peer_on_add_client,
                                                   .on_remove_client = peer_on_remove_client,
                                                   .on_disconnect_client =
-                                                      peer_on_disconnect_client};
+                                                      peer_on_disconnect_client,
+                                                  .on_conn_failed = peer_on_conn_failed};
 
 static rd_peer *peer_find(rd_server *srv, const char *id) {
   for (rd_peer *p = srv->peers; p != NULL; p = p->next)

@@ -124,6 +124,26 @@ void rd_srv_session_news(rd_server *srv, rd_session *s, const char *what, const 
                   reason, rd_session_kind(s) == RD_SESSION_PEER, 0);
 }
 
+void rd_srv_conn_news(rd_server *srv, rd_session *s, rd_conn *c, const char *err, int far) {
+  if (!far || !srv->cfg.conn_events)
+    return;
+  const char *key = rd_session_client_key(s), *proto = rd_conn_proto(c);
+  char buf[RD_MSG_CONNECT_LIMIT + 1];
+  const char *sep = rd_session_kind(s) != RD_SESSION_AGENT ? strstr(proto, "::") : NULL;
+  if (sep != NULL && (size_t)(sep - proto) < sizeof buf) { /* a peer's "key::proto" */
+    memcpy(buf, proto, (size_t)(sep - proto));
+    buf[sep - proto] = '\0';
+    key = buf;
+    proto = sep + 2;
+  }
+  rd_event_post_dial(srv->obj.handle, key, NULL, proto, rd_conn_address(c), err);
+}
+
+static void session_on_conn_failed(rd_session *s, void *owner, rd_conn *c, const char *err,
+                                   int far) {
+  rd_srv_conn_news(owner, s, c, err, far);
+}
+
 static void session_on_end(rd_session *s, void *owner, const char *reason) {
   int registered = client_remove(owner, s);
   rd_srv_room_waits_wake(owner, s, 1);
@@ -137,8 +157,10 @@ static void session_on_room(rd_session *s, void *owner) { rd_srv_room_waits_wake
 
 /* Agents' CONNECTs are refused (on_connect unset): a server dials, it is not
  * dialed. */
-static const rd_session_owner server_session_ops = {
-    .on_end = session_on_end, .on_freed = session_on_freed, .on_room = session_on_room};
+static const rd_session_owner server_session_ops = {.on_end = session_on_end,
+                                                    .on_freed = session_on_freed,
+                                                    .on_room = session_on_room,
+                                                    .on_conn_failed = session_on_conn_failed};
 
 /* ---- the upgrade and its authentication ---- */
 

@@ -18,6 +18,7 @@
 #include "rd_io.h"
 #include "rd_loop.h"
 #include "rd_session_int.h"
+#include "rd_trace.h"
 #include "rd_wreq.h"
 
 void rd_session_trim_pools(void) { rd_wreq_trim(); }
@@ -177,6 +178,9 @@ static void session_write_frame(rd_session *s, int opcode, rd_block *b, uint8_t 
 
 void rd_session_send_block(rd_session *s, int type, int64_t conn_id, rd_block *b, size_t len) {
   uint8_t hdr[RD_MSG_HEADER_MAX];
+  if (s->cfg.trace && rd_session_can_send(s)) /* before a client's mask */
+    rd_trace_msg(RD_TRACE_SEND, s->role, s->client_key, s->session_key, s->next_msg_id, conn_id,
+                 type, rd_block_payload(b), len);
   size_t hlen = rd_msg_encode_header(hdr, s->next_msg_id++, conn_id, type);
   uint8_t *p = rd_block_payload(b) - hlen;
   memcpy(p, hdr, hlen);
@@ -346,6 +350,9 @@ static void handle_message(rd_session *s, uint8_t *payload, size_t len) {
     rd_session_end(s, RD_WS_CLOSE_PROTOCOL, "malformed tunnel message");
     return;
   }
+  if (s->cfg.trace)
+    rd_trace_msg(RD_TRACE_RECV, s->role, s->client_key, s->session_key, m.id, m.conn_id, m.type,
+                 m.payload, m.payload_len);
   rd_conn *c = m.type == RD_MSG_CONNECT || m.type == RD_MSG_SYNC ? NULL : rd_conn_find(s, m.conn_id);
   switch (m.type) {
   case RD_MSG_DATA:

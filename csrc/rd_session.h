@@ -38,6 +38,7 @@ typedef struct rd_session_config {
   uint64_t udp_idle_timeout_ms; /* the same for udp connections */
   size_t max_connections;    /* per session; past it dials and CONNECTs fail */
   size_t max_pending_dials;  /* client: local dials in flight per session */
+  int trace;                 /* record each message sent and received (rd_trace.h) */
 } rd_session_config;
 
 /* Fills the protocol's defaults. */
@@ -60,6 +61,10 @@ typedef struct rd_session_owner {
   void (*on_remove_client)(rd_session *s, void *owner, const char *client_key);
   /* DISCONNECT_CLIENT from one of our peers (NULL: ignored). */
   void (*on_disconnect_client)(rd_session *s, void *owner, const char *client_key);
+  /* A connection failed before carrying data, with err: here (far 0: a
+   * refused CONNECT, a failed local dial) or on the far side (far 1: its
+   * ERROR before any DATA). Told before it ends (NULL: not told). */
+  void (*on_conn_failed)(rd_session *s, void *owner, rd_conn *c, const char *err, int far);
 } rd_session_owner;
 
 /* Starts a session over an open stream (ownership of io passes to the

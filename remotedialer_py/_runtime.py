@@ -27,9 +27,10 @@ def shutdown() -> None:
         if _shut_down:
             return
         _shut_down = True
-    from . import _callbacks
+    from . import _callbacks, _trace
 
     _callbacks.stop(timeout=2.0)
+    _trace.stop(timeout=1.0)
     try:
         _engine.shutdown()
     except Exception:  # noqa: BLE001 - nothing useful to do about it at exit

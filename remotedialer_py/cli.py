@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -140,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--debug", "-debug", action=_GoBool, help="debug logging")
     srv.add_argument("--log-format", choices=("text", "json"), default="text",
                      help="text (default) or json: one JSON object per line, for log shippers")
+    srv.add_argument("--data-trace", action="store_true",
+                     help="log each tunnel message sent and received (remotedialer_py.conn, "
+                          "DEBUG); also on with CATTLE_TUNNEL_DATA_DEBUG=true")
     srv.add_argument("--debug-connections", action="store_true",
                      help="serve GET /debug/connections (every open session and connection) "
                           "and GET /debug/peers (each HA peer: link state, last error, "
@@ -218,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--debug", "-debug", action=_GoBool, help="debug logging")
     cli.add_argument("--log-format", choices=("text", "json"), default="text",
                      help="text (default) or json: one JSON object per line, for log shippers")
+    cli.add_argument("--data-trace", action="store_true",
+                     help="log each tunnel message sent and received (remotedialer_py.conn, "
+                          "DEBUG); also on with CATTLE_TUNNEL_DATA_DEBUG=true")
 
     demo = sub.add_parser(
         "demo", allow_abbrev=False, help="run the loopback demo",
@@ -323,23 +330,40 @@ def _resolve_peers(parser: _cliparse.Parser, args: argparse.Namespace) -> None:
 
 
 class _JsonFormatter(logging.Formatter):
-    """One JSON object per record: time, level, logger, message."""
+    """One JSON object per record: time, level, logger, message, and the
+    fields our records carry (events.FIELDS: client_key, proto, address,
+    conn_id, ...)."""
 
     def format(self, record: logging.LogRecord) -> str:
+        from .events import FIELDS
+
         doc = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname,
                "logger": record.name, "message": record.getMessage()}
+        for name in FIELDS:
+            if name in record.__dict__:
+                doc[name] = record.__dict__[name]
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc)
 
 
-def _setup_logging(debug: bool, log_format: str = "text") -> None:
-    """INFO by default: sessions that come and go are logged by component
-    (remotedialer_py.server, remotedialer_py.client)."""
+def _setup_logging(debug: bool, log_format: str = "text", data_trace: bool = False) -> None:
+    """INFO by default: sessions that come and go and failed dials are
+    logged by component (remotedialer_py.server, .client, .conn); the data
+    trace puts remotedialer_py.conn at DEBUG."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if log_format == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
+    if data_trace:
+        logging.getLogger("remotedialer_py.conn").setLevel(logging.DEBUG)
+
+
+def _data_trace(args: argparse.Namespace) -> bool:
+    """--data-trace, or the environment's CATTLE_TUNNEL_DATA_DEBUG=true (as in Go)."""
+    from . import _trace
+
+    return bool(getattr(args, "data_trace", False)) or os.environ.get(_trace.ENV, "") == "true"
 
 
 def _run_until_signal(tick: Optional[Callable[[], None]] = None, interval: float = 0.5) -> None:
@@ -358,7 +382,7 @@ def _run_until_signal(tick: Optional[Callable[[], None]] = None, interval: float
 
 
 def run_server(args: argparse.Namespace) -> int:
-    _setup_logging(args.debug, args.log_format)
+    _setup_logging(args.debug, args.log_format, _data_trace(args))
     log = logging.getLogger("remotedialer_py")
     for note in getattr(args, "peer_notes", []):
         print(f"{PROG}: warning: {note}", file=sys.stderr)
@@ -389,7 +413,7 @@ def run_server(args: argparse.Namespace) -> int:
         # tokens it would bypass them, so it goes off then.
         srv = Server(listen=(host, port), path=args.path, authorizer=authorizer,
                      proxy_route=authorizer is None, debug_route=args.debug_connections,
-                     peers=peers, **group, **tls)
+                     peers=peers, data_trace=_data_trace(args), **group, **tls)
         srv.start()
     except (TunnelError, ValueError, TypeError, OSError) as exc:
         return _start_failed("server", exc, {
@@ -474,7 +498,7 @@ def _peer_reporter(srv: Any, log: logging.Logger) -> Callable[[], None]:
 
 
 def run_client(args: argparse.Namespace) -> int:
-    _setup_logging(args.debug, args.log_format)
+    _setup_logging(args.debug, args.log_format, _data_trace(args))
     log = logging.getLogger("remotedialer_py")
     from .client import Client
     from .errors import TunnelError
@@ -489,7 +513,8 @@ def run_client(args: argparse.Namespace) -> int:
         if args.insecure:
             tls["insecure"] = True
     try:
-        cli = Client(urls, headers=headers, allow=args.allow, proxy=args.proxy, **tls)
+        cli = Client(urls, headers=headers, allow=args.allow, proxy=args.proxy,
+                     data_trace=_data_trace(args), **tls)
         cli.start()
     except (TunnelError, ValueError, TypeError) as exc:
         return _start_failed("client", exc, {

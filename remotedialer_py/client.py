@@ -11,6 +11,7 @@ import weakref
 from typing import Any, Callable, Iterable, Mapping, Optional, Tuple, Union
 
 from . import _callbacks, _engine, _options, _proxy
+from . import _trace
 from . import events as _events
 from .server import MetricsDict, _Handle, _metrics_dict
 
@@ -152,10 +153,12 @@ class Client(_Handle):
     def __init__(self, url: Any, headers: Any = None, allow: Allow = None, proxy: Any = None,
                  *, dialer: Optional[Dialer] = None,
                  on_connect: Optional[_events.EventCallback] = None,
-                 on_disconnect: Optional[_events.EventCallback] = None, **options: Any) -> None:
+                 on_disconnect: Optional[_events.EventCallback] = None,
+                 on_dial_failed: Optional[_events.EventCallback] = None, **options: Any) -> None:
         super().__init__()
         self._on_connect = _events.check_callback("on_connect", on_connect)
         self._on_disconnect = _events.check_callback("on_disconnect", on_disconnect)
+        self._on_dial_failed = _events.check_callback("on_dial_failed", on_dial_failed)
         if isinstance(url, (list, tuple)):
             if not url:
                 raise ValueError("url: an empty list of server URLs")
@@ -223,7 +226,12 @@ class Client(_Handle):
                 opts["patterns"] = list(self._patterns)
             opts["events"] = _events.wanted(_events.client_log, self._on_connect,
                                             self._on_disconnect)
-            if self._allow_fn is None and self._dialer is None and not opts["events"]:
+            opts["conn_events"] = _events.wanted(_events.conn_log, self._on_dial_failed)
+            opts["data_trace"] = _trace.wanted(opts.get("data_trace"))
+            if opts["data_trace"]:
+                _trace.ensure_reader()
+            if (self._allow_fn is None and self._dialer is None and not opts["events"]
+                    and not opts["conn_events"]):
                 handle = _engine.client_new(list(self._urls), list(self._headers), opts)
             else:
                 with _callbacks.creating():
@@ -303,7 +311,8 @@ class Client(_Handle):
         return _engine.prometheus(self._live_handle())
 
     def _on_event(self, payload: Any) -> None:
-        _events.deliver(self, payload, _events.client_log, self._on_connect, self._on_disconnect)
+        _events.deliver(self, payload, _events.client_log, self._on_connect, self._on_disconnect,
+                        self._on_dial_failed)
 
     def _answer_request(self, kind: str, payload: Any) -> Tuple[int, str]:
         fn = self._allow_fn

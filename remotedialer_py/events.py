@@ -9,6 +9,17 @@ news is logged on ``remotedialer_py.server`` / ``remotedialer_py.client``
 (connects and disconnects at INFO, failed attempts at WARNING): the engine
 posts it only when a callback is given or that logger is enabled for INFO
 when the object starts, so silent objects cost nothing.
+
+Connections that fail before carrying any data come the same way (kind
+``"dial_failed"``, ``on_dial_failed``) and are logged on
+``remotedialer_py.conn`` at INFO: an agent's refused CONNECTs and failed
+local dials, and on a server each connection its agent ended with an error.
+INFO, not WARNING: the failure is already the dialer's answer (an exception
+from ``srv.dial``, a 500 on the proxy route); it says nothing is wrong here,
+and a program that never configured logging stays quiet and pays nothing.
+
+Every record carries its fields as attributes too (``extra``: the names in
+FIELDS), for structured handlers such as the CLI's ``--log-format json``.
 """
 
 from __future__ import annotations
@@ -21,17 +32,24 @@ from . import _callbacks
 
 server_log = logging.getLogger("remotedialer_py.server")
 client_log = logging.getLogger("remotedialer_py.client")
+conn_log = logging.getLogger("remotedialer_py.conn")
+
+# The attributes our records carry beyond logging's own, in output order.
+FIELDS = ("side", "session", "client_key", "peer", "remote", "url", "proto", "address",
+          "reason", "attempt", "direction", "msg_type", "msg_id", "conn_id", "length", "data",
+          "dropped")
 
 log = logging.getLogger("remotedialer_py")
 
 
 @dataclass(frozen=True)
 class Event:
-    """``kind``: ``"connect"``, ``"disconnect"`` or (agents) ``"fail"``.
-    Server news names ``client_key`` (a peer's id for a peer session),
-    ``peer`` and ``remote`` (the far address); an agent's names ``url`` and
-    ``attempt`` (failed attempts in a row). ``reason`` says why a session
-    ended or an attempt failed."""
+    """``kind``: ``"connect"``, ``"disconnect"``, (agents) ``"fail"`` or
+    ``"dial_failed"``. Server news names ``client_key`` (a peer's id for a
+    peer session), ``peer`` and ``remote`` (the far address); an agent's
+    names ``url`` and ``attempt`` (failed attempts in a row). ``reason``
+    says why a session ended, an attempt or a dial failed; ``proto`` and
+    ``address`` name a failed dial's target."""
 
     kind: str
     client_key: str = ""
@@ -40,6 +58,8 @@ class Event:
     url: str = ""
     reason: str = ""
     attempt: int = 0
+    proto: str = ""
+    address: str = ""
 
 
 EventCallback = Callable[[Event], Any]
@@ -55,6 +75,21 @@ def wanted(logger: logging.Logger, *callbacks: Optional[EventCallback]) -> bool:
     return any(cb is not None for cb in callbacks) or logger.isEnabledFor(logging.INFO)
 
 
+def _extra(e: Event) -> dict:
+    """The record's fields: those the news names (empty ones left out)."""
+    if e.kind == "dial_failed":
+        doc: dict = {"proto": e.proto, "address": e.address, "reason": e.reason}
+        doc.update({"client_key": e.client_key} if e.client_key else {"url": e.url})
+        return doc
+    if e.url:
+        doc = {"url": e.url, "attempt": e.attempt}
+    else:
+        doc = {"client_key": e.client_key, "peer": e.peer, "remote": e.remote}
+    if e.reason:
+        doc["reason"] = e.reason
+    return doc
+
+
 def _describe(e: Event) -> str:
     if e.url:
         return e.url
@@ -63,21 +98,30 @@ def _describe(e: Event) -> str:
 
 
 def deliver(owner: Any, payload: Mapping[str, Any], logger: logging.Logger,
-            on_connect: Optional[EventCallback], on_disconnect: Optional[EventCallback]) -> None:
+            on_connect: Optional[EventCallback], on_disconnect: Optional[EventCallback],
+            on_dial_failed: Optional[EventCallback] = None) -> None:
     """Logs one piece of engine news and hands it to the callback for it (an
     ``async def`` one runs to its end, see _callbacks.resolve)."""
     e = Event(kind=str(payload.get("what", "")), client_key=str(payload.get("key", "")),
               peer=bool(payload.get("peer", False)), remote=str(payload.get("remote", "")),
               url=str(payload.get("url", "")), reason=str(payload.get("reason", "")),
-              attempt=int(payload.get("attempt", 0)))
-    if e.kind == "connect":
-        logger.info("connected: %s", _describe(e))
+              attempt=int(payload.get("attempt", 0)), proto=str(payload.get("proto", "")),
+              address=str(payload.get("address", "")))
+    extra = _extra(e)
+    if e.kind == "dial_failed":
+        where = f"client {e.client_key}" if e.client_key else f"agent of {e.url}"
+        conn_log.info("dial %s/%s failed (%s): %s", e.proto, e.address, where, e.reason,
+                      extra=extra)
+        fn = on_dial_failed
+    elif e.kind == "connect":
+        logger.info("connected: %s", _describe(e), extra=extra)
         fn = on_connect
     elif e.kind == "disconnect":
-        logger.info("disconnected: %s (%s)", _describe(e), e.reason or "closed")
+        logger.info("disconnected: %s (%s)", _describe(e), e.reason or "closed", extra=extra)
         fn = on_disconnect
     else:
-        logger.warning("connection attempt %d to %s failed: %s", e.attempt, e.url, e.reason)
+        logger.warning("connection attempt %d to %s failed: %s", e.attempt, e.url, e.reason,
+                       extra=extra)
         fn = on_disconnect
     if fn is None:
         return

@@ -14,6 +14,7 @@ import weakref
 from typing import Any, Callable, Iterator, Mapping, Optional, Tuple, Union
 
 from . import _callbacks, _engine, _options, _runtime  # noqa: F401 - _runtime registers the exit hook
+from . import _trace
 from . import events as _events
 from .tunnel_socket import TunnelSocket
 
@@ -391,10 +392,12 @@ class Server(_Handle):
                  peer_token: Optional[str] = None, peers: Any = (),
                  peer_ca_file: Any = None, on_connect: Optional[_events.EventCallback] = None,
                  on_disconnect: Optional[_events.EventCallback] = None,
+                 on_dial_failed: Optional[_events.EventCallback] = None,
                  **options: Any) -> None:
         super().__init__()
         self._on_connect = _events.check_callback("on_connect", on_connect)
         self._on_disconnect = _events.check_callback("on_disconnect", on_disconnect)
+        self._on_dial_failed = _events.check_callback("on_dial_failed", on_dial_failed)
         self._token_keys: set[str] = set()  # the keys the loaded token table names
         self._peer_id = None if peer_id is None else _options.peer_field("peer_id", peer_id)
         self._peer_token = None if peer_token is None else \
@@ -452,8 +455,12 @@ class Server(_Handle):
                 self._token_keys = _token_keys(opts["tokens"])
             opts["events"] = _events.wanted(_events.server_log, self._on_connect,
                                             self._on_disconnect)
+            opts["conn_events"] = _events.wanted(_events.conn_log, self._on_dial_failed)
+            opts["data_trace"] = _trace.wanted(opts.get("data_trace"))
+            if opts["data_trace"]:
+                _trace.ensure_reader()
             if (self._authorizer is None or isinstance(self._authorizer, TokenAuthorizer)) \
-                    and not opts["events"]:
+                    and not opts["events"] and not opts["conn_events"]:
                 handle, port = _engine.server_new(host, self._listen_port, opts)
             else:
                 with _callbacks.creating():
@@ -689,7 +696,8 @@ class Server(_Handle):
     # -- engine requests ----------------------------------------------------
 
     def _on_event(self, payload: Any) -> None:
-        _events.deliver(self, payload, _events.server_log, self._on_connect, self._on_disconnect)
+        _events.deliver(self, payload, _events.server_log, self._on_connect, self._on_disconnect,
+                        self._on_dial_failed)
 
     def _answer_request(self, kind: str, payload: Any) -> Tuple[int, str]:
         authorizer = self._authorizer
