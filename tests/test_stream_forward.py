@@ -234,6 +234,37 @@ def test_remote_forward_close_ends_open_streams(rd, tunnel, echo_server):
     wait_for(lambda: not tunnel.srv.connections(), TIMEOUT, "the server's connections to end")
 
 
+def test_remote_forward_backpressure(rd, tunnel, stream_server):
+    """A backend that sends without end to a local reader that reads nothing:
+    the forward stops reading the server's stream, so the server's side of
+    the connection fills and the agent is PAUSEd, instead of the bytes piling
+    up in the forward. Reading again resumes the flow."""
+    with rd.RemoteForward(http_base(tunnel.srv), AGENT_KEY, "tcp",
+                          f"127.0.0.1:{stream_server.port}") as fwd:
+        with socket.create_connection(("127.0.0.1", fwd.port), timeout=TIMEOUT) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+            wait_for(lambda: [c["paused"] for c in tunnel.srv.connections()] == [True],
+                     TIMEOUT, "the agent's PAUSE")
+            # Then nothing moves: the bytes stop at a bound, far from what an
+            # unbounded reader would have taken by then.
+            seen = []
+
+            def settled():
+                (conn,) = tunnel.srv.connections()
+                seen.append(conn["tx_bytes"] + conn["rx_bytes"])
+                assert seen[-1] < 256 << 20, "the forward kept reading"
+                return len(seen) > 5 and len(set(seen[-5:])) == 1 and conn["paused"]
+
+            wait_for(settled, TIMEOUT, "the flow to stop")
+            assert rd.engine_stats()["heap_bytes"] < 48 << 20
+            got = 0
+            while got < 32 << 20:
+                chunk = sock.recv(1 << 20)
+                assert chunk
+                got += len(chunk)
+    stream_server.wait_finished(1)
+
+
 # ---------------------------------------------------------------------------
 # The CLI
 
