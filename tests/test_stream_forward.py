@@ -129,6 +129,35 @@ def test_route_off_with_the_proxy_route(rd, tunnel_leak_check, echo_server):
     assert status == "HTTP/1.1 404 Not Found"
 
 
+def test_route_through_a_peer(rd, tunnel_leak_check, echo_server):
+    """B has no session for the key but A announced it: B's route dials
+    through its link to A (CONNECT key::tcp/address), as B's dials do."""
+    fds = support.open_fds()
+    a = rd.Server("127.0.0.1:0", peer_id="A", peer_token="token-a").start()
+    b = rd.Server("127.0.0.1:0", peer_id="B", peer_token="token-b").start()
+    agent = None
+    try:
+        a.add_peer(b.url, "B", "token-b")
+        b.add_peer(a.url, "A", "token-a")
+        agent = support.make_client(rd, a.url, "foo")
+        wait_for(lambda: b.route("foo") == "A", TIMEOUT, "B to learn A's key")
+        address = f"127.0.0.1:{echo_server.port}"
+        with rd.RemoteForward(http_base(b), "foo", "tcp", address) as fwd:
+            with socket.create_connection(("127.0.0.1", fwd.port), timeout=TIMEOUT) as sock:
+                support.round_trip(sock, b"via a peer")
+        echo_server.wait_finished(1)
+        m = support.wait_balanced(b)
+        label = support.key(addr=address, clientkey="A", proto="foo::tcp")
+        assert m[support.ADD_CONN][label] == m[support.REMOVE_CONN][label] == 1
+    finally:
+        if agent is not None:
+            agent.close()
+        b.close()
+        a.close()
+    support.wait_engine_idle(rd)
+    support.assert_no_new_fds(fds)
+
+
 # ---------------------------------------------------------------------------
 # RemoteForward
 
