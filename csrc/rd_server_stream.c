@@ -56,15 +56,27 @@ void rd_srv_handle_stream(httpconn *hc, rd_http_request *req) {
     rd_srv_respond_text(hc, 400, "Bad Request", "destination too long for a CONNECT message");
     return;
   }
-  /* Bytes the client sent after the head go first (hc->buf stays readable
-   * until a later loop turn); the 101 goes out once the dial is under way,
-   * ahead of any byte the far side could send back. */
-  const uint8_t *rest = (const uint8_t *)hc->buf + hc->head_len;
-  size_t rest_len = hc->len - hc->head_len;
-  rd_io *io = rd_srv_httpconn_take_stream(hc);
+  /* Opened first, so that a session that cannot take the connection is
+   * still answered in HTTP. */
   int rc = 0;
-  rd_conn *c = rd_session_dial(s, proto, d.address, io, rest, rest_len, NULL, &rc);
-  if (c != NULL && !rd_io_is_closing(io) &&
-      rd_srv_write_owned(io, switching, sizeof switching - 1) != 0)
-    rd_conn_close(c, "write: out of memory");
+  rd_conn *c = rd_session_open(s, proto, d.address, NULL, &rc);
+  if (c == NULL) {
+    snprintf(err, sizeof err, "dial through session failed: %s", rd_strerror(rc));
+    if (rc == RD_ENOMEM)
+      rd_srv_respond_text(hc, 500, "Internal Server Error", err);
+    else
+      rd_srv_respond_text(hc, 503, "Service Unavailable", err);
+    return;
+  }
+  /* Bytes the client sent after the head go first; the 101 is on its way
+   * before the connection can write anything the far side sends. */
+  if (hc->len > hc->head_len)
+    rd_conn_send(c, (const uint8_t *)hc->buf + hc->head_len, hc->len - hc->head_len);
+  rd_io *io = rd_srv_httpconn_take_stream(hc);
+  if (rd_srv_write_owned(io, switching, sizeof switching - 1) != 0) {
+    rd_io_close(io, NULL);
+    rd_conn_close(c, "out of memory");
+    return;
+  }
+  rd_conn_attach_io(c, io);
 }

@@ -123,6 +123,27 @@ def test_route_errors_before_the_upgrade(tunnel, echo_server):
     assert not srv.connections()
 
 
+def test_route_session_full_is_answered(rd, tunnel_leak_check, echo_server):
+    """A session at its connection limit cannot open the stream: 503 with the
+    reason, before any 101, and the stream already open carries on."""
+    fds = support.open_fds()
+    address = f"127.0.0.1:{echo_server.port}"
+    with rd.Server(listen="127.0.0.1:0", max_connections=1).start() as srv:
+        with support.make_client(rd, srv.url, AGENT_KEY):
+            wait_for(lambda: srv.has_session(AGENT_KEY), TIMEOUT, "the agent's session")
+            sock, head, _ = open_stream(srv, AGENT_KEY, "tcp", address)
+            with sock:
+                assert head.startswith("HTTP/1.1 101 ")
+                assert refusal(srv, stream_request(AGENT_KEY, "tcp", address)) == \
+                    ("HTTP/1.1 503 Service Unavailable",
+                     "dial through session failed: too many connections")
+                support.round_trip(sock)
+            wait_for(lambda: not srv.connections(), TIMEOUT, "the connection to end")
+            support.check_balanced(srv)
+    support.wait_engine_idle(rd)
+    support.assert_no_new_fds(fds)
+
+
 def test_route_off_with_the_proxy_route(rd, tunnel_leak_check, echo_server):
     with rd.Server(listen="127.0.0.1:0", proxy_route=False).start() as srv:
         status, body = refusal(srv, stream_request("a", "tcp", f"127.0.0.1:{echo_server.port}"))
