@@ -199,6 +199,32 @@ def test_remote_forward_http_client(rd, tunnel, http_service):
         fwd.stats()
 
 
+def test_remote_forward_server_speaks_first(rd, tunnel):
+    """A backend that greets before reading: the greeting may come in the
+    same read as the 101, and still reaches the local client, first."""
+    lsock = socket.create_server(("127.0.0.1", 0))
+    greeting = b"220 greetings from the backend\r\n"
+
+    def serve():
+        conn, _ = lsock.accept()
+        with conn:
+            conn.sendall(greeting)
+            conn.sendall(conn.recv(100).upper())
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        address = f"127.0.0.1:{lsock.getsockname()[1]}"
+        with rd.RemoteForward(http_base(tunnel.srv), AGENT_KEY, "tcp", address) as fwd:
+            with socket.create_connection(("127.0.0.1", fwd.port), timeout=TIMEOUT) as sock:
+                assert recv_exact(sock, len(greeting)) == greeting
+                sock.sendall(b"helo")
+                assert recv_until_eof(sock) == b"HELO"
+    finally:
+        t.join(TIMEOUT)
+        lsock.close()
+
+
 def test_remote_forward_refused_reports_the_answer(rd, tunnel, echo_server):
     address = f"127.0.0.1:{echo_server.port}"
     with rd.RemoteForward(http_base(tunnel.srv), "nope", "tcp", address) as fwd:
@@ -241,6 +267,37 @@ def test_remote_forward_headers_reach_the_server(rd, tunnel_leak_check, echo_ser
     lines = seen[0].split("\r\n")
     assert lines[0] == "GET /prefix/stream/k%2F1/unix/%2Frun%2Fx%20y.sock HTTP/1.1"
     assert "Authorization: Bearer abc" in lines and "Upgrade: tcp" in lines
+
+
+def test_remote_forward_bytes_behind_the_101(rd, tunnel_leak_check):
+    """A stand-in server sends the 101 and the first bytes in one write: the
+    forward passes those bytes on before the rest of the stream."""
+    lsock = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = lsock.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                         b"Upgrade: tcp\r\n\r\nfirst bytes;")
+            conn.sendall(conn.recv(100))
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{lsock.getsockname()[1]}"
+        with rd.RemoteForward(url, "k", "tcp", "h:1") as fwd:
+            with socket.create_connection(("127.0.0.1", fwd.port), timeout=TIMEOUT) as sock:
+                assert recv_exact(sock, 12) == b"first bytes;"
+                sock.sendall(b"echoed")
+                assert recv_until_eof(sock) == b"echoed"
+            wait_for(lambda: fwd.stats()["open"] == 0, TIMEOUT, "the link to close")
+            assert fwd.stats()["joined"] == 1
+    finally:
+        t.join(TIMEOUT)
+        lsock.close()
 
 
 def test_remote_forward_unix_target(rd, tunnel, tmp_path):
