@@ -534,11 +534,11 @@ def run_forward(args: argparse.Namespace) -> int:
     seen = {"failed": 0}
 
     def report() -> None:
-        # The engine refuses and closes a local connection by itself; this
+        # The engine closes a local connection that failed by itself; this
         # only logs why, once per new failure.
         st = fwd.stats()
         if st["failed"] > seen["failed"]:
-            log.warning("%d connection(s) refused: %s", st["failed"] - seen["failed"],
+            log.warning("%d connection(s) failed: %s", st["failed"] - seen["failed"],
                         st["last_error"])
             seen["failed"] = st["failed"]
 

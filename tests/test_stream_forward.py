@@ -418,7 +418,7 @@ def test_cli_forward_reports_refusals(tunnel, run_cli):
     p, port = start_forward(run_cli, http_base(tunnel.srv), "127.0.0.1:9", key="nope")
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
         assert recv_until_eof(sock) == b""
-    p.wait_line(r"refused: HTTP/1.1 500 Internal Server Error: "
+    p.wait_line(r"failed: HTTP/1.1 500 Internal Server Error: "
                 r"failed to find Session for client nope")
 
 
@@ -479,7 +479,7 @@ def test_cli_forward_https(rd, tunnel_leak_check, run_cli, cert, http_service):
             p2, port2 = start_forward(run_cli, url, http_service.address)
             with socket.create_connection(("127.0.0.1", port2), timeout=TIMEOUT) as sock:
                 assert recv_until_eof(sock) == b""
-            p2.wait_line(r"refused: tls: .*certificate")
+            p2.wait_line(r"failed: tls: .*certificate")
             assert p.stop() == 0 and p2.stop() == 0
             wait_for(lambda: not srv.connections(), TIMEOUT, "no connection left")
             support.check_balanced(srv)
