@@ -142,6 +142,49 @@ int rd_api_server_forward(uint64_t handle, const char *client_key, const char *p
 }
 
 typedef struct {
+  const rd_sforward_config *cfg;
+  uint64_t fhandle;
+  int port_out;
+} sforward_ctx;
+
+static void sforward_fn(api_cmd *a, void *p) {
+  sforward_ctx *c = p;
+  char err[256] = "";
+  int rc = rd_sforward_start(c->cfg, &c->fhandle, &c->port_out, err, sizeof err);
+  rd_cmd_finish(&a->cmd, rc, err);
+}
+
+int rd_api_stream_forward(const rd_sforward_config *cfg, uint64_t *fhandle, int *port_out,
+                          char *err, size_t errlen) {
+  sforward_ctx c = {cfg, 0, 0};
+  int rc = api_call(sforward_fn, &c, err, errlen);
+  *fhandle = c.fhandle;
+  *port_out = c.port_out;
+  return rc;
+}
+
+typedef struct {
+  uint64_t handle;
+  rd_sforward_stats *out;
+} sforward_stats_ctx;
+
+static void sforward_stats_fn(api_cmd *a, void *p) {
+  sforward_stats_ctx *c = p;
+  rd_sforward *f = (rd_sforward *)rd_object_find(c->handle, RD_OBJ_STREAM_FORWARD);
+  if (f == NULL) {
+    finish_closed(a);
+    return;
+  }
+  rd_sforward_get_stats(f, c->out);
+  rd_cmd_finish(&a->cmd, RD_OK, NULL);
+}
+
+int rd_api_stream_forward_stats(uint64_t handle, rd_sforward_stats *out) {
+  sforward_stats_ctx c = {handle, out};
+  return api_call(sforward_stats_fn, &c, NULL, 0);
+}
+
+typedef struct {
   uint64_t handle;
   const char *cert, *key, *ca;
 } reload_ctx;

@@ -11,6 +11,7 @@
 #include "rd_server.h"
 #include "rd_session.h"
 #include "rd_stats.h"
+#include "rd_stream_forward.h"
 
 int rd_api_server_new(const char *host, int port, const rd_server_config *cfg,
                       uint64_t *handle, int *port_out, char *err, size_t errlen);
@@ -28,6 +29,12 @@ int rd_api_server_dial(uint64_t handle, const char *client_key, const char *prot
 int rd_api_server_forward(uint64_t handle, const char *client_key, const char *proto,
                           const char *address, const char *host, int port, uint64_t *fhandle,
                           int *port_out, char *err, size_t errlen);
+
+/* A remote forward (rd_stream_forward.h): listens on cfg->host:port and
+ * reaches the destination through a running server's stream route. */
+int rd_api_stream_forward(const rd_sforward_config *cfg, uint64_t *fhandle, int *port_out,
+                          char *err, size_t errlen);
+int rd_api_stream_forward_stats(uint64_t handle, rd_sforward_stats *out);
 
 int rd_api_server_reload_tls(uint64_t handle, const char *cert, const char *key,
                              const char *client_ca, char *err, size_t errlen);

@@ -48,6 +48,8 @@ void rd_conn_dial_local(rd_conn *c);
 void rd_conn_refuse(rd_conn *c, const char *reason);
 /* Ends the connection now, telling the far side (err NULL: a clean EOF). */
 void rd_conn_close(rd_conn *c, const char *err);
+/* Sends bytes to the far side as DATA, as if read from the local end. */
+void rd_conn_send(rd_conn *c, const uint8_t *data, size_t len);
 
 const char *rd_conn_proto(const rd_conn *c);
 const char *rd_conn_address(const rd_conn *c);

@@ -70,7 +70,7 @@ void rd_engine_tunnel_queued_add(int64_t bytes);
 rd_engine_counts rd_engine_counts_get(void);
 
 /* Objects Python holds by handle (servers, clients, forwards). */
-enum { RD_OBJ_SERVER = 1, RD_OBJ_CLIENT = 2, RD_OBJ_FORWARD = 3 };
+enum { RD_OBJ_SERVER = 1, RD_OBJ_CLIENT = 2, RD_OBJ_FORWARD = 3, RD_OBJ_STREAM_FORWARD = 4 };
 typedef struct rd_object rd_object;
 struct rd_object {
   rd_map_node node;

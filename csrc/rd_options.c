@@ -60,7 +60,8 @@ const rd_option rd_options[] = {
      SFIELD(auth_header) - 1, 0, "X-Tunnel-ID", "the header naming the client key when "
      "`authorizer` is None", NULL},
     {"proxy_route", RD_OPT_BOOL, RD_OPT_SERVER, SRV(proxy_route), NONE, SFIELD(proxy_route), 0, 1,
-     "True with `authorizer=None`, else False", "serve `/client/{id}/{scheme}/{host}/{path}`",
+     "True with `authorizer=None`, else False", "serve `/client/{id}/{scheme}/{host}/{path}` "
+     "and `/stream/{id}/{proto}/{address}` (remote forwards)",
      NULL},
     {"proxy_ca_file", RD_OPT_PATH, RD_OPT_SERVER, NONE, NONE, 0, 0, 0, "the system store",
      "https targets of the route: trust these PEM CAs", NULL},

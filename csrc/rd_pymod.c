@@ -386,6 +386,49 @@ static PyObject *py_server_forward(PyObject *module, PyObject *args) {
   return Py_BuildValue("(Ki)", (unsigned long long)fh, bound);
 }
 
+/* stream_forward(url, key, proto, address, host, port, headers, ca_file,
+ * timeout_ms) -> (handle, port): a remote forward through url's stream route. */
+static PyObject *py_stream_forward(PyObject *module, PyObject *args) {
+  rd_sforward_config cfg = {0};
+  const char *ca_file;
+  unsigned long long timeout_ms;
+  if (!PyArg_ParseTuple(args, "sssssiszK:stream_forward", &cfg.server_url, &cfg.key, &cfg.proto,
+                        &cfg.address, &cfg.host, &cfg.port, &cfg.headers, &ca_file, &timeout_ms))
+    return NULL;
+  cfg.timeout_ms = timeout_ms;
+  char err[256];
+  uint64_t fh = 0;
+  int bound = 0, rc = RD_OK;
+  Py_BEGIN_ALLOW_THREADS
+  if (strncmp(cfg.server_url, "https://", 8) == 0 &&
+      (cfg.tls = rd_tls_ctx_new_client(ca_file, 0, NULL, NULL, err, sizeof err)) == NULL)
+    rc = RD_ETLS;
+  if (rc == RD_OK)
+    rc = rd_api_stream_forward(&cfg, &fh, &bound, err, sizeof err);
+  if (cfg.tls != NULL)
+    rd_tls_ctx_unref(cfg.tls);
+  Py_END_ALLOW_THREADS
+  if (rc != RD_OK)
+    return raise_rc(module, rc, err);
+  return Py_BuildValue("(Ki)", (unsigned long long)fh, bound);
+}
+
+static PyObject *py_stream_forward_stats(PyObject *module, PyObject *args) {
+  unsigned long long handle;
+  if (!PyArg_ParseTuple(args, "K:stream_forward_stats", &handle))
+    return NULL;
+  rd_sforward_stats st;
+  int rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = rd_api_stream_forward_stats(handle, &st);
+  Py_END_ALLOW_THREADS
+  if (rc != RD_OK)
+    return raise_rc(module, rc, "object is closed");
+  return Py_BuildValue("{sKsKsKsKss}", "accepted", (unsigned long long)st.accepted, "joined",
+                       (unsigned long long)st.joined, "failed", (unsigned long long)st.failed,
+                       "open", (unsigned long long)st.open, "last_error", st.last_error);
+}
+
 static PyObject *py_server_clients(PyObject *module, PyObject *args) {
   unsigned long long handle;
   if (!PyArg_ParseTuple(args, "K:server_clients", &handle))
@@ -1432,6 +1475,11 @@ static PyMethodDef engine_methods[] = {
     {"dial_status", py_dial_status, METH_O, "dial_status(status) -> (open, error)"},
     {"server_forward", py_server_forward, METH_VARARGS,
      "server_forward(handle, key, proto, address, host, port) -> (handle, port)"},
+    {"stream_forward", py_stream_forward, METH_VARARGS,
+     "stream_forward(url, key, proto, address, host, port, headers, ca_file, timeout_ms) "
+     "-> (handle, port)"},
+    {"stream_forward_stats", py_stream_forward_stats, METH_VARARGS,
+     "stream_forward_stats(handle) -> dict"},
     {"server_reload_tls", py_server_reload_tls, METH_VARARGS,
      "server_reload_tls(handle, cert, key[, client_ca]): new certificate for new connections"},
     {"server_set_tokens", py_server_set_tokens, METH_VARARGS,

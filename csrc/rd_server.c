@@ -196,6 +196,8 @@ static void httpconn_route(httpconn *hc) {
     rd_srv_handle_debug_peers(hc);
   else if (srv->cfg.proxy_route && plen > 8 && memcmp(req.target, "/client/", 8) == 0)
     rd_srv_handle_proxy(hc, &req);
+  else if (srv->cfg.proxy_route && plen > 8 && memcmp(req.target, "/stream/", 8) == 0)
+    rd_srv_handle_stream(hc, &req);
   else
     rd_srv_respond_text(hc, 404, "Not Found", "404 page not found\n");
 }

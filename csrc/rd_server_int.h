@@ -8,6 +8,7 @@
  *   rd_server_sessions.c  the client table, session owner callbacks, the
  *                         upgrade and its authentication
  *   rd_server_proxy.c     the /client/... proxy route and its https leg
+ *   rd_server_stream.c    the /stream/... route (a raw stream after 101)
  *   rd_server_dial.c      dials through a session, and dials waiting for room
  *   rd_server_forward.c   port forwards
  *   rd_server_routes.c    /metrics, /debug/connections and /debug/peers
@@ -127,6 +128,12 @@ void rd_srv_handle_upgrade(httpconn *hc, rd_http_request *req);
 
 /* /client/{id}/{scheme}/{host}{path}: relays the request through id's tunnel. */
 void rd_srv_handle_proxy(httpconn *hc, rd_http_request *req);
+
+/* ---- rd_server_stream.c ---- */
+
+/* /stream/{key}/{proto}/{address} with Upgrade: tcp: the connection becomes
+ * a raw stream through key's tunnel. */
+void rd_srv_handle_stream(httpconn *hc, rd_http_request *req);
 
 /* ---- rd_server_dial.c ---- */
 

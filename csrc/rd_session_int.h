@@ -90,8 +90,6 @@ void rd_conn_reap(rd_conn *c);
 rd_conn **rd_conn_reap_link(rd_conn *c);
 /* Publishes the connection's end to status (the reference passes). */
 void rd_conn_set_status(rd_conn *c, rd_dial_status *status);
-/* Sends bytes to the far side as DATA, as if read from the local end. */
-void rd_conn_send(rd_conn *c, const uint8_t *data, size_t len);
 /* Milliseconds since the connection was created. */
 uint64_t rd_conn_age_ms(const rd_conn *c);
 void rd_conn_fill_info(const rd_conn *c, rd_conn_info *info);

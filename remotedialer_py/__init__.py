@@ -24,6 +24,7 @@ __all__ = [
     "Request",
     "ClientCert",
     "Forward",
+    "RemoteForward",
     "TokenAuthorizer",
     "TunnelSocket",
     "TunnelError",
@@ -44,6 +45,7 @@ _LAZY = {
     "Request": ("server", "Request"),
     "ClientCert": ("server", "ClientCert"),
     "Forward": ("server", "Forward"),
+    "RemoteForward": ("stream_forward", "RemoteForward"),
     "TokenAuthorizer": ("server", "TokenAuthorizer"),
     "Client": ("client", "Client"),
     "TunnelSocket": ("tunnel_socket", "TunnelSocket"),
@@ -64,6 +66,7 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see plain imports
     from .client import Client
     from .errors import ClientNotFoundError, ClosedError, TunnelError, TunnelTimeoutError
     from .server import ClientCert, Forward, Request, Server, TokenAuthorizer
+    from .stream_forward import RemoteForward
     from .tunnel_socket import TunnelSocket
 
 

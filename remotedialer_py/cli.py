@@ -1,4 +1,4 @@
-"""Command line: ``remotedialer-py server|client|demo|soak``.
+"""Command line: ``remotedialer-py server|client|forward|demo|soak``.
 
 The server and client subcommands also accept the single-dash flags of the Go
 library's example programs (``-listen :8123``, ``-id A -token T -peers
@@ -31,6 +31,11 @@ def _listen(value: str) -> tuple[str, int]:
         return _options.parse_listen(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _forward_listen(value: str) -> tuple[str, int]:
+    """``[HOST:]PORT``: a bare port listens on 127.0.0.1."""
+    return _listen(f"127.0.0.1:{value}" if value.isdigit() else value)
 
 
 def _path(value: str) -> str:
@@ -225,6 +230,25 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--data-trace", action="store_true",
                      help="log each tunnel message sent and received (remotedialer_py.conn, "
                           "DEBUG); also on with CATTLE_TUNNEL_DATA_DEBUG=true")
+
+    fwd = sub.add_parser(
+        "forward", allow_abbrev=False, help="a local port through a running server's agent",
+        description="Listen locally; each connection goes through the server's stream route "
+                    "(GET /stream/..., Upgrade: tcp) and agent KEY to ADDRESS, like kubectl "
+                    "port-forward. The server needs its proxy route on (the default).")
+    fwd.add_argument("key", metavar="KEY", help="the agent's client key")
+    fwd.add_argument("proto", metavar="PROTO", help="tcp, tcp4, tcp6 or unix")
+    fwd.add_argument("address", metavar="ADDRESS", help="host:port, or a unix socket path")
+    fwd.add_argument("--server", required=True, metavar="URL",
+                     help="the server: http(s)://HOST:PORT (a path is a prefix)")
+    fwd.add_argument("--listen", type=_forward_listen, default=("127.0.0.1", 0),
+                     metavar="[HOST:]PORT", help="local address (default 127.0.0.1:0, any port)")
+    fwd.add_argument("--header", action="append", type=_header, default=[],
+                     metavar="'NAME: VALUE'", help="extra request header, e.g. Authorization "
+                                                  "(repeatable)")
+    fwd.add_argument("--ca-file", metavar="PEM", default=None,
+                     help="https: trust these CAs instead of the system store")
+    fwd.add_argument("--debug", action="store_true", help="debug logging")
 
     demo = sub.add_parser(
         "demo", allow_abbrev=False, help="run the loopback demo",
@@ -553,6 +577,39 @@ def run_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_forward(args: argparse.Namespace) -> int:
+    _setup_logging(args.debug)
+    log = logging.getLogger("remotedialer_py.forward")
+    from .errors import TunnelError
+    from .stream_forward import RemoteForward
+
+    try:
+        fwd = RemoteForward(args.server, args.key, args.proto, args.address, listen=args.listen,
+                            headers=list(args.header), ca_file=args.ca_file)
+    except (TunnelError, ValueError, OSError) as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    seen = {"failed": 0}
+
+    def report() -> None:
+        # The engine closes a local connection that failed by itself; this
+        # only logs why, once per new failure.
+        st = fwd.stats()
+        if st["failed"] > seen["failed"]:
+            log.warning("%d connection(s) failed: %s", st["failed"] - seen["failed"],
+                        st["last_error"])
+            seen["failed"] = st["failed"]
+
+    try:
+        host = "127.0.0.1" if _options.is_wildcard(fwd.host) else fwd.host
+        print(f"forwarding {_options.format_hostport(host, fwd.port)} -> {args.key} "
+              f"{args.proto} {args.address} via {args.server}", flush=True)
+        _run_until_signal(report, interval=0.2)
+    finally:
+        fwd.close()
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from . import demo
 
@@ -606,7 +663,8 @@ def run_status(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    command = {"server": run_server, "client": run_client, "demo": run_demo,
+    command = {"server": run_server, "client": run_client, "forward": run_forward,
+               "demo": run_demo,
                "options": run_options, "soak": run_soak, "status": run_status}[args.command]
     try:
         return command(args)

@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 GOOD = '''
 from typing import Optional
 
-from remotedialer_py import (Client, ClientNotFoundError, Forward, Request, Server,
-                             TokenAuthorizer, TunnelSocket, engine_stats)
+from remotedialer_py import (Client, ClientNotFoundError, Forward, RemoteForward, Request,
+                             Server, TokenAuthorizer, TunnelSocket, engine_stats)
 from remotedialer_py.pytest_plugin import assert_balanced
 
 
@@ -40,6 +40,10 @@ def run() -> Optional[str]:
         assert_balanced(cli, sessions=False)
         print(engine_stats()["open_connections"])
         fwd.close()
+        with RemoteForward(f"http://127.0.0.1:{srv.port}", "a", "unix", "/run/x.sock",
+                           headers={"Authorization": "Bearer t"}) as remote:
+            failed: int = remote.stats()["failed"]
+            print(remote.port + failed)
     with Server(authorizer=TokenAuthorizer(tokens={"0123456789abcdef": "a"})):
         pass
     return error
