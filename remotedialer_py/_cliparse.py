@@ -210,6 +210,15 @@ def ws_url(value: str) -> str:
     return value
 
 
+def http_url(value: str) -> str:
+    """``forward --server``: the server's http:// or https:// URL."""
+    if not value.startswith(("http://", "https://")) or any(
+            c.isspace() or ord(c) < 0x20 or c == "\x7f" for c in value):
+        raise argparse.ArgumentTypeError(
+            f"invalid server URL {value!r}: expected http(s)://HOST[:PORT][/PREFIX]")
+    return value
+
+
 def proxy_url(value: str) -> str:
     """``--proxy``: an http:// proxy, or ``""`` for none."""
     if value == "":

@@ -239,14 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     fwd.add_argument("key", metavar="KEY", help="the agent's client key")
     fwd.add_argument("proto", metavar="PROTO", help="tcp, tcp4, tcp6 or unix")
     fwd.add_argument("address", metavar="ADDRESS", help="host:port, or a unix socket path")
-    fwd.add_argument("--server", required=True, metavar="URL",
+    fwd.add_argument("--server", required=True, metavar="URL", type=_cliparse.http_url,
                      help="the server: http(s)://HOST:PORT (a path is a prefix)")
     fwd.add_argument("--listen", type=_forward_listen, default=("127.0.0.1", 0),
                      metavar="[HOST:]PORT", help="local address (default 127.0.0.1:0, any port)")
     fwd.add_argument("--header", action="append", type=_header, default=[],
                      metavar="'NAME: VALUE'", help="extra request header, e.g. Authorization "
                                                   "(repeatable)")
-    fwd.add_argument("--ca-file", metavar="PEM", default=None,
+    fwd.add_argument("--ca-file", metavar="PEM", default=None, type=_cliparse.input_file,
                      help="https: trust these CAs instead of the system store")
     fwd.add_argument("--debug", action="store_true", help="debug logging")
 
@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout", type=_cliparse.positive_float, default=10.0, metavar="SECONDS",
                         help="for each request (default 10)")
     # For errors found after parsing, under each subcommand's own usage.
-    setattr(parser, "subcommands", {"server": srv, "client": cli})
+    setattr(parser, "subcommands", {"server": srv, "client": cli, "forward": fwd})
     return parser
 
 
@@ -308,6 +308,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command == "server":
         _resolve_peers(subcommands["server"], args)
+    elif args.command == "forward":
+        from .stream_forward import check_target
+        try:
+            check_target(args.key, args.proto, args.address)
+        except ValueError as exc:
+            subcommands["forward"].error(str(exc))
     elif args.command == "client":
         client = subcommands["client"]
         args.connect = _client_urls(args.connect)
@@ -586,8 +592,8 @@ def run_forward(args: argparse.Namespace) -> int:
     try:
         fwd = RemoteForward(args.server, args.key, args.proto, args.address, listen=args.listen,
                             headers=list(args.header), ca_file=args.ca_file)
-    except (TunnelError, ValueError, OSError) as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+    except (TunnelError, OSError) as exc:
+        print(f"{PROG} forward: {exc}", file=sys.stderr)
         return 1
     seen = {"failed": 0}
 

@@ -19,6 +19,25 @@ from .client import _check_headers
 from .server import _Handle
 
 
+_STREAM_PROTOS = ("tcp", "tcp4", "tcp6", "unix")
+
+
+def check_target(key: Any, proto: Any, address: Any) -> tuple[str, str, str]:
+    """(key, proto, address) as the stream route takes them, or ValueError:
+    a stream protocol, and HOST:PORT for tcp."""
+    key = _options.client_key(key)
+    proto, address = _options.connect_target(proto, address)
+    if proto not in _STREAM_PROTOS:
+        raise ValueError(f"proto {proto!r}: the stream route carries {', '.join(_STREAM_PROTOS)}")
+    if proto != "unix":
+        try:
+            _options.split_hostport(address)
+        except _options.AddrError as exc:
+            raise ValueError(f"address {address!r}: expected HOST:PORT "
+                             f"({exc.kind.replace('_', ' ')})") from None
+    return key, proto, address
+
+
 class RemoteForward(_Handle):
     """``RemoteForward(server_url, key, proto, address, listen="127.0.0.1:0",
     headers=None, ca_file=None, timeout=10.0)``, listening once constructed.
@@ -44,8 +63,7 @@ class RemoteForward(_Handle):
         if not isinstance(server_url, str) or not server_url.startswith(("http://", "https://")):
             raise ValueError(f"server_url must be an http:// or https:// URL, got {server_url!r}")
         self.server_url = server_url
-        self.key = _options.client_key(key)
-        self.proto, self.address = _options.connect_target(proto, address)
+        self.key, self.proto, self.address = check_target(key, proto, address)
         host, port = _options.parse_listen(listen)
         lines = "".join(f"{name}: {value}\r\n" for name, value in _check_headers(headers))
         if ca_file is not None:

@@ -314,8 +314,10 @@ def test_remote_forward_unix_target(rd, tunnel, tmp_path):
 def test_remote_forward_bad_arguments(rd):
     with pytest.raises(ValueError, match="http:// or https://"):
         rd.RemoteForward("ws://127.0.0.1:1", "k", "tcp", "h:1")
-    with pytest.raises(rd.TunnelError, match="unsupported proto"):
+    with pytest.raises(ValueError, match="proto 'sctp': the stream route carries tcp"):
         rd.RemoteForward("http://127.0.0.1:1", "k", "sctp", "h:1")
+    with pytest.raises(ValueError, match="address 'h': expected HOST:PORT"):
+        rd.RemoteForward("http://127.0.0.1:1", "k", "tcp", "h")
     with pytest.raises(ValueError, match="header"):
         rd.RemoteForward("http://127.0.0.1:1", "k", "tcp", "h:1", headers={"X": "a\r\nY: b"})
     busy = socket.create_server(("127.0.0.1", 0))
@@ -442,8 +444,8 @@ def test_cli_forward_killed_leaves_nothing_open(tunnel, run_cli, echo_server):
 
 def test_cli_forward_bad_server_url(run_cli):
     p = run_cli("forward", "k", "tcp", "h:1", "--server", "ftp://x", ready=None)
-    assert p.wait_exit() == 1
-    assert "http:// or https://" in p.output
+    assert p.wait_exit() == 2
+    assert "--server: invalid server URL 'ftp://x'" in p.output
 
 
 # ---------------------------------------------------------------------------
