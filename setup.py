@@ -174,7 +174,7 @@ setup(
     # [tool.setuptools] "beta" and warns on every build.
     packages=["remotedialer_py"],
     # PEP 561: the package's annotations, and the C extension's stub.
-    package_data={"remotedialer_py": ["py.typed", "*.pyi"]},
+    package_data={"remotedialer_py": ["py.typed", "*.pyi", "dashboard/index.html"]},
     ext_modules=[
         Extension(
             "remotedialer_py._engine",

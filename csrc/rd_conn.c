@@ -197,6 +197,7 @@ rd_conn *rd_conn_new(rd_session *s, int64_t id, const char *proto, size_t proto_
   c->s = s;
   s->connecting++;
   const char *labels[3] = {s->client_key, c->proto, rd_conn_address(c)};
+  s->stats.conns_added++;
   rd_metrics_add(s->metrics, RD_M_ADD_CONNECTIONS, labels, 1);
   rd_metrics_add(s->metrics, RD_M_OPEN_CONNECTIONS, labels, 1);
   rd_engine_counts_add(0, 1, 0);
@@ -488,6 +489,7 @@ void rd_conn_update_reading(rd_conn *c) {
 void rd_conn_on_data(rd_conn *c, const uint8_t *data, size_t len) {
   rd_session *s = c->s;
   c->rx_bytes += len;
+  s->stats.rx_bytes += len;
   const char *labels[1] = {s->client_key};
   rd_metrics_add(s->metrics, RD_M_RECEIVE_BYTES, labels, (double)len);
   if (len == 0 || c->failed)
@@ -602,6 +604,7 @@ void rd_conn_end(rd_conn *c, const char *err, int send_error) {
   if (c->peer_paused)
     s->paused--;
   const char *labels[3] = {s->client_key, c->proto, rd_conn_address(c)};
+  s->stats.conns_removed++;
   rd_metrics_add(s->metrics, RD_M_REMOVE_CONNECTIONS, labels, 1);
   rd_metrics_add(s->metrics, RD_M_OPEN_CONNECTIONS, labels, -1);
   rd_engine_counts_add(0, -1, 0);

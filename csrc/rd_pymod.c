@@ -181,8 +181,21 @@ static PyObject *py_server_new(PyObject *module, PyObject *args) {
       opt_str(opts, "auth", auth, sizeof auth) < 0 ||
       opt_str(opts, "peer_id", cfg.peer_id, sizeof cfg.peer_id) < 0 ||
       opt_str(opts, "peer_token", cfg.peer_token, sizeof cfg.peer_token) < 0 ||
+      opt_str(opts, "dashboard_user", cfg.dashboard_user, sizeof cfg.dashboard_user) < 0 ||
+      opt_str(opts, "dashboard_password", cfg.dashboard_password,
+              sizeof cfg.dashboard_password) < 0 ||
       table_options(opts, RD_OPT_SERVER, &cfg) < 0)
     return NULL;
+  /* The page's bytes: read by Python from the package, copied at start. */
+  PyObject *html = PyDict_GetItemString(opts, "dashboard_html");
+  if (html != NULL && html != Py_None) {
+    if (!PyBytes_Check(html)) {
+      PyErr_SetString(PyExc_TypeError, "dashboard_html must be bytes");
+      return NULL;
+    }
+    cfg.dashboard_html = PyBytes_AS_STRING(html);
+    cfg.dashboard_html_len = (size_t)PyBytes_GET_SIZE(html);
+  }
   if (strcmp(auth, "callback") == 0) {
     cfg.auth_mode = RD_AUTH_CALLBACK;
   } else if (strcmp(auth, "token") == 0) {

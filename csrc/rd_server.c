@@ -49,6 +49,7 @@ void rd_srv_unref(rd_server *srv) {
   if (srv->cfg.peer_tls != NULL)
     rd_tls_ctx_unref(srv->cfg.peer_tls);
   rd_tokens_free(srv->cfg.tokens);
+  rd_free((char *)srv->cfg.dashboard_html);
   rd_metrics_free(srv->metrics);
   rd_map_dispose(&srv->clients);
   rd_cmd *waiter = srv->close_waiter;
@@ -138,15 +139,24 @@ int rd_srv_write_owned(rd_io *io, const char *data, size_t len) {
 /* Answers a plain HTTP response and closes after it is written. */
 void rd_srv_http_respond(httpconn *hc, int status, const char *reason, const char *ctype,
                          const char *body, size_t body_len) {
+  rd_srv_http_respond_with(hc, status, reason, ctype, "", body, body_len);
+}
+
+void rd_srv_http_respond_with(httpconn *hc, int status, const char *reason, const char *ctype,
+                              const char *extra, const char *body, size_t body_len) {
   if (hc->done)
     return;
   hc->done = 1;
   rd_io_read_stop(hc->io);
-  char head[256];
+  char head[768];
   int n = snprintf(head, sizeof head,
                    "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
-                   "Connection: close\r\n\r\n",
-                   status, reason, ctype, body_len);
+                   "%sConnection: close\r\n\r\n",
+                   status, reason, ctype, body_len, extra);
+  if (n < 0 || (size_t)n >= sizeof head) {
+    rd_srv_httpconn_close(hc);
+    return;
+  }
   if (rd_srv_write_owned(hc->io, head, (size_t)n) != 0 ||
       (body_len > 0 && rd_srv_write_owned(hc->io, body, body_len) != 0) ||
       rd_io_shutdown(hc->io, response_shutdown_cb) != 0)
@@ -194,6 +204,8 @@ static void httpconn_route(httpconn *hc) {
     rd_srv_handle_debug(hc);
   else if (srv->cfg.debug_route && plen == 12 && memcmp(req.target, "/debug/peers", 12) == 0)
     rd_srv_handle_debug_peers(hc);
+  else if (rd_srv_dashboard_route(hc, &req, plen))
+    ; /* answered */
   else if (srv->cfg.proxy_route && plen > 8 && memcmp(req.target, "/client/", 8) == 0)
     rd_srv_handle_proxy(hc, &req);
   else if (srv->cfg.proxy_route && plen > 8 && memcmp(req.target, "/stream/", 8) == 0)
@@ -377,6 +389,18 @@ int rd_server_start(const char *host, int port, const rd_server_config *cfg, rd_
     return RD_ENOMEM;
   }
   srv->cfg = *cfg;
+  srv->cfg.dashboard_html = NULL; /* the server's own copy, or none */
+  if (cfg->dashboard_html != NULL && cfg->dashboard_html_len > 0) {
+    char *html = rd_malloc(cfg->dashboard_html_len);
+    if (html == NULL) {
+      rd_metrics_free(srv->metrics);
+      rd_free(srv);
+      snprintf(err, errlen, "out of memory");
+      return RD_ENOMEM;
+    }
+    memcpy(html, cfg->dashboard_html, cfg->dashboard_html_len);
+    srv->cfg.dashboard_html = html;
+  }
   if (srv->cfg.tls != NULL)
     rd_tls_ctx_ref(srv->cfg.tls);
   if (srv->cfg.proxy_tls != NULL)

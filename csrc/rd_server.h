@@ -20,6 +20,14 @@ typedef struct rd_server_config {
   int proxy_route;      /* serve /client/{id}/{scheme}/{host}/{path} */
   int metrics_route;    /* serve /metrics */
   int debug_route;      /* serve /debug/connections (JSON) */
+  /* The dashboard (rd_server_dashboard.c): /ui/, /debug/state and its
+   * actions. HTTP Basic credentials ("" user: none); the page's bytes are
+   * copied at start (the server owns its copy). */
+  int dashboard;
+  char dashboard_user[128];
+  char dashboard_password[256];
+  const char *dashboard_html;
+  size_t dashboard_html_len;
   uint64_t handshake_timeout_ms; /* time to send a complete request head */
   size_t max_head;
   size_t max_headers;

@@ -12,6 +12,7 @@
  *   rd_server_dial.c      dials through a session, and dials waiting for room
  *   rd_server_forward.c   port forwards
  *   rd_server_routes.c    /metrics, /debug/connections and /debug/peers
+ *   rd_server_dashboard.c /healthz, /readyz, /debug/state, its actions, /ui/
  *   rd_server_peers.c     HA peering: links to peers, sessions peers open
  *                         to us and the keys they announce
  *
@@ -46,6 +47,8 @@ struct client_entry {
   char *key;
   rd_session **sessions; /* oldest first */
   size_t count, cap;
+  /* Connections of the key's sessions that ended, for the dashboard. */
+  uint64_t past_added, past_removed;
 };
 
 struct rd_server {
@@ -185,5 +188,18 @@ void rd_srv_handle_metrics(httpconn *hc);
 void rd_srv_handle_debug(httpconn *hc);
 /* /debug/peers: the configured peers as JSON. */
 void rd_srv_handle_debug_peers(httpconn *hc);
+
+/* ---- rd_server_dashboard.c ---- */
+
+/* /healthz, /readyz, and (as configured) /ui/, /debug/state and the
+ * dashboard's actions. Returns 1 when it answered the request. */
+int rd_srv_dashboard_route(httpconn *hc, rd_http_request *req, size_t plen);
+/* rd_srv_http_respond with extra header lines (each ending "\r\n"). */
+void rd_srv_http_respond_with(httpconn *hc, int status, const char *reason, const char *ctype,
+                              const char *extra, const char *body, size_t body_len);
+/* Calls cb for each session of a peer: those peers opened to us, and our
+ * links to them. */
+void rd_srv_peers_foreach_session(rd_server *srv, void (*cb)(void *ctx, rd_session *s),
+                                  void *ctx);
 
 #endif

@@ -532,6 +532,17 @@ void rd_server_foreach_peer(rd_server *srv, void (*cb)(void *ctx, const rd_peer_
   }
 }
 
+void rd_srv_peers_foreach_session(rd_server *srv, void (*cb)(void *ctx, rd_session *s),
+                                  void *ctx) {
+  for (peer_session *ps = srv->peer_sessions; ps != NULL; ps = ps->next)
+    cb(ctx, ps->s);
+  for (rd_peer *p = srv->peers; p != NULL; p = p->next) {
+    rd_session *link = p->link != NULL ? rd_client_session(p->link) : NULL;
+    if (link != NULL)
+      cb(ctx, link);
+  }
+}
+
 void rd_srv_peers_foreach_conn(rd_server *srv, rd_conn_info_cb cb, void *ctx) {
   for (peer_session *ps = srv->peer_sessions; ps != NULL; ps = ps->next)
     rd_session_foreach_conn(ps->s, cb, ctx);

@@ -75,6 +75,10 @@ static int client_remove(rd_server *srv, rd_session *s) {
   int found = 0;
   for (size_t i = 0; i < e->count; i++) {
     if (e->sessions[i] == s) {
+      rd_session_stats st;
+      rd_session_get_stats(s, &st);
+      e->past_added += st.conns_added;
+      e->past_removed += st.conns_removed;
       memmove(&e->sessions[i], &e->sessions[i + 1], (e->count - i - 1) * sizeof *e->sessions);
       e->count--;
       srv->sessions--;

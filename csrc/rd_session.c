@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "rd_alloc.h"
 #include "rd_io.h"
@@ -185,6 +186,8 @@ void rd_session_send_block(rd_session *s, int type, int64_t conn_id, rd_block *b
   uint8_t *p = rd_block_payload(b) - hlen;
   memcpy(p, hdr, hlen);
   const char *labels[1] = {s->client_key};
+  if (type == RD_MSG_DATA)
+    s->stats.tx_bytes += len;
   if (type == RD_MSG_DATA)
     rd_metrics_add(s->metrics, RD_M_TRANSMIT_BYTES, labels, (double)(hlen + len));
   else if (type == RD_MSG_ERROR)
@@ -671,6 +674,9 @@ rd_session *rd_session_new(rd_io *io, int role, const char *client_key, int kind
   s->session_key = (int64_t)(r[0] >> 1);
   s->next_msg_id = (int64_t)(r[1] >> 2);
   s->next_conn_id = 1;
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  s->stats.since = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
   s->last_rx = s->last_ping = s->last_sync = rd_now();
   rd_io_set_data(io, s);
   uv_timer_init(rd_loop(), &s->tick);
@@ -701,6 +707,8 @@ void rd_session_set_remote(rd_session *s, const char *remote) {
   s->remote = rd_strndup(remote, strlen(remote)); /* NULL when out of memory: "" */
 }
 size_t rd_session_conn_count(const rd_session *s) { return s->conns.count; }
+void rd_session_get_stats(const rd_session *s, rd_session_stats *out) { *out = s->stats; }
+rd_conn *rd_session_conn(rd_session *s, int64_t id) { return rd_conn_find(s, id); }
 int rd_session_has_room(const rd_session *s) { return rd_session_can_send(s) && !s->write_blocked; }
 
 typedef struct {

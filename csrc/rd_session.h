@@ -115,6 +115,16 @@ void rd_session_send_text(rd_session *s, int type, const char *text);
 /* Frees the idle write requests kept for reuse (loop thread). */
 void rd_session_trim_pools(void);
 
+/* What the session carried so far, for the dashboard. */
+typedef struct rd_session_stats {
+  double since; /* wall-clock seconds of its start */
+  uint64_t conns_added, conns_removed;
+  uint64_t tx_bytes, rx_bytes; /* DATA payload sent and received */
+} rd_session_stats;
+void rd_session_get_stats(const rd_session *s, rd_session_stats *out);
+/* The session's connection id, or NULL. */
+rd_conn *rd_session_conn(rd_session *s, int64_t id);
+
 /* Calls cb for every connection of the session. */
 void rd_session_foreach_conn(rd_session *s, rd_conn_info_cb cb, void *ctx);
 

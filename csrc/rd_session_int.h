@@ -48,6 +48,7 @@ struct rd_session {
   size_t paused;      /* connections the far side has paused */
   size_t idle_watched; /* connections with an idle timeout */
   rd_conn *reap_head; /* connections whose local end failed */
+  rd_session_stats stats; /* for the dashboard (rd_session_get_stats) */
 };
 
 /* ---- the session, for its connections ---- */

@@ -357,6 +357,47 @@ class TokenAuthorizer:
         return "\n".join(lines) + "\n"
 
 
+_DASHBOARD_PAGE = os.path.join(os.path.dirname(__file__), "dashboard", "index.html")
+
+
+def _dashboard_credentials(user: Any, password: Any, password_file: Any) -> Optional[tuple]:
+    """``(user, password)`` checked, the file's first line read, or None."""
+    if password is not None and password_file is not None:
+        raise ValueError("dashboard_password and dashboard_password_file exclude each other")
+    if password_file is not None:
+        path = _options.path("dashboard_password_file", password_file)
+        try:
+            with open(path, encoding="utf-8") as f:
+                password = f.readline().rstrip("\r\n")
+        except OSError as exc:
+            raise ValueError(f"dashboard_password_file: {exc}") from None
+    if user is None and password is None:
+        return None
+    if user is None or password is None:
+        raise ValueError("dashboard_user needs dashboard_password (or dashboard_password_file)")
+    if not isinstance(user, str) or not user or ":" in user or \
+            any(ord(c) < 0x20 for c in user) or len(user.encode()) > 127:
+        raise ValueError("dashboard_user must be a non-empty str of at most 127 bytes "
+                         f"without ':' or control characters, got {user!r}")
+    if not isinstance(password, str) or not password or "\0" in password or \
+            "\n" in password or len(password.encode()) > 255:
+        raise ValueError("dashboard_password must be a non-empty single-line str of at "
+                         "most 255 bytes")
+    return (user, password)
+
+
+def _dashboard_options(enabled: bool, auth: Optional[tuple]) -> dict:
+    """The engine options for the dashboard: its credentials, and the page
+    (shipped in the package) when it is on."""
+    opts: dict = {}
+    if auth is not None:
+        opts["dashboard_user"], opts["dashboard_password"] = auth
+    if enabled:
+        with open(_DASHBOARD_PAGE, "rb") as f:
+            opts["dashboard_html"] = f.read()
+    return opts
+
+
 class Server(_Handle):
     """A tunnel server.
 
@@ -378,6 +419,12 @@ class Server(_Handle):
       ``peer_ca_file``: verify ``wss://`` peers against this CA (without
       it, as in Go, a peer's certificate is not verified: the shared token
       authenticates the group).
+    - ``dashboard_user`` with ``dashboard_password`` (or
+      ``dashboard_password_file``, its first line): HTTP Basic credentials
+      for the dashboard (option ``dashboard=True``) and ``/debug/state``.
+      With a :class:`TokenAuthorizer` a bearer token of its table is also
+      accepted; with no credential the dashboard answers loopback clients
+      only.
     - ``options``: keywords from the engine's options table, seconds as
       int or float (``remotedialer-py options`` prints every name with its
       default and meaning). An unknown name raises TypeError, a bad value
@@ -393,8 +440,13 @@ class Server(_Handle):
                  peer_ca_file: Any = None, on_connect: Optional[_events.EventCallback] = None,
                  on_disconnect: Optional[_events.EventCallback] = None,
                  on_dial_failed: Optional[_events.EventCallback] = None,
+                 dashboard_user: Optional[str] = None,
+                 dashboard_password: Optional[str] = None,
+                 dashboard_password_file: Any = None,
                  **options: Any) -> None:
         super().__init__()
+        self._dashboard_auth = _dashboard_credentials(dashboard_user, dashboard_password,
+                                                      dashboard_password_file)
         self._on_connect = _events.check_callback("on_connect", on_connect)
         self._on_disconnect = _events.check_callback("on_disconnect", on_disconnect)
         self._on_dial_failed = _events.check_callback("on_dial_failed", on_dial_failed)
@@ -444,6 +496,7 @@ class Server(_Handle):
                 opts["peer_token"] = self._peer_token
             if self._peer_ca_file is not None:
                 opts["peer_ca_file"] = self._peer_ca_file
+            opts.update(_dashboard_options(opts.get("dashboard", False), self._dashboard_auth))
             # The /client/... route dials through agents for anyone who can
             # reach the port: on by default only in the trust-a-header mode
             # (the Go example server's), off when real authorization is set.
