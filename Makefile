@@ -22,7 +22,7 @@ CLANG ?= clang
 .NOTPARALLEL:
 .DEFAULT_GOAL := help
 
-DEB_PACKAGES := libuv1-dev libssl-dev pkg-config gcc make curl ca-certificates prometheus valgrind iproute2 tinyproxy
+DEB_PACKAGES := libuv1-dev libssl-dev pkg-config gcc make curl ca-certificates prometheus valgrind iproute2 tinyproxy chromium
 # For the fuzz targets only (`make fuzz-deps`): clang and its libFuzzer
 # runtime (libclang-rt-dev names the default version's, e.g. 14 on Debian 12).
 FUZZ_DEB_PACKAGES := clang libclang-rt-dev

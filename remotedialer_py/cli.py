@@ -153,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve GET /debug/connections (every open session and connection) "
                           "and GET /debug/peers (each HA peer: link state, last error, "
                           "announced agents)")
+    srv.add_argument("--dashboard", action="store_true",
+                     help="serve the dashboard at /ui/ and GET /debug/state (open sessions "
+                          "and connections, live); loopback clients only unless "
+                          "--dashboard-user is set or --tokens is used")
+    srv.add_argument("--dashboard-user", metavar="USER", default=None,
+                     help="HTTP Basic user for the dashboard and /debug/state")
+    srv.add_argument("--dashboard-password-file", metavar="FILE", default=None,
+                     type=_cliparse.input_file,
+                     help="the password of --dashboard-user (the file's first line)")
+    srv.needs("--dashboard-user", "--dashboard-password-file")
+    srv.needs("--dashboard-password-file", "--dashboard-user")
     srv.add_argument("--tls-cert", metavar="PEM", default=None, type=_cliparse.input_file,
                      help="serve wss:// with this certificate (chain allowed)")
     srv.add_argument("--tls-key", metavar="PEM", default=None, type=_cliparse.input_file,
@@ -443,13 +454,16 @@ def run_server(args: argparse.Namespace) -> int:
         # tokens it would bypass them, so it goes off then.
         srv = Server(listen=(host, port), path=args.path, authorizer=authorizer,
                      proxy_route=authorizer is None, debug_route=args.debug_connections,
-                     peers=peers, data_trace=_data_trace(args), **group, **tls)
+                     peers=peers, data_trace=_data_trace(args), dashboard=args.dashboard,
+                     dashboard_user=args.dashboard_user,
+                     dashboard_password_file=args.dashboard_password_file, **group, **tls)
         srv.start()
     except (TunnelError, ValueError, TypeError, OSError) as exc:
         return _start_failed("server", exc, {
             "--tokens": args.tokens, "--tls-cert": args.tls_cert, "--tls-key": args.tls_key,
             "--tls-client-ca": args.tls_client_ca, "--proxy-ca-file": args.proxy_ca_file,
-            "--peer-ca-file": args.peer_ca_file})
+            "--peer-ca-file": args.peer_ca_file,
+            "--dashboard-password-file": args.dashboard_password_file})
     if authorizer is not None:
         def reload_tokens(signum: int, frame: object) -> None:
             try:
@@ -463,6 +477,9 @@ def run_server(args: argparse.Namespace) -> int:
     try:
         bound = _options.format_hostport(srv.host or host, srv.port or 0)
         print(f"listening on {srv.url} (bound to {bound})", flush=True)
+        if args.dashboard:
+            base = srv.url.replace("ws", "http", 1).rsplit(srv.path, 1)[0]
+            print(f"dashboard at {base}/ui/", flush=True)
         if peers:
             own = getattr(args, "peer_self", None)
             print(f"HA group: this server is {args.id}"
