@@ -72,6 +72,16 @@ def clean_env():
     return env
 
 
+# The installed package serves its dashboard page.
+DASHBOARD_PAGE = """
+import urllib.request
+from remotedialer_py import Server
+with Server("127.0.0.1:0", dashboard=True) as srv:
+    r = urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/ui/", timeout=30)
+    print(r.status, r.read().split(b"\\n", 1)[0].decode())
+"""
+
+
 def test_sdist_and_wheel_install_into_a_fresh_venv(tmp_path):
     pytest.importorskip("build", reason="the build package is not installed (make testdeps)")
     src = tmp_path / "src"
@@ -86,7 +96,8 @@ def test_sdist_and_wheel_install_into_a_fresh_venv(tmp_path):
     with tarfile.open(sdists[0]) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     for name in ("csrc/rd_pymod.c", "remotedialer_py/py.typed", "remotedialer_py/_engine.pyi",
-                 "remotedialer_py/prometheus.py", "README.md", "LICENSE", "pyproject.toml",
+                 "remotedialer_py/prometheus.py", "remotedialer_py/dashboard/index.html",
+                 "README.md", "LICENSE", "pyproject.toml",
                  "setup.py"):
         assert name in names, f"{name} missing from the sdist"
 
@@ -95,7 +106,8 @@ def test_sdist_and_wheel_install_into_a_fresh_venv(tmp_path):
         meta_name = next(n for n in names if n.endswith(".dist-info/METADATA"))
         meta = email.message_from_bytes(whl.read(meta_name))
     for name in ("remotedialer_py/py.typed", "remotedialer_py/_engine.pyi",
-                 "remotedialer_py/prometheus.py", "remotedialer_py/pytest_plugin.py"):
+                 "remotedialer_py/prometheus.py", "remotedialer_py/pytest_plugin.py",
+                 "remotedialer_py/dashboard/index.html"):
         assert name in names, f"{name} missing from the wheel"
     assert any(n.startswith("remotedialer_py/_engine.") and n.endswith(".so") for n in names)
     assert "prometheus" in meta.get_all("Provides-Extra")
@@ -119,6 +131,8 @@ def test_sdist_and_wheel_install_into_a_fresh_venv(tmp_path):
         env=clean_env())
     out = run([python, "-c", ROUND_TRIP], env=clean_env(), cwd=tmp_path).stdout
     assert out.strip() == "round trip PING"
+    out = run([python, "-c", DASHBOARD_PAGE], env=clean_env(), cwd=tmp_path).stdout
+    assert out.strip() == "200 <!DOCTYPE html>"
     out = run([str(venv / "bin" / "remotedialer-py"), "options"], env=clean_env(),
               cwd=tmp_path).stdout
     assert "| `read_timeout` |" in out
