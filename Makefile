@@ -206,6 +206,8 @@ bench: build
 docs: build
 	$(PY) -m remotedialer_py._apidoc > docs/API.md.tmp
 	mv docs/API.md.tmp docs/API.md
+	$(PY) -m remotedialer_py._optdoc typed > remotedialer_py/option_types.py.tmp
+	mv remotedialer_py/option_types.py.tmp remotedialer_py/option_types.py
 
 clean:
 	rm -rf build dist .pytest_cache *.egg-info remotedialer_py/*.so

@@ -11,12 +11,17 @@ import threading
 import types
 import warnings
 import weakref
-from typing import Any, Callable, Iterator, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Tuple, Union
 
 from . import _callbacks, _engine, _options, _runtime  # noqa: F401 - _runtime registers the exit hook
 from . import _trace
 from . import events as _events
 from .tunnel_socket import TunnelSocket
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .option_types import ServerOptions
 
 log = logging.getLogger("remotedialer_py")
 
@@ -393,7 +398,7 @@ class Server(_Handle):
                  peer_ca_file: Any = None, on_connect: Optional[_events.EventCallback] = None,
                  on_disconnect: Optional[_events.EventCallback] = None,
                  on_dial_failed: Optional[_events.EventCallback] = None,
-                 **options: Any) -> None:
+                 **options: Unpack[ServerOptions]) -> None:
         super().__init__()
         self._on_connect = _events.check_callback("on_connect", on_connect)
         self._on_disconnect = _events.check_callback("on_disconnect", on_disconnect)
