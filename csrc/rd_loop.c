@@ -558,7 +558,7 @@ static void request_enqueue(rd_request **head, rd_request **tail, uv_cond_t *con
  * memory or shutting down. */
 static void event_post(uint64_t owner, const char *what, const char *key, const char *remote,
                        const char *url, const char *reason, const char *proto,
-                       const char *address, int peer, unsigned attempt) {
+                       const char *address, int peer, unsigned attempt, uint32_t retry_ms) {
   if (eng.stopping)
     return;
   rd_request *req = rd_request_new(RD_REQ_EVENT);
@@ -568,6 +568,7 @@ static void event_post(uint64_t owner, const char *what, const char *key, const 
   req->event.what = what;
   req->event.peer = peer;
   req->event.attempt = attempt;
+  req->event.retry_ms = retry_ms;
   if ((req->event.key = dup_or_empty(key)) == NULL ||
       (req->event.remote = dup_or_empty(remote)) == NULL ||
       (req->event.url = dup_or_empty(url)) == NULL ||
@@ -584,13 +585,14 @@ static void event_post(uint64_t owner, const char *what, const char *key, const 
 }
 
 void rd_event_post(uint64_t owner, const char *what, const char *key, const char *remote,
-                   const char *url, const char *reason, int peer, unsigned attempt) {
-  event_post(owner, what, key, remote, url, reason, NULL, NULL, peer, attempt);
+                   const char *url, const char *reason, int peer, unsigned attempt,
+                   uint32_t retry_ms) {
+  event_post(owner, what, key, remote, url, reason, NULL, NULL, peer, attempt, retry_ms);
 }
 
 void rd_event_post_dial(uint64_t owner, const char *key, const char *url, const char *proto,
                         const char *address, const char *reason) {
-  event_post(owner, "dial_failed", key, NULL, url, reason, proto, address, 0, 0);
+  event_post(owner, "dial_failed", key, NULL, url, reason, proto, address, 0, 0, 0);
 }
 
 int rd_verdict_fits(rd_request_kind kind, int verdict) {

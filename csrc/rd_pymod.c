@@ -1206,10 +1206,11 @@ static PyTypeObject CompleterType = {
 static PyObject *request_payload(const rd_request *r) {
   if (r->kind == RD_REQ_EVENT) {
     const rd_event *e = &r->event;
-    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:s,s:s,s:s,s:O,s:I}", "what", e->what, "key",
+    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:s,s:s,s:s,s:O,s:I,s:d}", "what", e->what, "key",
                          e->key, "remote", e->remote, "url", e->url, "reason", e->reason,
                          "proto", e->proto, "address", e->address, "peer",
-                         e->peer ? Py_True : Py_False, "attempt", e->attempt);
+                         e->peer ? Py_True : Py_False, "attempt", e->attempt, "retry",
+                         e->retry_ms / 1000.0);
   }
   if (r->kind == RD_REQ_CONNECT)
     return Py_BuildValue("(ss)", r->connect.proto, r->connect.address);
