@@ -18,6 +18,10 @@ INFO, not WARNING: the failure is already the dialer's answer (an exception
 from ``srv.dial``, a 500 on the proxy route); it says nothing is wrong here,
 and a program that never configured logging stays quiet and pays nothing.
 
+A server that runs out of descriptors logs it on ``remotedialer_py.server``
+at ERROR, at most once a second: "accept: too many open files (limit N)";
+the listener goes on and serves again once descriptors are free.
+
 Every record carries its fields as attributes too (``extra``: the names in
 FIELDS), for structured handlers such as the CLI's ``--log-format json``.
 """
@@ -77,6 +81,8 @@ def wanted(logger: logging.Logger, *callbacks: Optional[EventCallback]) -> bool:
 
 def _extra(e: Event) -> dict:
     """The record's fields: those the news names (empty ones left out)."""
+    if e.kind == "accept_failed":
+        return {"reason": e.reason}
     if e.kind == "dial_failed":
         doc: dict = {"proto": e.proto, "address": e.address, "reason": e.reason}
         doc.update({"client_key": e.client_key} if e.client_key else {"url": e.url})
@@ -108,6 +114,10 @@ def deliver(owner: Any, payload: Mapping[str, Any], logger: logging.Logger,
               attempt=int(payload.get("attempt", 0)), proto=str(payload.get("proto", "")),
               address=str(payload.get("address", "")))
     extra = _extra(e)
+    if e.kind == "accept_failed":
+        # The listener goes on; no callback is for this news.
+        logger.error("%s (the listener goes on)", e.reason, extra=extra)
+        return
     if e.kind == "dial_failed":
         where = f"client {e.client_key}" if e.client_key else f"agent of {e.url}"
         conn_log.info("dial %s/%s failed (%s): %s", e.proto, e.address, where, e.reason,
