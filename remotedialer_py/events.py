@@ -18,9 +18,10 @@ INFO, not WARNING: the failure is already the dialer's answer (an exception
 from ``srv.dial``, a 500 on the proxy route); it says nothing is wrong here,
 and a program that never configured logging stays quiet and pays nothing.
 
-A server that runs out of descriptors logs it on ``remotedialer_py.server``
-at ERROR, at most once a second: "accept: too many open files (limit N)";
-the listener goes on and serves again once descriptors are free.
+An accept failure libuv reports to a server's listener (out of descriptors
+once its reserve one is gone: "accept: too many open files (limit N)") is
+logged on ``remotedialer_py.server`` at ERROR, at most once a second, and
+the listener goes on.
 
 Every record carries its fields as attributes too (``extra``: the names in
 FIELDS), for structured handlers such as the CLI's ``--log-format json``.
