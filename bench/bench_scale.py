@@ -3,7 +3,8 @@
 
 (s) Sessions: --sessions agents (rd.Client), --per-process of them in each
     load process (the descriptor hard limit is per process), join one
-    server one load process at a time. After each step: the server's RSS
+    server (in a process of its own, so its memory starts fresh) one load
+    process at a time. After each step: the server's RSS
     and live engine heap (memory against sessions, from the baseline with
     none); the time each step's agents took to connect all at once
     (handshakes per second). At the top: dials spread round-robin over
@@ -11,8 +12,9 @@
     the server's sessions, connections, live heap and descriptors are
     compared with the baseline.
 (m) Memory against open idle tunneled connections: --idle-max connections
-    through a forward, opened in --steps steps (each step's by a helper of
-    its own), the server's and the agent's RSS and live heap after each.
+    through a forward of a server in its own process, opened in --steps
+    steps (each step's by a helper of its own), the server's and the
+    agent's RSS and live heap after each.
 (w) wss: bulk through a plain ws tunnel and a wss one (a self-signed
     certificate made at run time by the openssl command line) beside raw
     loopback, one connection, over payload (write) sizes; CPU seconds per
@@ -467,7 +469,7 @@ def report_lines(results):
             f"    per idle session: RSS {B.kib(s['rss_bytes_per_session'])}, "
             f"engine heap {B.kib(s['heap_bytes_per_session'])}",
             f"    handshakes: {s['handshakes_per_second']} per second "
-            f"({', '.join(str(h['count']) + ' in ' + format(h['seconds'], 'g') + ' s' for h in s['handshakes'])})",
+            "(" + ", ".join(f"{h['count']} in {h['seconds']:g} s" for h in s["handshakes"]) + ")",
             f"    dials spread over all sessions: {s['dials']['per_second']} per second "
             f"({s['dials']['connections']} in {s['dials']['seconds']:g} s, "
             f"{s['dials']['concurrency']} in flight, {s['dials']['errors']} errors)",
@@ -501,7 +503,8 @@ def report_lines(results):
             if "server_cpu_s_per_gib" in x:
                 cpu = (f"   {x['server_cpu_s_per_gib']:.2f} + {x['agent_cpu_s_per_gib']:.2f}"
                        f" = {x['server_cpu_s_per_gib'] + x['agent_cpu_s_per_gib']:.2f}")
-            lines.append(f"    {label:<28}{x['mb_s']:>9.1f} MB/s {x['mb_s'] / raw * 100:>6.1f}%{cpu}")
+            lines.append(f"    {label:<28}{x['mb_s']:>9.1f} MB/s "
+                         f"{x['mb_s'] / raw * 100:>6.1f}%{cpu}")
         sizes = w["sizes"]
         lines.append("    by write size (MB/s raw / ws / wss): " + ", ".join(
             f"{int(k) // 1024} KiB {v['raw']:.0f}/{v['ws']:.0f}/{v['wss']:.0f}"
