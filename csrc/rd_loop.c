@@ -22,6 +22,7 @@
 
 #include "rd_alloc.h"
 #include "rd_block.h"
+#include "rd_nofile.h"
 #include "rd_session.h"
 
 enum { ENGINE_NEW, ENGINE_RUNNING, ENGINE_STOPPED };
@@ -273,6 +274,7 @@ static void engine_init_once(void) {
 static int ensure_started_locked(void) {
   if (eng.state != ENGINE_NEW)
     return eng.state;
+  rd_nofile_raise();
   if (uv_loop_init(&eng.loop) != 0 || uv_async_init(&eng.loop, &eng.wake, wake_cb) != 0)
     return ENGINE_NEW;
   if (uv_thread_create(&eng.thread, loop_main, NULL) != 0) {
@@ -340,7 +342,8 @@ static int engine_call(rd_cmd *cmd) {
   int fd = eventfd(0, EFD_CLOEXEC);
   if (fd < 0) {
     cmd->status = -errno; /* libuv's codes are negated errnos */
-    snprintf(cmd->error, sizeof cmd->error, "%s", rd_strerror(cmd->status));
+    const char *text = rd_nofile_error(cmd->status);
+    snprintf(cmd->error, sizeof cmd->error, "%s", text != NULL ? text : rd_strerror(cmd->status));
     return cmd->status;
   }
   int rc = post(cmd, fd);

@@ -1433,7 +1433,7 @@ static PyObject *py_engine_stats(PyObject *module, PyObject *noargs) {
   Py_END_ALLOW_THREADS
   if (rc != RD_OK)
     return raise_rc(module, rc, NULL);
-  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "open_sessions",
+  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "open_sessions",
                        (long long)s.open_sessions, "open_connections",
                        (long long)s.open_connections, "buffered_bytes",
                        (long long)(s.buffered_to_local + s.buffered_to_tunnel),
@@ -1441,7 +1441,9 @@ static PyObject *py_engine_stats(PyObject *module, PyObject *noargs) {
                        (long long)s.buffered_to_tunnel, "heap_bytes", (long long)s.heap_bytes,
                        "heap_objects", (long long)s.heap_objects, "pool_bytes",
                        (long long)s.pool_bytes, "loop_handles", (long long)s.loop_handles,
-                       "rss_bytes", (long long)s.rss_bytes, "open_fds", (long long)s.open_fds);
+                       "rss_bytes", (long long)s.rss_bytes, "open_fds", (long long)s.open_fds,
+                       "nofile_soft", (long long)s.nofile_soft, "nofile_hard",
+                       (long long)s.nofile_hard, "fd_exhausted", (long long)s.fd_exhausted);
 }
 
 static PyObject *py_heap(PyObject *module, PyObject *noargs) {

@@ -21,6 +21,11 @@ INFO, not WARNING: the failure is already the dialer's answer (an exception
 from ``srv.dial``, a 500 on the proxy route); it says nothing is wrong here,
 and a program that never configured logging stays quiet and pays nothing.
 
+An accept failure libuv reports to a server's listener (out of descriptors
+once its reserve one is gone: "accept: too many open files (limit N)") is
+logged on ``remotedialer_py.server`` at ERROR, at most once a second, and
+the listener goes on.
+
 Every record carries its fields as attributes too (``extra``: the names in
 FIELDS), for structured handlers such as the CLI's ``--log-format json``.
 """
@@ -84,6 +89,8 @@ def wanted(logger: logging.Logger, *callbacks: Optional[EventCallback]) -> bool:
 
 def _extra(e: Event) -> dict:
     """The record's fields: those the news names (empty ones left out)."""
+    if e.kind == "accept_failed":
+        return {"reason": e.reason}
     if e.kind == "dial_failed":
         doc: dict = {"proto": e.proto, "address": e.address, "reason": e.reason}
         doc.update({"client_key": e.client_key} if e.client_key else {"url": e.url})
@@ -118,6 +125,10 @@ def deliver(owner: Any, payload: Mapping[str, Any], logger: logging.Logger,
               address=str(payload.get("address", "")),
               retry_in=float(payload.get("retry", 0.0)))
     extra = _extra(e)
+    if e.kind == "accept_failed":
+        # The listener goes on; no callback is for this news.
+        logger.error("%s (the listener goes on)", e.reason, extra=extra)
+        return
     if e.kind == "dial_failed":
         where = f"client {e.client_key}" if e.client_key else f"agent of {e.url}"
         conn_log.info("dial %s/%s failed (%s): %s", e.proto, e.address, where, e.reason,
