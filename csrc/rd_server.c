@@ -272,7 +272,7 @@ void rd_srv_accept_failed(rd_server *srv, int status) {
   srv->accept_news_ms = now;
   char reason[128];
   snprintf(reason, sizeof reason, "accept: %s", text != NULL ? text : rd_strerror(status));
-  rd_event_post(srv->obj.handle, "accept_failed", NULL, NULL, NULL, reason, 0, 0);
+  rd_event_post(srv->obj.handle, "accept_failed", NULL, NULL, NULL, reason, 0, 0, 0);
 }
 
 static void on_accept(uv_stream_t *listener, int status) {
