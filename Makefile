@@ -6,11 +6,11 @@
 #   make asan-test the pytest suite against an ASan + UBSan build of the engine
 #   make fuzz      libFuzzer targets in fuzz/ for FUZZ_SECONDS each (clang)
 #   make fuzz-ci   the same, FUZZ_CI_SECONDS each (CI's short pass)
-#   make bench     the benchmark
+#   make bench     the benchmark: one table, figures into docs/ (BENCH_ARGS: its flags)
 #   make docs      regenerate docs/API.md from the docstrings
 #   make deps      apt-get install what is missing (root only; checks first)
 #
-# Variables: PYTHON (the interpreter of every target; default python3), CC, CLANG, FUZZ_SECONDS, FUZZ_CI_SECONDS, PYTEST_ARGS.
+# Variables: PYTHON (the interpreter of every target; default python3), CC, CLANG, FUZZ_SECONDS, FUZZ_CI_SECONDS, PYTEST_ARGS, BENCH_ARGS.
 
 PYTHON ?= python3
 FUZZ_SECONDS ?= 60
@@ -198,14 +198,18 @@ build/fuzz/%: fuzz/%.c fuzz/fuzz.h $(ENGINE_SRC) $(HEADERS)
 	$(CLANG) -std=gnu11 -g -O1 -fsanitize=fuzzer,address,undefined -fno-omit-frame-pointer \
 	  -Icsrc $< $(ENGINE_SRC) $(LIBS) -o $@
 
+# The figures need matplotlib (the `plot` extra), installed here only.
 bench: build
-	$(PY) bench/bench.py
+	@$(PY) -c 'import matplotlib' >/dev/null 2>&1 || $(PY) -m pip install --quiet matplotlib
+	$(PY) bench/bench.py --png-dir docs $(BENCH_ARGS)
 
 # The API reference is generated (tests/test_apidoc.py checks it is current);
 # written through a temporary file so that a failure leaves the page whole.
 docs: build
 	$(PY) -m remotedialer_py._apidoc > docs/API.md.tmp
 	mv docs/API.md.tmp docs/API.md
+	$(PY) -m remotedialer_py._optdoc typed > remotedialer_py/option_types.py.tmp
+	mv remotedialer_py/option_types.py.tmp remotedialer_py/option_types.py
 
 clean:
 	rm -rf build dist .pytest_cache *.egg-info remotedialer_py/*.so

@@ -51,6 +51,10 @@ process.
     python bench/bench.py --seconds 2 -n 2000 --json bench.json
     python bench/bench.py --phases a --same-process
     python bench/bench.py --phases d         # HA peering only
+
+Phases s (10,000 agent sessions), m (memory against open connections) and w
+(wss against ws) are in bench_scale.py; --png-dir draws the figures
+(bench_plots.py).
 """
 
 import argparse
@@ -109,9 +113,9 @@ def wait_until(predicate, timeout, what):
 class Helper:
     """This script in another role, spoken to by lines on stdin/stdout."""
 
-    def __init__(self, role_args, env):
+    def __init__(self, role_args, env, script=__file__):
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), *role_args],
+            [sys.executable, os.path.abspath(script), *role_args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
             env=env, cwd=tempfile.gettempdir())
         self._lines = queue.Queue()
@@ -933,6 +937,8 @@ def report(results, args):
             f"      local / two relays: throughput {pct('local_vs_relay2_mb')}",
         ]
         lines.append(f"    peering counters balanced: {peer['balanced']}")
+    import bench_scale
+    lines += bench_scale.report_lines(results)
     lines.append(f"counters balanced: {results.get('balanced')}")
     return "\n".join(lines)
 
@@ -945,7 +951,18 @@ def main():
                    help="idle connections opened for the memory figure (default 10000)")
     p.add_argument("--concurrency", "-c", type=int, default=64,
                    help="dials in flight for the open/close rate (default 64)")
-    p.add_argument("--phases", default="abcd", help="which of a, b, c, d to run (default abcd)")
+    p.add_argument("--phases", default="abcdsmw",
+                   help="which of a, b, c, d, s, m, w to run (default abcdsmw)")
+    p.add_argument("--sessions", type=int, default=10000,
+                   help="agent sessions for (s) (default 10000)")
+    p.add_argument("--per-process", type=int, default=2500,
+                   help="agents per load process in (s) (default 2500)")
+    p.add_argument("--idle-max", type=int, default=16000,
+                   help="open idle connections at the last step of (m) (default 16000)")
+    p.add_argument("--steps", type=int, default=4, help="steps of (m) (default 4)")
+    p.add_argument("--tls-sessions", type=int, default=1000,
+                   help="agents connecting at once for the handshake rates of (w) (default 1000)")
+    p.add_argument("--png-dir", metavar="DIR", help="also draw the figures into DIR (matplotlib)")
     p.add_argument("--repeat", "-r", type=int, default=2,
                    help="runs of the raw/relays/tunnel triple in (a), and rounds of (d); "
                         "best reported (default 2)")
@@ -975,6 +992,13 @@ def main():
     hard = raise_nofile()
     if "c" in args.phases and args.idle + 1000 > hard:
         p.error(f"-n {args.idle} needs more descriptors than the hard limit {hard} allows")
+    if "m" in args.phases and args.idle_max + 1000 > hard:
+        p.error(f"--idle-max {args.idle_max} needs more descriptors than the hard limit "
+                f"{hard} allows")
+    if "s" in args.phases and args.sessions + 1000 > hard:
+        p.error(f"--sessions {args.sessions} needs more descriptors than the hard limit "
+                f"{hard} allows")
+    import bench_scale
     import remotedialer_py as rd
 
     env = dict(os.environ)
@@ -994,6 +1018,12 @@ def main():
         # memory freed by the other phases cannot hide its growth.
         if "c" in args.phases:
             results["idle"] = bench_idle(rd, srv, far, ports, args.idle, env)
+        if "s" in args.phases:
+            results["sessions"] = bench_scale.bench_sessions(
+                ports, args.sessions, args.per_process, args.seconds, args.concurrency, env)
+        if "m" in args.phases:
+            results["idle_steps"] = bench_scale.bench_idle_steps(
+                far, ports, args.idle_max, args.steps, env)
         if args.same_process:
             cli = rd.Client(srv.url, headers={"X-Tunnel-ID": "bench"})
             cli.start()
@@ -1020,6 +1050,9 @@ def main():
                                            args.seconds, args.concurrency)
         if "d" in args.phases:
             results["peer"] = bench_peer(ports, args.seconds, args.repeat, args.concurrency, env)
+        if "w" in args.phases:
+            results["wss"] = bench_scale.bench_wss(rd, ports, args.seconds, args.repeat,
+                                                   args.tls_sessions, env)
         try:
             wait_until(lambda: counters_balance(srv) and agent_balanced(), 60, "balance")
             results["balanced"] = True
@@ -1027,6 +1060,8 @@ def main():
             results["balanced"] = False
         if "peer" in results:
             results["balanced"] = results["balanced"] and results["peer"]["balanced"]
+        if "sessions" in results:
+            results["balanced"] = results["balanced"] and results["sessions"]["balanced"]
         results["engine_stats_end"] = rd.engine_stats()
     finally:
         if cli is not None:
@@ -1042,6 +1077,10 @@ def main():
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
             f.write("\n")
+    if args.png_dir:
+        import bench_plots
+        for path in bench_plots.write(results, args.png_dir):
+            print(f"wrote {path}")
     return 0 if results.get("balanced") else 1
 
 

@@ -64,6 +64,7 @@ struct rd_client {
   char last_error[256];
   int was_up; /* the session that is up, or just ended, was told */
   unsigned failures; /* failed attempts since the last session, for news */
+  uint32_t retry_ms;  /* the wait before the next attempt, for news */
 };
 
 void rd_client_config_default(rd_client_config *cfg) {
@@ -134,7 +135,8 @@ static void client_tell(rd_client *cli, int state, const char *why) {
   cli->failures = what[0] == 'f' ? cli->failures + 1 : 0;
   cli->was_up = state == RD_CLIENT_CONNECTED;
   if (cli->cfg.events)
-    rd_event_post(cli->obj.handle, what, NULL, NULL, labels[0], why, 0, cli->failures);
+    rd_event_post(cli->obj.handle, what, NULL, NULL, labels[0], why, 0, cli->failures,
+                  state == RD_CLIENT_CONNECTED ? 0 : cli->retry_ms);
 }
 
 /* ---- wait_connected ---- */
@@ -197,34 +199,40 @@ static void retry_cb(uv_timer_t *t) { start_attempt(t->data); }
 /* Waits before the next attempt. A failed attempt (failed 1) moves on to the
  * next URL, at once while the round of URLs lasts; a session that ended is
  * retried on its own URL. */
+/* backoff_min doubled per attempt up to backoff_max, with jitter in
+ * [0.8, 1.2) to spread a fleet reconnecting after a server restart. */
+static uint64_t backoff_delay(const rd_client *cli) {
+  uint64_t delay = cli->cfg.backoff_min_ms;
+  for (unsigned i = 0; i < cli->attempt && delay < cli->cfg.backoff_max_ms; i++)
+    delay *= 2;
+  if (delay > cli->cfg.backoff_max_ms)
+    delay = cli->cfg.backoff_max_ms;
+  uint32_t r = 0;
+  uv_random(NULL, NULL, &r, sizeof r, 0, NULL);
+  return delay * (800 + r % 400) / 1000;
+}
+
 static void schedule_retry(rd_client *cli, const char *why, int failed) {
   if (cli->state == CLI_CLOSED)
     return;
   if (why != NULL)
     snprintf(cli->last_error, sizeof cli->last_error, "%s", why);
   cli->state = CLI_WAITING;
+  /* A failed attempt with URLs left in this round tries the next at once;
+   * otherwise the backoff. Decided before the news, which names the wait
+   * (and the URL that failed, so `current` moves only after it). */
+  size_t next = (cli->current + 1) % cli->ntargets;
+  int next_now = failed && cli->ntargets > 1 && next != cli->round_start;
+  uint64_t delay = next_now ? 0 : backoff_delay(cli);
+  cli->retry_ms = delay > UINT32_MAX ? UINT32_MAX : (uint32_t)delay;
   client_tell(cli, RD_CLIENT_WAITING, cli->last_error);
   if (cli->state == CLI_CLOSED)
     return; /* the hook closed it */
-  if (!failed) {
+  if (!failed)
     cli->round_start = cli->current;
-  } else if (cli->ntargets > 1) {
-    cli->current = (cli->current + 1) % cli->ntargets;
-    if (cli->current != cli->round_start) {
-      uv_timer_start(&cli->timer, retry_cb, 0, 0);
-      return;
-    }
-  }
-  uint64_t delay = cli->cfg.backoff_min_ms;
-  for (unsigned i = 0; i < cli->attempt && delay < cli->cfg.backoff_max_ms; i++)
-    delay *= 2;
-  if (delay > cli->cfg.backoff_max_ms)
-    delay = cli->cfg.backoff_max_ms;
-  /* Jitter in [0.8, 1.2) spreads a fleet reconnecting after a server restart. */
-  uint32_t r = 0;
-  uv_random(NULL, NULL, &r, sizeof r, 0, NULL);
-  delay = delay * (800 + r % 400) / 1000;
-  if (cli->attempt < 32)
+  else
+    cli->current = next;
+  if (!next_now && cli->attempt < 32)
     cli->attempt++;
   uv_timer_start(&cli->timer, retry_cb, delay, 0);
 }

@@ -60,6 +60,10 @@ struct rd_conn {
   unsigned state : 2, end_kind : 2;
   unsigned peer_paused : 1, we_paused : 1, http_errors : 1, got_data : 1, local_broken : 1;
   unsigned local_gone : 1; /* the local peer closed while we were paused */
+  /* The far side ended cleanly (ERROR "EOF") while we were connecting, with
+   * bytes in the backlog: they go to the local end once it is there, then
+   * the connection ends, as Go's agent delivers its buffer before the EOF. */
+  unsigned far_eof : 1;
   unsigned failed : 1;     /* the local end failed: on the session's reap list */
   unsigned dial_deadline : 1; /* `deadline` waits for a local end, not the whole life */
   size_t pending;          /* memory held toward the local end */
@@ -531,6 +535,10 @@ void rd_conn_on_error(rd_conn *c, const char *text, size_t len) {
   memcpy(err, text, len);
   err[len] = '\0';
   int eof = strcmp(err, "EOF") == 0;
+  if (eof && c->state == CONN_CONNECTING && c->backlog.head != NULL) {
+    c->far_eof = 1; /* ended by the attach or splice that delivers the backlog */
+    return;
+  }
   if (!eof && !c->got_data)
     conn_failed(c, err, 1);
   rd_conn_end(c, eof ? NULL : err, 0);
@@ -608,7 +616,7 @@ void rd_conn_end(rd_conn *c, const char *err, int send_error) {
   rd_metrics_add(s->metrics, RD_M_REMOVE_CONNECTIONS, labels, 1);
   rd_metrics_add(s->metrics, RD_M_OPEN_CONNECTIONS, labels, -1);
   rd_engine_counts_add(0, -1, 0);
-  if (send_error && rd_session_can_send(s)) {
+  if (send_error && !c->far_eof && rd_session_can_send(s)) {
     held_send(c); /* bytes read before the end go first, PAUSE or not */
     const char *text = err != NULL ? err : "EOF";
     size_t len = strlen(text);
@@ -676,6 +684,10 @@ int rd_conn_attach_io(rd_conn *c, rd_io *io) {
     pending_sub(c, it->charge);
     local_write_owned(c, it->block, it->data, it->len);
     rd_free(it);
+  }
+  if (c->far_eof) { /* the backlog was all there is: flushed, then closed */
+    rd_conn_end(c, NULL, 0);
+    return RD_OK;
   }
   resume_if_drained(c);
   rd_conn_update_reading(c);
@@ -768,6 +780,12 @@ int rd_conn_splice(rd_conn *a, rd_conn *b) {
   conn_open(b);
   splice_flush_backlog(a);
   splice_flush_backlog(b);
+  /* A side whose far side already ended: its mate has the bytes now and
+   * ends with the same clean EOF. */
+  if (a->far_eof || b->far_eof) {
+    rd_conn_end(a->far_eof ? a : b, NULL, 0);
+    return RD_OK;
+  }
   /* From here each side's PAUSE state follows the other side's room. */
   rd_conn_update_reading(a);
   rd_conn_update_reading(b);

@@ -19,6 +19,7 @@
 
 #include "rd_addr.h"
 #include "rd_alloc.h"
+#include "rd_nofile.h"
 
 #define RD_DIAL_ERRLEN 512
 #define RD_DIAL_ADDRLEN 128
@@ -92,8 +93,8 @@ static const char *errno_text(int status) {
   case UV_EAFNOSUPPORT: return "address family not supported by protocol";
   case UV_EAGAIN: return "resource temporarily unavailable";
   case UV_EINVAL: return "invalid argument";
-  case UV_EMFILE: return "too many open files";
-  case UV_ENFILE: return "too many open files in system";
+  case UV_EMFILE:
+  case UV_ENFILE: return rd_nofile_error(status);
   case UV_ENOBUFS: return "no buffer space available";
   case UV_ENOMEM: return "cannot allocate memory";
   case UV_ENOTDIR: return "not a directory";

@@ -22,6 +22,7 @@
 
 #include "rd_alloc.h"
 #include "rd_block.h"
+#include "rd_nofile.h"
 #include "rd_session.h"
 
 enum { ENGINE_NEW, ENGINE_RUNNING, ENGINE_STOPPED };
@@ -273,6 +274,7 @@ static void engine_init_once(void) {
 static int ensure_started_locked(void) {
   if (eng.state != ENGINE_NEW)
     return eng.state;
+  rd_nofile_raise();
   if (uv_loop_init(&eng.loop) != 0 || uv_async_init(&eng.loop, &eng.wake, wake_cb) != 0)
     return ENGINE_NEW;
   if (uv_thread_create(&eng.thread, loop_main, NULL) != 0) {
@@ -340,7 +342,8 @@ static int engine_call(rd_cmd *cmd) {
   int fd = eventfd(0, EFD_CLOEXEC);
   if (fd < 0) {
     cmd->status = -errno; /* libuv's codes are negated errnos */
-    snprintf(cmd->error, sizeof cmd->error, "%s", rd_strerror(cmd->status));
+    const char *text = rd_nofile_error(cmd->status);
+    snprintf(cmd->error, sizeof cmd->error, "%s", text != NULL ? text : rd_strerror(cmd->status));
     return cmd->status;
   }
   int rc = post(cmd, fd);
@@ -558,7 +561,7 @@ static void request_enqueue(rd_request **head, rd_request **tail, uv_cond_t *con
  * memory or shutting down. */
 static void event_post(uint64_t owner, const char *what, const char *key, const char *remote,
                        const char *url, const char *reason, const char *proto,
-                       const char *address, int peer, unsigned attempt) {
+                       const char *address, int peer, unsigned attempt, uint32_t retry_ms) {
   if (eng.stopping)
     return;
   rd_request *req = rd_request_new(RD_REQ_EVENT);
@@ -568,6 +571,7 @@ static void event_post(uint64_t owner, const char *what, const char *key, const 
   req->event.what = what;
   req->event.peer = peer;
   req->event.attempt = attempt;
+  req->event.retry_ms = retry_ms;
   if ((req->event.key = dup_or_empty(key)) == NULL ||
       (req->event.remote = dup_or_empty(remote)) == NULL ||
       (req->event.url = dup_or_empty(url)) == NULL ||
@@ -584,13 +588,14 @@ static void event_post(uint64_t owner, const char *what, const char *key, const 
 }
 
 void rd_event_post(uint64_t owner, const char *what, const char *key, const char *remote,
-                   const char *url, const char *reason, int peer, unsigned attempt) {
-  event_post(owner, what, key, remote, url, reason, NULL, NULL, peer, attempt);
+                   const char *url, const char *reason, int peer, unsigned attempt,
+                   uint32_t retry_ms) {
+  event_post(owner, what, key, remote, url, reason, NULL, NULL, peer, attempt, retry_ms);
 }
 
 void rd_event_post_dial(uint64_t owner, const char *key, const char *url, const char *proto,
                         const char *address, const char *reason) {
-  event_post(owner, "dial_failed", key, NULL, url, reason, proto, address, 0, 0);
+  event_post(owner, "dial_failed", key, NULL, url, reason, proto, address, 0, 0, 0);
 }
 
 int rd_verdict_fits(rd_request_kind kind, int verdict) {

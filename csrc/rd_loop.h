@@ -137,8 +137,9 @@ typedef struct rd_dial_request {
 } rd_dial_request;
 
 /* News of a session: "connect" or "disconnect" (a server's agent or peer
- * session), or an agent's "connect", "disconnect" and "fail" (an attempt
- * that failed); or of a connection: "dial_failed" (rd_event_post_dial).
+ * session), "refused" (an upgrade the server answered with an error), or an
+ * agent's "connect", "disconnect" and "fail" (an attempt that failed); or of
+ * a connection: "dial_failed" (rd_event_post_dial).
  * Strings not given are "". */
 typedef struct rd_event {
   const char *what;  /* static */
@@ -148,6 +149,7 @@ typedef struct rd_event {
   char *reason;      /* why it ended or failed */
   char *proto;       /* dial_failed: the connection's protocol */
   char *address;     /* dial_failed: and its address */
+  uint32_t retry_ms; /* agent: the wait before its next attempt */
   int peer;          /* server: a peer's session */
   unsigned attempt;  /* agent: failed attempts in a row */
 } rd_event;
@@ -182,7 +184,8 @@ void rd_request_free(rd_request *req);
  * copies of the strings (NULL: ""). Nothing waits for it; dropped when out
  * of memory or shutting down. */
 void rd_event_post(uint64_t owner, const char *what, const char *key, const char *remote,
-                   const char *url, const char *reason, int peer, unsigned attempt);
+                   const char *url, const char *reason, int peer, unsigned attempt,
+                   uint32_t retry_ms);
 /* The same for a connection that failed before carrying data: "dial_failed"
  * with the client key (server), the server URL (agent), proto, address and
  * the error text. */

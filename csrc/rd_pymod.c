@@ -1219,10 +1219,11 @@ static PyTypeObject CompleterType = {
 static PyObject *request_payload(const rd_request *r) {
   if (r->kind == RD_REQ_EVENT) {
     const rd_event *e = &r->event;
-    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:s,s:s,s:s,s:O,s:I}", "what", e->what, "key",
+    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:s,s:s,s:s,s:O,s:I,s:d}", "what", e->what, "key",
                          e->key, "remote", e->remote, "url", e->url, "reason", e->reason,
                          "proto", e->proto, "address", e->address, "peer",
-                         e->peer ? Py_True : Py_False, "attempt", e->attempt);
+                         e->peer ? Py_True : Py_False, "attempt", e->attempt, "retry",
+                         e->retry_ms / 1000.0);
   }
   if (r->kind == RD_REQ_CONNECT)
     return Py_BuildValue("(ss)", r->connect.proto, r->connect.address);
@@ -1445,7 +1446,7 @@ static PyObject *py_engine_stats(PyObject *module, PyObject *noargs) {
   Py_END_ALLOW_THREADS
   if (rc != RD_OK)
     return raise_rc(module, rc, NULL);
-  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "open_sessions",
+  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "open_sessions",
                        (long long)s.open_sessions, "open_connections",
                        (long long)s.open_connections, "buffered_bytes",
                        (long long)(s.buffered_to_local + s.buffered_to_tunnel),
@@ -1453,7 +1454,9 @@ static PyObject *py_engine_stats(PyObject *module, PyObject *noargs) {
                        (long long)s.buffered_to_tunnel, "heap_bytes", (long long)s.heap_bytes,
                        "heap_objects", (long long)s.heap_objects, "pool_bytes",
                        (long long)s.pool_bytes, "loop_handles", (long long)s.loop_handles,
-                       "rss_bytes", (long long)s.rss_bytes, "open_fds", (long long)s.open_fds);
+                       "rss_bytes", (long long)s.rss_bytes, "open_fds", (long long)s.open_fds,
+                       "nofile_soft", (long long)s.nofile_soft, "nofile_hard",
+                       (long long)s.nofile_hard, "fd_exhausted", (long long)s.fd_exhausted);
 }
 
 static PyObject *py_heap(PyObject *module, PyObject *noargs) {

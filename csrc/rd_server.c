@@ -18,6 +18,7 @@
 #include "rd_alloc.h"
 #include "rd_http.h"
 #include "rd_io.h"
+#include "rd_nofile.h"
 #include "rd_server_int.h"
 #include "rd_ws.h"
 
@@ -272,8 +273,24 @@ uv_tcp_t *rd_srv_accept_tcp(uv_stream_t *listener) {
   return tcp;
 }
 
+void rd_srv_accept_failed(rd_server *srv, int status) {
+  /* Out of descriptors, libuv accepts and closes the waiting connections
+   * with its reserve descriptor and the listener goes on; new connections
+   * are served again as soon as descriptors are free. */
+  const char *text = rd_nofile_error(status);
+  uint64_t now = uv_now(rd_loop());
+  if (!srv->cfg.events || (srv->accept_news_ms != 0 && now - srv->accept_news_ms < 1000))
+    return;
+  srv->accept_news_ms = now;
+  char reason[128];
+  snprintf(reason, sizeof reason, "accept: %s", text != NULL ? text : rd_strerror(status));
+  rd_event_post(srv->obj.handle, "accept_failed", NULL, NULL, NULL, reason, 0, 0, 0);
+}
+
 static void on_accept(uv_stream_t *listener, int status) {
   rd_server *srv = listener->data;
+  if (status < 0 && !srv->closing)
+    rd_srv_accept_failed(srv, status);
   if (status < 0 || srv->closing)
     return;
   uv_tcp_t *tcp = rd_srv_accept_tcp(listener);

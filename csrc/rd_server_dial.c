@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "rd_alloc.h"
+#include "rd_nofile.h"
 #include "rd_dialer.h"
 #include "rd_io.h"
 #include "rd_server_int.h"
@@ -55,7 +56,8 @@ int rd_srv_dial_pair(rd_session *s, const char *proto, const char *address, int 
   int udp = rd_proto_is_udp(proto);
   if (socketpair(AF_UNIX, (udp ? SOCK_SEQPACKET : SOCK_STREAM) | SOCK_CLOEXEC, 0, fds) != 0) {
     int e = -errno;
-    snprintf(err, errlen, "socketpair: %s", rd_strerror(e));
+    const char *text = rd_nofile_error(e);
+    snprintf(err, errlen, "socketpair: %s", text != NULL ? text : rd_strerror(e));
     return e;
   }
   rd_io *io;

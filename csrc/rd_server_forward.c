@@ -61,6 +61,8 @@ static void forward_close(rd_object *obj, rd_cmd *waiter) {
 
 static void forward_accept_cb(uv_stream_t *listener, int status) {
   rd_forward *f = listener->data;
+  if (status < 0 && !f->closed)
+    rd_srv_accept_failed(f->srv, status);
   if (status < 0 || f->closed)
     return;
   uv_tcp_t *tcp = rd_srv_accept_tcp(listener);

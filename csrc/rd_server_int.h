@@ -65,6 +65,7 @@ struct rd_server {
   size_t sessions; /* live sessions, agents' and peers' */
   int refs; /* listener + sessions + httpconns + forwards + room waits + peers */
   int closing;
+  uint64_t accept_news_ms; /* when the last failed accept was told (uv_now) */
   rd_cmd *close_waiter;
 };
 
@@ -91,6 +92,9 @@ void rd_srv_tcp_free_cb(uv_handle_t *h);
 /* Accepts the pending connection into a new rd_malloc'ed handle with
  * TCP_NODELAY, or NULL. */
 uv_tcp_t *rd_srv_accept_tcp(uv_stream_t *listener);
+/* A listener's accept failed with status (the listener keeps serving):
+ * counted, and told as news at most once a second. */
+void rd_srv_accept_failed(rd_server *srv, int status);
 /* Binds tcp to host:port ("" = 0.0.0.0); *port_out is the bound port. 0 or a
  * negative code with err ("listen tcp HOST:PORT: ..."). */
 int rd_srv_bind_listener(uv_tcp_t *tcp, const char *host, int port, int *port_out, char *err,

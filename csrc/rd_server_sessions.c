@@ -125,7 +125,7 @@ size_t rd_srv_end_client_sessions(rd_server *srv, const char *key, const char *r
 void rd_srv_session_news(rd_server *srv, rd_session *s, const char *what, const char *reason) {
   if (srv->cfg.events)
     rd_event_post(srv->obj.handle, what, rd_session_client_key(s), rd_session_remote(s), NULL,
-                  reason, rd_session_kind(s) == RD_SESSION_PEER, 0);
+                  reason, rd_session_kind(s) == RD_SESSION_PEER, 0, 0);
 }
 
 void rd_srv_conn_news(rd_server *srv, rd_session *s, rd_conn *c, const char *err, int far) {
@@ -187,19 +187,33 @@ static char *format_remote(uv_tcp_t *tcp, char *out, size_t outlen) {
   return out;
 }
 
+/* Answers an upgrade with an error, and tells Python (news "refused", with
+ * the far address and the status): the operator's view of who was turned
+ * away and why. */
+static void refuse(httpconn *hc, int code, const char *phrase, const char *text) {
+  rd_server *srv = hc->srv;
+  if (srv->cfg.events) {
+    char remote[80], reason[400];
+    format_remote((uv_tcp_t *)rd_io_stream(hc->io), remote, sizeof remote);
+    snprintf(reason, sizeof reason, "HTTP %d: %s", code, text);
+    rd_event_post(srv->obj.handle, "refused", NULL, remote, NULL, reason, 0, 0, 0);
+  }
+  rd_srv_respond_text(hc, code, phrase, text);
+}
+
 /* Answers the upgrade and serves the stream as client_key's session, or as
  * the session peer client_key opened to us (peer 1). */
 static void upgrade_accept(httpconn *hc, const char *client_key, int peer) {
   rd_server *srv = hc->srv;
   if (srv->sessions >= srv->cfg.max_sessions) {
-    rd_srv_respond_text(hc, 503, "Service Unavailable", "too many sessions");
+    refuse(hc, 503, "Service Unavailable", "too many sessions");
     return;
   }
   client_entry *e = peer ? NULL : client_find(srv, client_key);
   if (e != NULL && e->count >= srv->cfg.max_sessions_per_key) {
     char msg[320];
     snprintf(msg, sizeof msg, "too many sessions for client %s", client_key);
-    rd_srv_respond_text(hc, 429, "Too Many Requests", msg);
+    refuse(hc, 429, "Too Many Requests", msg);
     return;
   }
   rd_http_request req;
@@ -207,7 +221,7 @@ static void upgrade_accept(httpconn *hc, const char *client_key, int peer) {
   const rd_http_header *key = rd_http_find_header(req.headers, req.num_headers, "Sec-WebSocket-Key");
   char accept[29];
   if (rd_ws_accept_key(key->value, key->value_len, accept) != RD_OK) {
-    rd_srv_respond_text(hc, 500, "Internal Server Error", "out of memory");
+    refuse(hc, 500, "Internal Server Error", "out of memory");
     return;
   }
   char resp[160];
@@ -251,11 +265,11 @@ static void auth_answer_cb(rd_request *req, rd_verdict verdict, const char *valu
   if (verdict == RD_VERDICT_ACCEPT && value != NULL && value[0] != '\0')
     upgrade_accept(hc, value, 0);
   else if (verdict == RD_VERDICT_ERROR)
-    rd_srv_respond_text(hc, 400, "Bad Request", value != NULL ? value : "authorizer failed");
+    refuse(hc, 400, "Bad Request", value != NULL ? value : "authorizer failed");
   else if (verdict == RD_VERDICT_CLOSED)
-    rd_srv_respond_text(hc, 503, "Service Unavailable", "server closing");
+    refuse(hc, 503, "Service Unavailable", "server closing");
   else
-    rd_srv_respond_text(hc, 401, "Unauthorized", "failed authentication");
+    refuse(hc, 401, "Unauthorized", "failed authentication");
 }
 
 
@@ -263,27 +277,27 @@ void rd_srv_handle_upgrade(httpconn *hc, rd_http_request *req) {
   rd_server *srv = hc->srv;
   const rd_http_header *h;
   if (!(req->method_len == 3 && memcmp(req->method, "GET", 3) == 0)) {
-    rd_srv_respond_text(hc, 405, "Method Not Allowed", "websocket: the client is not using the websocket protocol: request method is not GET");
+    refuse(hc, 405, "Method Not Allowed", "websocket: the client is not using the websocket protocol: request method is not GET");
     return;
   }
   h = rd_http_find_header(req->headers, req->num_headers, "Connection");
   if (h == NULL || !rd_http_has_token(h->value, h->value_len, "upgrade")) {
-    rd_srv_respond_text(hc, 400, "Bad Request", "websocket: the client is not using the websocket protocol: 'upgrade' token not found in 'Connection' header");
+    refuse(hc, 400, "Bad Request", "websocket: the client is not using the websocket protocol: 'upgrade' token not found in 'Connection' header");
     return;
   }
   h = rd_http_find_header(req->headers, req->num_headers, "Upgrade");
   if (h == NULL || !rd_http_has_token(h->value, h->value_len, "websocket")) {
-    rd_srv_respond_text(hc, 400, "Bad Request", "websocket: the client is not using the websocket protocol: 'websocket' token not found in 'Upgrade' header");
+    refuse(hc, 400, "Bad Request", "websocket: the client is not using the websocket protocol: 'websocket' token not found in 'Upgrade' header");
     return;
   }
   h = rd_http_find_header(req->headers, req->num_headers, "Sec-WebSocket-Version");
   if (h == NULL || h->value_len != 2 || memcmp(h->value, "13", 2) != 0) {
-    rd_srv_respond_text(hc, 400, "Bad Request", "websocket: unsupported version: 13 not found in 'Sec-Websocket-Version' header");
+    refuse(hc, 400, "Bad Request", "websocket: unsupported version: 13 not found in 'Sec-Websocket-Version' header");
     return;
   }
   h = rd_http_find_header(req->headers, req->num_headers, "Sec-WebSocket-Key");
   if (h == NULL || h->value_len == 0) {
-    rd_srv_respond_text(hc, 400, "Bad Request", "websocket: not a websocket handshake: 'Sec-WebSocket-Key' header is missing or blank");
+    refuse(hc, 400, "Bad Request", "websocket: not a websocket handshake: 'Sec-WebSocket-Key' header is missing or blank");
     return;
   }
   /* Peers first, as Go checks them: a wrong pair falls through. */
@@ -298,7 +312,7 @@ void rd_srv_handle_upgrade(httpconn *hc, rd_http_request *req) {
     if (h != NULL && h->value_len > 7 && rd_http_ieq("Bearer ", h->value, 7))
       key = rd_tokens_lookup(srv->cfg.tokens, h->value + 7, h->value_len - 7);
     if (key == NULL)
-      rd_srv_respond_text(hc, 401, "Unauthorized", "failed authentication");
+      refuse(hc, 401, "Unauthorized", "failed authentication");
     else
       upgrade_accept(hc, key, 0);
     return;
@@ -306,12 +320,12 @@ void rd_srv_handle_upgrade(httpconn *hc, rd_http_request *req) {
   if (srv->cfg.auth_mode == RD_AUTH_HEADER) {
     h = rd_http_find_header(req->headers, req->num_headers, srv->cfg.auth_header);
     if (h == NULL || h->value_len == 0) {
-      rd_srv_respond_text(hc, 401, "Unauthorized", "failed authentication");
+      refuse(hc, 401, "Unauthorized", "failed authentication");
       return;
     }
     char key[256];
     if (h->value_len >= sizeof key) {
-      rd_srv_respond_text(hc, 400, "Bad Request", "client key too long");
+      refuse(hc, 400, "Bad Request", "client key too long");
       return;
     }
     memcpy(key, h->value, h->value_len);
@@ -332,7 +346,7 @@ void rd_srv_handle_upgrade(httpconn *hc, rd_http_request *req) {
       (r->auth.headers = rd_malloc(hlen + 1)) == NULL) {
     if (r != NULL)
       rd_request_free(r);
-    rd_srv_respond_text(hc, 500, "Internal Server Error", "out of memory");
+    refuse(hc, 500, "Internal Server Error", "out of memory");
     return;
   }
   char *p = r->auth.headers;
@@ -349,7 +363,7 @@ void rd_srv_handle_upgrade(httpconn *hc, rd_http_request *req) {
   if (tls != NULL && rd_tls_peer_cert(tls, &r->auth.cert_subject, &r->auth.cert_sans,
                                       &r->auth.cert_sha256) < 0) {
     rd_request_free(r);
-    rd_srv_respond_text(hc, 500, "Internal Server Error", "out of memory");
+    refuse(hc, 500, "Internal Server Error", "out of memory");
     return;
   }
   r->owner = srv->obj.handle;

@@ -7,6 +7,7 @@
 #include "rd_alloc.h"
 #include "rd_block.h"
 #include "rd_loop.h"
+#include "rd_nofile.h"
 
 static void count_handle_cb(uv_handle_t *h, void *arg) {
   (void)h;
@@ -48,6 +49,8 @@ void rd_stats_collect(rd_stats *s) {
   uv_walk(rd_loop(), count_handle_cb, &s->loop_handles);
   s->rss_bytes = process_rss();
   s->open_fds = process_fds();
+  rd_nofile_limits(&s->nofile_soft, &s->nofile_hard);
+  s->fd_exhausted = rd_nofile_exhausted();
 }
 
 void rd_stats_refresh_gauges(rd_metrics *m) {

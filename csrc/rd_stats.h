@@ -16,6 +16,8 @@ typedef struct rd_stats {
   int64_t loop_handles;
   int64_t rss_bytes; /* -1 when unknown */
   int64_t open_fds;  /* -1 when unknown */
+  int64_t nofile_soft, nofile_hard; /* RLIMIT_NOFILE, -1 when unlimited */
+  int64_t fd_exhausted; /* accepts and dials failed for want of a descriptor */
 } rd_stats;
 
 /* Fills s (loop thread: counts the loop's handles). */

@@ -17,6 +17,7 @@
 #include "rd_http.h"
 #include "rd_io.h"
 #include "rd_join.h"
+#include "rd_nofile.h"
 #include "rd_proxy_connect.h"
 #include "rd_stream.h"
 
@@ -300,6 +301,8 @@ static void link_timeout_cb(uv_timer_t *t) {
 
 static void accept_cb(uv_stream_t *listener, int status) {
   rd_sforward *f = listener->data;
+  if (status < 0)
+    rd_nofile_error(status); /* counted; the listener goes on */
   if (status < 0 || f->closing)
     return;
   uv_tcp_t *tcp = rd_malloc(sizeof *tcp);

@@ -75,3 +75,51 @@ def render_readme(text: str) -> str:
         if n != 1:
             raise ValueError(f"expected one generated {name} block, found {n}")
     return text
+
+
+# -- the options as TypedDicts, for type checkers --------------------------------
+
+TYPED_MODULE = "remotedialer_py/option_types.py"
+# What each kind of the engine's table takes (seconds: int or float).
+_KIND_TYPES = {"seconds": "float", "seconds_or_off": "float", "count": "int", "size": "int",
+               "bool": "bool", "header": "str", "host": "str",
+               "path": "Union[str, os.PathLike[str]]"}
+
+
+def typed_options_source() -> str:
+    """remotedialer_py/option_types.py: ``ServerOptions`` and
+    ``ClientOptions``, the keyword options of Server and Client (and their
+    aio twins) as TypedDicts, so mypy checks ``Server(read_timeout="x")``."""
+    out = ['"""The keyword options of Server and Client as TypedDicts, for type checkers.',
+           "",
+           "Generated from the engine's option table by ``make docs`` (remotedialer_py",
+           "._optdoc); tests/test_optdoc.py fails when it differs. At run time the engine",
+           'checks every value itself."""',
+           "",
+           "from __future__ import annotations",
+           "",
+           "import os",
+           "from typing import TypedDict, Union",
+           "",
+           '__all__ = ["ServerOptions", "ClientOptions"]']
+    for cls, who in (("ServerOptions", "server"), ("ClientOptions", "client")):
+        out += ["", "", f"class {cls}(TypedDict, total=False):",
+                f'    """Keyword options of ``{cls[:-7]}``: see the README\'s options table."""',
+                ""]
+        for row in _options.rows():
+            if row[who]:
+                kind = _KIND_TYPES.get(row["kind"])
+                if kind is None:
+                    raise ValueError(f"option {row['name']}: no Python type for kind {row['kind']}")
+                out.append(f"    {row['name']}: {kind}")
+                doc = f"{row['meaning']} (default {_default(row)})."
+                out.append('    """' + doc.replace("\\", "\\\\").replace('"', "'") + '"""')
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["typed"]:
+        sys.exit("usage: python -m remotedialer_py._optdoc typed > " + TYPED_MODULE)
+    sys.stdout.write(typed_options_source())

@@ -8,12 +8,17 @@ import socket
 import ssl
 import time
 import weakref
-from typing import Any, Callable, Iterable, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Tuple, Union
 
 from . import _callbacks, _engine, _options, _proxy
 from . import _trace
 from . import events as _events
 from .server import MetricsDict, _Handle, _metrics_dict
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .option_types import ClientOptions
 
 log = logging.getLogger("remotedialer_py")
 
@@ -154,7 +159,7 @@ class Client(_Handle):
                  *, dialer: Optional[Dialer] = None,
                  on_connect: Optional[_events.EventCallback] = None,
                  on_disconnect: Optional[_events.EventCallback] = None,
-                 on_dial_failed: Optional[_events.EventCallback] = None, **options: Any) -> None:
+                 on_dial_failed: Optional[_events.EventCallback] = None, **options: Unpack[ClientOptions]) -> None:
         super().__init__()
         self._on_connect = _events.check_callback("on_connect", on_connect)
         self._on_disconnect = _events.check_callback("on_disconnect", on_disconnect)

@@ -2,7 +2,10 @@
 
 A Server tells ``on_connect(event)`` / ``on_disconnect(event)`` when an
 agent's or a peer's session comes and goes; a Client tells them when its
-session comes up or ends, and ``on_disconnect`` also when an attempt fails.
+session comes up or ends, and ``on_disconnect`` also when an attempt fails
+(with the wait before the next one, ``retry_in``). A Server also logs each
+upgrade it refuses (401, 400, 429, 503...) with the far address and why, at
+WARNING.
 The engine posts the news from its loop and the callback threads deliver it
 (never the loop itself), in the order it happened for each object. The same
 news is logged on ``remotedialer_py.server`` / ``remotedialer_py.client``
@@ -17,6 +20,11 @@ local dials, and on a server each connection its agent ended with an error.
 INFO, not WARNING: the failure is already the dialer's answer (an exception
 from ``srv.dial``, a 500 on the proxy route); it says nothing is wrong here,
 and a program that never configured logging stays quiet and pays nothing.
+
+An accept failure libuv reports to a server's listener (out of descriptors
+once its reserve one is gone: "accept: too many open files (limit N)") is
+logged on ``remotedialer_py.server`` at ERROR, at most once a second, and
+the listener goes on.
 
 Every record carries its fields as attributes too (``extra``: the names in
 FIELDS), for structured handlers such as the CLI's ``--log-format json``.
@@ -36,7 +44,7 @@ conn_log = logging.getLogger("remotedialer_py.conn")
 
 # The attributes our records carry beyond logging's own, in output order.
 FIELDS = ("side", "session", "client_key", "peer", "remote", "url", "proto", "address",
-          "reason", "attempt", "direction", "msg_type", "msg_id", "conn_id", "length", "data",
+          "reason", "attempt", "retry_in", "direction", "msg_type", "msg_id", "conn_id", "length", "data",
           "dropped")
 
 log = logging.getLogger("remotedialer_py")
@@ -49,7 +57,10 @@ class Event:
     peer session), ``peer`` and ``remote`` (the far address); an agent's
     names ``url`` and ``attempt`` (failed attempts in a row). ``reason``
     says why a session ended, an attempt or a dial failed; ``proto`` and
-    ``address`` name a failed dial's target."""
+    ``address`` name a failed dial's target; ``retry_in`` (agents) is the
+    wait in seconds before the next attempt. ``"refused"`` (servers, logged
+    only) is an upgrade answered with an error: ``remote`` and ``reason``
+    (``"HTTP 401: failed authentication"``)."""
 
     kind: str
     client_key: str = ""
@@ -60,6 +71,7 @@ class Event:
     attempt: int = 0
     proto: str = ""
     address: str = ""
+    retry_in: float = 0.0
 
 
 EventCallback = Callable[[Event], Any]
@@ -77,12 +89,16 @@ def wanted(logger: logging.Logger, *callbacks: Optional[EventCallback]) -> bool:
 
 def _extra(e: Event) -> dict:
     """The record's fields: those the news names (empty ones left out)."""
+    if e.kind == "accept_failed":
+        return {"reason": e.reason}
     if e.kind == "dial_failed":
         doc: dict = {"proto": e.proto, "address": e.address, "reason": e.reason}
         doc.update({"client_key": e.client_key} if e.client_key else {"url": e.url})
         return doc
     if e.url:
         doc = {"url": e.url, "attempt": e.attempt}
+        if e.kind != "connect":
+            doc["retry_in"] = e.retry_in
     else:
         doc = {"client_key": e.client_key, "peer": e.peer, "remote": e.remote}
     if e.reason:
@@ -106,22 +122,32 @@ def deliver(owner: Any, payload: Mapping[str, Any], logger: logging.Logger,
               peer=bool(payload.get("peer", False)), remote=str(payload.get("remote", "")),
               url=str(payload.get("url", "")), reason=str(payload.get("reason", "")),
               attempt=int(payload.get("attempt", 0)), proto=str(payload.get("proto", "")),
-              address=str(payload.get("address", "")))
+              address=str(payload.get("address", "")),
+              retry_in=float(payload.get("retry", 0.0)))
     extra = _extra(e)
+    if e.kind == "accept_failed":
+        # The listener goes on; no callback is for this news.
+        logger.error("%s (the listener goes on)", e.reason, extra=extra)
+        return
     if e.kind == "dial_failed":
         where = f"client {e.client_key}" if e.client_key else f"agent of {e.url}"
         conn_log.info("dial %s/%s failed (%s): %s", e.proto, e.address, where, e.reason,
                       extra=extra)
         fn = on_dial_failed
+    elif e.kind == "refused":
+        logger.warning("upgrade refused from %s: %s", e.remote, e.reason, extra=extra)
+        return
     elif e.kind == "connect":
         logger.info("connected: %s", _describe(e), extra=extra)
         fn = on_connect
     elif e.kind == "disconnect":
-        logger.info("disconnected: %s (%s)", _describe(e), e.reason or "closed", extra=extra)
+        again = f"; reconnecting in {e.retry_in:.1f} s" if e.url else ""
+        logger.info("disconnected: %s (%s)%s", _describe(e), e.reason or "closed", again,
+                    extra=extra)
         fn = on_disconnect
     else:
-        logger.warning("connection attempt %d to %s failed: %s", e.attempt, e.url, e.reason,
-                       extra=extra)
+        logger.warning("connection attempt %d to %s failed: %s; retrying in %.1f s", e.attempt,
+                       e.url, e.reason, e.retry_in, extra=extra)
         fn = on_disconnect
     if fn is None:
         return

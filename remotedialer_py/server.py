@@ -11,12 +11,17 @@ import threading
 import types
 import warnings
 import weakref
-from typing import Any, Callable, Iterator, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Tuple, Union
 
 from . import _callbacks, _engine, _options, _runtime  # noqa: F401 - _runtime registers the exit hook
 from . import _trace
 from . import events as _events
 from .tunnel_socket import TunnelSocket
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .option_types import ServerOptions
 
 log = logging.getLogger("remotedialer_py")
 
@@ -443,7 +448,7 @@ class Server(_Handle):
                  dashboard_user: Optional[str] = None,
                  dashboard_password: Optional[str] = None,
                  dashboard_password_file: Any = None,
-                 **options: Any) -> None:
+                 **options: Unpack[ServerOptions]) -> None:
         super().__init__()
         self._dashboard_auth = _dashboard_credentials(dashboard_user, dashboard_password,
                                                       dashboard_password_file)

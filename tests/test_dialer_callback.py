@@ -332,3 +332,38 @@ def test_async_dialer_with_the_aio_client(rd, echo_server, tunnel_leak_check):
     echo_server.wait_finished(1)
     support.wait_engine_idle(rd)
     support.assert_no_new_fds(fds_before)
+
+
+def test_bytes_sent_and_closed_before_the_dial_arrive(tunnel, echo_server):
+    """The server's side writes and closes while the agent is still dialing:
+    what it wrote reaches the target all the same, then the EOF (Go's agent
+    delivers its buffer before the close). The dialer holds the first target
+    until the agent has read the DATA and the EOF: a round trip on a second
+    connection of the same session proves that, since a session's messages
+    are handled in order."""
+    other = support.EchoServer()
+    held = threading.Event()
+    release = threading.Event()
+
+    def dialer(proto, address):
+        if address == echo_server.address:
+            held.set()
+            assert release.wait(TIMEOUT * 2), "the test never released the dialer"
+        return tcp_connect(address)
+
+    try:
+        tunnel.add_client(AGENT, dialer=dialer)
+        payload = b"written before the target was reached" * 100
+        sock = dial(tunnel, echo_server.address)
+        sock.sendall(payload)
+        sock.close()
+        assert held.wait(TIMEOUT)
+        probe = dial(tunnel, other.address)
+        round_trip(probe, b"after the EOF")
+        probe.close()
+        release.set()
+        [done] = echo_server.wait_finished(1)
+        assert done.nbytes == len(payload), done
+    finally:
+        release.set()
+        other.close()

@@ -106,6 +106,42 @@ def test_logged_on_the_component_loggers(rd, tunnel_leak_check, caplog):
                              for r in caplog.records), what="the disconnect line")
 
 
+def test_agent_news_names_the_wait(rd, tunnel_leak_check, caplog):
+    """A failed attempt says how long until the next one: the backoff (with
+    jitter in [0.8, 1.2)), growing per attempt up to backoff_max; the next
+    URL of a round is tried at once (0)."""
+    caplog.set_level(logging.INFO, logger="remotedialer_py.client")
+    q, put = collector()
+    dead = [f"ws://127.0.0.1:{support.closed_port()}/connect" for _ in range(2)]
+    cli = rd.Client(dead, on_disconnect=put, backoff_min=0.2, backoff_max=0.4)
+    with cli.start():
+        waits = [take(q, "fail").retry_in for _ in range(6)]
+    # Per round: the first URL fails (next URL at once), then the second (backoff).
+    assert waits[0] == waits[2] == waits[4] == 0, waits
+    assert 0.16 <= waits[1] < 0.24 and 0.32 <= waits[3] < 0.48 and 0.32 <= waits[5] < 0.48, waits
+    lines = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert "; retrying in 0.0 s" in lines[0].getMessage()
+    assert "; retrying in 0.2 s" in lines[1].getMessage()
+    assert lines[1].retry_in == waits[1]
+
+
+def test_server_logs_refused_upgrades(rd, tunnel_leak_check, caplog):
+    """Each refused upgrade: the far address and why, at WARNING."""
+    caplog.set_level(logging.INFO, logger="remotedialer_py.server")
+    with rd.Server(authorizer=lambda req: ("", False)) as srv:
+        q, put = collector()
+        cli = rd.Client(srv.url, on_disconnect=put, backoff_min=5, backoff_max=5)
+        with cli.start():
+            assert "401" in take(q, "fail").reason
+        wait_for(lambda: any(r.levelno == logging.WARNING and
+                             "upgrade refused from 127.0.0.1:" in r.getMessage()
+                             for r in caplog.records), what="the refusal's log line")
+        rec = next(r for r in caplog.records if "upgrade refused" in r.getMessage())
+        assert rec.getMessage().endswith(": HTTP 401: failed authentication")
+        assert rec.reason == "HTTP 401: failed authentication"
+        assert rec.remote.startswith("127.0.0.1:")
+
+
 def test_bad_callbacks(rd):
     with pytest.raises(TypeError, match="on_connect must be callable"):
         rd.Server(on_connect="no")

@@ -21,6 +21,17 @@ def test_readme_tables_are_generated():
         "README.md's option tables are stale: run `remotedialer-py options --readme README.md`"
 
 
+def test_typed_options_are_generated():
+    """The TypedDicts type checkers read name every option the engine takes."""
+    with open(os.path.join(ROOT, _optdoc.TYPED_MODULE), encoding="utf-8") as f:
+        text = f.read()
+    assert _optdoc.typed_options_source() == text, \
+        f"{_optdoc.TYPED_MODULE} is stale: run `make docs`"
+    from remotedialer_py.option_types import ClientOptions, ServerOptions
+    assert set(ServerOptions.__annotations__) == set(_options.SERVER_OPTIONS)
+    assert set(ClientOptions.__annotations__) == set(_options.CLIENT_OPTIONS)
+
+
 def test_options_command_prints_the_tables():
     out = subprocess.run([sys.executable, "-m", "remotedialer_py", "options"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)

@@ -57,6 +57,8 @@ srv.dial("a", "tcp", 8080)
 cli = Client(srv.url)
 cli.wait_connected(timeout="5")
 name: int = srv.list_clients()
+Server("127.0.0.1:0", read_timeout="30")
+Client(srv.url, max_bufer=1)
 '''
 
 
@@ -79,7 +81,10 @@ def test_misuse_is_reported(tmp_path):
     res = mypy(tmp_path, BAD)
     errors = [line.split("user.py:", 1)[1] for line in res.stdout.splitlines()
               if ": error:" in line]
-    assert len(errors) == 3, res.stdout + res.stderr
+    assert len(errors) == 5, res.stdout + res.stderr
     assert errors[0].startswith("5:") and 'Argument 3 to "dial" of "Server"' in errors[0]
     assert errors[1].startswith("7:") and '"wait_connected" of "Client"' in errors[1]
     assert errors[2].startswith("8:") and 'variable has type "int"' in errors[2]
+    # The engine's options, typed (remotedialer_py/option_types.py).
+    assert errors[3].startswith("9:") and '"read_timeout"' in errors[3], errors[3]
+    assert errors[4].startswith("10:") and '"max_bufer"' in errors[4], errors[4]
