@@ -53,8 +53,8 @@ process.
     python bench/bench.py --phases d         # HA peering only
 
 Phases s (10,000 agent sessions), m (memory against open connections) and w
-(wss against ws) are in bench_scale.py; --png-dir draws the figures
-(bench_plots.py).
+(wss against ws) are in bench_scale.py, u (the dashboard under load) in
+bench_dashboard.py; --png-dir draws the figures (bench_plots.py).
 """
 
 import argparse
@@ -937,31 +937,37 @@ def report(results, args):
             f"      local / two relays: throughput {pct('local_vs_relay2_mb')}",
         ]
         lines.append(f"    peering counters balanced: {peer['balanced']}")
+    import bench_dashboard
     import bench_scale
     lines += bench_scale.report_lines(results)
+    lines += bench_dashboard.report_lines(results)
     lines.append(f"counters balanced: {results.get('balanced')}")
     return "\n".join(lines)
 
 
 def main():
+    import bench_dashboard
     p = argparse.ArgumentParser(description="remotedialer-py benchmark (see the module docstring)")
     p.add_argument("--seconds", "-s", type=float, default=5.0,
                    help="duration of each timed phase (default 5)")
     p.add_argument("-n", "--idle", type=int, default=10000,
-                   help="idle connections opened for the memory figure (default 10000)")
+                   help="idle connections opened for the memory figure (c) and the dashboard (u) "
+                        "(default 10000)")
     p.add_argument("--concurrency", "-c", type=int, default=64,
                    help="dials in flight for the open/close rate (default 64)")
-    p.add_argument("--phases", default="abcdsmw",
-                   help="which of a, b, c, d, s, m, w to run (default abcdsmw)")
+    p.add_argument("--phases", default="abcdsmwu",
+                   help="which of a, b, c, d, s, m, w, u to run (default abcdsmwu)")
     p.add_argument("--sessions", type=int, default=10000,
                    help="agent sessions for (s) (default 10000)")
     p.add_argument("--per-process", type=int, default=2500,
-                   help="agents per load process in (s) (default 2500)")
+                   help="agents per load process in (s), connections per opener in (u) "
+                        "(default 2500)")
     p.add_argument("--idle-max", type=int, default=16000,
                    help="open idle connections at the last step of (m) (default 16000)")
     p.add_argument("--steps", type=int, default=4, help="steps of (m) (default 4)")
     p.add_argument("--tls-sessions", type=int, default=1000,
                    help="agents connecting at once for the handshake rates of (w) (default 1000)")
+    bench_dashboard.add_arguments(p)
     p.add_argument("--png-dir", metavar="DIR", help="also draw the figures into DIR (matplotlib)")
     p.add_argument("--repeat", "-r", type=int, default=2,
                    help="runs of the raw/relays/tunnel triple in (a), and rounds of (d); "
@@ -990,7 +996,7 @@ def main():
         p.error("--repeat must be at least 1")
 
     hard = raise_nofile()
-    if "c" in args.phases and args.idle + 1000 > hard:
+    if ("c" in args.phases or "u" in args.phases) and args.idle + 1000 > hard:
         p.error(f"-n {args.idle} needs more descriptors than the hard limit {hard} allows")
     if "m" in args.phases and args.idle_max + 1000 > hard:
         p.error(f"--idle-max {args.idle_max} needs more descriptors than the hard limit "
@@ -1053,6 +1059,10 @@ def main():
         if "w" in args.phases:
             results["wss"] = bench_scale.bench_wss(rd, ports, args.seconds, args.repeat,
                                                    args.tls_sessions, env)
+        if "u" in args.phases:
+            results["dashboard"] = bench_dashboard.bench_dashboard(
+                rd, far, ports, args.idle, args.per_process, args.seconds, args.dash_rounds,
+                args.dash_requests, env)
         try:
             wait_until(lambda: counters_balance(srv) and agent_balanced(), 60, "balance")
             results["balanced"] = True
