@@ -945,7 +945,8 @@ def main():
                    help="idle connections opened for the memory figure (default 10000)")
     p.add_argument("--concurrency", "-c", type=int, default=64,
                    help="dials in flight for the open/close rate (default 64)")
-    p.add_argument("--phases", default="abcd", help="which of a, b, c, d to run (default abcd)")
+    p.add_argument("--phases", default="abcd",
+                   help="which of a, b, c, d, r (bench_route.py) to run (default abcd)")
     p.add_argument("--repeat", "-r", type=int, default=2,
                    help="runs of the raw/relays/tunnel triple in (a), and rounds of (d); "
                         "best reported (default 2)")
@@ -1020,6 +1021,9 @@ def main():
                                            args.seconds, args.concurrency)
         if "d" in args.phases:
             results["peer"] = bench_peer(ports, args.seconds, args.repeat, args.concurrency, env)
+        if "r" in args.phases:
+            import bench_route
+            results["route"] = bench_route.run(srv, "bench", args.seconds, args.repeat, env)
         try:
             wait_until(lambda: counters_balance(srv) and agent_balanced(), 60, "balance")
             results["balanced"] = True
@@ -1038,6 +1042,9 @@ def main():
     # Other work on the machine shows here: the figures share its cores.
     results["loadavg"].append(os.getloadavg()[0])
     print(report(results, args))
+    if "route" in results:
+        import bench_route
+        print(bench_route.report(results["route"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

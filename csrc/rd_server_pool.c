@@ -190,16 +190,16 @@ rd_backend *rd_srv_pool_take(rd_server *srv, const char *target) {
       continue;
     int was_head = p->head == be;
     pool_unlink(p, be);
-    rd_io_read_stop(be->io);
     if (was_head)
       pool_arm(p, srv);
     if (!rd_srv_backend_alive(be)) { /* ended; its EOF not read yet */
+      rd_io_read_stop(be->io);
       rd_srv_backend_close(be);
       return rd_srv_pool_take(srv, target);
     }
     rd_conn_set_pooled(be->c, 0);
     be->reused = 1;
-    return be;
+    return be; /* still reading: the taker sets its own callbacks at once */
   }
   return NULL;
 }

@@ -138,9 +138,13 @@ static void exchange_end(exchange *x, int flush) {
   if (x->over)
     return;
   x->over = 1;
-  rd_io_read_stop(x->user);
+  /* A stream that goes on keeps reading: its next owner sets its callbacks
+   * (no stop and start again, each a poller change). */
+  if (!x->client_keep)
+    rd_io_read_stop(x->user);
   if (x->be != NULL) {
-    rd_io_read_stop(x->be->io);
+    if (!x->backend_keep)
+      rd_io_read_stop(x->be->io);
     x->be->owner = NULL;
     if (x->backend_keep)
       rd_srv_pool_put(x->be);
