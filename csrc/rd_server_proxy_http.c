@@ -274,13 +274,15 @@ static void user_read_cb(rd_io *io, ssize_t nread, const uv_buf_t *buf) {
       return;
     }
   }
-  rd_free(x->req); /* the body moved on: no retry can resend it */
-  x->req = NULL;
-  if (body == 0)
+  if (body == 0) {
     rd_block_unref(b);
-  else if (write_to(x, x->be->io, b, data, body) != 0) {
-    backend_failed(x, UV_EPIPE);
-    return;
+  } else {
+    rd_free(x->req); /* the body moved on: no retry can resend it */
+    x->req = NULL;
+    if (write_to(x, x->be->io, b, data, body) != 0) {
+      backend_failed(x, UV_EPIPE);
+      return;
+    }
   }
   update_reading(x);
   maybe_complete(x);
@@ -342,7 +344,9 @@ static int is_hop(const rd_http_header *h) {
  * header in place of the backend's. */
 static int send_head(exchange *x, const rd_http_response *resp, const char *head,
                      size_t head_len) {
-  size_t cap = head_len + 64;
+  /* Each header may grow by two bytes (": " and CRLF where the backend sent
+   * ":" and a bare LF); then this hop's Connection line and the blank line. */
+  size_t cap = head_len + 2 * resp->num_headers + 64;
   rd_block *b = rd_block_get_small(cap);
   if (b == NULL)
     return RD_ENOMEM;

@@ -383,7 +383,8 @@ def test_odd_framings_on_one_connection(route):
         b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n",  # to HEAD: no body
         b"HTTP/1.1 204 No Content\r\n\r\n",
         b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlast",
+        b"HTTP/1.1 200 OK\r\nContent-Length:4\n" + b"".join(b"X-%d:v\n" % i for i in range(60))
+        + b"\nlast",  # bare LFs, no spaces: the rewritten head is longer
     ]
     raw = RawBackend(answers)
     try:
