@@ -328,7 +328,8 @@ void rd_srv_httpconn_adopt(rd_server *srv, rd_io *io, const uint8_t *rest, size_
   hc->kept = 1;
   /* A pipelined head past max_head is cut there; the route answers 431. */
   hc->len = len < srv->cfg.max_head + 1 ? len : srv->cfg.max_head + 1;
-  memcpy(hc->buf, rest, hc->len);
+  if (hc->len > 0)
+    memcpy(hc->buf, rest, hc->len);
   uint64_t idle = srv->cfg.proxy_pool_idle_timeout_ms;
   uv_timer_start(&hc->timer, httpconn_timeout_cb,
                  hc->len > 0 || idle == 0 ? srv->cfg.handshake_timeout_ms : idle, 0);
