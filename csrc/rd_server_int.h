@@ -8,6 +8,8 @@
  *   rd_server_sessions.c  the client table, session owner callbacks, the
  *                         upgrade and its authentication
  *   rd_server_proxy.c     the /client/... proxy route and its https leg
+ *   rd_server_proxy_http.c  its http leg: one kept-alive exchange
+ *   rd_server_pool.c      the route's pool of idle tunneled connections
  *   rd_server_stream.c    the /stream/... route (a raw stream after 101)
  *   rd_server_dial.c      dials through a session, and dials waiting for room
  *   rd_server_forward.c   port forwards
