@@ -955,8 +955,9 @@ def main():
                         "(default 10000)")
     p.add_argument("--concurrency", "-c", type=int, default=64,
                    help="dials in flight for the open/close rate (default 64)")
-    p.add_argument("--phases", default="abcdsmwu",
-                   help="which of a, b, c, d, s, m, w, u to run (default abcdsmwu)")
+    p.add_argument("--phases", default="abcdsmwur",
+                   help="which of a, b, c, d, s, m, w, u, r (bench_route.py) to run "
+                        "(default abcdsmwur)")
     p.add_argument("--sessions", type=int, default=10000,
                    help="agent sessions for (s) (default 10000)")
     p.add_argument("--per-process", type=int, default=2500,
@@ -1063,6 +1064,9 @@ def main():
             results["dashboard"] = bench_dashboard.bench_dashboard(
                 rd, far, ports, args.idle, args.per_process, args.seconds, args.dash_rounds,
                 args.dash_requests, env)
+        if "r" in args.phases:
+            import bench_route
+            results["route"] = bench_route.run(srv, "bench", args.seconds, args.repeat, env)
         try:
             wait_until(lambda: counters_balance(srv) and agent_balanced(), 60, "balance")
             results["balanced"] = True
@@ -1083,6 +1087,9 @@ def main():
     # Other work on the machine shows here: the figures share its cores.
     results["loadavg"].append(os.getloadavg()[0])
     print(report(results, args))
+    if "route" in results:
+        import bench_route
+        print(bench_route.report(results["route"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -520,6 +520,22 @@ int rd_api_server_disconnect(uint64_t handle, const char *client_key, size_t *en
   return rc;
 }
 
+static void close_idle_fn(api_cmd *a, void *p) {
+  peer_ctx *c = p;
+  rd_server *srv = peer_server(a, c);
+  if (srv == NULL)
+    return;
+  c->count = rd_server_close_idle(srv);
+  rd_cmd_finish(&a->cmd, RD_OK, NULL);
+}
+
+int rd_api_server_close_idle(uint64_t handle, size_t *closed) {
+  peer_ctx c = {.handle = handle};
+  int rc = api_call(close_idle_fn, &c, NULL, 0);
+  *closed = c.count;
+  return rc;
+}
+
 static void route_fn(api_cmd *a, void *p) {
   peer_ctx *c = p;
   rd_server *srv = peer_server(a, c);

@@ -71,6 +71,8 @@ int rd_api_server_peers(uint64_t handle, rd_peer_list *out);
 void rd_peer_list_free(rd_peer_list *l);
 /* *ended: the sessions ended on this server (peers end theirs). */
 int rd_api_server_disconnect(uint64_t handle, const char *client_key, size_t *ended);
+/* Closes the proxy route's idle pooled connections; *closed: how many. */
+int rd_api_server_close_idle(uint64_t handle, size_t *closed);
 /* Where a dial for client_key goes: *found 0 (nowhere) or 1 with via "" (a
  * local session) or the id of the peer that announced it. */
 #define RD_API_ROUTE_MAX 160

@@ -66,6 +66,7 @@ struct rd_conn {
   unsigned far_eof : 1;
   unsigned failed : 1;     /* the local end failed: on the session's reap list */
   unsigned dial_deadline : 1; /* `deadline` waits for a local end, not the whole life */
+  unsigned pooled : 1;        /* idle in the proxy route's pool */
   size_t pending;          /* memory held toward the local end */
   slice_list backlog;      /* the far side's bytes before a local end */
   /* Read from the local end while the far side has us paused: held back so
@@ -847,6 +848,7 @@ const char *rd_conn_address(const rd_conn *c) { return c->proto + strlen(c->prot
 int64_t rd_conn_id(const rd_conn *c) { return c->id; }
 void **rd_conn_owner_slot(rd_conn *c) { return &c->owner_slot; }
 void rd_conn_set_http_errors(rd_conn *c) { c->http_errors = 1; }
+void rd_conn_set_pooled(rd_conn *c, int pooled) { c->pooled = pooled != 0; }
 uint64_t rd_conn_age_ms(const rd_conn *c) { return rd_now() - c->created; }
 
 static void deadline_cb(uv_timer_t *t) {
@@ -932,7 +934,7 @@ void rd_conn_fill_info(const rd_conn *c, rd_conn_info *info) {
       .address = rd_conn_address(c),
       .age = (double)(now - c->created) / 1000.0,
       .idle = (double)(now - c->last_activity) / 1000.0,
-      .state = c->state == CONN_OPEN ? "open" : "connecting",
+      .state = c->state != CONN_OPEN ? "connecting" : c->pooled ? "idle" : "open",
       .tx_bytes = c->tx_bytes,
       .rx_bytes = c->rx_bytes,
       .paused = c->peer_paused || c->we_paused,

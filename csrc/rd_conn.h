@@ -60,6 +60,9 @@ void **rd_conn_owner_slot(rd_conn *c);
 /* Server-side proxy route: when the far side fails before sending any byte,
  * answer the local HTTP client with a 500 and the error text. */
 void rd_conn_set_http_errors(rd_conn *c);
+/* The proxy route's pool holds the connection idle: connections() says
+ * "idle" instead of "open". */
+void rd_conn_set_pooled(rd_conn *c, int pooled);
 /* Ends the connection after timeout_ms (0 = never). */
 int rd_conn_set_deadline(rd_conn *c, uint64_t timeout_ms);
 /* Ends a connection still without a local end after timeout_ms (0 = never)

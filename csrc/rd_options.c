@@ -63,6 +63,16 @@ const rd_option rd_options[] = {
      "True with `authorizer=None`, else False", "serve `/client/{id}/{scheme}/{host}/{path}` "
      "and `/stream/{id}/{proto}/{address}` (remote forwards)",
      NULL},
+    {"proxy_pool_per_target", RD_OPT_COUNT, RD_OPT_SERVER, SRV(proxy_pool_per_target), NONE,
+     SFIELD(proxy_pool_per_target), 65536, 16, NULL,
+     "the route's idle tunneled connections kept per client key and target", NULL},
+    {"proxy_pool_max", RD_OPT_COUNT, RD_OPT_SERVER, SRV(proxy_pool_max), NONE,
+     SFIELD(proxy_pool_max), 1048576, 256, NULL,
+     "the route's idle tunneled connections kept in all (past it the oldest closes)", NULL},
+    {"proxy_pool_idle_timeout", RD_OPT_SECONDS_OFF, RD_OPT_SERVER,
+     SRV(proxy_pool_idle_timeout_ms), NONE, SFIELD(proxy_pool_idle_timeout_ms), 0, 90000, NULL,
+     "close the route's idle pooled connections, and idle kept-alive clients, after this "
+     "(0: no pool)", NULL},
     {"proxy_ca_file", RD_OPT_PATH, RD_OPT_SERVER, NONE, NONE, 0, 0, 0, "the system store",
      "https targets of the route: trust these PEM CAs", NULL},
     {"proxy_insecure", RD_OPT_BOOL, RD_OPT_SERVER, NONE, NONE, 0, 0, 0, NULL,

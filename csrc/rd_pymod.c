@@ -548,6 +548,20 @@ static PyObject *py_server_disconnect(PyObject *module, PyObject *args) {
   return PyLong_FromSize_t(ended);
 }
 
+static PyObject *py_server_close_idle(PyObject *module, PyObject *args) {
+  unsigned long long handle;
+  if (!PyArg_ParseTuple(args, "K:server_close_idle", &handle))
+    return NULL;
+  int rc;
+  size_t closed = 0;
+  Py_BEGIN_ALLOW_THREADS
+  rc = rd_api_server_close_idle(handle, &closed);
+  Py_END_ALLOW_THREADS
+  if (rc != RD_OK)
+    return raise_rc(module, rc, NULL);
+  return PyLong_FromSize_t(closed);
+}
+
 static PyObject *py_server_route(PyObject *module, PyObject *args) {
   unsigned long long handle;
   const char *key;
@@ -1510,6 +1524,8 @@ static PyMethodDef engine_methods[] = {
     {"server_peers", py_server_peers, METH_VARARGS, "server_peers(handle) -> [dict]"},
     {"server_disconnect", py_server_disconnect, METH_VARARGS,
      "server_disconnect(handle, key) -> sessions ended here"},
+    {"server_close_idle", py_server_close_idle, METH_VARARGS,
+     "server_close_idle(handle) -> idle pooled connections closed"},
     {"server_route", py_server_route, METH_VARARGS,
      "server_route(handle, key) -> None, '' (local) or the peer id that reaches it"},
     {"server_connections", py_server_connections, METH_VARARGS,

@@ -32,6 +32,9 @@ void rd_server_config_default(rd_server_config *cfg) {
   cfg->handshake_timeout_ms = 5000;
   cfg->max_head = 16384;
   cfg->max_headers = 64;
+  cfg->proxy_pool_per_target = 16;
+  cfg->proxy_pool_max = 256;
+  cfg->proxy_pool_idle_timeout_ms = 90000;
   cfg->max_sessions = 65536;
   cfg->max_sessions_per_key = 64;
   rd_session_config_default(&cfg->session);
@@ -223,6 +226,14 @@ static void httpconn_alloc_cb(rd_io *io, size_t suggested, uv_buf_t *buf) {
   *buf = uv_buf_init(hc->buf + hc->len, (unsigned)(cap - hc->len));
 }
 
+static void httpconn_timeout_cb(uv_timer_t *t) {
+  httpconn *hc = t->data;
+  if (hc->kept && hc->len == 0) /* an idle kept-alive client: closed without a word */
+    rd_srv_httpconn_close(hc);
+  else if (hc->auth == NULL && !hc->done)
+    rd_srv_respond_text(hc, 408, "Request Timeout", "request head timeout\n");
+}
+
 static void httpconn_read_cb(rd_io *io, ssize_t nread, const uv_buf_t *buf) {
   (void)buf;
   httpconn *hc = rd_io_data(io);
@@ -232,14 +243,10 @@ static void httpconn_read_cb(rd_io *io, ssize_t nread, const uv_buf_t *buf) {
     rd_srv_httpconn_close(hc);
     return;
   }
+  if (hc->kept && hc->len == 0) /* the next request began: its head has the usual time */
+    uv_timer_start(&hc->timer, httpconn_timeout_cb, hc->srv->cfg.handshake_timeout_ms, 0);
   hc->len += (size_t)nread;
   httpconn_route(hc);
-}
-
-static void httpconn_timeout_cb(uv_timer_t *t) {
-  httpconn *hc = t->data;
-  if (hc->auth == NULL && !hc->done)
-    rd_srv_respond_text(hc, 408, "Request Timeout", "request head timeout\n");
 }
 
 static void httpconn_tls_done_cb(rd_io *io, int status, const char *error) {
@@ -287,38 +294,15 @@ void rd_srv_accept_failed(rd_server *srv, int status) {
   rd_event_post(srv->obj.handle, "accept_failed", NULL, NULL, NULL, reason, 0, 0, 0);
 }
 
-static void on_accept(uv_stream_t *listener, int status) {
-  rd_server *srv = listener->data;
-  if (status < 0 && !srv->closing)
-    rd_srv_accept_failed(srv, status);
-  if (status < 0 || srv->closing)
-    return;
-  uv_tcp_t *tcp = rd_srv_accept_tcp(listener);
-  if (tcp == NULL)
-    return;
+/* A new HTTP connection on io (taken in every case), or NULL. */
+static httpconn *httpconn_new(rd_server *srv, rd_io *io) {
   httpconn *hc = rd_calloc(1, sizeof *hc);
   if (hc == NULL || (hc->buf = rd_malloc(srv->cfg.max_head + 1)) == NULL) {
     rd_free(hc);
-    uv_close((uv_handle_t *)tcp, rd_srv_tcp_free_cb);
-    return;
+    rd_io_close(io, NULL);
+    return NULL;
   }
-  rd_tls *tls = NULL;
-  if (srv->cfg.tls != NULL) {
-    char err[160];
-    tls = rd_tls_new(srv->cfg.tls, NULL, err, sizeof err);
-    if (tls == NULL) {
-      rd_free(hc->buf);
-      rd_free(hc);
-      uv_close((uv_handle_t *)tcp, rd_srv_tcp_free_cb);
-      return;
-    }
-  }
-  hc->io = rd_io_new((uv_stream_t *)tcp, tls);
-  if (hc->io == NULL) {
-    rd_free(hc->buf);
-    rd_free(hc);
-    return;
-  }
+  hc->io = io;
   hc->srv = srv;
   rd_io_set_data(hc->io, hc);
   uv_timer_init(rd_loop(), &hc->timer);
@@ -329,12 +313,58 @@ static void on_accept(uv_stream_t *listener, int status) {
   if (hc->next != NULL)
     hc->next->prev = hc;
   srv->httpconns = hc;
+  return hc;
+}
+
+static void on_accept(uv_stream_t *listener, int status) {
+  rd_server *srv = listener->data;
+  if (status < 0 && !srv->closing)
+    rd_srv_accept_failed(srv, status);
+  if (status < 0 || srv->closing)
+    return;
+  uv_tcp_t *tcp = rd_srv_accept_tcp(listener);
+  if (tcp == NULL)
+    return;
+  rd_tls *tls = NULL;
+  if (srv->cfg.tls != NULL) {
+    char err[160];
+    tls = rd_tls_new(srv->cfg.tls, NULL, err, sizeof err);
+    if (tls == NULL) {
+      uv_close((uv_handle_t *)tcp, rd_srv_tcp_free_cb);
+      return;
+    }
+  }
+  rd_io *io = rd_io_new((uv_stream_t *)tcp, tls);
+  httpconn *hc = io != NULL ? httpconn_new(srv, io) : NULL;
+  if (hc == NULL)
+    return;
   /* One timer bounds the TLS handshake and the request head together. */
   uv_timer_start(&hc->timer, httpconn_timeout_cb, srv->cfg.handshake_timeout_ms, 0);
   if (tls != NULL)
     rd_io_handshake(hc->io, httpconn_tls_done_cb);
   else
     rd_io_read_start(hc->io, httpconn_alloc_cb, httpconn_read_cb);
+}
+
+void rd_srv_httpconn_adopt(rd_server *srv, rd_io *io, const uint8_t *rest, size_t len) {
+  if (srv->closing) {
+    rd_io_close(io, NULL);
+    return;
+  }
+  httpconn *hc = httpconn_new(srv, io);
+  if (hc == NULL)
+    return;
+  hc->kept = 1;
+  /* A pipelined head past max_head is cut there; the route answers 431. */
+  hc->len = len < srv->cfg.max_head + 1 ? len : srv->cfg.max_head + 1;
+  if (hc->len > 0)
+    memcpy(hc->buf, rest, hc->len);
+  uint64_t idle = srv->cfg.proxy_pool_idle_timeout_ms;
+  uv_timer_start(&hc->timer, httpconn_timeout_cb,
+                 hc->len > 0 || idle == 0 ? srv->cfg.handshake_timeout_ms : idle, 0);
+  rd_io_read_start(hc->io, httpconn_alloc_cb, httpconn_read_cb);
+  if (hc->len > 0)
+    httpconn_route(hc);
 }
 
 /* ---- listeners ---- */
@@ -394,6 +424,7 @@ static void server_close(rd_object *obj, rd_cmd *waiter) {
     rd_srv_httpconn_close(srv->httpconns);
   rd_map_foreach(&srv->clients, end_client_sessions_cb, NULL);
   rd_srv_peers_close(srv);
+  rd_srv_pool_close(srv);
   uv_close((uv_handle_t *)&srv->listener, listener_closed_cb);
 }
 

@@ -31,6 +31,11 @@ typedef struct rd_server_config {
   uint64_t handshake_timeout_ms; /* time to send a complete request head */
   size_t max_head;
   size_t max_headers;
+  /* The proxy route's pool of idle tunneled connections (0 idle timeout:
+   * no pool). */
+  size_t proxy_pool_per_target;
+  size_t proxy_pool_max;
+  uint64_t proxy_pool_idle_timeout_ms;
   rd_tls_ctx *tls;      /* wss: the server takes its own reference; NULL = plain */
   /* Client context for https targets of the proxy route (the server takes
    * its own reference); NULL: verify against the system store, made at the
@@ -139,6 +144,8 @@ void rd_server_foreach_peer(rd_server *srv, void (*cb)(void *ctx, const rd_peer_
 /* Ends client_key's local sessions and asks every peer to end its own.
  * Returns how many sessions ended here. */
 size_t rd_server_disconnect(rd_server *srv, const char *client_key);
+/* Closes the proxy route's idle pooled connections; returns how many. */
+size_t rd_server_close_idle(rd_server *srv);
 
 /* Where a dial for client_key goes: "" for a local session, a peer's id, or
  * NULL when nothing reaches it. */

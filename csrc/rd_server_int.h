@@ -8,6 +8,8 @@
  *   rd_server_sessions.c  the client table, session owner callbacks, the
  *                         upgrade and its authentication
  *   rd_server_proxy.c     the /client/... proxy route and its https leg
+ *   rd_server_proxy_http.c  its http leg: one kept-alive exchange
+ *   rd_server_pool.c      the route's pool of idle tunneled connections
  *   rd_server_stream.c    the /stream/... route (a raw stream after 101)
  *   rd_server_dial.c      dials through a session, and dials waiting for room
  *   rd_server_forward.c   port forwards
@@ -36,6 +38,8 @@ typedef struct rd_forward rd_forward; /* rd_server_forward.c */
 typedef struct room_wait room_wait;   /* rd_server_dial.c */
 typedef struct rd_peer rd_peer;       /* rd_server_peers.c */
 typedef struct peer_session peer_session; /* rd_server_peers.c */
+typedef struct rd_backend rd_backend;       /* rd_server_pool.c */
+typedef struct rd_proxy_pool rd_proxy_pool; /* rd_server_pool.c */
 
 /* The peer headers, as Go names them. */
 #define RD_PEER_ID_HEADER "X-API-Tunnel-ID"
@@ -62,6 +66,7 @@ struct rd_server {
   rd_forward *forwards;
   rd_peer *peers;               /* configured peers and our links to them */
   peer_session *peer_sessions;  /* sessions peers opened to us, newest first */
+  rd_proxy_pool *pool;          /* the proxy route's idle connections, or NULL */
   size_t sessions; /* live sessions, agents' and peers' */
   int refs; /* listener + sessions + httpconns + forwards + room waits + peers */
   int closing;
@@ -81,6 +86,7 @@ struct httpconn {
   int done;         /* answered or handed over: ignore further input */
   rd_request *auth; /* in flight */
   size_t head_len;
+  int kept; /* a kept-alive connection between requests: idle until bytes come */
 };
 
 /* ---- rd_server.c: lifecycle, listeners, HTTP connections ---- */
@@ -112,6 +118,10 @@ void rd_srv_respond_text(httpconn *hc, int status, const char *reason, const cha
 /* Hands the stream over (the caller owns it from here) and closes hc; hc->buf
  * stays readable until hc's close callback, on a later loop turn. */
 rd_io *rd_srv_httpconn_take_stream(httpconn *hc);
+/* Takes a stream back after a kept-alive exchange: a new HTTP connection
+ * that routes its next request, starting with rest[0..len) (bytes already
+ * read: a pipelined request). Closes io when the server is closing. */
+void rd_srv_httpconn_adopt(rd_server *srv, rd_io *io, const uint8_t *rest, size_t len);
 
 /* ---- rd_server_sessions.c: the client table, the upgrade ---- */
 
@@ -135,6 +145,60 @@ void rd_srv_handle_upgrade(httpconn *hc, rd_http_request *req);
 
 /* /client/{id}/{scheme}/{host}{path}: relays the request through id's tunnel. */
 void rd_srv_handle_proxy(httpconn *hc, rd_http_request *req);
+
+/* ---- rd_server_proxy_http.c ---- */
+
+/* Where a plain-http exchange goes: the client key, the dial's wire proto and
+ * address, and the pool key made of them. */
+typedef struct rd_proxy_target {
+  char key[256];
+  char proto[RD_MSG_CONNECT_LIMIT + 1];
+  char address[300];
+  char pool_key[256 + RD_MSG_CONNECT_LIMIT + 1 + 300 + 2]; /* key, proto, address */
+} rd_proxy_target;
+
+/* Runs one request through the tunnel on a kept-alive basis: head (the
+ * rewritten request head) goes out on an idle pooled connection to the
+ * target or a fresh one, then body bytes as the request's framing says; the
+ * response is relayed by its framing, after which the client connection
+ * serves its next request and the tunneled one goes back to the pool. Takes
+ * hc's stream. timeout_ms > 0 bounds the exchange (that connection is not
+ * pooled). Answers 400 itself for a request whose framing is ambiguous. */
+void rd_srv_proxy_http(httpconn *hc, const rd_http_request *req, const rd_proxy_target *t,
+                       const char *head, size_t head_len, uint64_t timeout_ms);
+
+/* ---- rd_server_pool.c ---- */
+
+/* One tunneled connection seen through a socket pair (see rd_server_pool.c). */
+struct rd_backend {
+  rd_backend *prev, *next; /* in the pool, while idle */
+  rd_server *srv;
+  rd_io *io;           /* our end of the pair; its data is the backend */
+  rd_conn *c;          /* valid while rd_srv_backend_alive */
+  rd_dial_status *st;  /* the far side's end and its error */
+  char *target;        /* the pool key */
+  uint64_t idle_since;
+  void *owner;         /* the exchange using it */
+  int reused;          /* served a request before this one */
+};
+
+/* Dials a fresh backend for target through s; NULL with err. */
+rd_backend *rd_srv_backend_dial(rd_server *srv, rd_session *s, const char *proto,
+                                const char *address, const char *target, char *err,
+                                size_t errlen);
+/* Whether the tunneled connection is still open. */
+int rd_srv_backend_alive(const rd_backend *be);
+/* Closes the backend (the tunneled connection ends with EOF) and frees it. */
+void rd_srv_backend_close(rd_backend *be);
+/* An idle backend for target (the newest), or NULL. */
+rd_backend *rd_srv_pool_take(rd_server *srv, const char *target);
+/* Returns a backend after a complete exchange: pooled, or closed when the
+ * pool is off, full for its target, or the server closing. */
+void rd_srv_pool_put(rd_backend *be);
+/* Closes every idle backend; returns how many. */
+size_t rd_srv_pool_close_idle(rd_server *srv);
+/* The server is closing: closes the idle backends and the pool's timer. */
+void rd_srv_pool_close(rd_server *srv);
 
 /* ---- rd_server_stream.c ---- */
 

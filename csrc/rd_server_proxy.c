@@ -1,7 +1,7 @@
 /* The server's proxy route, /client/{id}/{scheme}/{host}{path}: the request
  * is rewritten and sent through the client's tunnel, the response streamed
- * back. For http the HTTP connection's stream becomes the tunneled
- * connection's local end (the session's connection owns it); for https a TLS
+ * back. For http an exchange (rd_server_proxy_http.c) relays it by its
+ * framing, keeping the client's connection and the tunneled one; for https a TLS
  * client runs over a socket pair whose other end is the tunneled connection,
  * and rd_relay owns both streams. The client TLS context for https targets
  * belongs to the server's config (released with the server). */
@@ -68,9 +68,10 @@ static void proxy_https(httpconn *hc, rd_session *s, const char *proto, const ch
 }
 
 /* /client/{id}/{scheme}/{host}{path}: relays the request through client id's
- * tunnel to scheme://host/path and streams the response back. The request
- * is rewritten with "Connection: close", so the backend ends the exchange
- * and the tunneled connection with it. */
+ * tunnel to scheme://host/path and streams the response back. http targets
+ * keep both connections alive (rd_server_proxy_http.c); for https the
+ * request is rewritten with "Connection: close", so the backend ends the
+ * exchange and the tunneled connection with it. */
 void rd_srv_handle_proxy(httpconn *hc, rd_http_request *req) {
   rd_server *srv = hc->srv;
   const char *t = req->target + strlen("/client/");
@@ -172,21 +173,20 @@ void rd_srv_handle_proxy(httpconn *hc, rd_http_request *req) {
     len += (size_t)snprintf(head + len, cap - len, "%.*s: %.*s\r\n", (int)h->name_len, h->name,
                             (int)h->value_len, h->value);
   }
-  len += (size_t)snprintf(head + len, cap - len, "Connection: close\r\n\r\n");
-  memcpy(head + len, hc->buf + hc->head_len, body);
-  len += body;
-  if (https) {
-    proxy_https(hc, s, proto, name, address, head, len, timeout_ms);
+  if (!https) { /* kept alive: the body follows by its framing */
+    len += (size_t)snprintf(head + len, cap - len, "\r\n");
+    rd_proxy_target t;
+    snprintf(t.key, sizeof t.key, "%s", key);
+    snprintf(t.proto, sizeof t.proto, "%s", proto);
+    snprintf(t.address, sizeof t.address, "%s", address);
+    snprintf(t.pool_key, sizeof t.pool_key, "%s %s %s", key, proto, address);
+    rd_srv_proxy_http(hc, req, &t, head, len, timeout_ms);
     rd_free(head);
     return;
   }
-  rd_io *io = rd_srv_httpconn_take_stream(hc);
-  int err = 0;
-  rd_conn *c = rd_session_dial(s, proto, address, io, (const uint8_t *)head,
-                               len, NULL, &err);
+  len += (size_t)snprintf(head + len, cap - len, "Connection: close\r\n\r\n");
+  memcpy(head + len, hc->buf + hc->head_len, body);
+  len += body;
+  proxy_https(hc, s, proto, name, address, head, len, timeout_ms);
   rd_free(head);
-  if (c != NULL) {
-    rd_conn_set_http_errors(c);
-    rd_conn_set_deadline(c, timeout_ms);
-  }
 }

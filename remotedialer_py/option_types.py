@@ -39,6 +39,12 @@ class ServerOptions(TypedDict, total=False):
     """the header naming the client key when `authorizer` is None (default X-Tunnel-ID)."""
     proxy_route: bool
     """serve `/client/{id}/{scheme}/{host}/{path}` and `/stream/{id}/{proto}/{address}` (remote forwards) (default True with `authorizer=None`, else False)."""
+    proxy_pool_per_target: int
+    """the route's idle tunneled connections kept per client key and target (default 16)."""
+    proxy_pool_max: int
+    """the route's idle tunneled connections kept in all (past it the oldest closes) (default 256)."""
+    proxy_pool_idle_timeout: float
+    """close the route's idle pooled connections, and idle kept-alive clients, after this (0: no pool) (default 90)."""
     proxy_ca_file: Union[str, os.PathLike[str]]
     """https targets of the route: trust these PEM CAs (default the system store)."""
     proxy_insecure: bool

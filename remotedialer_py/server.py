@@ -689,6 +689,12 @@ class Server(_Handle):
         on this server; the agents reconnect as they would after any drop."""
         return _engine.server_disconnect(self._live_handle(), _options.client_key(client_key))
 
+    def close_idle(self) -> int:
+        """Closes the proxy route's idle pooled connections (their agents
+        close the target connections) and returns how many; connections in
+        use are left alone."""
+        return _engine.server_close_idle(self._live_handle())
+
     # -- HA peering ---------------------------------------------------------
 
     @property

@@ -144,6 +144,21 @@ def echo_server():
 
 
 @pytest.fixture
+def silent_backend():
+    """TCP server that reads everything and never answers (an HTTP backend
+    that holds an exchange open). At the end every connection to it must
+    have been closed by the agent side."""
+    srv = support.StalledReader()
+    srv.go.set()
+    try:
+        yield srv
+        wait_for(lambda: srv.open_count == 0, TIMEOUT,
+                 "the agent side to close every silent backend connection")
+    finally:
+        srv.close()
+
+
+@pytest.fixture
 def stream_server():
     """TCP server that streams bytes to each client until it goes away."""
     srv = support.StreamServer()

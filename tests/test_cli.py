@@ -181,7 +181,7 @@ def test_server_peers_without_id_exits_2(run_cli):
     assert "--id" in proc.output and "--token" in proc.output
 
 
-def test_status_of_a_running_server(run_cli, echo_server):
+def test_status_of_a_running_server(run_cli, silent_backend):
     srv = run_cli("server", "--listen", "127.0.0.1:0", "--debug-connections")
     url = srv.wait_line(r"listening on (ws://\S+)").group(1)
     agent = run_cli("client", "--connect", url, "-id", "status-agent", ready=None)
@@ -194,15 +194,15 @@ def test_status_of_a_running_server(run_cli, echo_server):
                               capture_output=True, text=True, timeout=60)
 
     with socket.create_connection(("127.0.0.1", int(url.split(":")[2].split("/")[0]))) as s:
-        s.sendall(f"GET /client/status-agent/http/{echo_server.address}/x HTTP/1.1\r\n"
+        s.sendall(f"GET /client/status-agent/http/{silent_backend.address}/x HTTP/1.1\r\n"
                   "Host: x\r\n\r\n".encode())
-        s.recv(100)  # the echo server answers with the request itself
+        silent_backend.wait_accepted(1)  # the request reached it; it never answers
         r = status(url)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "status-agent: 1, 0, 1" in r.stdout  # the request's connection, open
         assert "sessions open: 1 agent, 0 peer" in r.stdout
         assert "session status-agent #" in r.stdout
-        assert f"tcp/{echo_server.address}" in r.stdout
+        assert f"tcp/{silent_backend.address}" in r.stdout
     support.wait_for(lambda: "status-agent: 1, 1, 0" in status(url).stdout,
                      what="the connection to end")
     r = status(url.replace("ws://", "http://").rsplit("/", 1)[0])

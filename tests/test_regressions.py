@@ -98,6 +98,11 @@ def test_pool_per_request_through_the_route(tunnel, keepalive_backend):
         del pool, resp  # thrown away, never closed
     assert keepalive_backend.requests == n
     _collect()
+    # The route's pool kept one tunneled connection for them all, idle.
+    assert keepalive_backend.accepted == 1
+    wait_for(lambda: [c["state"] for c in tunnel.srv.connections()] == ["idle"],
+             what="the pooled connection alone, idle")
+    assert tunnel.srv.close_idle() == 1
     wait_for(lambda: not tunnel.srv.connections(), what="every dropped pool's connection to end")
     keepalive_backend.wait_open(0)
 
@@ -659,7 +664,7 @@ def test_close_while_timers_fire_from_many_threads(rd, tunnel_leak_check, echo_s
 
 
 def test_blackhole_server_stopped_then_client_reconnects(rd, tunnel_leak_check, run_cli,
-                                                         echo_server, http_service):
+                                                         silent_backend, http_service):
     """The server process stops answering without closing (SIGSTOP): the
     client's ping deadline ends the session and its connections; once the
     server runs again, the client reconnects and both sides balance."""
@@ -669,22 +674,22 @@ def test_blackhole_server_stopped_then_client_reconnects(rd, tunnel_leak_check, 
     with rd.Client(url, headers={"X-Tunnel-ID": AGENT_KEY}, ping_interval=0.2, read_timeout=1,
                    handshake_timeout=1, backoff_min=0.1, backoff_max=0.5) as cli:
         cli.wait_connected(timeout=TIMEOUT)
-        # Two exchanges held open through the server's route (the echo
-        # backend sends the request back and never ends the exchange).
+        # Two exchanges held open through the server's route (the silent
+        # backend reads the request and never answers).
         held = []
         for i in range(2):
             c = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-            c.sendall(f"GET /client/{AGENT_KEY}/http/{echo_server.address}/{i} HTTP/1.1\r\n"
+            c.sendall(f"GET /client/{AGENT_KEY}/http/{silent_backend.address}/{i} HTTP/1.1\r\n"
                       f"Host: x\r\n\r\n".encode())
-            assert c.recv(4) == b"GET "
+            silent_backend.wait_accepted(i + 1)
             held.append(c)
-        echo_server.wait_open(2)
+        silent_backend.wait_open(2)
         os.kill(proc.proc.pid, signal.SIGSTOP)
         try:
             started = time.monotonic()
             wait_for(lambda: not cli.connected, 10, "the client to notice the blackhole")
             assert time.monotonic() - started < 5
-            echo_server.wait_open(0)  # the client ended its side of both
+            silent_backend.wait_open(0)  # the client ended its side of both
             check_balanced(cli)
         finally:
             os.kill(proc.proc.pid, signal.SIGCONT)

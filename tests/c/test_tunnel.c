@@ -106,11 +106,13 @@ TEST(test_far_side_closes) {
     tconn_close(&c);
   }
   /* The same through the proxy route, from a socket whose receive window
-   * cannot grow to swallow the response. */
+   * cannot grow to swallow the response (asking to close after it: the
+   * route keeps the client's connection otherwise). */
   int fd = tcp_connect_rcvbuf(g_port, 32 * 1024);
   CHECK(fd >= 0);
   if (fd >= 0) {
-    snprintf(req, sizeof req, "GET /client/agent-1/http/%s/big/%u HTTP/1.1\r\nHost: x\r\n\r\n",
+    snprintf(req, sizeof req,
+             "GET /client/agent-1/http/%s/big/%u HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
              addr, BIG);
     CHECK_EQ_INT(write_all(fd, req, strlen(req), WAIT_MS), 0);
     CHECK(wait_server_paused());
