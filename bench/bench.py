@@ -510,9 +510,10 @@ def start_relays(sink_port, env, count=2):
     return ports, relays
 
 
-def cpu_seconds(pid):
-    """User + system CPU seconds of process pid so far (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
+def cpu_seconds(pid, stat=None):
+    """User + system CPU seconds of process pid so far (all its threads), or
+    of the /proc stat file given (one thread's)."""
+    with open(stat or f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 

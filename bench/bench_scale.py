@@ -342,9 +342,7 @@ def make_cert(directory):
 
 
 def thread_cpu(tid):
-    with open(f"/proc/self/task/{tid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return B.cpu_seconds(None, f"/proc/self/task/{tid}/stat")
 
 
 def send_sized(port, seconds, size):

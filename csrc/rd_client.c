@@ -286,6 +286,32 @@ static void dial_answer_cb(rd_request *req, rd_verdict verdict, const char *valu
   }
 }
 
+/* Asks Python about connection c (an allow decision or a dial) with its
+ * proto and address; the answer comes to on_answer. The request is c's
+ * owner slot until then. */
+static void ask_python(rd_client *cli, rd_conn *c, rd_request_kind kind, const char *address,
+                       void (*on_answer)(rd_request *, rd_verdict, const char *)) {
+  rd_request *r = rd_request_new(kind);
+  char **proto_slot = NULL, **address_slot = NULL;
+  if (r != NULL) {
+    proto_slot = kind == RD_REQ_DIAL ? &r->dial.proto : &r->connect.proto;
+    address_slot = kind == RD_REQ_DIAL ? &r->dial.address : &r->connect.address;
+  }
+  if (r == NULL ||
+      (*proto_slot = rd_strndup(rd_conn_proto(c), strlen(rd_conn_proto(c)))) == NULL ||
+      (*address_slot = rd_strndup(address, strlen(address))) == NULL) {
+    if (r != NULL)
+      rd_request_free(r);
+    rd_conn_refuse(c, "out of memory");
+    return;
+  }
+  r->owner = cli->obj.handle;
+  r->on_answer = on_answer;
+  r->target = c;
+  *rd_conn_owner_slot(c) = r;
+  rd_request_post(r);
+}
+
 /* Hands an allowed target to Python's dialer: the connection waits for its
  * socket, up to the dial timeout. */
 static void dial_by_python(rd_client *cli, rd_conn *c) {
@@ -295,21 +321,10 @@ static void dial_by_python(rd_client *cli, rd_conn *c) {
     rd_conn_refuse(c, "connect not allowed");
     return;
   }
-  rd_request *r = rd_request_new(RD_REQ_DIAL);
-  if (r == NULL ||
-      (r->dial.proto = rd_strndup(rd_conn_proto(c), strlen(rd_conn_proto(c)))) == NULL ||
-      (r->dial.address = rd_strndup(address, strlen(address))) == NULL ||
-      rd_conn_set_dial_deadline(c, cli->cfg.session.dial_timeout_ms) != RD_OK) {
-    if (r != NULL)
-      rd_request_free(r);
+  if (rd_conn_set_dial_deadline(c, cli->cfg.session.dial_timeout_ms) != RD_OK)
     rd_conn_refuse(c, "out of memory");
-    return;
-  }
-  r->owner = cli->obj.handle;
-  r->on_answer = dial_answer_cb;
-  r->target = c;
-  *rd_conn_owner_slot(c) = r;
-  rd_request_post(r);
+  else
+    ask_python(cli, c, RD_REQ_DIAL, address, dial_answer_cb);
 }
 
 /* An allowed target: dialed here, or by Python's dialer. */
@@ -349,20 +364,7 @@ static void session_on_connect(rd_session *s, void *owner, rd_conn *c) {
       rd_conn_refuse(c, "connect not allowed");
       return;
     }
-    rd_request *r = rd_request_new(RD_REQ_CONNECT);
-    if (r == NULL ||
-        (r->connect.proto = rd_strndup(rd_conn_proto(c), strlen(rd_conn_proto(c)))) == NULL ||
-        (r->connect.address = rd_strndup(address, strlen(address))) == NULL) {
-      if (r != NULL)
-        rd_request_free(r);
-      rd_conn_refuse(c, "out of memory");
-      return;
-    }
-    r->owner = cli->obj.handle;
-    r->on_answer = connect_answer_cb;
-    r->target = c;
-    *rd_conn_owner_slot(c) = r;
-    rd_request_post(r);
+    ask_python(cli, c, RD_REQ_CONNECT, address, connect_answer_cb);
   }
 }
 
