@@ -90,7 +90,7 @@ asan-test: build testdeps
 	RD_SANITIZE=1 $(PY) setup.py -q build_ext --inplace
 	@status=0; \
 	$(ASAN_PYTEST_ENV) $(PY) -m pytest -q -p no:cacheprovider --ignore=tests/test_codec_vectors.py \
-	  -k "not curl and not promtool and not soak and not churn and not valgrind" \
+	  -k "not curl and not promtool and not soak and not churn and not valgrind and not browser" \
 	  -m "not packaging" || status=$$?; \
 	if ls build/asan-report.* >/dev/null 2>&1; then cat build/asan-report.*; status=1; fi; \
 	$(PY) setup.py -q build_ext --inplace; \
