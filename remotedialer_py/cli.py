@@ -665,7 +665,9 @@ def run_soak(args: argparse.Namespace) -> int:
     return soak.run(n=args.n, concurrency=args.concurrency, processes=args.processes,
                     warmup=args.warmup, interval=args.interval, csv_path=args.csv_path,
                     plot_path=args.plot_path, heap_margin=args.heap_margin,
-                    rss_margin_bytes=rss)
+                    rss_margin_bytes=rss, keep_alive=args.keep_alive,
+                    pool_per_target=args.pool_per_target,
+                    pool_idle_timeout=args.pool_idle_timeout)
 
 
 def run_status(args: argparse.Namespace) -> int:

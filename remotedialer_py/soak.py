@@ -29,6 +29,15 @@ The warm-up (by default a tenth of N, between 200 and 2,000 requests, at the
 same concurrency) is what the baselines are taken after: first-use
 allocations (pools, thread stacks, label sets, table sizes) are not leaks.
 
+With ``--keep-alive`` the service speaks HTTP/1.1 and keeps its connections
+alive, so the route's tunneled connections go back to the server's pool
+after each response (the part of the scenario Rancher v2.11.0 got wrong: a
+pool per request, never drained). The requests still come on fresh client
+connections. The run then also shows the pool: the idle pooled connections
+every second, which must stay within ``--pool-per-target`` and fall to zero
+``--pool-idle-timeout`` seconds after the last request; the verdict fails
+when they pass the bound, never appear, or outlive the timeout.
+
 With ``--processes`` the service, the server and the agent each run in a
 process of their own (``python -m remotedialer_py.soak --child ROLE``, driven
 over stdin/stdout with one JSON object per line); the requests are made in
@@ -49,6 +58,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, TextIO
 
 CLIENT_KEY = "soak"
@@ -56,11 +66,24 @@ BODY = b"soak: hello through the tunnel\n"
 ADD = "session_server_total_add_connections"
 REMOVE = "session_server_total_remove_connections"
 SETTLE_SECONDS = 15.0
+# The pool's bound per target as the server's default has it; a short idle
+# timeout so that a run shows the pool draining without waiting 90 s.
+POOL_PER_TARGET = 16
+POOL_IDLE_TIMEOUT = 5.0
 HEAP_MARGIN = 64 << 10
 RSS_MARGIN_MIN = 8 << 20
 RSS_MARGIN_FRACTION = 0.10
 REQUEST_TIMEOUT = 30.0
 CHILD_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class SoakConfig:
+    """How the service and the server are set up for a run."""
+
+    keep_alive: bool = False
+    pool_per_target: int = POOL_PER_TARGET
+    pool_idle_timeout: float = POOL_IDLE_TIMEOUT
 
 
 # ---------------------------------------------------------------------------
@@ -83,6 +106,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _KeepAliveHandler(_Handler):
+    # HTTP/1.1: the connection stays open for the next request, so the
+    # route can pool the tunneled connection it came through.
+    protocol_version = "HTTP/1.1"
+
+
 class Service(http.server.ThreadingHTTPServer):
     """The HTTP service behind the agent, on 127.0.0.1:0."""
 
@@ -91,8 +120,8 @@ class Service(http.server.ThreadingHTTPServer):
     # and turns into one-second SYN retransmits.
     request_queue_size = 1024
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, keep_alive: bool = False) -> None:
+        super().__init__(("127.0.0.1", 0), _KeepAliveHandler if keep_alive else _Handler)
         self.port = self.server_address[1]
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
                                         name="soak-service", daemon=True)
@@ -150,6 +179,7 @@ class Load:
         self._lock = threading.Lock()
         self.done = 0
         self.errors = 0
+        self.last_done_at = 0.0
         self.error_texts: list[str] = []
         self._threads: list[threading.Thread] = []
 
@@ -200,6 +230,9 @@ class Load:
                             self.error_texts.append(f"{type(exc).__name__}: {exc}")
                 with self._lock:
                     self.done += 1
+                    # CLOCK_MONOTONIC is one clock for every process on the
+                    # machine, so the parent can compare it with its own.
+                    self.last_done_at = time.monotonic()
 
         self._threads = [threading.Thread(target=worker, name=f"soak-{k}", daemon=True)
                          for k in range(max(1, min(concurrency, n)))]
@@ -217,7 +250,8 @@ class Load:
     def figures(self) -> dict:
         with self._lock:
             return {"done": self.done, "errors": self.errors,
-                    "error_texts": list(self.error_texts), "running": self.running}
+                    "error_texts": list(self.error_texts), "running": self.running,
+                    "last_done_at": self.last_done_at}
 
 
 class Roles:
@@ -229,16 +263,23 @@ class Roles:
         self.cli: Any = None
         self.load: Optional[Load] = None
 
-    def start_service(self) -> int:
-        self.service = Service()
+    def start_service(self, keep_alive: bool = False) -> int:
+        self.service = Service(keep_alive)
         return self.service.port
 
-    def start_server(self) -> int:
+    def start_server(self, pool_per_target: int = POOL_PER_TARGET,
+                     pool_idle_timeout: float = POOL_IDLE_TIMEOUT) -> int:
         from .server import Server
 
-        self.srv = Server(listen="127.0.0.1:0", debug_route=True)
+        self.srv = Server(listen="127.0.0.1:0", debug_route=True,
+                          proxy_pool_per_target=pool_per_target,
+                          proxy_pool_idle_timeout=pool_idle_timeout)
         self.srv.start()
         return self.srv.port
+
+    def close_idle(self) -> None:
+        if self.srv is not None:
+            self.srv.close_idle()
 
     def start_agent(self, url: str) -> None:
         from .client import Client
@@ -267,8 +308,10 @@ class Roles:
             out["engine"] = engine_figures()
         if self.srv is not None:
             out["server"] = _counter_sums(self.srv.metrics())
+            conns = self.srv.connections()
+            out["server"]["pooled"] = sum(1 for c in conns if c["state"] == "idle")
             if details:
-                out["server"]["connections"] = self.srv.connections()
+                out["server"]["connections"] = conns
         if self.cli is not None:
             out["agent"] = _counter_sums(self.cli.metrics())
         if self.load is not None:
@@ -298,12 +341,13 @@ class _LocalProcesses:
 
     names = ("process",)
 
-    def __init__(self) -> None:
+    def __init__(self, config: "SoakConfig") -> None:
         self.roles = Roles()
+        self.config = config
 
     def start(self) -> str:
-        self.service_port = self.roles.start_service()
-        self.roles.start_server()
+        self.service_port = self.roles.start_service(self.config.keep_alive)
+        self.roles.start_server(self.config.pool_per_target, self.config.pool_idle_timeout)
         self.roles.start_agent(self.roles.srv.url)
         if not self.roles.wait_session():
             raise RuntimeError("the agent did not get a session")
@@ -314,6 +358,9 @@ class _LocalProcesses:
 
     def trim(self) -> None:
         trim()
+
+    def close_idle(self) -> None:
+        self.roles.close_idle()
 
     def stats(self, details: bool = False) -> dict:
         s = self.roles.stats(details)
@@ -383,13 +430,16 @@ class _ChildProcesses:
 
     names = ("server", "agent")
 
-    def __init__(self) -> None:
+    def __init__(self, config: "SoakConfig") -> None:
         self.children: dict[str, _Child] = {}
+        self.config = config
 
     def start(self) -> str:
-        service = self.children["service"] = _Child("service")
+        c = self.config
+        service = self.children["service"] = _Child("service", *(["keep-alive"] if c.keep_alive else []))
         self.service_port = service.reply()["port"]
-        server = self.children["server"] = _Child("server")
+        server = self.children["server"] = _Child("server", str(c.pool_per_target),
+                                                  repr(c.pool_idle_timeout))
         url = server.reply()["url"]
         agent = self.children["agent"] = _Child("agent", url)
         agent.reply()
@@ -404,6 +454,9 @@ class _ChildProcesses:
         for name in self.names:
             self.children[name].call("trim")
 
+    def close_idle(self) -> None:
+        self.children["server"].call("close_idle")
+
     def stats(self, details: bool = False) -> dict:
         return {name: self.children[name].call("stats", details=details) for name in self.names}
 
@@ -417,8 +470,10 @@ class _ChildProcesses:
 
 
 def child_main(role: str, args: list[str]) -> int:
-    """A child process: starts its role, then answers JSON commands on stdin
-    (stats, trim, run, wait_session, quit), one JSON object per line."""
+    """A child process: starts its role (service [keep-alive]; server
+    POOL_PER_TARGET POOL_IDLE_TIMEOUT; agent URL), then answers JSON commands
+    on stdin (stats, trim, close_idle, run, wait_session, quit), one JSON
+    object per line."""
     roles = Roles()
 
     def say(obj: dict) -> None:
@@ -427,9 +482,9 @@ def child_main(role: str, args: list[str]) -> int:
 
     try:
         if role == "service":
-            say({"port": roles.start_service()})
+            say({"port": roles.start_service(args[:1] == ["keep-alive"])})
         elif role == "server":
-            roles.start_server()
+            roles.start_server(int(args[0]), float(args[1]))
             say({"url": roles.srv.url})
         elif role == "agent":
             roles.start_agent(args[0])
@@ -448,6 +503,9 @@ def child_main(role: str, args: list[str]) -> int:
                 say(roles.stats(bool(req.get("details"))))
             elif cmd == "trim":
                 trim()
+                say({"ok": True})
+            elif cmd == "close_idle":
+                roles.close_idle()
                 say({"ok": True})
             elif cmd == "run":
                 roles.run(int(req["n"]), int(req["concurrency"]), int(req["service_port"]))
@@ -489,6 +547,7 @@ def _row(t: float, phase: str, stats: dict, names: tuple) -> dict:
         "agent_add": _sum(stats, "agent", "add"), "agent_remove": _sum(stats, "agent", "remove"),
         "open_connections": sum(s.get("engine", {}).get("open_connections", 0)
                                 for s in stats.values()),
+        "pooled_connections": _sum(stats, "server", "pooled"),
     }
     for name in names:
         e = stats.get(name, {}).get("engine", {})
@@ -513,6 +572,7 @@ def _format_row(row: dict, names: tuple, rate: float) -> str:
     return (f"{row['time_s']:7.1f} {row['phase']:>7} {row['requests']:>9} {rate:>7.0f} "
             f"{row['server_add']:>9}/{row['server_remove']:<9} "
             f"{row['agent_add']:>9}/{row['agent_remove']:<9} {row['open_connections']:>5} "
+            f"{row['pooled_connections']:>6} "
             f"{per('heap_bytes', _kib):>12} {per('rss_bytes', _mib):>12} "
             f"{per('open_fds', str):>9}")
 
@@ -520,7 +580,7 @@ def _format_row(row: dict, names: tuple, rate: float) -> str:
 def _header(names: tuple) -> str:
     who = "/".join(names)
     return (f"{'t(s)':>7} {'phase':>7} {'requests':>9} {'req/s':>7} "
-            f"{'server add/remove':>19} {'agent add/remove':>19} {'open':>5} "
+            f"{'server add/remove':>19} {'agent add/remove':>19} {'open':>5} {'pooled':>6} "
             f"{'heap KiB':>12} {'RSS MiB':>12} {'fds':>9}"
             + (f"   (per process: {who})" if len(names) > 1 else ""))
 
@@ -532,7 +592,8 @@ def write_csv(path: str, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def plot(path: str, rows: list[dict], names: tuple, title: str) -> None:
+def plot(path: str, rows: list[dict], names: tuple, title: str,
+         pool_bound: Optional[int] = None) -> None:
     """Draws the series into a PNG (needs matplotlib: the `plot` extra)."""
     import matplotlib  # type: ignore[import-not-found]
 
@@ -552,7 +613,12 @@ def plot(path: str, rows: list[dict], names: tuple, title: str) -> None:
     ax.legend(loc="upper left", fontsize="small")
     ax.set_title(title, fontsize="medium")
     ax = axes[1]
-    ax.plot(t, [r["open_connections"] for r in rows], color="tab:purple")
+    ax.plot(t, [r["open_connections"] for r in rows], color="tab:purple", label="open")
+    if pool_bound is not None:
+        ax.plot(t, [r["pooled_connections"] for r in rows], color="tab:cyan", linestyle="--",
+                label="idle in the route's pool")
+        ax.axhline(pool_bound, color="tab:gray", linestyle=":", label=f"pool bound ({pool_bound})")
+        ax.legend(loc="upper right", fontsize="small")
     ax.set_ylabel("open\nconnections")
     ax = axes[2]
     for name in names:
@@ -588,7 +654,9 @@ def rss_margin(baseline: int) -> int:
 def run(n: int = 5000, concurrency: int = 8, processes: bool = False,
         warmup: Optional[int] = None, interval: float = 1.0, csv_path: Optional[str] = None,
         plot_path: Optional[str] = None, heap_margin: int = HEAP_MARGIN,
-        rss_margin_bytes: Optional[int] = None, out: Optional[TextIO] = None) -> int:
+        rss_margin_bytes: Optional[int] = None, out: Optional[TextIO] = None,
+        keep_alive: bool = False, pool_per_target: int = POOL_PER_TARGET,
+        pool_idle_timeout: float = POOL_IDLE_TIMEOUT) -> int:
     """Runs the soak; returns the exit status (0 only on a clean verdict)."""
     def say(text: str = "") -> None:
         print(text, file=sys.stdout if out is None else out, flush=True)
@@ -604,7 +672,8 @@ def run(n: int = 5000, concurrency: int = 8, processes: bool = False,
             return 2
     if warmup is None:
         warmup = max(200, min(2000, n // 10))
-    procs: Any = _ChildProcesses() if processes else _LocalProcesses()
+    config = SoakConfig(keep_alive, pool_per_target, pool_idle_timeout)
+    procs: Any = _ChildProcesses(config) if processes else _LocalProcesses(config)
     names = procs.names
     rows: list[dict] = []
     problems: list[str] = []
@@ -615,16 +684,29 @@ def run(n: int = 5000, concurrency: int = 8, processes: bool = False,
         rows.append(_row(time.monotonic() - started, phase, stats, names))
         return stats
 
-    def settle(baseline_fds: Optional[dict] = None) -> dict:
+    # With keep-alive the pool holds connections for its idle timeout after
+    # the last request: the wait for them to end includes it.
+    settle_seconds = SETTLE_SECONDS + (pool_idle_timeout if keep_alive else 0.0)
+
+    def settle(baseline_fds: Optional[dict] = None, record: bool = False) -> dict:
         """Waits (bounded) for every connection to end and the descriptors to
-        return to the baseline; returns the last stats."""
-        deadline = time.monotonic() + SETTLE_SECONDS
+        return to the baseline; returns the last stats. With record, a row
+        is sampled and printed every `interval` meanwhile (the pool
+        draining)."""
+        now = time.monotonic()
+        deadline = now + settle_seconds
+        next_row = now + interval
         while True:
             stats = procs.stats()
+            now = time.monotonic()
+            if record and now >= next_row:
+                next_row += interval
+                rows.append(_row(now - started, "drain", stats, names))
+                say(_format_row(rows[-1], names, 0.0))
             open_conns = sum(s.get("engine", {}).get("open_connections", 0) for s in stats.values())
             fds_ok = baseline_fds is None or all(
                 stats[k]["engine"]["open_fds"] <= baseline_fds[k] for k in names)
-            if (open_conns == 0 and fds_ok) or time.monotonic() >= deadline:
+            if (open_conns == 0 and fds_ok) or now >= deadline:
                 return stats
             time.sleep(0.05)
 
@@ -635,12 +717,16 @@ def run(n: int = 5000, concurrency: int = 8, processes: bool = False,
         say(f"remotedialer-py soak: {n:,} requests (+{warmup:,} warm-up), concurrency "
             f"{concurrency}, {where}")
         say(f"  server {url}; half the requests through dial, half through /client/")
+        if keep_alive:
+            say(f"  keep-alive service: the route pools its tunneled connections (at most "
+                f"{pool_per_target}, idle timeout {pool_idle_timeout:g} s)")
 
         # Warm-up, then the baselines.
         sample("start")
         procs.run(warmup, concurrency)
         while _load(procs.stats())["running"]:
             time.sleep(0.05)
+        procs.close_idle()  # the warm-up's pooled connections end now, not in a timeout
         stats = settle()
         procs.trim()
         stats = sample("warm")
@@ -674,9 +760,12 @@ def run(n: int = 5000, concurrency: int = 8, processes: bool = False,
             if not load["running"]:
                 break
         elapsed = time.monotonic() - run_started
+        last_request = _load(stats).get("last_done_at") or time.monotonic()
 
-        # Settle, return the pools, and the final figures.
-        settle(base_fds)
+        # Settle (the route's pool drains), return the pools, and the final
+        # figures.
+        settle(base_fds, record=True)
+        drained_after = time.monotonic() - last_request
         procs.trim()
         stats = sample("final", details=True)
         say(_format_row(rows[-1], names, 0.0))
@@ -695,9 +784,19 @@ def run(n: int = 5000, concurrency: int = 8, processes: bool = False,
                     problems.append(f"{side} counters do not balance: {line}")
             say(f"  {side} counters: added {final[f'{side}_add']:,}, "
                 f"removed {final[f'{side}_remove']:,}")
+        if keep_alive:
+            peak_pooled = max(r["pooled_connections"] for r in rows)
+            say(f"  route pool: peak {peak_pooled} idle connections (bound {pool_per_target}), "
+                f"{final['pooled_connections']} {drained_after:.1f} s after the last request "
+                f"(idle timeout {pool_idle_timeout:g} s)")
+            if peak_pooled > pool_per_target:
+                problems.append(f"the route's pool held {peak_pooled} idle connections, over "
+                                f"its bound of {pool_per_target}")
+            if peak_pooled == 0:
+                problems.append("the route never pooled a connection: keep-alive did not work")
         if final["open_connections"]:
             problems.append(f"{final['open_connections']} connections still open "
-                            f"after {SETTLE_SECONDS:g} s")
+                            f"after {settle_seconds:g} s")
             for s in stats.values():
                 for c in s.get("server", {}).get("connections", []):
                     problems.append("  open: " + " ".join(f"{k}={c[k]}" for k in sorted(c)))
@@ -722,7 +821,7 @@ def run(n: int = 5000, concurrency: int = 8, processes: bool = False,
                                 f"(margin {_mib(margin)} MiB)")
             if e["open_fds"] > base_fds[k]:
                 problems.append(f"{e['open_fds'] - base_fds[k]} descriptors{label} over the "
-                                f"baseline after {SETTLE_SECONDS:g} s")
+                                f"baseline after {settle_seconds:g} s")
     except Exception as exc:  # noqa: BLE001 - a failed soak is a verdict too
         problems.append(f"{type(exc).__name__}: {exc}")
     finally:
@@ -738,7 +837,9 @@ def run(n: int = 5000, concurrency: int = 8, processes: bool = False,
     if rows and plot_path:
         verdict = "FAIL" if problems else "OK"
         plot(plot_path, rows, names,
-             f"remotedialer-py soak: {n:,} requests, concurrency {concurrency}: {verdict}")
+             f"remotedialer-py soak: {n:,} requests, concurrency {concurrency}"
+             f"{', keep-alive' if keep_alive else ''}: {verdict}",
+             pool_bound=pool_per_target if keep_alive else None)
         say(f"  plot written to {plot_path}")
     if problems:
         say("FAIL:")
@@ -794,6 +895,17 @@ def add_arguments(parser: argparse.ArgumentParser, positive_int: Callable[[str],
                              "larger of 8 MiB and 10%%, since RSS also moves with the Python "
                              "allocator, thread stacks and C library arenas; the heap check is "
                              "the precise one)")
+    parser.add_argument("--keep-alive", action="store_true",
+                        help="the service keeps its connections alive (HTTP/1.1), so the "
+                             "/client/ route pools its tunneled connections; the run shows the "
+                             "pool staying within --pool-per-target and draining after "
+                             "--pool-idle-timeout")
+    parser.add_argument("--pool-per-target", type=positive_int, default=POOL_PER_TARGET,
+                        metavar="N", help="the server's proxy_pool_per_target (default 16)")
+    parser.add_argument("--pool-idle-timeout", type=_cliparse.positive_float,
+                        default=POOL_IDLE_TIMEOUT, metavar="SECONDS",
+                        help="the server's proxy_pool_idle_timeout (default 5, so a run shows "
+                             "the pool draining without waiting the server's usual 90 s)")
 
 
 if __name__ == "__main__":

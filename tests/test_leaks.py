@@ -12,6 +12,7 @@ dying (agent SIGKILLed, ping timeout, protocol error); server or client
 closed with connections open; SYNC finding a connection stale; the buffer
 hard cap; interpreter exit."""
 
+import csv
 import gc
 import os
 import re
@@ -817,6 +818,35 @@ def test_soak_in_one_process(rd, tunnel_leak_check, tmp_path, capsys):
     assert last["open_connections"] == "0"
 
 
+def test_soak_keep_alive_pool_stays_bounded_and_drains(rd, tunnel_leak_check, tmp_path, capsys):
+    # A kept-alive service: the route's tunneled connections are pooled and
+    # reused, never more than the bound are idle, and after the last request
+    # the pool empties within its idle timeout (the verdict checks both).
+    path = tmp_path / "soak.csv"
+    n, warmup = 600, 100
+    status, out = _soak_run(capsys, n=n, concurrency=8, warmup=warmup, interval=0.2,
+                            csv_path=str(path), keep_alive=True, pool_per_target=3,
+                            pool_idle_timeout=1.0)
+    assert status == 0, out
+    m = re.search(r"route pool: peak (\d+) idle connections \(bound 3\), "
+                  r"0 ([0-9.]+) s after the last request", out)
+    assert m and 1 <= int(m.group(1)) <= 3, out
+    # Not before the idle timeout (the last backend went idle a moment
+    # before its response reached the client).
+    assert float(m.group(2)) >= 0.9, out
+    rows = list(csv.DictReader(path.read_text().splitlines()))
+    assert max(int(r["pooled_connections"]) for r in rows) == int(m.group(1))
+    # Some drain row still shows the pool holding connections, the last shows none.
+    assert any(r["phase"] == "drain" and int(r["pooled_connections"]) > 0 for r in rows), out
+    last = rows[-1]
+    assert last["phase"] == "final" and last["open_connections"] == "0"
+    assert last["pooled_connections"] == "0"
+    # Reuse: half the requests dial a connection each; the route's half
+    # shares a few pooled ones, so far fewer connections than requests.
+    assert int(last["server_add"]) == int(last["server_remove"])
+    assert int(last["server_add"]) < (n + warmup) * 3 // 4, out
+
+
 def test_soak_in_separate_processes(tmp_path):
     import subprocess
     import sys
@@ -824,13 +854,14 @@ def test_soak_in_separate_processes(tmp_path):
     path = tmp_path / "soak.csv"
     proc = subprocess.run(
         [sys.executable, "-m", "remotedialer_py", "soak", "-n", "400", "-c", "4", "--warmup",
-         "100", "--processes", "--csv", str(path)],
+         "100", "--processes", "--keep-alive", "--pool-idle-timeout", "1", "--csv", str(path)],
         capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
         env={**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (os.path.dirname(os.path.dirname(support.__file__)),
                         os.environ.get("PYTHONPATH")) if p)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "(per process: server/agent)" in proc.stdout
+    assert re.search(r"route pool: peak [1-9]\d* idle connections \(bound 16\)", proc.stdout)
     header = path.read_text().splitlines()[0].split(",")
     assert {"heap_bytes_server", "heap_bytes_agent", "rss_bytes_agent"} <= set(header)
 
