@@ -13,7 +13,11 @@ server's engine:
   latency: one kept-alive connection, one request at a time, p50/p99 over
     all rounds.
 The route's figure is given as a share of direct (throughput) and a multiple
-of it (latency).
+of it (latency). Where socat is installed, the same GETs also go through two
+plain relays in a chain (client -> socat -> socat -> backend, each relay C,
+a process per connection), as many loopback hops as the route's client ->
+server -> agent -> backend: what those hops cost with no tunnel and no HTTP
+parsing, the floor for any relay of the route's shape.
 
     python bench/bench.py --phases r --seconds 3
     python bench/bench_route.py --seconds 3      # the same, on its own
@@ -24,6 +28,7 @@ import argparse
 import json
 import os
 import selectors
+import shutil
 import socket
 import subprocess
 import sys
@@ -184,14 +189,64 @@ def _helper(args, env):
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
+def _free_port():
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return s.getsockname()[1]
+
+
+def _wait_listening(port, proc, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() >= deadline:
+                raise RuntimeError(f"socat did not listen on {port}")
+            time.sleep(0.02)
+
+
+def start_socat_relays(bport, count=2):
+    """A chain of count socat relays in front of 127.0.0.1:bport; returns
+    (entry port, processes), or (None, []) when socat is not installed."""
+    socat = shutil.which("socat")
+    if socat is None:
+        return None, []
+    procs = []
+    port = bport
+    try:
+        for _ in range(count):
+            listen = _free_port()
+            procs.append(subprocess.Popen(
+                [socat, f"TCP-LISTEN:{listen},bind=127.0.0.1,fork,reuseaddr,nodelay,backlog=256",
+                 f"TCP:127.0.0.1:{port},nodelay"], stdin=subprocess.DEVNULL))
+            _wait_listening(listen, procs[-1])
+            port = listen
+    except BaseException:
+        stop_socat_relays(procs)
+        raise
+    return port, procs
+
+
+def stop_socat_relays(procs):
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(10)
+
+
 def run(srv, key, seconds, repeat, env, target="epoll"):
     """The phase: srv is a started Server with key's agent connected;
     target names the backend ("epoll" or "threading")."""
     backend = _helper(["--role", "backend" if target == "epoll" else "backend-threading"], env)
+    relays = []
     try:
         bport = int(backend.stdout.readline())
         paths = {"direct": (bport, "/small"),
                  "route": (srv.port, f"/client/{key}/http/127.0.0.1:{bport}/small")}
+        rport, relays = start_socat_relays(bport)
+        if rport is not None:
+            paths["relays"] = (rport, "/small")
         out = {"conns": CONNS, "rps": {k: [] for k in paths}, "lat": {k: [] for k in paths}}
         for _ in range(repeat):
             for name, (port, path) in paths.items():
@@ -209,22 +264,39 @@ def run(srv, key, seconds, repeat, env, target="epoll"):
                          "samples": len(lat)}
         res["rps_share"] = res["route"]["rps"] / res["direct"]["rps"]
         res["p50_ratio"] = res["route"]["p50_ms"] / res["direct"]["p50_ms"]
+        if "relays" in res:
+            res["relays_rps_share"] = res["relays"]["rps"] / res["direct"]["rps"]
+            res["relays_p50_ratio"] = res["relays"]["p50_ms"] / res["direct"]["p50_ms"]
+            res["route_vs_relays_rps"] = res["route"]["rps"] / res["relays"]["rps"]
+            res["route_vs_relays_p50"] = res["route"]["p50_ms"] / res["relays"]["p50_ms"]
         return res
     finally:
+        stop_socat_relays(relays)
         backend.stdin.close()
         backend.wait(30)
 
 
 def report(r):
     d, t = r["direct"], r["route"]
-    return "\n".join([
+    lines = [
         f"(r) small GETs, kept alive: direct vs through /client/ ({r['conns']} connections; "
         f"1 for latency; {r['backend']} backend)",
         f"    direct:  {d['rps']:9.0f} req/s   p50 {d['p50_ms']:.3f} ms   p99 {d['p99_ms']:.3f} ms",
         f"    route:   {t['rps']:9.0f} req/s   p50 {t['p50_ms']:.3f} ms   p99 {t['p99_ms']:.3f} ms",
-        f"    route/direct: {r['rps_share'] * 100:.0f}% of the requests/s, "
-        f"{r['p50_ratio']:.2f}x the p50",
-    ])
+    ]
+    if "relays" in r:
+        x = r["relays"]
+        lines.append(f"    relays:  {x['rps']:9.0f} req/s   p50 {x['p50_ms']:.3f} ms   "
+                     f"p99 {x['p99_ms']:.3f} ms   (two socat relays, the same hops)")
+    lines.append(f"    route/direct: {r['rps_share'] * 100:.0f}% of the requests/s, "
+                 f"{r['p50_ratio']:.2f}x the p50")
+    if "relays" in r:
+        lines.append(f"    relays/direct: {r['relays_rps_share'] * 100:.0f}% of the requests/s, "
+                     f"{r['relays_p50_ratio']:.2f}x the p50; route/relays: "
+                     f"{r['route_vs_relays_rps'] * 100:.0f}%, {r['route_vs_relays_p50']:.2f}x")
+    else:
+        lines.append("    relays: skipped (socat not installed: apt-get install socat)")
+    return "\n".join(lines)
 
 
 def main():
