@@ -198,9 +198,13 @@ build/fuzz/%: fuzz/%.c fuzz/fuzz.h $(ENGINE_SRC) $(HEADERS)
 	$(CLANG) -std=gnu11 -g -O1 -fsanitize=fuzzer,address,undefined -fno-omit-frame-pointer \
 	  -Icsrc $< $(ENGINE_SRC) $(LIBS) -o $@
 
-# The figures need matplotlib (the `plot` extra), installed here only.
+# The figures need matplotlib (the `plot` extra), installed here only; phase
+# r's relay baseline needs socat (installed as root on Debian, else skipped).
 bench: build
 	@$(PY) -c 'import matplotlib' >/dev/null 2>&1 || $(PY) -m pip install --quiet matplotlib
+	@command -v socat >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get install -y -q socat >/dev/null 2>&1; } || \
+	  echo "bench: socat is not installed; phase r runs without its relay baseline"
 	$(PY) bench/bench.py --png-dir docs $(BENCH_ARGS)
 
 # The API reference is generated (tests/test_apidoc.py checks it is current);
