@@ -415,7 +415,7 @@ static void handshake_done(rd_client *cli, size_t head_len) {
   cli->state = CLI_CONNECTED;
   cli->attempt = 0;
   cli->last_error[0] = '\0';
-  rd_session *s = rd_session_new(io, RD_ROLE_CLIENT, "client",
+  rd_session *s = rd_session_new(io, RD_ROLE_CLIENT, "client", NULL,
                                  cli->cfg.hooks != NULL ? RD_SESSION_LINK : RD_SESSION_AGENT,
                                  cli->metrics, &cli->cfg.session, &client_session_ops, cli,
                                  (const uint8_t *)cli->resp + head_len, cli->resp_len - head_len);

@@ -27,6 +27,9 @@ enum {
 
 #define RD_ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 
+/* The struct of type type whose member member is at ptr. */
+#define rd_container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
+
 /* Returns a static description of an rd_ code, or of a libuv code when the
  * engine is linked (rd_error.c); never NULL. */
 const char *rd_strerror(int code);

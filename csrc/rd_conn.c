@@ -172,12 +172,12 @@ static void conn_unref(rd_conn *c) {
 /* A UDP flow has no end of its own: it gets udp_idle_timeout, the rest
  * idle_timeout. */
 static uint64_t default_idle_ms(const rd_conn *c) {
-  return rd_proto_is_udp(c->proto) ? c->s->cfg.udp_idle_timeout_ms : c->s->cfg.idle_timeout_ms;
+  return rd_proto_is_udp(c->proto) ? c->s->cfg->udp_idle_timeout_ms : c->s->cfg->idle_timeout_ms;
 }
 
 rd_conn *rd_conn_new(rd_session *s, int64_t id, const char *proto, size_t proto_len,
                      const char *address, size_t address_len) {
-  if (s->conns.count >= s->cfg.max_connections)
+  if (s->conns.count >= s->cfg->max_connections)
     return NULL;
   rd_conn *c = rd_calloc(1, sizeof *c);
   if (c == NULL)
@@ -225,8 +225,8 @@ rd_conn *rd_conn_find(rd_session *s, int64_t id) {
  * rd_session_owner.on_conn_failed); c has not ended yet. */
 static void conn_failed(rd_conn *c, const char *err, int far) {
   rd_session *s = c->s;
-  if (s->ops.on_conn_failed != NULL && err != NULL)
-    s->ops.on_conn_failed(s, s->owner, c, err, far);
+  if (s->ops->on_conn_failed != NULL && err != NULL)
+    s->ops->on_conn_failed(s, s->owner, c, err, far);
 }
 
 /* The local end failed inside a send: stop using it and end at the next
@@ -288,7 +288,7 @@ static void local_shutdown_cb(rd_io *io, int status) {
  * completes, and the attach that hands over what came while connecting
  * (the socket may take it all at once, and then no write completes). */
 static void resume_if_drained(rd_conn *c) {
-  if (c->we_paused && !c->failed && c->pending < c->s->cfg.max_buffer / 8) {
+  if (c->we_paused && !c->failed && c->pending < c->s->cfg->max_buffer / 8) {
     c->we_paused = 0;
     rd_session_send_msg(c->s, RD_MSG_RESUME, c->id, NULL, 0);
   }
@@ -483,7 +483,7 @@ void rd_conn_update_reading(rd_conn *c) {
   if (!c->peer_paused && !c->s->write_blocked && c->held.head != NULL)
     held_send(c);
   if (c->s->write_blocked ||
-      (c->peer_paused && !c->local_gone && c->held_bytes >= c->s->cfg.max_buffer))
+      (c->peer_paused && !c->local_gone && c->held_bytes >= c->s->cfg->max_buffer))
     rd_io_read_stop(io);
   else
     rd_io_read_start(io, local_alloc_cb, local_read_cb);
@@ -519,11 +519,11 @@ void rd_conn_on_data(rd_conn *c, const uint8_t *data, size_t len) {
     }
     pending_add(c, charge);
   }
-  if (c->pending > s->cfg.hard_cap) {
+  if (c->pending > s->cfg->hard_cap) {
     rd_conn_end(c, "buffer limit exceeded", 1);
     return;
   }
-  if (!c->we_paused && c->pending > s->cfg.max_buffer) {
+  if (!c->we_paused && c->pending > s->cfg->max_buffer) {
     c->we_paused = 1;
     rd_session_send_msg(s, RD_MSG_PAUSE, c->id, NULL, 0);
   }
@@ -824,7 +824,7 @@ void rd_conn_dial_local(rd_conn *c) {
   char err[160];
   c->refs++;
   c->end.dial = rd_dial_start(rd_loop(), c->proto, rd_conn_address(c),
-                              c->s->cfg.dial_timeout_ms, conn_dial_cb, c, &status, err, sizeof err);
+                              c->s->cfg->dial_timeout_ms, conn_dial_cb, c, &status, err, sizeof err);
   if (c->end.dial != NULL)
     c->end_kind = END_DIAL;
   else {

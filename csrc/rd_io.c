@@ -37,11 +37,10 @@ struct rd_io {
   rd_io_shutdown_cb shutdown_cb;
   rd_io_close_cb close_cb;
   uv_timer_t *kick; /* TLS: pumps plaintext already buffered at read start */
-  uv_shutdown_t shutdown_req;
   pending_write *pw_head, *pw_tail;
   uint64_t cipher_queued, cipher_done;
   int write_error;
-  int handles; /* open handles: stream, kick */
+  unsigned handles : 2; /* open handles: stream, kick */
   unsigned reading : 1, handshaking : 1, closing : 1, failed : 1, shutting_down : 1;
 };
 
@@ -403,8 +402,11 @@ void rd_io_read_stop(rd_io *io) {
 
 /* ---- shutdown, close ---- */
 
+/* libuv runs it before the stream's close callback, also for a shutdown the
+ * close cancels, so the request never outlives its io. */
 static void shutdown_cb(uv_shutdown_t *req, int status) {
   rd_io *io = req->data;
+  rd_free(req);
   rd_io_shutdown_cb cb = io->shutdown_cb;
   io->shutdown_cb = NULL;
   if (cb != NULL)
@@ -423,17 +425,26 @@ int rd_io_shutdown(rd_io *io, rd_io_shutdown_cb cb) {
       io->shutdown_cb = NULL;
     return rc;
   }
+  /* Its own allocation: most streams never shut down, and an idle one should
+   * not carry the request. */
+  uv_shutdown_t *req = rd_malloc(sizeof *req);
+  if (req == NULL)
+    return RD_ENOMEM;
   if (io->tls != NULL && rd_tls_handshake_done(io->tls)) {
     rd_tls_shutdown(io->tls);
     int rc = flush(io);
-    if (rc != 0)
+    if (rc != 0) {
+      rd_free(req);
       return rc;
+    }
   }
   io->shutdown_cb = cb;
-  io->shutdown_req.data = io;
-  int rc = uv_shutdown(&io->shutdown_req, io->stream, shutdown_cb);
+  req->data = io;
+  int rc = uv_shutdown(req, io->stream, shutdown_cb);
   if (rc == 0)
     io->shutting_down = 1;
+  else
+    rd_free(req);
   return rc;
 }
 

@@ -34,6 +34,8 @@ static struct {
   uv_loop_t loop;
   uv_thread_t thread;
   uv_async_t wake;
+  uv_idle_t defer_idle; /* runs the deferred list; active while it is not empty */
+  rd_defer deferred;    /* the head of that list (loop thread) */
   rd_cmd *head, *tail;
   int stopping; /* loop thread: shutdown command seen */
   int shutting_down, joined; /* under lock: rd_engine_shutdown's progress */
@@ -81,6 +83,57 @@ rd_engine_counts rd_engine_counts_get(void) {
   rd_engine_counts c = {atomic_load(&count_sessions), atomic_load(&count_connections),
                         atomic_load(&count_buffered), atomic_load(&count_tunnel_queued)};
   return c;
+}
+
+/* ---- work deferred to the next turn ---- */
+
+static int defer_queued(const rd_defer *d) { return d->next != d; }
+
+static void defer_unlink(rd_defer *d) {
+  d->prev->next = d->next;
+  d->next->prev = d->prev;
+  d->prev = d->next = d;
+}
+
+/* Runs what was queued before this turn. A callback may cancel another
+ * entry of the batch (ending an object that had work queued): entries are
+ * unlinked one at a time, from whichever list holds them. */
+static void defer_idle_cb(uv_idle_t *h) {
+  rd_defer batch;
+  rd_defer_init(&batch, NULL);
+  if (defer_queued(&eng.deferred)) {
+    batch.next = eng.deferred.next;
+    batch.prev = eng.deferred.prev;
+    batch.next->prev = batch.prev->next = &batch;
+    eng.deferred.prev = eng.deferred.next = &eng.deferred;
+  }
+  uv_idle_stop(h); /* started again by what the callbacks queue */
+  while (defer_queued(&batch)) {
+    rd_defer *d = batch.next;
+    defer_unlink(d);
+    d->cb(d);
+  }
+}
+
+void rd_defer_init(rd_defer *d, void (*cb)(rd_defer *d)) {
+  d->prev = d->next = d;
+  d->cb = cb;
+}
+
+void rd_defer_start(rd_defer *d) {
+  if (defer_queued(d))
+    return;
+  rd_defer *head = &eng.deferred;
+  d->prev = head->prev;
+  d->next = head;
+  head->prev->next = d;
+  head->prev = d;
+  uv_idle_start(&eng.defer_idle, defer_idle_cb);
+}
+
+void rd_defer_cancel(rd_defer *d) {
+  if (defer_queued(d))
+    defer_unlink(d);
 }
 
 /* Signals completion. The fd is read before _done is set: from then on the
@@ -236,6 +289,9 @@ static void loop_main(void *arg) {
   sigaddset(&set, SIGPIPE);
   pthread_sigmask(SIG_BLOCK, &set, NULL);
   uv_run(&eng.loop, UV_RUN_DEFAULT);
+  /* The loop ran dry, so nothing is deferred (the idle handle is active
+   * while anything is). */
+  uv_close((uv_handle_t *)&eng.defer_idle, NULL);
   /* Objects closing after the wake handle went still need their callbacks. */
   uv_walk(&eng.loop, close_any_handle_cb, NULL);
   uv_run(&eng.loop, UV_RUN_DEFAULT);
@@ -277,8 +333,11 @@ static int ensure_started_locked(void) {
   rd_nofile_raise();
   if (uv_loop_init(&eng.loop) != 0 || uv_async_init(&eng.loop, &eng.wake, wake_cb) != 0)
     return ENGINE_NEW;
+  uv_idle_init(&eng.loop, &eng.defer_idle);
+  rd_defer_init(&eng.deferred, NULL); /* a forked child forgets its parent's list */
   if (uv_thread_create(&eng.thread, loop_main, NULL) != 0) {
     uv_close((uv_handle_t *)&eng.wake, NULL);
+    uv_close((uv_handle_t *)&eng.defer_idle, NULL);
     uv_run(&eng.loop, UV_RUN_DEFAULT);
     uv_loop_close(&eng.loop);
     return ENGINE_NEW;

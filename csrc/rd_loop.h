@@ -58,6 +58,24 @@ uv_loop_t *rd_loop(void);
 /* Milliseconds on the loop's clock (loop thread only). */
 uint64_t rd_now(void);
 
+/* Work put off to the next loop turn, for an object that must not act inside
+ * the call that found the need (a send that fails ends its session later).
+ * One idle handle of the loop serves every object, so none keeps a handle
+ * of its own. Embedded in its owner; loop thread only. */
+typedef struct rd_defer rd_defer;
+struct rd_defer {
+  rd_defer *prev, *next; /* on the loop's list while queued, else itself */
+  void (*cb)(rd_defer *d);
+};
+/* Prepares d, not queued, to call cb when it runs. */
+void rd_defer_init(rd_defer *d, void (*cb)(rd_defer *d));
+/* Queues d: its cb runs once on the next loop turn (what a cb queues runs on
+ * the turn after). A no-op while d is queued. */
+void rd_defer_start(rd_defer *d);
+/* Takes d off the queue, so its cb does not run; a no-op when not queued.
+ * The owner calls it before d's memory goes. */
+void rd_defer_cancel(rd_defer *d);
+
 /* Engine-wide figures, readable from any thread. */
 typedef struct rd_engine_counts {
   int64_t open_sessions;

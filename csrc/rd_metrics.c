@@ -77,15 +77,17 @@ static const rd_metric_family_info families[RD_M__COUNT] = {
                           {NULL, NULL, NULL}},
 };
 
+/* One series. A server keeps several for every client key it ever saw, as
+ * Go does: one allocation each, holding nothing that can be computed. */
 typedef struct rd_metric_sample {
   struct rd_metric_sample *next; /* hash chain */
   uint64_t hash;
-  int family;
   double value;
-  size_t lens[RD_METRICS_MAX_LABELS];
-  /* Label values in the family's caller order; they point into the same
-   * allocation, right after the struct. */
-  const char *values[RD_METRICS_MAX_LABELS];
+  int family;
+  uint32_t lens[RD_METRICS_MAX_LABELS];
+  /* Label values in the family's caller order, each NUL-terminated, one
+   * after the other (sample_values finds them). */
+  char values[];
 } rd_metric_sample;
 
 typedef struct {
@@ -104,6 +106,15 @@ const rd_metric_family_info *rd_metrics_family(int family) {
   if (family < 0 || family >= RD_M__COUNT)
     return NULL;
   return &families[family];
+}
+
+/* Points values[i] at the sample's i-th label value. */
+static void sample_values(const rd_metric_sample *s, const char *values[RD_METRICS_MAX_LABELS]) {
+  const char *p = s->values;
+  for (size_t i = 0; i < families[s->family].num_labels; i++) {
+    values[i] = p;
+    p += s->lens[i] + 1;
+  }
 }
 
 /* For each family, the positions of its labels sorted by label name: Go's
@@ -148,9 +159,11 @@ static int cmp_sample_values(int family, const rd_metric_sample *s, const char *
                              const size_t *lens) {
   size_t order[RD_METRICS_MAX_LABELS];
   size_t n = sorted_label_order(family, order);
+  const char *have[RD_METRICS_MAX_LABELS];
+  sample_values(s, have);
   for (size_t i = 0; i < n; i++) {
     size_t k = order[i];
-    int c = cmp_bytes(s->values[k], s->lens[k], values[k], lens[k]);
+    int c = cmp_bytes(have[k], s->lens[k], values[k], lens[k]);
     if (c != 0)
       return c;
   }
@@ -188,9 +201,10 @@ static rd_metric_sample *lookup(const rd_metrics *m, int family, const char *con
   for (rd_metric_sample *s = m->buckets[hash & (m->nbuckets - 1)]; s != NULL; s = s->next) {
     if (s->hash != hash || s->family != family)
       continue;
+    const char *p = s->values;
     size_t i = 0;
-    while (i < n && s->lens[i] == lens[i] && memcmp(s->values[i], values[i], lens[i]) == 0)
-      i++;
+    while (i < n && s->lens[i] == lens[i] && memcmp(p, values[i], lens[i]) == 0)
+      p += lens[i++] + 1;
     if (i == n)
       return s;
   }
@@ -281,7 +295,7 @@ static rd_metric_sample *insert(rd_metrics *m, int family, const char *const *va
 
   size_t size = sizeof(rd_metric_sample);
   for (size_t i = 0; i < n; i++) {
-    if (lens[i] > SIZE_MAX - size - 1)
+    if (lens[i] > UINT32_MAX || lens[i] > SIZE_MAX - size - 1)
       return NULL;
     size += lens[i] + 1;
   }
@@ -291,12 +305,11 @@ static rd_metric_sample *insert(rd_metrics *m, int family, const char *const *va
   memset(s, 0, sizeof *s);
   s->hash = hash;
   s->family = family;
-  char *p = (char *)(s + 1);
+  char *p = s->values;
   for (size_t i = 0; i < n; i++) {
     memcpy(p, values[i], lens[i]);
     p[lens[i]] = '\0';
-    s->values[i] = p;
-    s->lens[i] = lens[i];
+    s->lens[i] = (uint32_t)lens[i];
     p += lens[i] + 1;
   }
 
@@ -357,8 +370,11 @@ void rd_metrics_foreach(const rd_metrics *m, rd_metrics_sample_cb cb, void *ctx)
   for (int i = 0; i < RD_M__COUNT; i++) {
     int f = order[i];
     const rd_metric_list *l = &m->lists[f];
-    for (size_t j = 0; j < l->len; j++)
-      cb(ctx, &families[f], l->items[j]->values, l->items[j]->value);
+    for (size_t j = 0; j < l->len; j++) {
+      const char *values[RD_METRICS_MAX_LABELS];
+      sample_values(l->items[j], values);
+      cb(ctx, &families[f], values, l->items[j]->value);
+    }
   }
 }
 
@@ -548,13 +564,15 @@ static void render_into(const rd_metrics *m, rd_out *o) {
     size_t n = sorted_label_order(f, lorder);
     for (size_t j = 0; j < l->len; j++) {
       const rd_metric_sample *s = l->items[j];
+      const char *values[RD_METRICS_MAX_LABELS];
+      sample_values(s, values);
       out_str(o, fi->name);
       for (size_t k = 0; k < n; k++) {
         size_t li = lorder[k];
         out_str(o, k == 0 ? "{" : ",");
         out_str(o, fi->labels[li]);
         out_str(o, "=\"");
-        out_escaped(o, s->values[li], s->lens[li], 1);
+        out_escaped(o, values[li], s->lens[li], 1);
         out_str(o, "\"");
       }
       if (n > 0)

@@ -48,11 +48,12 @@ typedef struct rd_proxy_pool rd_proxy_pool; /* rd_server_pool.c */
 /* A client key and its live sessions (rd_server_sessions.c owns it). */
 struct client_entry {
   rd_map_node node;
-  char *key;
-  rd_session **sessions; /* oldest first */
+  rd_session **sessions; /* oldest first: &first while one fits, else rd_malloc'ed */
   size_t count, cap;
   /* Connections of the key's sessions that ended, for the dashboard. */
   uint64_t past_added, past_removed;
+  rd_session *first; /* most keys have one session: it needs no array */
+  char key[];        /* NUL-terminated, in the entry's own allocation */
 };
 
 struct rd_server {

@@ -224,8 +224,8 @@ void rd_srv_peer_accept(rd_server *srv, rd_io *io, const char *id, const char *r
   if (ps->next != NULL)
     ps->next->prev = ps;
   srv->peer_sessions = ps;
-  ps->s = rd_session_new(io, RD_ROLE_SERVER, id, RD_SESSION_PEER, srv->metrics, &srv->cfg.session,
-                         &peer_session_ops, ps, rest, rest_len);
+  ps->s = rd_session_new(io, RD_ROLE_SERVER, id, remote, RD_SESSION_PEER, srv->metrics,
+                         &srv->cfg.session, &peer_session_ops, ps, rest, rest_len);
   if (ps->s == NULL) {
     peer_on_end(NULL, ps, "out of memory");
     peer_session_freed(ps);
@@ -233,7 +233,6 @@ void rd_srv_peer_accept(rd_server *srv, rd_io *io, const char *id, const char *r
   }
   if (rd_session_is_ended(ps->s))
     return; /* ended while reading what came with the upgrade */
-  rd_session_set_remote(ps->s, remote);
   ps->told = 1;
   rd_srv_session_news(srv, ps->s, "connect", NULL);
   /* A peer keeps one link to us: a new session from it means the older ones

@@ -36,28 +36,26 @@ static client_entry *client_find(rd_server *srv, const char *key) {
 static int client_add(rd_server *srv, const char *key, rd_session *s) {
   client_entry *e = client_find(srv, key);
   if (e == NULL) {
-    e = rd_calloc(1, sizeof *e);
-    if (e == NULL || (e->key = rd_strndup(key, strlen(key))) == NULL) {
-      rd_free(e);
+    size_t len = strlen(key);
+    e = rd_calloc(1, sizeof *e + len + 1);
+    if (e == NULL)
       return RD_ENOMEM;
-    }
-    if (rd_map_insert(&srv->clients, &e->node, rd_hash_str(key, strlen(key))) != RD_OK) {
-      rd_free(e->key);
+    memcpy(e->key, key, len + 1);
+    e->sessions = &e->first;
+    e->cap = 1;
+    if (rd_map_insert(&srv->clients, &e->node, rd_hash_str(key, len)) != RD_OK) {
       rd_free(e);
       return RD_ENOMEM;
     }
   }
-  if (e->count == e->cap) {
-    size_t cap = e->cap ? e->cap * 2 : 2;
-    rd_session **a = rd_realloc(e->sessions, cap * sizeof *a);
-    if (a == NULL) {
-      if (e->count == 0) {
-        rd_map_remove(&srv->clients, &e->node);
-        rd_free(e->key);
-        rd_free(e);
-      }
-      return RD_ENOMEM;
-    }
+  if (e->count == e->cap) { /* a second session: the array leaves the entry */
+    size_t cap = e->cap * 2;
+    rd_session **a = e->sessions == &e->first ? rd_malloc(cap * sizeof *a)
+                                              : rd_realloc(e->sessions, cap * sizeof *a);
+    if (a == NULL)
+      return RD_ENOMEM; /* e->count > 0: the entry stays for the others */
+    if (e->sessions == &e->first)
+      a[0] = e->first;
     e->sessions = a;
     e->cap = cap;
   }
@@ -89,8 +87,8 @@ static int client_remove(rd_server *srv, rd_session *s) {
   }
   if (e->count == 0) {
     rd_map_remove(&srv->clients, &e->node);
-    rd_free(e->sessions);
-    rd_free(e->key);
+    if (e->sessions != &e->first)
+      rd_free(e->sessions);
     rd_free(e);
   }
   return found;
@@ -243,15 +241,15 @@ static void upgrade_accept(httpconn *hc, const char *client_key, int peer) {
     return;
   }
   srv->refs++;
-  rd_session *s = rd_session_new(io, RD_ROLE_SERVER, client_key, 0, srv->metrics,
-                                 &srv->cfg.session, &server_session_ops, srv, rest, leftover);
+  rd_session *s = rd_session_new(io, RD_ROLE_SERVER, client_key, remote, RD_SESSION_AGENT,
+                                 srv->metrics, &srv->cfg.session, &server_session_ops, srv, rest,
+                                 leftover);
   if (s == NULL) {
     rd_srv_unref(srv);
     return;
   }
   if (rd_session_is_ended(s))
     return; /* ended while reading the leftover bytes: never registered */
-  rd_session_set_remote(s, remote);
   if (client_add(srv, client_key, s) != RD_OK) {
     rd_session_end(s, RD_WS_CLOSE_GOING_AWAY, "out of memory");
     return;

@@ -1,7 +1,10 @@
 /* Sessions: reading and framing, dispatch, keepalive and sync.
  *
- * Ownership: a session owns its stream, its tick timer, its reap handle and
- * its connections; it is freed when all three handles have closed.
+ * Ownership: a session owns its stream, its tick timer and its connections;
+ * it is freed when both handles have closed. Its reap after a failure is an
+ * entry on the loop's deferred list (rd_defer), taken off when it ends. The
+ * configuration and owner callbacks are the owner's, shared by all its
+ * sessions: an idle session carries only what is its own.
  *
  * Everything queued toward the peer (DATA, replies, pongs, the close frame)
  * is one write queue with one bound: over write_high the local ends stop
@@ -42,9 +45,7 @@ void rd_session_config_default(rd_session_config *cfg) {
 
 /* ---- failures inside sends: marked now, ended at the next reap ---- */
 
-static void reap_cb(uv_idle_t *h) {
-  rd_session *s = h->data;
-  uv_idle_stop(h);
+static void session_reap(rd_session *s) {
   rd_conn *c;
   while ((c = s->reap_head) != NULL) {
     s->reap_head = *rd_conn_reap_link(c);
@@ -54,6 +55,8 @@ static void reap_cb(uv_idle_t *h) {
     rd_session_end(s, 0, s->doom_reason);
 }
 
+static void reap_cb(rd_defer *d) { session_reap(rd_container_of(d, rd_session, reap)); }
+
 /* The stream failed (reason: a static text): stop using it now. */
 static void session_doom(rd_session *s, const char *reason) {
   if (s->doomed || s->ended)
@@ -61,14 +64,14 @@ static void session_doom(rd_session *s, const char *reason) {
   s->doomed = 1;
   s->doom_reason = reason;
   rd_io_read_stop(s->io);
-  uv_idle_start(&s->reap, reap_cb);
+  rd_defer_start(&s->reap);
 }
 
 void rd_session_reap_later(rd_session *s, rd_conn *c) {
   *rd_conn_reap_link(c) = s->reap_head;
   s->reap_head = c;
   if (!s->ended)
-    uv_idle_start(&s->reap, reap_cb);
+    rd_defer_start(&s->reap);
 }
 
 int rd_session_can_send(const rd_session *s) { return !s->ended && !s->doomed; }
@@ -92,9 +95,9 @@ static void session_read_cb(rd_io *io, ssize_t nread, const uv_buf_t *buf);
 /* The queue grew: past the bounds, local ends and then the peer wait. */
 static void queue_grew(rd_session *s) {
   size_t q = rd_io_write_queue_size(s->io);
-  if (!s->write_blocked && q > s->cfg.write_high)
+  if (!s->write_blocked && q > s->cfg->write_high)
     session_block_writes(s, 1);
-  if (!s->peer_blocked && q > 2 * s->cfg.write_high) {
+  if (!s->peer_blocked && q > 2 * s->cfg->write_high) {
     s->peer_blocked = 1;
     rd_io_read_stop(s->io);
   }
@@ -104,16 +107,16 @@ static void queue_grew(rd_session *s) {
  * and local ends once it is well down. */
 static void queue_shrank(rd_session *s) {
   size_t q = rd_io_write_queue_size(s->io);
-  if (s->peer_blocked && q <= s->cfg.write_high) {
+  if (s->peer_blocked && q <= s->cfg->write_high) {
     s->peer_blocked = 0;
     session_consume(s);
     if (!s->peer_blocked && rd_session_can_send(s))
       rd_io_read_start(s->io, session_alloc_cb, session_read_cb);
   }
-  if (s->write_blocked && rd_session_can_send(s) && q <= s->cfg.write_high / 4) {
+  if (s->write_blocked && rd_session_can_send(s) && q <= s->cfg->write_high / 4) {
     session_block_writes(s, 0);
-    if (s->ops.on_room != NULL)
-      s->ops.on_room(s, s->owner);
+    if (s->ops->on_room != NULL)
+      s->ops->on_room(s, s->owner);
   }
 }
 
@@ -179,7 +182,7 @@ static void session_write_frame(rd_session *s, int opcode, rd_block *b, uint8_t 
 
 void rd_session_send_block(rd_session *s, int type, int64_t conn_id, rd_block *b, size_t len) {
   uint8_t hdr[RD_MSG_HEADER_MAX];
-  if (s->cfg.trace && rd_session_can_send(s)) /* before a client's mask */
+  if (s->cfg->trace && rd_session_can_send(s)) /* before a client's mask */
     rd_trace_msg(RD_TRACE_SEND, s->role, s->client_key, s->session_key, s->next_msg_id, conn_id,
                  type, rd_block_payload(b), len);
   size_t hlen = rd_msg_encode_header(hdr, s->next_msg_id++, conn_id, type);
@@ -245,7 +248,7 @@ rd_conn *rd_session_open(rd_session *s, const char *proto, const char *address,
   rd_conn *c = rd_conn_new(s, id, proto, plen, address, alen);
   rd_block *b = c != NULL ? rd_block_get_small(plen + 1 + alen) : NULL;
   if (b == NULL) {
-    *err = c == NULL && s->conns.count >= s->cfg.max_connections ? RD_ETOOMANY : RD_ENOMEM;
+    *err = c == NULL && s->conns.count >= s->cfg->max_connections ? RD_ETOOMANY : RD_ENOMEM;
     if (c != NULL)
       rd_conn_end(c, "out of memory", 0);
     return NULL;
@@ -303,12 +306,12 @@ static void end_stale_cb(rd_map_node *n, void *ctx) {
   /* Absent. It is stale if the client must have seen its CONNECT: a later
    * id is listed (CONNECTs are processed in id order), or it is older than
    * the grace period. A newer one may still be in flight. */
-  if (id < max_listed || rd_conn_age_ms(c) >= ((sync_check *)ctx)->s->cfg.sync_grace_ms)
+  if (id < max_listed || rd_conn_age_ms(c) >= ((sync_check *)ctx)->s->cfg->sync_grace_ms)
     rd_conn_end(c, "connection closed by sync", 0);
 }
 
 static void handle_connect(rd_session *s, const rd_msg *m) {
-  if (s->ops.on_connect == NULL) {
+  if (s->ops->on_connect == NULL) {
     /* Go ends the whole session here; one connection's answer suffices. */
     send_error_text(s, m->conn_id, "connect not allowed");
     return;
@@ -316,26 +319,26 @@ static void handle_connect(rd_session *s, const rd_msg *m) {
   rd_conn *c = rd_conn_find(s, m->conn_id);
   if (c != NULL)
     rd_conn_end(c, "duplicate connection id", 0);
-  if (s->connecting >= s->cfg.max_pending_dials) {
+  if (s->connecting >= s->cfg->max_pending_dials) {
     send_error_text(s, m->conn_id, "too many dials in flight");
     return;
   }
   c = rd_conn_new(s, m->conn_id, (const char *)m->proto, m->proto_len, (const char *)m->address,
                   m->address_len);
   if (c == NULL) {
-    send_error_text(s, m->conn_id, s->conns.count >= s->cfg.max_connections
+    send_error_text(s, m->conn_id, s->conns.count >= s->cfg->max_connections
                                        ? "too many connections"
                                        : "out of memory");
     return;
   }
-  s->ops.on_connect(s, s->owner, c);
+  s->ops->on_connect(s, s->owner, c);
 }
 
 static void handle_client_change(rd_session *s, const rd_msg *m) {
   void (*cb)(rd_session *, void *, const char *) =
-      m->type == RD_MSG_ADD_CLIENT      ? s->ops.on_add_client
-      : m->type == RD_MSG_REMOVE_CLIENT ? s->ops.on_remove_client
-                                        : s->ops.on_disconnect_client;
+      m->type == RD_MSG_ADD_CLIENT      ? s->ops->on_add_client
+      : m->type == RD_MSG_REMOVE_CLIENT ? s->ops->on_remove_client
+                                        : s->ops->on_disconnect_client;
   if (cb == NULL)
     return;
   char *key = rd_strndup((const char *)m->payload, m->payload_len);
@@ -353,7 +356,7 @@ static void handle_message(rd_session *s, uint8_t *payload, size_t len) {
     rd_session_end(s, RD_WS_CLOSE_PROTOCOL, "malformed tunnel message");
     return;
   }
-  if (s->cfg.trace)
+  if (s->cfg->trace)
     rd_trace_msg(RD_TRACE_RECV, s->role, s->client_key, s->session_key, m.id, m.conn_id, m.type,
                  m.payload, m.payload_len);
   rd_conn *c = m.type == RD_MSG_CONNECT || m.type == RD_MSG_SYNC ? NULL : rd_conn_find(s, m.conn_id);
@@ -541,7 +544,7 @@ static void conn_tick_cb(rd_map_node *n, void *ctx) { rd_conn_tick((rd_conn *)n,
 static void tick_cb(uv_timer_t *t) {
   rd_session *s = t->data;
   uint64_t now = rd_now();
-  if (now - s->last_rx >= s->cfg.read_timeout_ms) {
+  if (now - s->last_rx >= s->cfg->read_timeout_ms) {
     rd_session_end(s, RD_WS_CLOSE_GOING_AWAY,
                    s->peer_blocked ? "write queue stalled" : "read deadline exceeded");
     return;
@@ -550,26 +553,26 @@ static void tick_cb(uv_timer_t *t) {
     rd_map_foreach(&s->conns, conn_tick_cb, &now);
   if (s->role != RD_ROLE_CLIENT)
     return;
-  if (s->cfg.ping_interval_ms && now - s->last_ping >= s->cfg.ping_interval_ms) {
+  if (s->cfg->ping_interval_ms && now - s->last_ping >= s->cfg->ping_interval_ms) {
     s->last_ping = now;
     session_send_control(s, RD_WS_PING, NULL, 0);
   }
-  if (s->cfg.sync_interval_ms && now - s->last_sync >= s->cfg.sync_interval_ms) {
+  if (s->cfg->sync_interval_ms && now - s->last_sync >= s->cfg->sync_interval_ms) {
     s->last_sync = now;
     session_send_sync(s);
   }
 }
 
 static uint64_t tick_period(const rd_session *s, uint64_t idle_ms) {
-  uint64_t p = s->cfg.read_timeout_ms / 4;
+  uint64_t p = s->cfg->read_timeout_ms / 4;
   /* Idle timeouts are enforced by this tick, to within a quarter. */
   if (idle_ms > 0 && idle_ms / 4 < p)
     p = idle_ms / 4;
   if (s->role == RD_ROLE_CLIENT) {
-    if (s->cfg.ping_interval_ms && s->cfg.ping_interval_ms < p)
-      p = s->cfg.ping_interval_ms;
-    if (s->cfg.sync_interval_ms && s->cfg.sync_interval_ms < p)
-      p = s->cfg.sync_interval_ms;
+    if (s->cfg->ping_interval_ms && s->cfg->ping_interval_ms < p)
+      p = s->cfg->ping_interval_ms;
+    if (s->cfg->sync_interval_ms && s->cfg->sync_interval_ms < p)
+      p = s->cfg->sync_interval_ms;
   }
   return p ? p : 1;
 }
@@ -592,9 +595,7 @@ static void session_free_if_closed(rd_session *s) {
   rd_ws_reader_dispose(&s->reader);
   rd_block_unref(s->rblock);
   rd_map_dispose(&s->conns);
-  rd_free(s->client_key);
-  rd_free(s->remote);
-  void (*on_freed)(void *) = s->ops.on_freed;
+  void (*on_freed)(void *) = s->ops->on_freed;
   void *owner = s->owner;
   rd_free(s);
   if (on_freed != NULL)
@@ -625,7 +626,7 @@ void rd_session_end(rd_session *s, int close_code, const char *reason) {
     return;
   s->ending = 1;
   rd_map_foreach(&s->conns, end_conn_cb, NULL);
-  reap_cb(&s->reap); /* connections that failed before: their memory goes */
+  session_reap(s); /* connections that failed before: their memory goes */
   if (close_code != 0) {
     uint8_t payload[2 + 64];
     size_t rlen = strlen(reason);
@@ -641,31 +642,34 @@ void rd_session_end(rd_session *s, int close_code, const char *reason) {
   rd_io_read_stop(s->io);
   rd_io_close(s->io, session_io_closed_cb);
   uv_close((uv_handle_t *)&s->tick, session_handle_closed_cb);
-  uv_close((uv_handle_t *)&s->reap, session_handle_closed_cb);
-  if (s->ops.on_end != NULL)
-    s->ops.on_end(s, s->owner, reason);
+  rd_defer_cancel(&s->reap);
+  if (s->ops->on_end != NULL)
+    s->ops->on_end(s, s->owner, reason);
 }
 
-rd_session *rd_session_new(rd_io *io, int role, const char *client_key, int kind,
-                           rd_metrics *metrics, const rd_session_config *cfg,
+rd_session *rd_session_new(rd_io *io, int role, const char *client_key, const char *remote,
+                           int kind, rd_metrics *metrics, const rd_session_config *cfg,
                            const rd_session_owner *ops, void *owner, const uint8_t *leftover,
                            size_t leftover_len) {
-  rd_session *s = rd_calloc(1, sizeof *s);
-  if (s == NULL || (s->client_key = rd_strndup(client_key, strlen(client_key))) == NULL ||
+  if (remote == NULL)
+    remote = "";
+  size_t klen = strlen(client_key), rlen = strlen(remote);
+  rd_session *s = rd_calloc(1, offsetof(rd_session, client_key) + klen + 1 + rlen + 1);
+  if (s == NULL ||
       (leftover_len > 0 &&
        (s->rblock = rd_block_get(leftover_len > RD_BLOCK_BIG ? leftover_len : RD_BLOCK_BIG)) == NULL)) {
-    if (s != NULL)
-      rd_free(s->client_key);
     rd_free(s);
     rd_io_close(io, NULL);
     return NULL;
   }
+  memcpy(s->client_key, client_key, klen + 1);
+  memcpy(s->client_key + klen + 1, remote, rlen + 1);
   s->io = io;
   s->role = role;
   s->kind = kind;
   s->metrics = metrics;
-  s->cfg = *cfg;
-  s->ops = *ops;
+  s->cfg = cfg;
+  s->ops = ops;
   s->owner = owner;
   rd_ws_reader_init(&s->reader, role == RD_ROLE_SERVER, cfg->max_message);
   rd_map_init(&s->conns);
@@ -681,9 +685,8 @@ rd_session *rd_session_new(rd_io *io, int role, const char *client_key, int kind
   rd_io_set_data(io, s);
   uv_timer_init(rd_loop(), &s->tick);
   s->tick.data = s;
-  uv_idle_init(rd_loop(), &s->reap);
-  s->reap.data = s;
-  s->handles_open = 3;
+  rd_defer_init(&s->reap, reap_cb);
+  s->handles_open = 2;
   session_count(s, 1);
   s->tick_ms = tick_period(s, cfg->idle_timeout_ms);
   uv_timer_start(&s->tick, tick_cb, s->tick_ms, s->tick_ms);
@@ -700,11 +703,8 @@ const char *rd_session_client_key(const rd_session *s) { return s->client_key; }
 int64_t rd_session_key(const rd_session *s) { return s->session_key; }
 int rd_session_is_ended(const rd_session *s) { return s->ended; }
 int rd_session_kind(const rd_session *s) { return s->kind; }
-const char *rd_session_remote(const rd_session *s) { return s->remote != NULL ? s->remote : ""; }
-
-void rd_session_set_remote(rd_session *s, const char *remote) {
-  rd_free(s->remote);
-  s->remote = rd_strndup(remote, strlen(remote)); /* NULL when out of memory: "" */
+const char *rd_session_remote(const rd_session *s) {
+  return s->client_key + strlen(s->client_key) + 1;
 }
 size_t rd_session_conn_count(const rd_session *s) { return s->conns.count; }
 void rd_session_get_stats(const rd_session *s, rd_session_stats *out) { *out = s->stats; }

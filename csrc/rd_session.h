@@ -70,10 +70,14 @@ typedef struct rd_session_owner {
 /* Starts a session over an open stream (ownership of io passes to the
  * session, also on failure; TLS, if any, is past its handshake). leftover
  * holds bytes already read past the handshake. client_key labels metrics;
- * kind is an RD_SESSION_* value. Counts the session added. Returns NULL on
- * allocation failure (tcp closed). */
-rd_session *rd_session_new(rd_io *io, int role, const char *client_key, int kind,
-                           rd_metrics *metrics, const rd_session_config *cfg,
+ * remote is the far address, for news of the session (NULL: unknown); both
+ * are copied. kind is an RD_SESSION_* value. cfg and ops are kept by
+ * pointer, not copied: they must not change, and must stay valid until
+ * ops->on_freed (the owner's own configuration and a static table).
+ * Counts the session added. Returns NULL on allocation failure (tcp
+ * closed). */
+rd_session *rd_session_new(rd_io *io, int role, const char *client_key, const char *remote,
+                           int kind, rd_metrics *metrics, const rd_session_config *cfg,
                            const rd_session_owner *ops, void *owner, const uint8_t *leftover,
                            size_t leftover_len);
 
@@ -87,9 +91,8 @@ const char *rd_session_client_key(const rd_session *s);
 int64_t rd_session_key(const rd_session *s);
 int rd_session_is_ended(const rd_session *s);
 int rd_session_kind(const rd_session *s); /* RD_SESSION_* */
-/* The far address the owner gave (rd_session_set_remote), or "". */
+/* The far address given to rd_session_new, or "". */
 const char *rd_session_remote(const rd_session *s);
-void rd_session_set_remote(rd_session *s, const char *remote);
 size_t rd_session_conn_count(const rd_session *s);
 /* Whether the queue toward the peer has room (under write_high) and the
  * session is not ending: a new connection's bytes would move now. */

@@ -10,6 +10,7 @@
 #define RD_SESSION_INT_H
 
 #include "rd_block.h"
+#include "rd_loop.h"
 #include "rd_map.h"
 #include "rd_metrics.h"
 #include "rd_msg.h"
@@ -19,16 +20,12 @@
 struct rd_session {
   rd_io *io;
   uv_timer_t tick;
-  uv_idle_t reap; /* runs once after a failure marked something */
-  int role;
-  int kind; /* RD_SESSION_* */
-  char *client_key;
-  char *remote; /* the far address, for news of the session (may be NULL) */
-  int64_t session_key;
-  rd_metrics *metrics;
-  rd_session_config cfg;
-  rd_session_owner ops;
+  rd_defer reap; /* queued after a failure marked something */
+  const rd_session_config *cfg; /* the owner's, kept until on_freed */
+  const rd_session_owner *ops;  /* the same */
   void *owner;
+  rd_metrics *metrics;
+  int64_t session_key;
   rd_ws_reader reader;
   rd_block *rblock;
   size_t rstart, rend;
@@ -36,19 +33,24 @@ struct rd_session {
   int64_t next_conn_id;
   int64_t next_msg_id;
   uint64_t last_rx, last_ping, last_sync;
-  int ended;
-  int ending;         /* inside rd_session_end */
-  int doomed;         /* a send failed: ends at the next reap */
-  const char *doom_reason;
-  int handles_open;
-  int write_blocked;  /* queue toward the peer over write_high: locals wait */
-  int peer_blocked;   /* queue over twice that: the peer waits too */
   uint64_t tick_ms;   /* current tick period */
+  const char *doom_reason;
   size_t connecting;  /* connections not yet attached to a local end */
   size_t paused;      /* connections the far side has paused */
   size_t idle_watched; /* connections with an idle timeout */
   rd_conn *reap_head; /* connections whose local end failed */
   rd_session_stats stats; /* for the dashboard (rd_session_get_stats) */
+  unsigned handles_open : 2; /* the stream and the tick */
+  unsigned role : 2;
+  unsigned kind : 2;          /* RD_SESSION_* */
+  unsigned ended : 1;
+  unsigned ending : 1;        /* inside rd_session_end */
+  unsigned doomed : 1;        /* a send failed: ends at the next reap */
+  unsigned write_blocked : 1; /* queue toward the peer over write_high: locals wait */
+  unsigned peer_blocked : 1;  /* queue over twice that: the peer waits too */
+  /* The client key, NUL-terminated, then the far address (for news of the
+   * session; "" when unknown), in the session's own allocation. */
+  char client_key[];
 };
 
 /* ---- the session, for its connections ---- */

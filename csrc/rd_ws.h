@@ -57,11 +57,12 @@ void rd_ws_mask(uint8_t *p, size_t n, const uint8_t mask[4], uint64_t offset);
 typedef int (*rd_ws_message_cb)(void *ctx, int opcode, uint8_t *payload, size_t len);
 
 typedef struct rd_ws_reader {
-  int expect_masked;
   uint64_t max_message; /* data message size limit (sum of fragments) */
-  int in_message;       /* inside a fragmented data message */
-  int message_opcode;   /* TEXT or BINARY of that message */
-  uint8_t *assembly;    /* rd_malloc'ed reassembly buffer */
+  /* Bit fields: every session embeds a reader. */
+  unsigned expect_masked : 1;
+  unsigned in_message : 1;     /* inside a fragmented data message */
+  unsigned message_opcode : 4; /* TEXT or BINARY of that message */
+  uint8_t *assembly;           /* rd_malloc'ed reassembly buffer */
   size_t assembly_len;
   size_t assembly_cap;
   size_t need; /* after a partial feed: total bytes the next frame needs */

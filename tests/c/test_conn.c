@@ -334,13 +334,15 @@ typedef struct tsess {
   _Atomic int fd1, fd2;
   /* Loop thread only. */
   rd_session *s;
+  rd_session_config cfg; /* the session keeps a pointer to it */
   rd_metrics *metrics;
   int engine_fd;
   rd_conn *held[4];
   size_t nheld;
+  char end_reason[64]; /* written before ends is counted */
 } tsess;
 
-static tsess g_a = {.key = "sess-a"}, g_b = {.key = "sess-b"};
+static tsess g_a = {.key = "sess-a"}, g_b = {.key = "sess-b"}, g_c = {.key = "sess-c"};
 static int g_notify[2] = {-1, -1}; /* owner callbacks -> this thread */
 
 static void notify(void) {
@@ -498,8 +500,8 @@ static void owner_on_connect(rd_session *s, void *owner, rd_conn *c) {
 
 static void owner_on_end(rd_session *s, void *owner, const char *reason) {
   (void)s;
-  (void)reason;
   tsess *t = owner;
+  snprintf(t->end_reason, sizeof t->end_reason, "%s", reason);
   t->s = NULL; /* the session frees itself later: never touch it again */
   atomic_fetch_add(&t->ends, 1);
   notify();
@@ -519,10 +521,9 @@ static const rd_session_owner g_ops = {
 /* Loop thread: a session over t->engine_fd, as the WebSocket client. */
 static void session_start_fn(void *arg) {
   tsess *t = arg;
-  rd_session_config cfg;
-  rd_session_config_default(&cfg);
-  cfg.ping_interval_ms = 0; /* only the test's own frames on the wire */
-  cfg.sync_interval_ms = 0;
+  rd_session_config_default(&t->cfg);
+  t->cfg.ping_interval_ms = 0; /* only the test's own frames on the wire */
+  t->cfg.sync_interval_ms = 0;
   uv_pipe_t *p = rd_malloc(sizeof *p);
   if (p == NULL)
     return;
@@ -535,7 +536,8 @@ static void session_start_fn(void *arg) {
   if (io == NULL)
     return;
   t->metrics = rd_metrics_new();
-  t->s = rd_session_new(io, RD_ROLE_CLIENT, t->key, 0, t->metrics, &cfg, &g_ops, t, NULL, 0);
+  t->s = rd_session_new(io, RD_ROLE_CLIENT, t->key, NULL, RD_SESSION_AGENT, t->metrics, &t->cfg,
+                        &g_ops, t, NULL, 0);
 }
 
 static int session_start(tsess *t) {
@@ -957,7 +959,26 @@ TEST(test_attach_ended) {
   CHECK_CONNS(&g_a, 0);
 }
 
-/* ---- 5. end the sessions, shut down, nothing left ---- */
+/* ---- 5. a failed write ends its session on the next loop turn ---- */
+
+/* The far side stops reading: the Pong that answers its Ping cannot be
+ * written. The send only marks the session; the session ends at the reap
+ * the loop runs next, and frees itself. */
+TEST(test_write_failure_ends_session) {
+  atomic_store(&g_c.mode, MODE_REFUSE);
+  CHECK(session_start(&g_c));
+  FAR_QUIET(&g_c.far);
+  CHECK_EQ_INT(shutdown(g_c.far.fd, SHUT_RD), 0);
+  far_send_frame(&g_c.far, RD_WS_PING, NULL, 0, "unanswerable", 12);
+  CHECK(wait_count(&g_c.ends, 1, "sessions ended (c)"));
+  CHECK_STR(g_c.end_reason, "write failed");
+  CHECK(wait_count(&g_c.freed, 1, "sessions freed (c)"));
+  close(g_c.far.fd);
+  g_c.far.fd = -1;
+  rd_ws_reader_dispose(&g_c.far.reader);
+}
+
+/* ---- 6. end the sessions, shut down, nothing left ---- */
 
 static void end_sessions_fn(void *arg) {
   (void)arg;
@@ -972,7 +993,8 @@ static void free_metrics_fn(void *arg) {
   (void)arg;
   rd_metrics_free(g_a.metrics);
   rd_metrics_free(g_b.metrics);
-  g_a.metrics = g_b.metrics = NULL;
+  rd_metrics_free(g_c.metrics);
+  g_a.metrics = g_b.metrics = g_c.metrics = NULL;
 }
 
 /* The session's Close frame (code 1000, our reason), then EOF. */
@@ -1014,4 +1036,4 @@ RD_TEST_MAIN(T(test_start_sessions), T(test_splice), T(test_splice_backlog),
              T(test_attach_devnull), T(test_attach_dgram), T(test_attach_seqpacket),
              T(test_attach_pipe),
              T(test_splice_same_session), T(test_attach_twice), T(test_attach_ended),
-             T(test_end_and_free))
+             T(test_write_failure_ends_session), T(test_end_and_free))

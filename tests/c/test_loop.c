@@ -1,7 +1,7 @@
 /* Tests of the loop thread's own contracts (rd_loop.h): posting without
- * waiting and completion on an eventfd, the lifetime of a request Python
- * holds across shutdown, the descriptor a dial request's answer carries,
- * and fork. The engine is a process-wide singleton,
+ * waiting and completion on an eventfd, work deferred to the next turn, the
+ * lifetime of a request Python holds across shutdown, the descriptor a dial
+ * request's answer carries, and fork. The engine is a process-wide singleton,
  * so every test runs in a child process of its own (as libuv runs its
  * tests) and ends with the engine shut down and every allocation returned.
  * Synchronisation is on real events: eventfds, poll, waitpid. */
@@ -116,6 +116,72 @@ static int post_child(void) {
 }
 
 TEST(test_post_signals_eventfd) { run_in_child(post_child, "post", CHILD_SECONDS); }
+
+/* ---- work deferred to the next turn ---- */
+
+/* The script: a command queues a, b and c, queues a twice and takes b off
+ * again; nothing runs inside the command. The next turn runs a, whose
+ * callback takes c off (queued in the same batch: it never runs) and queues
+ * a and b, which run on the turn after; b's callback completes the command. */
+typedef struct {
+  rd_cmd cmd;
+  rd_defer a, b, c;
+  char ran[8]; /* the callbacks in the order they ran */
+  size_t nran;
+  int ran_inside; /* callbacks run before the command returned */
+} defer_script;
+
+static void defer_record(defer_script *d, char name) {
+  if (d->nran < sizeof d->ran - 1)
+    d->ran[d->nran++] = name;
+}
+
+static void defer_a_cb(rd_defer *x) {
+  defer_script *d = rd_container_of(x, defer_script, a);
+  defer_record(d, 'a');
+  if (d->nran == 1) {
+    rd_defer_cancel(&d->c);
+    rd_defer_start(&d->a);
+    rd_defer_start(&d->b);
+    rd_defer_start(&d->a); /* queued already: still runs once */
+  }
+}
+
+static void defer_b_cb(rd_defer *x) {
+  defer_script *d = rd_container_of(x, defer_script, b);
+  defer_record(d, 'b');
+  rd_cmd_finish(&d->cmd, RD_OK, NULL);
+}
+
+static void defer_c_cb(rd_defer *x) { defer_record(rd_container_of(x, defer_script, c), 'c'); }
+
+static void defer_run(rd_cmd *c) {
+  defer_script *d = (defer_script *)c;
+  rd_defer_init(&d->a, defer_a_cb);
+  rd_defer_init(&d->b, defer_b_cb);
+  rd_defer_init(&d->c, defer_c_cb);
+  rd_defer_cancel(&d->c); /* not queued: nothing to do */
+  rd_defer_start(&d->a);
+  rd_defer_start(&d->b);
+  rd_defer_start(&d->c);
+  rd_defer_start(&d->a);
+  rd_defer_cancel(&d->b);
+  d->ran_inside = (int)d->nran;
+}
+
+static int defer_child(void) {
+  int before = rd_test_failed_checks;
+  defer_script d;
+  memset(&d, 0, sizeof d);
+  d.cmd.run = defer_run;
+  CHECK_EQ_INT(rd_engine_call(&d.cmd), RD_OK);
+  CHECK_EQ_INT(d.ran_inside, 0);
+  CHECK(strcmp(d.ran, "aab") == 0);
+  check_engine_freed();
+  return rd_test_failed_checks - before;
+}
+
+TEST(test_defer_next_turn) { run_in_child(defer_child, "defer", CHILD_SECONDS); }
 
 /* ---- requests ---- */
 
@@ -496,5 +562,6 @@ static int fork_child_body(void) {
 
 TEST(test_fork_with_running_engine) { run_in_child(fork_child_body, "fork", CHILD_SECONDS); }
 
-RD_TEST_MAIN(T(test_post_signals_eventfd), T(test_request_answers), T(test_dial_answer_fd),
-             T(test_request_held_across_shutdown), T(test_fork_with_running_engine))
+RD_TEST_MAIN(T(test_post_signals_eventfd), T(test_defer_next_turn), T(test_request_answers),
+             T(test_dial_answer_fd), T(test_request_held_across_shutdown),
+             T(test_fork_with_running_engine))
