@@ -11,10 +11,8 @@
  * session's read block, and `pending` counts those blocks whole. So a far
  * side that sends many tiny messages cannot pin a session read block with
  * each, and max_buffer and hard_cap limit real memory. */
-#define _GNU_SOURCE 1 /* POLLRDHUP */
 #include "rd_conn.h"
 
-#include <poll.h>
 #include <sys/socket.h>
 #include <stdio.h>
 #include <string.h>
@@ -899,20 +897,15 @@ void rd_conn_set_idle_timeout(rd_conn *c, uint64_t timeout_ms) {
 }
 
 /* A paused connection that stopped reading cannot see its local end close
- * by reading. The kernel tells it without a read: poll() reports RDHUP once
- * the peer has closed or shut down its writing side (a TCP FIN, or a unix
- * socket's peer closing), even with bytes still queued. Then what is left to
- * read is finite, so reading resumes (no cap) to EOF and the connection ends
- * with every byte delivered. (A direct poll() with no wait does not disturb
- * the loop's own registration of the descriptor.) */
+ * by reading. rd_io_peer_done tells it without a read (for a socket, the
+ * kernel's RDHUP once the peer has closed or shut down its writing side,
+ * even with bytes still queued). Then what is left to read is finite, so
+ * reading resumes (no cap) to EOF and the connection ends with every byte
+ * delivered. */
 static void check_paused_local(rd_conn *c) {
   if (!c->peer_paused || c->local_gone || local_io(c) == NULL || c->state != CONN_OPEN)
     return;
-  int fd = rd_io_fileno(local_io(c));
-  if (fd < 0)
-    return;
-  struct pollfd p = {.fd = fd, .events = POLLIN | POLLRDHUP};
-  if (poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0) {
+  if (rd_io_peer_done(local_io(c))) {
     c->local_gone = 1;
     rd_conn_update_reading(c);
   }

@@ -1,9 +1,13 @@
 /* Plain streams go straight to libuv. TLS streams read ciphertext into the
  * TLS layer's buffer, pump plaintext into the owner's buffers, and write
  * ciphertext blocks that the TLS layer produced; owner writes complete in
- * order once the ciphertext queued up to their end is written. */
+ * order once the ciphertext queued up to their end is written. Under plain
+ * and TLS alike the transport is a libuv stream or an in-memory pair end
+ * (rd_io_pair); the transport_* calls pick. Datagram ios go to rd_dgram. */
+#define _GNU_SOURCE 1 /* POLLRDHUP */
 #include "rd_io.h"
 
+#include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -11,6 +15,7 @@
 #include "rd_alloc.h"
 #include "rd_block.h"
 #include "rd_dgram.h"
+#include "rd_io_pair.h"
 
 typedef struct pending_write {
   struct pending_write *next;
@@ -27,8 +32,10 @@ typedef struct cipher_write {
 } cipher_write;
 
 struct rd_io {
-  uv_stream_t *stream; /* NULL for a datagram io */
+  uv_stream_t *stream; /* NULL for a datagram io or a pair end */
   rd_dgram *dg;        /* a datagram io's socket */
+  rd_pair_end *pe;     /* a pair end's engine */
+  uv_loop_t *loop;
   rd_tls *tls;
   void *data;
   rd_io_alloc_cb alloc_cb;
@@ -40,7 +47,7 @@ struct rd_io {
   pending_write *pw_head, *pw_tail;
   uint64_t cipher_queued, cipher_done;
   int write_error;
-  unsigned handles : 2; /* open handles: stream, kick */
+  unsigned handles : 2; /* open handles: stream or pair end, kick */
   unsigned reading : 1, handshaking : 1, closing : 1, failed : 1, shutting_down : 1;
 };
 
@@ -55,10 +62,23 @@ rd_io *rd_io_new(uv_stream_t *stream, rd_tls *tls) {
     return NULL;
   }
   io->stream = stream;
+  io->loop = stream->loop;
   io->tls = tls;
   io->handles = 1;
   stream->data = io;
   return io;
+}
+
+/* The last handle closed: the io goes. */
+static void io_release(rd_io *io) {
+  if (--io->handles > 0)
+    return;
+  if (io->tls != NULL)
+    rd_tls_free(io->tls);
+  rd_io_close_cb cb = io->close_cb;
+  if (cb != NULL)
+    cb(io);
+  rd_free(io);
 }
 
 /* ---- datagram ios: rd_dgram does the work ---- */
@@ -91,7 +111,8 @@ static void dgram_read_cb(void *ctx, ssize_t nread, const uv_buf_t *buf) {
   io->read_cb(io, nread, buf);
 }
 
-static void dgram_drain_cb(void *ctx, int status) {
+/* A datagram io's drain or a pair end's shutdown is done. */
+static void engine_shutdown_cb(void *ctx, int status) {
   rd_io *io = ctx;
   rd_io_shutdown_cb cb = io->shutdown_cb;
   io->shutdown_cb = NULL;
@@ -106,9 +127,40 @@ static void dgram_closed_cb(void *ctx) {
   rd_free(io);
 }
 
+/* ---- in-memory pair ends: rd_io_pair is their transport ---- */
+
+int rd_io_new_pair(uv_loop_t *loop, rd_io **a, rd_io **b) {
+  rd_io *x = rd_calloc(1, sizeof *x);
+  rd_io *y = x != NULL ? rd_calloc(1, sizeof *y) : NULL;
+  if (y == NULL || rd_pair_new(loop, x, y, &x->pe, &y->pe) != RD_OK) {
+    rd_free(x);
+    rd_free(y);
+    return RD_ENOMEM;
+  }
+  x->loop = y->loop = loop;
+  x->handles = y->handles = 1; /* the pair end */
+  *a = x;
+  *b = y;
+  return RD_OK;
+}
+
+int rd_io_peer_done(const rd_io *io) {
+  if (io->pe != NULL)
+    return rd_pair_peer_done(io->pe);
+  int fd = rd_io_fileno(io);
+  if (fd < 0)
+    return 0;
+  /* A direct poll() with no wait does not disturb the loop's own
+   * registration of the descriptor. */
+  struct pollfd p = {.fd = fd, .events = POLLIN | POLLRDHUP};
+  return poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
+}
+
 int rd_io_is_dgram(const rd_io *io) { return io->dg != NULL; }
 
 int rd_io_fileno(const rd_io *io) {
+  if (io->pe != NULL)
+    return -1;
   if (io->dg != NULL)
     return rd_dgram_fd(io->dg);
   uv_os_fd_t fd;
@@ -131,6 +183,39 @@ int rd_io_start_tls(rd_io *io, rd_tls *tls) {
   /* Plain writes still queued go to libuv's queue ahead of any ciphertext. */
   io->tls = tls;
   return 0;
+}
+
+/* ---- the transport: a libuv stream or a pair end ---- */
+
+static void plain_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
+static void plain_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
+static void tls_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
+static void tls_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
+static void pair_alloc_cb(void *ctx, size_t suggested, uv_buf_t *buf);
+static void pair_read_cb(void *ctx, ssize_t nread, const uv_buf_t *buf);
+
+/* Reads the transport: into the owner's buffers when plain, into the TLS
+ * layer's when TLS. */
+static int transport_read_start(rd_io *io) {
+  if (io->pe != NULL)
+    return rd_pair_read_start(io->pe, pair_alloc_cb, pair_read_cb);
+  if (io->tls != NULL)
+    return uv_read_start(io->stream, tls_alloc_cb, tls_read_cb);
+  return uv_read_start(io->stream, plain_alloc_cb, plain_read_cb);
+}
+
+static void transport_read_stop(rd_io *io) {
+  if (io->pe != NULL)
+    rd_pair_read_stop(io->pe);
+  else
+    uv_read_stop(io->stream);
+}
+
+static int transport_write(rd_io *io, uv_write_t *req, const uv_buf_t bufs[], unsigned nbufs,
+                           uv_write_cb cb) {
+  if (io->pe != NULL)
+    return rd_pair_write(io->pe, req, bufs, nbufs, cb);
+  return uv_write(req, io->stream, bufs, nbufs, cb);
 }
 
 /* ---- TLS writes ---- */
@@ -176,7 +261,7 @@ static int flush(rd_io *io) {
     w->block = b;
     w->len = len;
     uv_buf_t buf = uv_buf_init((char *)rd_block_payload(b), (unsigned)len);
-    int rc = uv_write(&w->req, io->stream, &buf, 1, cipher_write_cb);
+    int rc = transport_write(io, &w->req, &buf, 1, cipher_write_cb);
     if (rc != 0) {
       rd_block_unref(b);
       rd_free(w);
@@ -194,7 +279,7 @@ int rd_io_write(rd_io *io, uv_write_t *req, const uv_buf_t bufs[], unsigned nbuf
   if (io->dg != NULL)
     return rd_dgram_write(io->dg, req, bufs, nbufs, cb);
   if (io->tls == NULL)
-    return uv_write(req, io->stream, bufs, nbufs, cb);
+    return transport_write(io, req, bufs, nbufs, cb);
   if (io->write_error != 0)
     return io->write_error;
   pending_write *pw = rd_malloc(sizeof *pw);
@@ -229,13 +314,19 @@ ssize_t rd_io_try_write(rd_io *io, const uv_buf_t bufs[], unsigned nbufs) {
     return UV_EPIPE;
   if (io->dg != NULL)
     return rd_dgram_try_write(io->dg, bufs, nbufs);
-  if (io->tls != NULL || io->stream->write_queue_size > 0)
+  if (io->tls != NULL)
+    return 0;
+  if (io->pe != NULL)
+    return rd_pair_try_write(io->pe);
+  if (io->stream->write_queue_size > 0)
     return 0;
   int n = uv_try_write(io->stream, bufs, nbufs);
   return n == UV_EAGAIN ? 0 : n;
 }
 
 size_t rd_io_write_queue_size(const rd_io *io) {
+  if (io->pe != NULL)
+    return rd_pair_queue_size(io->pe);
   return io->dg != NULL ? rd_dgram_queue_size(io->dg) : io->stream->write_queue_size;
 }
 
@@ -251,9 +342,8 @@ static void plain_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   io->read_cb(io, nread, buf);
 }
 
-static void tls_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
-  (void)suggested;
-  rd_io *io = h->data;
+/* Where the transport's next ciphertext goes: the TLS layer's buffer. */
+static void tls_in_buf(rd_io *io, uv_buf_t *buf) {
   uint8_t *p;
   size_t n;
   if (rd_tls_in_buf(io->tls, &p, &n) != 0)
@@ -262,10 +352,15 @@ static void tls_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
     *buf = uv_buf_init((char *)p, (unsigned)n);
 }
 
+static void tls_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  (void)suggested;
+  tls_in_buf(h->data, buf);
+}
+
 static void handshake_finish(rd_io *io, int status) {
   io->handshaking = 0;
   if (!io->reading)
-    uv_read_stop(io->stream);
+    transport_read_stop(io);
   rd_io_handshake_cb cb = io->hs_cb;
   io->hs_cb = NULL;
   const char *text = rd_tls_error(io->tls);
@@ -330,18 +425,41 @@ static void pump(rd_io *io) {
     flush(io);
 }
 
-static void tls_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
-  (void)buf;
-  rd_io *io = s->data;
+/* nread bytes of ciphertext arrived in the TLS layer's buffer, or the
+ * transport failed. */
+static void tls_input(rd_io *io, ssize_t nread) {
   if (nread < 0) {
-    uv_read_stop(s);
-    io->failed = 1;
-    deliver_error(io, nread);
+    transport_read_stop(io);
+    if (!io->failed) { /* a close_notify already ended the reading */
+      io->failed = 1;
+      deliver_error(io, nread);
+    }
     return;
   }
   if (nread > 0)
     rd_tls_in_commit(io->tls, (size_t)nread);
   pump(io);
+}
+
+static void tls_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+  (void)buf;
+  tls_input(s->data, nread);
+}
+
+static void pair_alloc_cb(void *ctx, size_t suggested, uv_buf_t *buf) {
+  rd_io *io = ctx;
+  if (io->tls != NULL)
+    tls_in_buf(io, buf);
+  else
+    io->alloc_cb(io, suggested, buf);
+}
+
+static void pair_read_cb(void *ctx, ssize_t nread, const uv_buf_t *buf) {
+  rd_io *io = ctx;
+  if (io->tls != NULL)
+    tls_input(io, nread);
+  else
+    io->read_cb(io, nread, buf);
 }
 
 static void kick_cb(uv_timer_t *t) { pump(t->data); }
@@ -351,7 +469,7 @@ int rd_io_handshake(rd_io *io, rd_io_handshake_cb cb) {
     return UV_EINVAL;
   io->hs_cb = cb;
   io->handshaking = 1;
-  int rc = uv_read_start(io->stream, tls_alloc_cb, tls_read_cb);
+  int rc = transport_read_start(io);
   if (rc != 0)
     return rc;
   /* A client's first flight goes out now; a server waits for it. */
@@ -368,10 +486,10 @@ int rd_io_read_start(rd_io *io, rd_io_alloc_cb alloc_cb, rd_io_read_cb read_cb) 
   if (io->dg != NULL)
     return rd_dgram_read_start(io->dg, dgram_alloc_cb, dgram_read_cb);
   if (io->tls == NULL)
-    return uv_read_start(io->stream, plain_alloc_cb, plain_read_cb);
+    return transport_read_start(io);
   if (io->failed)
     return 0;
-  int rc = uv_read_start(io->stream, tls_alloc_cb, tls_read_cb);
+  int rc = transport_read_start(io);
   if (rc != 0 && rc != UV_EALREADY)
     return rc;
   /* Records already decrypted or buffered announce no socket read: pump them
@@ -380,7 +498,7 @@ int rd_io_read_start(rd_io *io, rd_io_alloc_cb alloc_cb, rd_io_read_cb read_cb) 
     io->kick = rd_malloc(sizeof *io->kick);
     if (io->kick == NULL)
       return RD_ENOMEM;
-    uv_timer_init(io->stream->loop, io->kick);
+    uv_timer_init(io->loop, io->kick);
     io->kick->data = io;
     io->handles++;
   }
@@ -395,7 +513,7 @@ void rd_io_read_stop(rd_io *io) {
     return;
   }
   if (!io->handshaking && !io->closing)
-    uv_read_stop(io->stream);
+    transport_read_stop(io);
   if (io->kick != NULL)
     uv_timer_stop(io->kick);
 }
@@ -418,17 +536,17 @@ int rd_io_shutdown(rd_io *io, rd_io_shutdown_cb cb) {
     return UV_EINVAL;
   if (io->dg != NULL) { /* no half-close: wait for queued records only */
     io->shutdown_cb = cb;
-    int rc = rd_dgram_drain(io->dg, dgram_drain_cb);
+    int rc = rd_dgram_drain(io->dg, engine_shutdown_cb);
     if (rc == 0)
       io->shutting_down = 1;
     else
       io->shutdown_cb = NULL;
     return rc;
   }
-  /* Its own allocation: most streams never shut down, and an idle one should
-   * not carry the request. */
-  uv_shutdown_t *req = rd_malloc(sizeof *req);
-  if (req == NULL)
+  /* A stream's request is its own allocation: most streams never shut down,
+   * and an idle one should not carry the request. A pair end needs none. */
+  uv_shutdown_t *req = NULL;
+  if (io->pe == NULL && (req = rd_malloc(sizeof *req)) == NULL)
     return RD_ENOMEM;
   if (io->tls != NULL && rd_tls_handshake_done(io->tls)) {
     rd_tls_shutdown(io->tls);
@@ -439,12 +557,19 @@ int rd_io_shutdown(rd_io *io, rd_io_shutdown_cb cb) {
     }
   }
   io->shutdown_cb = cb;
-  req->data = io;
-  int rc = uv_shutdown(req, io->stream, shutdown_cb);
+  int rc;
+  if (io->pe != NULL) {
+    rc = rd_pair_shutdown(io->pe, engine_shutdown_cb);
+  } else {
+    req->data = io;
+    rc = uv_shutdown(req, io->stream, shutdown_cb);
+    if (rc != 0)
+      rd_free(req);
+  }
   if (rc == 0)
     io->shutting_down = 1;
   else
-    rd_free(req);
+    io->shutdown_cb = NULL;
   return rc;
 }
 
@@ -456,14 +581,15 @@ static void io_handle_closed_cb(uv_handle_t *h) {
     complete_writes(io, UV_ECANCELED);
   }
   rd_free(h);
-  if (--io->handles > 0)
-    return;
-  if (io->tls != NULL)
-    rd_tls_free(io->tls);
-  rd_io_close_cb cb = io->close_cb;
-  if (cb != NULL)
-    cb(io);
-  rd_free(io);
+  io_release(io);
+}
+
+/* The pair end closed, its cancelled writes called back: as a stream's
+ * close. */
+static void pair_end_closed_cb(void *ctx) {
+  rd_io *io = ctx;
+  complete_writes(io, UV_ECANCELED);
+  io_release(io);
 }
 
 void rd_io_close(rd_io *io, rd_io_close_cb cb) {
@@ -478,7 +604,10 @@ void rd_io_close(rd_io *io, rd_io_close_cb cb) {
   }
   if (io->kick != NULL)
     uv_close((uv_handle_t *)io->kick, io_handle_closed_cb);
-  uv_close((uv_handle_t *)io->stream, io_handle_closed_cb);
+  if (io->pe != NULL)
+    rd_pair_close(io->pe, pair_end_closed_cb);
+  else
+    uv_close((uv_handle_t *)io->stream, io_handle_closed_cb);
 }
 
 typedef struct {
@@ -500,7 +629,7 @@ static void reject_write_cb(uv_write_t *req, int status) {
 void rd_io_reject_plain(rd_io *io, const char *data, size_t len, rd_io_close_cb cb) {
   if (io->closing)
     return;
-  if (io->dg != NULL) {
+  if (io->dg != NULL || io->pe != NULL) {
     rd_io_close(io, cb);
     return;
   }

@@ -1,6 +1,7 @@
 /* Dialing through the server's sessions: a connection whose local end is one
- * end of a socket pair (rd_srv_dial_pair; the caller gets the other end),
- * rd_server_dial for the engine's API, and the dials that wait for room on a
+ * end of a socket pair (rd_srv_dial_pair; the caller gets the other end, a
+ * descriptor Python can use) or of an in-memory pair (rd_srv_dial_io, for
+ * the engine's own routes), rd_server_dial for the engine's API, and the dials that wait for room on a
  * full session. A waiting dial is owned by the server's room_waits list and
  * holds a reference on the server; it is freed in room_wait_closed_cb after
  * its timer closes, and its dial request (the caller's) is finished exactly
@@ -18,14 +19,12 @@
 
 /* ---- dialing ---- */
 
-/* A stream io on one end of a socket pair (plain when tls is NULL). Takes fd
- * and tls in every case: on failure both are released, and the code and err
- * say why. */
-int rd_srv_io_on_fd(int fd, rd_tls *tls, rd_io **out, char *err, size_t errlen) {
+/* A plain stream io on one end of a socket pair. Takes fd in every case: on
+ * failure it is closed, and the code and err say why. */
+static int io_on_fd(int fd, rd_io **out, char *err, size_t errlen) {
   uv_pipe_t *pipe = rd_malloc(sizeof(uv_tcp_t) > sizeof(uv_pipe_t) ? sizeof(uv_tcp_t) : sizeof(uv_pipe_t));
   if (pipe == NULL) {
     close(fd);
-    rd_tls_free(tls);
     snprintf(err, errlen, "out of memory");
     return RD_ENOMEM;
   }
@@ -33,15 +32,37 @@ int rd_srv_io_on_fd(int fd, rd_tls *tls, rd_io **out, char *err, size_t errlen) 
   int rc = uv_pipe_open(pipe, fd);
   if (rc != 0) {
     close(fd);
-    rd_tls_free(tls);
     uv_close((uv_handle_t *)pipe, rd_srv_tcp_free_cb);
     snprintf(err, errlen, "pipe: %s", rd_strerror(rc));
     return rc;
   }
-  if ((*out = rd_io_new((uv_stream_t *)pipe, tls)) == NULL) {
+  if ((*out = rd_io_new((uv_stream_t *)pipe, NULL)) == NULL) {
     snprintf(err, errlen, "out of memory");
     return RD_ENOMEM;
   }
+  return RD_OK;
+}
+
+/* Dials proto/address through s with io as the connection's local end (io
+ * is taken in every case): *st_out a referenced status, *c_out the
+ * connection. 0 or a negative code with err. */
+static int dial_with_io(rd_session *s, const char *proto, const char *address, rd_io *io,
+                        rd_dial_status **st_out, rd_conn **c_out, char *err, size_t errlen) {
+  rd_dial_status *st = rd_dial_status_new();
+  if (st == NULL) {
+    rd_io_close(io, NULL);
+    snprintf(err, errlen, "out of memory");
+    return RD_ENOMEM;
+  }
+  int e = 0;
+  rd_conn *c = rd_session_dial(s, proto, address, io, NULL, 0, st, &e);
+  if (c == NULL) {
+    rd_dial_status_unref(st);
+    snprintf(err, errlen, "dial through session failed: %s", rd_strerror(e));
+    return e;
+  }
+  *st_out = st;
+  *c_out = c;
   return RD_OK;
 }
 
@@ -68,30 +89,31 @@ int rd_srv_dial_pair(rd_session *s, const char *proto, const char *address, int 
     if (io == NULL)
       snprintf(err, errlen, "out of memory");
   } else {
-    rc = rd_srv_io_on_fd(fds[0], NULL, &io, err, errlen);
+    rc = io_on_fd(fds[0], &io, err, errlen);
   }
+  if (rc == RD_OK)
+    rc = dial_with_io(s, proto, address, io, st_out, c_out, err, errlen);
   if (rc != RD_OK) {
     close(fds[1]);
     return rc;
   }
-  rd_dial_status *st = rd_dial_status_new();
-  if (st == NULL) {
-    rd_io_close(io, NULL);
-    close(fds[1]);
+  *fd_out = fds[1];
+  return RD_OK;
+}
+
+int rd_srv_dial_io(rd_session *s, const char *proto, const char *address, rd_io **io_out,
+                   rd_dial_status **st_out, rd_conn **c_out, char *err, size_t errlen) {
+  rd_io *local, *ours;
+  if (rd_io_new_pair(rd_loop(), &local, &ours) != RD_OK) {
     snprintf(err, errlen, "out of memory");
     return RD_ENOMEM;
   }
-  int e = 0;
-  rd_conn *c = rd_session_dial(s, proto, address, io, NULL, 0, st, &e);
-  if (c == NULL) {
-    close(fds[1]);
-    rd_dial_status_unref(st);
-    snprintf(err, errlen, "dial through session failed: %s", rd_strerror(e));
-    return e;
+  int rc = dial_with_io(s, proto, address, local, st_out, c_out, err, errlen);
+  if (rc != RD_OK) {
+    rd_io_close(ours, NULL);
+    return rc;
   }
-  *fd_out = fds[1];
-  *st_out = st;
-  *c_out = c;
+  *io_out = ours;
   return RD_OK;
 }
 

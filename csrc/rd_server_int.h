@@ -170,7 +170,7 @@ void rd_srv_proxy_http(httpconn *hc, const rd_http_request *req, const rd_proxy_
 
 /* ---- rd_server_pool.c ---- */
 
-/* One tunneled connection seen through a socket pair (see rd_server_pool.c). */
+/* One tunneled connection seen through an in-memory pair (see rd_server_pool.c). */
 struct rd_backend {
   rd_backend *prev, *next; /* in the pool, while idle */
   rd_server *srv;
@@ -209,14 +209,18 @@ void rd_srv_handle_stream(httpconn *hc, rd_http_request *req);
 
 /* ---- rd_server_dial.c ---- */
 
-/* A stream io on one end of a socket pair (plain when tls is NULL). Takes fd
- * and tls in every case. 0 or a negative code with err. */
-int rd_srv_io_on_fd(int fd, rd_tls *tls, rd_io **out, char *err, size_t errlen);
 /* Dials proto/address through s with one end of a fresh socket pair as the
  * local end: *fd_out is the other end, *st_out a referenced status, *c_out
  * the connection. 0 or a negative code with err. */
 int rd_srv_dial_pair(rd_session *s, const char *proto, const char *address, int *fd_out,
                      rd_dial_status **st_out, rd_conn **c_out, char *err, size_t errlen);
+/* The same for a stream (not udp) whose other end is the engine's own: the
+ * local end is one end of an in-memory pair (rd_io_new_pair), *io_out the
+ * other, plain, the caller's to close (the connection then reads EOF and
+ * ends). No descriptor, no system call per write. 0 or a negative code with
+ * err. */
+int rd_srv_dial_io(rd_session *s, const char *proto, const char *address, rd_io **io_out,
+                   rd_dial_status **st_out, rd_conn **c_out, char *err, size_t errlen);
 /* Session s has room again, or ended (ended 1): its waiting dials go on or fail. */
 void rd_srv_room_waits_wake(rd_server *srv, rd_session *s, int ended);
 

@@ -1,6 +1,6 @@
 /* The proxy route's pool of idle tunneled connections. A backend is one
- * tunneled connection seen through a socket pair: the connection's local end
- * is one end, the backend's io the other. While an exchange uses it the
+ * tunneled connection seen through an in-memory pair (rd_io_new_pair): the
+ * connection's local end is one end, the backend's io the other. While an exchange uses it the
  * exchange reads and writes the io; once a response completes on a
  * connection that may carry another, the backend comes here, keyed by
  * "client key, proto, address", newest last. An idle backend is read
@@ -46,14 +46,7 @@ rd_backend *rd_srv_backend_dial(rd_server *srv, rd_session *s, const char *proto
     return NULL;
   }
   memcpy(t, target, tlen + 1);
-  int fd;
-  if (rd_srv_dial_pair(s, proto, address, &fd, &be->st, &be->c, err, errlen) != RD_OK) {
-    rd_free(t);
-    rd_free(be);
-    return NULL;
-  }
-  if (rd_srv_io_on_fd(fd, NULL, &be->io, err, errlen) != RD_OK) {
-    rd_dial_status_unref(be->st); /* the connection sees its local end close */
+  if (rd_srv_dial_io(s, proto, address, &be->io, &be->st, &be->c, err, errlen) != RD_OK) {
     rd_free(t);
     rd_free(be);
     return NULL;

@@ -2,8 +2,8 @@
  * is rewritten and sent through the client's tunnel, the response streamed
  * back. For http an exchange (rd_server_proxy_http.c) relays it by its
  * framing, keeping the client's connection and the tunneled one; for https a TLS
- * client runs over a socket pair whose other end is the tunneled connection,
- * and rd_relay owns both streams. The client TLS context for https targets
+ * client runs over an in-memory pair whose other end is the tunneled
+ * connection, and rd_relay owns both streams. The client TLS context for https targets
  * belongs to the server's config (released with the server). */
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,8 +33,8 @@ static rd_tls_ctx *proxy_tls_ctx(rd_server *srv, char *err, size_t errlen) {
   return srv->cfg.proxy_tls;
 }
 
-/* The https leg: a TLS client over a socket pair whose other end is the
- * tunneled connection; rd_relay joins it to the client's connection. */
+/* The https leg: a TLS client over an in-memory pair whose other end is
+ * the tunneled connection; rd_relay joins it to the client's connection. */
 static void proxy_https(httpconn *hc, rd_session *s, const char *proto, const char *name,
                         const char *address, const char *request, size_t len,
                         uint64_t timeout_ms) {
@@ -49,19 +49,19 @@ static void proxy_https(httpconn *hc, rd_session *s, const char *proto, const ch
     rd_srv_respond_text(hc, 500, "Internal Server Error", err);
     return;
   }
-  int fd;
+  rd_io *backend;
   rd_dial_status *st;
   rd_conn *c;
-  if (rd_srv_dial_pair(s, proto, address, &fd, &st, &c, err, sizeof err) != RD_OK) {
+  if (rd_srv_dial_io(s, proto, address, &backend, &st, &c, err, sizeof err) != RD_OK) {
     rd_tls_free(tls);
     rd_srv_respond_text(hc, 500, "Internal Server Error", err);
     return;
   }
   rd_conn_set_deadline(c, timeout_ms);
-  rd_io *backend;
-  if (rd_srv_io_on_fd(fd, tls, &backend, err, sizeof err) != RD_OK) {
-    rd_dial_status_unref(st); /* the connection sees its local end close */
-    rd_srv_respond_text(hc, 500, "Internal Server Error", err);
+  if (rd_io_start_tls(backend, tls) != 0) { /* a fresh plain end: cannot fail */
+    rd_io_close(backend, NULL); /* the connection reads EOF and ends */
+    rd_dial_status_unref(st);
+    rd_srv_respond_text(hc, 500, "Internal Server Error", "tls: could not start");
     return;
   }
   rd_relay_start(rd_srv_httpconn_take_stream(hc), backend, st, request, len);
