@@ -173,8 +173,12 @@ void rd_srv_respond_text(httpconn *hc, int status, const char *reason, const cha
 
 /* Hands the stream over (to a session or a tunneled connection). */
 rd_io *rd_srv_httpconn_take_stream(httpconn *hc) {
+  rd_io_read_stop(hc->io);
+  return rd_srv_httpconn_take_stream_reading(hc);
+}
+
+rd_io *rd_srv_httpconn_take_stream_reading(httpconn *hc) {
   rd_io *io = hc->io;
-  rd_io_read_stop(io);
   hc->io = NULL;
   hc->handles_open--;
   hc->done = 1;

@@ -119,6 +119,10 @@ void rd_srv_respond_text(httpconn *hc, int status, const char *reason, const cha
 /* Hands the stream over (the caller owns it from here) and closes hc; hc->buf
  * stays readable until hc's close callback, on a later loop turn. */
 rd_io *rd_srv_httpconn_take_stream(httpconn *hc);
+/* The same for an owner that sets its own read callbacks, or stops reading,
+ * before it returns to the loop: reading is not stopped in between, which
+ * would cost two changes of the poller's registration per request. */
+rd_io *rd_srv_httpconn_take_stream_reading(httpconn *hc);
 /* Takes a stream back after a kept-alive exchange: a new HTTP connection
  * that routes its next request, starting with rest[0..len) (bytes already
  * read: a pipelined request). Closes io when the server is closing. */

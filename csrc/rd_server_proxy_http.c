@@ -39,6 +39,8 @@ typedef struct exchange {
   size_t rest_len;
   char *rbuf;             /* the response head as it arrives */
   size_t rlen;
+  rd_block *head;         /* the rewritten response head, held back to go out */
+  size_t head_len;        /* in one write with the body bytes read with it */
   rd_http_body resp_body;
   char method[16];
   int writes;             /* in flight, on either stream */
@@ -49,9 +51,16 @@ typedef struct exchange {
 
 typedef struct {
   uv_write_t req;
-  rd_block *block;
+  rd_block *block[2]; /* what the write's buffers lie in (the second may be NULL) */
   exchange *x;
 } exchange_write;
+
+/* Bytes inside a block, for write_parts. */
+typedef struct {
+  rd_block *block;
+  const uint8_t *data;
+  size_t len;
+} part;
 
 static void exchange_abort(exchange *x);
 static void backend_failed(exchange *x, ssize_t code);
@@ -64,6 +73,7 @@ static void exchange_maybe_free(exchange *x) {
   rd_free(x->req);
   rd_free(x->rest);
   rd_free(x->rbuf);
+  rd_block_unref(x->head);
   rd_free(x);
   rd_srv_unref(srv);
 }
@@ -72,7 +82,8 @@ static void write_cb(uv_write_t *req, int status) {
   exchange_write *w = (exchange_write *)req;
   exchange *x = w->x;
   rd_io *dst = req->data;
-  rd_block_unref(w->block);
+  rd_block_unref(w->block[0]);
+  rd_block_unref(w->block[1]);
   rd_free(w);
   x->writes--;
   if (x->over) {
@@ -89,30 +100,45 @@ static void write_cb(uv_write_t *req, int status) {
   update_reading(x);
 }
 
-/* Sends len bytes at data (inside b, whose reference this takes) to dst.
- * 0, or a negative code after which the caller ends the exchange. */
-static int write_to(exchange *x, rd_io *dst, rd_block *b, const uint8_t *data, size_t len) {
-  uv_buf_t buf = uv_buf_init((char *)data, (unsigned)len);
-  ssize_t sent = rd_io_try_write(dst, &buf, 1);
-  if (sent >= 0 && (size_t)sent == len) {
-    rd_block_unref(b);
-    return 0;
+/* Sends n (1 or 2) parts to dst in one write, each part's block reference
+ * taken. 0, or a negative code after which the caller ends the exchange. */
+static int write_parts(exchange *x, rd_io *dst, const part *p, unsigned n) {
+  uv_buf_t bufs[2] = {uv_buf_init(NULL, 0), uv_buf_init(NULL, 0)};
+  size_t total = 0;
+  for (unsigned i = 0; i < n; i++) {
+    bufs[i] = uv_buf_init((char *)p[i].data, (unsigned)p[i].len);
+    total += p[i].len;
   }
-  exchange_write *w = sent >= 0 ? rd_malloc(sizeof *w) : NULL;
-  if (w != NULL) {
-    buf.base += sent;
-    buf.len -= (size_t)sent;
-    w->block = b;
+  ssize_t sent = rd_io_try_write(dst, bufs, n);
+  exchange_write *w = NULL;
+  if (sent >= 0 && (size_t)sent < total && (w = rd_malloc(sizeof *w)) != NULL) {
+    unsigned first = 0;
+    size_t skip = (size_t)sent;
+    while (first + 1 < n && skip >= bufs[first].len) /* parts the socket took whole */
+      skip -= bufs[first++].len;
+    bufs[first].base += skip;
+    bufs[first].len -= skip;
+    w->block[0] = p[0].block;
+    w->block[1] = n > 1 ? p[1].block : NULL;
     w->x = x;
     w->req.data = dst;
-    if (rd_io_write(dst, &w->req, &buf, 1, write_cb) == 0) {
+    if (rd_io_write(dst, &w->req, bufs + first, n - first, write_cb) == 0) {
       x->writes++;
       return 0;
     }
     rd_free(w);
   }
-  rd_block_unref(b);
+  for (unsigned i = 0; i < n; i++)
+    rd_block_unref(p[i].block);
+  if (sent >= 0 && (size_t)sent == total)
+    return 0;
   return sent < 0 ? (int)sent : UV_EPIPE;
+}
+
+/* Sends len bytes at data (inside b, whose reference this takes) to dst. */
+static int write_to(exchange *x, rd_io *dst, rd_block *b, const uint8_t *data, size_t len) {
+  part p = {b, data, len};
+  return write_parts(x, dst, &p, 1);
 }
 
 /* A copy of data[0..len) to dst. */
@@ -340,10 +366,11 @@ static int is_hop(const rd_http_header *h) {
   return 0;
 }
 
-/* Sends the final response head to the client with this hop's Connection
- * header in place of the backend's. */
-static int send_head(exchange *x, const rd_http_response *resp, const char *head,
-                     size_t head_len) {
+/* Builds the final response head for the client with this hop's Connection
+ * header in place of the backend's, and holds it back: response_body sends
+ * it with the body bytes read with it, in one write. */
+static int build_head(exchange *x, const rd_http_response *resp, const char *head,
+                      size_t head_len) {
   /* Each header may grow by two bytes (": " and CRLF where the backend sent
    * ":" and a bare LF); then this hop's Connection line and the blank line. */
   size_t cap = head_len + 2 * resp->num_headers + 64;
@@ -358,8 +385,14 @@ static int send_head(exchange *x, const rd_http_response *resp, const char *head
     const rd_http_header *h = &resp->headers[i];
     if (is_hop(h))
       continue;
-    n += (size_t)snprintf(out + n, cap - n, "%.*s: %.*s\r\n", (int)h->name_len, h->name,
-                          (int)h->value_len, h->value);
+    memcpy(out + n, h->name, h->name_len);
+    n += h->name_len;
+    memcpy(out + n, ": ", 2);
+    n += 2;
+    memcpy(out + n, h->value, h->value_len);
+    n += h->value_len;
+    memcpy(out + n, "\r\n", 2);
+    n += 2;
   }
   if (!x->client_keep)
     n += (size_t)snprintf(out + n, cap - n, "Connection: close\r\n");
@@ -367,7 +400,9 @@ static int send_head(exchange *x, const rd_http_response *resp, const char *head
     n += (size_t)snprintf(out + n, cap - n, "Connection: keep-alive\r\n");
   n += (size_t)snprintf(out + n, cap - n, "\r\n");
   x->responded = 1;
-  return write_to(x, x->user, b, (uint8_t *)out, n);
+  x->head = b;
+  x->head_len = n;
+  return 0;
 }
 
 /* Response body bytes: those of the body go to the client; any after its
@@ -381,9 +416,17 @@ static void response_body(exchange *x, rd_block *b, const uint8_t *data, size_t 
   }
   if ((size_t)n < len)
     x->backend_keep = 0;
-  if (n == 0)
+  part parts[2];
+  unsigned nparts = 0;
+  if (x->head != NULL) {
+    parts[nparts++] = (part){x->head, rd_block_payload(x->head), x->head_len};
+    x->head = NULL;
+  }
+  if (n > 0)
+    parts[nparts++] = (part){b, data, (size_t)n};
+  else
     rd_block_unref(b);
-  else if (write_to(x, x->user, b, data, (size_t)n) != 0) {
+  if (nparts > 0 && write_parts(x, x->user, parts, nparts) != 0) {
     exchange_abort(x);
     return;
   }
@@ -435,7 +478,7 @@ static int response_heads(exchange *x, const char *buf, size_t len, size_t *used
     }
     x->client_keep = x->client_wants_keep && f.kind != RD_BODY_CLOSE;
     x->backend_keep = f.keep_alive && f.kind != RD_BODY_CLOSE && x->timeout_ms == 0;
-    if (send_head(x, &resp, buf + pos, (size_t)r) != 0) {
+    if (build_head(x, &resp, buf + pos, (size_t)r) != 0) {
       exchange_abort(x);
       return HEADS_ENDED;
     }
@@ -629,7 +672,9 @@ void rd_srv_proxy_http(httpconn *hc, const rd_http_request *req, const rd_proxy_
   x->client_wants_keep = f.keep_alive;
   x->client_http10 = req->minor_version == 0;
   x->srv->refs++;
-  x->user = rd_srv_httpconn_take_stream(hc);
+  /* Still reading: send_request sets this exchange's callbacks or stops
+   * reading before the loop runs again. */
+  x->user = rd_srv_httpconn_take_stream_reading(hc);
   rd_io_set_data(x->user, x);
   if (send_request(x) == RD_ENOSESSION) {
     char msg[320];
