@@ -10,10 +10,10 @@
 
 #include "rd_alloc.h"
 
-/* Buffers one end reads per step, and steps per run, before the loop gets a
- * turn (libuv reads a socket 32 times per wake-up): two ends that keep
- * answering each other cannot starve the loop. */
-#define READS_PER_STEP 32
+/* Buffers one end reads per run, as libuv reads a socket at most 32 times
+ * per wake-up, and rounds of work per run: two ends that keep answering
+ * each other cannot starve the loop (what is left runs on its next turn). */
+#define READS_PER_RUN 32
 #define STEPS_PER_RUN 16
 /* What a read asks of the reader's alloc callback, as libuv does. */
 #define READ_SUGGESTED 65536
@@ -49,8 +49,8 @@ struct rd_pair_end {
 
 struct rd_pair {
   rd_pair_end end[2];
-  uv_check_t check; /* runs work queued while the loop polled, before it polls again */
-  uv_idle_t idle;   /* while work waits: the loop polls without blocking */
+  uv_check_t check; /* runs the work, right after the loop's poll */
+  uv_idle_t idle;   /* while work waits: that poll does not block */
   int handles;      /* open handles; the pair is freed when none is left */
   unsigned active : 1, freeing : 1;
 };
@@ -78,7 +78,8 @@ static int pair_has_work(const rd_pair *p) {
 static void pair_run(rd_pair *p);
 
 static void check_cb(uv_check_t *h) { pair_run(h->data); }
-static void idle_cb(uv_idle_t *h) { pair_run(h->data); }
+/* Its being active is what counts: the loop's poll does not block. */
+static void idle_cb(uv_idle_t *h) { (void)h; }
 
 /* Starts the handles when there is work. Never while they close: then the
  * loop is going away with the pair's owners (rd_loop closes stragglers). */
@@ -147,15 +148,16 @@ static size_t copy_out(rd_pair_end *w, char *dst, size_t cap) {
   return n;
 }
 
-/* Hands e what its peer wrote, or its EOF. */
-static int deliver_reads(rd_pair_end *e) {
+/* Hands e what its peer wrote, or its EOF, while *budget lasts. */
+static int deliver_reads(rd_pair_end *e, int *budget) {
   rd_pair_end *w = e->peer;
   int moved = 0;
-  for (int i = 0; i < READS_PER_STEP && e->reading && !e->closing; i++) {
+  for (; *budget > 0 && e->reading && !e->closing; --*budget) {
     if (w->queued == 0) {
       if (!w->shut && !w->closing)
         break;
       e->reading = 0; /* as libuv: reading stops at EOF */
+      --*budget;
       uv_buf_t none = uv_buf_init(NULL, 0);
       e->read_cb(e->ctx, UV_EOF, &none);
       return 1;
@@ -163,6 +165,7 @@ static int deliver_reads(rd_pair_end *e) {
     uv_buf_t buf = uv_buf_init(NULL, 0);
     e->alloc_cb(e->ctx, READ_SUGGESTED, &buf);
     if (buf.base == NULL || buf.len == 0) {
+      --*budget;
       e->read_cb(e->ctx, UV_ENOBUFS, &buf);
       return 1;
     }
@@ -225,10 +228,10 @@ static int finish_close(rd_pair_end *e) {
 
 /* One end's due work, reads first: an end whose peer closed reads the EOF
  * before its own writes fail. */
-static int end_step(rd_pair_end *e) {
+static int end_step(rd_pair_end *e, int *budget) {
   if (e->closed)
     return 0;
-  int moved = deliver_reads(e);
+  int moved = deliver_reads(e, budget);
   moved |= complete_writes(e);
   moved |= finish_shutdown(e);
   moved |= finish_close(e);
@@ -236,9 +239,10 @@ static int end_step(rd_pair_end *e) {
 }
 
 static void pair_run(rd_pair *p) {
+  int budget[2] = {READS_PER_RUN, READS_PER_RUN};
   for (int i = 0; i < STEPS_PER_RUN; i++) {
-    int moved = end_step(&p->end[0]);
-    moved |= end_step(&p->end[1]);
+    int moved = end_step(&p->end[0], &budget[0]);
+    moved |= end_step(&p->end[1], &budget[1]);
     if (!moved)
       break;
   }

@@ -15,10 +15,12 @@
  * end reads UV_EOF, and its own writes fail with UV_EPIPE.
  *
  * Like libuv, nothing calls back inside the call that started the work:
- * reads, write and shutdown completions and close callbacks all run from one
- * loop handle pair (a check handle, so work queued while the loop polls runs
- * before it polls again, and an idle one, so work queued elsewhere does not
- * wait for the next poll to return), active only while work is pending. No
+ * reads, write and shutdown completions and close callbacks all run from a
+ * check handle, right after the loop's poll (so work queued by a socket's
+ * callback runs before the loop polls again), with an idle handle beside it
+ * so that work queued elsewhere (a timer) does not wait for the poll to
+ * block and return; both are active only while work is pending. An end
+ * reads at most 32 buffers per turn of the loop, as libuv reads a socket. No
  * memory is allocated per write once an end's queue has grown to its
  * steady size.
  *

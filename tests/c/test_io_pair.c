@@ -222,6 +222,66 @@ TEST(test_partial_reads) {
 }
 
 /* Only once the reader took the last byte does the write call back. */
+/* One turn of the loop reads at most 32 buffers into an end, as libuv
+ * reads a socket: what is left waits for the next turn. */
+TEST(test_reads_per_turn) {
+  setup();
+  B.buf_size = 1;
+  wr w;
+  memset(&w, 0, sizeof w);
+  char data[100];
+  memset(data, 'x', sizeof data);
+  uv_buf_t buf = uv_buf_init(data, sizeof data);
+  CALL(CHECK_EQ_INT(rd_io_write(A.io, &w.req, &buf, 1, write_cb), 0));
+  CHECK_EQ_INT(read_start(&B), 0);
+  uv_run(&loop, UV_RUN_NOWAIT);
+  CHECK_EQ_INT(B.reads, 32);
+  CHECK_EQ_INT(rd_io_write_queue_size(A.io), 68);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  CHECK_EQ_INT(B.reads, 100);
+  CHECK(w.done && w.status == 0);
+  teardown();
+}
+
+/* Work queued from a timer, before the loop polls, does not wait for the
+ * poll to block: here the only other event is a timer 5 s away. */
+static uv_timer_t soon, late;
+static wr timer_w;
+static uint64_t read_at;
+
+static void late_cb(uv_timer_t *t) { (void)t; }
+
+static void soon_cb(uv_timer_t *t) {
+  (void)t;
+  uv_buf_t buf = uv_buf_init("tick", 4);
+  CHECK_EQ_INT(rd_io_write(A.io, &timer_w.req, &buf, 1, write_cb), 0);
+}
+
+static void stop_late_read_cb(rd_io *io, ssize_t nread, const uv_buf_t *buf) {
+  read_cb(io, nread, buf);
+  read_at = uv_now(&loop);
+  uv_timer_stop(&late);
+}
+
+TEST(test_work_from_a_timer_does_not_wait_for_the_poll) {
+  setup();
+  memset(&timer_w, 0, sizeof timer_w);
+  read_at = 0;
+  uv_timer_init(&loop, &soon);
+  uv_timer_init(&loop, &late);
+  uv_timer_start(&soon, soon_cb, 1, 0);
+  uv_timer_start(&late, late_cb, 5000, 0);
+  uint64_t start = uv_now(&loop);
+  CALL(CHECK_EQ_INT(rd_io_read_start(B.io, alloc_cb, stop_late_read_cb), 0));
+  uv_run(&loop, UV_RUN_DEFAULT);
+  CHECK_EQ_INT(B.got_len, 4);
+  CHECK(timer_w.done && timer_w.status == 0);
+  CHECK(read_at != 0 && read_at - start < 1000);
+  uv_close((uv_handle_t *)&soon, NULL);
+  uv_close((uv_handle_t *)&late, NULL);
+  teardown();
+}
+
 TEST(test_write_completes_when_read) {
   setup();
   B.buf_size = 4;
@@ -626,7 +686,8 @@ TEST(test_tls_peer_closes_in_handshake) {
   rd_tls_ctx_unref(cctx);
 }
 
-RD_TEST_MAIN(T(test_facts), T(test_order_and_deferred), T(test_partial_reads),
+RD_TEST_MAIN(T(test_facts), T(test_order_and_deferred), T(test_partial_reads), T(test_reads_per_turn),
+             T(test_work_from_a_timer_does_not_wait_for_the_poll),
              T(test_write_completes_when_read), T(test_backpressure), T(test_ring_wraps),
              T(test_shutdown_eof_after_data), T(test_close_eof_and_epipe),
              T(test_close_cancels_queued), T(test_close_after_read_completes_ok),
