@@ -6,6 +6,7 @@
  * copies from the ring straight into the reader's buffer. */
 #include "rd_io_pair.h"
 
+#include <assert.h>
 #include <string.h>
 
 #include "rd_alloc.h"
@@ -143,6 +144,7 @@ static size_t copy_out(rd_pair_end *w, char *dst, size_t cap) {
       w->done++;
     }
   }
+  assert(n <= w->queued);
   w->queued -= n;
   pass_empty(w);
   return n;
@@ -215,6 +217,7 @@ static int finish_shutdown(rd_pair_end *e) {
 static int finish_close(rd_pair_end *e) {
   if (!e->closing || e->closed || e->count > 0 || e->shutdown_pending)
     return 0;
+  assert(e->done == 0 && e->queued == 0 && !e->reading);
   e->closed = 1;
   rd_free(e->ring);
   e->ring = NULL;
@@ -303,6 +306,7 @@ static int ring_reserve(rd_pair_end *e, unsigned n) {
 
 int rd_pair_write(rd_pair_end *e, uv_write_t *req, const uv_buf_t bufs[], unsigned nbufs,
                   uv_write_cb cb) {
+  assert(!e->closed);
   if (e->closing || e->shut)
     return UV_EPIPE;
   if (e->write_error != 0)
