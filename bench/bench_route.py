@@ -16,8 +16,8 @@ The route's figure is given as a share of direct (throughput) and a multiple
 of it (latency). Where socat is installed, the same GETs also go through two
 plain relays in a chain (client -> socat -> socat -> backend, each relay C,
 a process per connection), as many loopback hops as the route's client ->
-server -> agent -> backend: what those hops cost with no tunnel and no HTTP
-parsing, the floor for any relay of the route's shape.
+server -> agent -> backend: what a general-purpose relay makes of those hops
+with no tunnel and no HTTP parsing, a reference for the route's figures.
 
     python bench/bench.py --phases r --seconds 3
     python bench/bench_route.py --seconds 3      # the same, on its own
