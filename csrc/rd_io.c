@@ -35,7 +35,6 @@ struct rd_io {
   uv_stream_t *stream; /* NULL for a datagram io or a pair end */
   rd_dgram *dg;        /* a datagram io's socket */
   rd_pair_end *pe;     /* a pair end's engine */
-  uv_loop_t *loop;
   rd_tls *tls;
   void *data;
   rd_io_alloc_cb alloc_cb;
@@ -62,7 +61,6 @@ rd_io *rd_io_new(uv_stream_t *stream, rd_tls *tls) {
     return NULL;
   }
   io->stream = stream;
-  io->loop = stream->loop;
   io->tls = tls;
   io->handles = 1;
   stream->data = io;
@@ -137,7 +135,6 @@ int rd_io_new_pair(uv_loop_t *loop, rd_io **a, rd_io **b) {
     rd_free(y);
     return RD_ENOMEM;
   }
-  x->loop = y->loop = loop;
   x->handles = y->handles = 1; /* the pair end */
   *a = x;
   *b = y;
@@ -498,7 +495,7 @@ int rd_io_read_start(rd_io *io, rd_io_alloc_cb alloc_cb, rd_io_read_cb read_cb) 
     io->kick = rd_malloc(sizeof *io->kick);
     if (io->kick == NULL)
       return RD_ENOMEM;
-    uv_timer_init(io->loop, io->kick);
+    uv_timer_init(io->pe != NULL ? rd_pair_loop(io->pe) : io->stream->loop, io->kick);
     io->kick->data = io;
     io->handles++;
   }

@@ -81,8 +81,9 @@ int rd_io_read_start(rd_io *io, rd_io_alloc_cb alloc_cb, rd_io_read_cb read_cb);
 void rd_io_read_stop(rd_io *io);
 
 /* Queues bufs; cb(req, status) runs once they are on the wire (TLS: their
- * ciphertext; a pair end: once the other end has read them). req is the caller's; its data field is the caller's too.
- * Returns 0 or a negative code (then cb is never called). */
+ * ciphertext; a pair end: once the other end has read them). req is the
+ * caller's; its data field is the caller's too. Returns 0 or a negative
+ * code (then cb is never called). */
 int rd_io_write(rd_io *io, uv_write_t *req, const uv_buf_t bufs[], unsigned nbufs,
                 uv_write_cb cb);
 /* Plain streams with nothing queued: writes what the socket takes now,

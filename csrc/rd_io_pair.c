@@ -353,6 +353,8 @@ int rd_pair_shutdown(rd_pair_end *e, rd_pair_shutdown_cb cb) {
 
 int rd_pair_peer_done(const rd_pair_end *e) { return e->peer->shut || e->peer->closing; }
 
+uv_loop_t *rd_pair_loop(const rd_pair_end *e) { return e->pair->check.loop; }
+
 /* Unread writes of e fail with code from now on. */
 static void fail_unread(rd_pair_end *e, int code) {
   if (e->write_error == 0)

@@ -78,6 +78,9 @@ int rd_pair_shutdown(rd_pair_end *e, rd_pair_shutdown_cb cb);
  * an end that is not reading cannot learn by reading. */
 int rd_pair_peer_done(const rd_pair_end *e);
 
+/* The loop the pair runs on. */
+uv_loop_t *rd_pair_loop(const rd_pair_end *e);
+
 /* Closes e: its unread writes complete with UV_ECANCELED, a pending
  * shutdown with UV_ECANCELED, then cb(ctx) runs, later, from the loop; e is
  * not used after it. Idempotent. */

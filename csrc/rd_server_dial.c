@@ -1,8 +1,8 @@
 /* Dialing through the server's sessions: a connection whose local end is one
  * end of a socket pair (rd_srv_dial_pair; the caller gets the other end, a
  * descriptor Python can use) or of an in-memory pair (rd_srv_dial_io, for
- * the engine's own routes), rd_server_dial for the engine's API, and the dials that wait for room on a
- * full session. A waiting dial is owned by the server's room_waits list and
+ * the engine's own routes), rd_server_dial for the engine's API, and the
+ * dials that wait for room on a full session. A waiting dial is owned by the server's room_waits list and
  * holds a reference on the server; it is freed in room_wait_closed_cb after
  * its timer closes, and its dial request (the caller's) is finished exactly
  * once before that. */

@@ -1,10 +1,10 @@
 /* The proxy route's pool of idle tunneled connections. A backend is one
  * tunneled connection seen through an in-memory pair (rd_io_new_pair): the
- * connection's local end is one end, the backend's io the other. While an exchange uses it the
- * exchange reads and writes the io; once a response completes on a
- * connection that may carry another, the backend comes here, keyed by
- * "client key, proto, address", newest last. An idle backend is read
- * so that anything that arrives (the far side's close reaches us as EOF on
+ * connection's local end is one end, the backend's io the other. While an
+ * exchange uses it the exchange reads and writes the io; once a response
+ * completes on a connection that may carry another, the backend comes here,
+ * keyed by "client key, proto, address", newest last. An idle backend is
+ * read so that anything that arrives (the far side's close reaches us as EOF on
  * the pair, stray bytes) drops it at once. The pool is bounded per target
  * and in total, and one timer closes backends idle past
  * proxy_pool_idle_timeout. Each backend holds a server reference, dropped

@@ -1,10 +1,10 @@
 /* The server's proxy route, /client/{id}/{scheme}/{host}{path}: the request
  * is rewritten and sent through the client's tunnel, the response streamed
  * back. For http an exchange (rd_server_proxy_http.c) relays it by its
- * framing, keeping the client's connection and the tunneled one; for https a TLS
- * client runs over an in-memory pair whose other end is the tunneled
- * connection, and rd_relay owns both streams. The client TLS context for https targets
- * belongs to the server's config (released with the server). */
+ * framing, keeping the client's connection and the tunneled one; for https a
+ * TLS client runs over an in-memory pair whose other end is the tunneled
+ * connection, and rd_relay owns both streams. The client TLS context for
+ * https targets belongs to the server's config (released with the server). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>

@@ -436,7 +436,8 @@ class _ChildProcesses:
 
     def start(self) -> str:
         c = self.config
-        service = self.children["service"] = _Child("service", *(["keep-alive"] if c.keep_alive else []))
+        service = self.children["service"] = _Child(
+            "service", *(["keep-alive"] if c.keep_alive else []))
         self.service_port = service.reply()["port"]
         server = self.children["server"] = _Child("server", str(c.pool_per_target),
                                                   repr(c.pool_idle_timeout))
